@@ -1,0 +1,371 @@
+//! The problem description every backend shares, its validation, and the dispatch from a
+//! [`Method`] to its kernels.
+
+use crate::cosformer::Cosformer;
+use crate::error::{Error, Result};
+use crate::fnet::Fnet;
+use crate::hybrid::Hybrid;
+use crate::linear::Linear;
+use crate::linformer::Linformer;
+use crate::memory;
+use crate::performer::Performer;
+use crate::softmax::Softmax;
+use crate::tensor::{Element, Tensor};
+use crate::window::Window;
+use std::ops::Range;
+
+/// Shapes of one attention call, validated: q is `[batch, len_q, heads_q, dim_qk]`,
+/// k is `[batch, len_k, heads_kv, dim_qk]`, v is `[batch, len_k, heads_kv, dim_v]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub batch: usize,
+    pub len_q: usize,
+    pub len_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub dim_qk: usize,
+    pub dim_v: usize,
+    pub causal: bool,
+}
+
+impl Problem {
+    /// Checks that the shapes fit together (GQA/MQA: q heads a multiple of k/v heads).
+    pub fn new(q: [usize; 4], k: [usize; 4], v: [usize; 4], causal: bool) -> Result<Self> {
+        for (name, shape) in [("q", q), ("k", k), ("v", v)] {
+            if shape.contains(&0) {
+                return Err(Error::Empty {
+                    tensor: name,
+                    shape: shape.to_vec(),
+                });
+            }
+        }
+        let mismatch = |detail: String| Err(Error::ShapeMismatch { detail });
+        if q[0] != k[0] || k[0] != v[0] {
+            return mismatch(format!(
+                "batch sizes differ: q {}, k {}, v {}",
+                q[0], k[0], v[0]
+            ));
+        }
+        if k[1] != v[1] {
+            return mismatch(format!(
+                "k has {} positions but v has {}; they must be the same",
+                k[1], v[1]
+            ));
+        }
+        if k[2] != v[2] {
+            return mismatch(format!(
+                "k has {} heads but v has {}; they must be the same",
+                k[2], v[2]
+            ));
+        }
+        if q[3] != k[3] {
+            return mismatch(format!(
+                "q head_dim {} differs from k head_dim {}",
+                q[3], k[3]
+            ));
+        }
+        if q[2] % k[2] != 0 {
+            return Err(Error::HeadMismatch {
+                q_heads: q[2],
+                kv_heads: k[2],
+            });
+        }
+        if causal && q[1] != k[1] {
+            return mismatch(format!(
+                "causal attention needs as many queries as keys (q has {}, k has {}); \
+                 continue a sequence through the recurrent state instead",
+                q[1], k[1]
+            ));
+        }
+        Ok(Self {
+            batch: q[0],
+            len_q: q[1],
+            len_k: k[1],
+            heads_q: q[2],
+            heads_kv: k[2],
+            dim_qk: q[3],
+            dim_v: v[3],
+            causal,
+        })
+    }
+
+    /// The k/v head that query head `h` reads (GQA: consecutive q heads share one).
+    #[inline]
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads_q / self.heads_kv)
+    }
+
+    /// Shape of the output of every method but FNet: one d_v row per query and head.
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.len_q, self.heads_q, self.dim_v]
+    }
+}
+
+/// Which attention to compute, with the method's own options.
+///
+/// ```
+/// use linattn::{Method, Performer};
+/// let exact = Method::softmax();
+/// let favor = Method::Performer(Performer::new(128, 7));
+/// assert_eq!(favor.name(), "performer");
+/// assert_ne!(exact, favor);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Method {
+    /// Exact softmax attention, naive or tiled.
+    Softmax(Softmax),
+    /// Exact softmax over a sliding window of keys.
+    Window(Window),
+    /// Linear Transformer, φ = elu + 1.
+    Linear(Linear),
+    /// Performer's FAVOR+ random features.
+    Performer(Performer),
+    /// cosFormer: ReLU features with cosine reweighting.
+    Cosformer(Cosformer),
+    /// Linformer: softmax over keys and values projected along the sequence.
+    Linformer(Linformer),
+    /// FNet: token mixing by the real part of a 2-D DFT.
+    Fnet(Fnet),
+    /// Sliding-window heads beside linear global heads.
+    Hybrid(Hybrid),
+}
+
+impl Method {
+    /// Exact tiled softmax with scale 1/√d.
+    pub fn softmax() -> Self {
+        Method::Softmax(Softmax::default())
+    }
+    /// Linear Transformer with default chunking.
+    pub fn linear() -> Self {
+        Method::Linear(Linear::default())
+    }
+
+    /// The method's name as the command line spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Softmax(_) => "softmax",
+            Method::Window(_) => "window",
+            Method::Linear(_) => "linear",
+            Method::Performer(_) => "performer",
+            Method::Cosformer(_) => "cosformer",
+            Method::Linformer(_) => "linformer",
+            Method::Fnet(_) => "fnet",
+            Method::Hybrid(_) => "hybrid",
+        }
+    }
+
+    fn validate(&self, problem: &Problem) -> Result<()> {
+        match self {
+            Method::Softmax(m) => m.validate(problem),
+            Method::Window(m) => m.validate(problem),
+            Method::Linear(m) => m.validate(problem),
+            Method::Performer(m) => m.validate(problem),
+            Method::Cosformer(m) => m.validate(problem),
+            Method::Linformer(m) => m.validate(problem),
+            Method::Fnet(m) => m.validate(problem),
+            Method::Hybrid(m) => m.validate(problem),
+        }
+    }
+
+    fn out_shape(&self, problem: &Problem) -> [usize; 4] {
+        match self {
+            Method::Fnet(_) => Fnet::out_shape(problem),
+            _ => problem.out_shape(),
+        }
+    }
+
+    fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        match self {
+            Method::Softmax(m) => m.workspace_bytes(problem, element),
+            Method::Window(m) => m.workspace_bytes(problem, element),
+            Method::Linear(m) => m.workspace_bytes(problem, element),
+            Method::Performer(m) => m.workspace_bytes(problem, element),
+            Method::Cosformer(m) => m.workspace_bytes(problem, element),
+            Method::Linformer(m) => m.workspace_bytes(problem, element),
+            Method::Fnet(m) => m.workspace_bytes(problem, element),
+            Method::Hybrid(m) => m.workspace_bytes(problem, element),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Element>(
+        &self,
+        problem: &Problem,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+        heads: Range<usize>,
+    ) -> Result<()> {
+        match self {
+            Method::Softmax(m) => m.forward(problem, q, k, v, out, heads),
+            Method::Window(m) => m.forward(problem, q, k, v, out, heads),
+            Method::Linear(m) => m.forward(problem, q, k, v, out, heads),
+            Method::Performer(m) => m.forward(problem, q, k, v, out, heads)?,
+            Method::Cosformer(m) => m.forward(problem, q, k, v, out, heads),
+            Method::Linformer(m) => m.forward(problem, q, k, v, out, heads)?,
+            Method::Fnet(m) => m.forward(v, out),
+            Method::Hybrid(m) => m.forward(problem, q, k, v, out)?,
+        }
+        Ok(())
+    }
+}
+
+/// An attention computation: a [`Method`], causal or not, and a memory limit.
+///
+/// ```
+/// use linattn::{Attention, Method, Tensor};
+/// let q = Tensor::<f32>::randn([2, 37, 4, 16], 1).unwrap();
+/// let k = Tensor::<f32>::randn([2, 37, 2, 16], 2).unwrap(); // GQA: 2 k/v heads for 4 q heads
+/// let v = Tensor::<f32>::randn([2, 37, 2, 8], 3).unwrap();
+/// let out = Attention::new(Method::linear()).causal(true).forward(&q, &k, &v).unwrap();
+/// assert_eq!(out.shape(), [2, 37, 4, 8]);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    method: Method,
+    causal: bool,
+    memory_limit: Option<u128>,
+}
+
+impl Attention {
+    /// Non-causal attention by `method`, limited by the memory available.
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            causal: false,
+            memory_limit: None,
+        }
+    }
+
+    /// Sets whether query i may only see keys j ≤ i.
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Caps the memory one call may allocate (output and scratch), instead of the memory
+    /// the system has available.
+    ///
+    /// ```
+    /// use linattn::{Attention, Error, Method, Softmax, SoftmaxAlgorithm, Tensor};
+    /// let x = Tensor::<f32>::zeros([1, 4096, 1, 1]).unwrap();
+    /// let naive = Method::Softmax(Softmax { algorithm: SoftmaxAlgorithm::Naive, ..Softmax::default() });
+    /// let err = Attention::new(naive).memory_limit(1 << 20).forward(&x, &x, &x).unwrap_err();
+    /// assert!(matches!(err, Error::OutOfMemory { .. }));
+    /// ```
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes as u128);
+        self
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// Whether the attention is causal.
+    pub fn is_causal(&self) -> bool {
+        self.causal
+    }
+
+    /// Validates the shapes and the method's options without computing anything; returns
+    /// the output shape.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method};
+    /// let shape = Attention::new(Method::linear())
+    ///     .output_shape([1, 10, 8, 64], [1, 10, 2, 64], [1, 10, 2, 32])
+    ///     .unwrap();
+    /// assert_eq!(shape, [1, 10, 8, 32]);
+    /// ```
+    pub fn output_shape(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<[usize; 4]> {
+        let problem = self.problem(q, k, v)?;
+        Ok(self.method.out_shape(&problem))
+    }
+
+    /// Bytes of scratch memory a call allocates beyond its inputs and output (an upper
+    /// bound, for f32 when `element_bytes` is 4).
+    ///
+    /// ```
+    /// use linattn::{Attention, Method};
+    /// let attention = Attention::new(Method::linear());
+    /// let small = attention.workspace_bytes([1, 1024, 8, 64], [1, 1024, 8, 64], [1, 1024, 8, 64], 4).unwrap();
+    /// let large = attention.workspace_bytes([1, 65536, 8, 64], [1, 65536, 8, 64], [1, 65536, 8, 64], 4).unwrap();
+    /// assert_eq!(small, large); // linear attention needs constant scratch
+    /// ```
+    pub fn workspace_bytes(
+        &self,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        element_bytes: usize,
+    ) -> Result<u128> {
+        let problem = self.problem(q, k, v)?;
+        Ok(self.method.workspace_bytes(&problem, element_bytes))
+    }
+
+    fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
+        let problem = Problem::new(q, k, v, self.causal)?;
+        self.method.validate(&problem)?;
+        Ok(problem)
+    }
+
+    /// Computes the attention of queries `q` over keys `k` and values `v`.
+    ///
+    /// Fails with a typed [`Error`] for shapes that do not fit, empty or non-finite
+    /// inputs, options the method does not allow, and requests larger than the memory
+    /// limit; never panics on bad input.
+    pub fn forward<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
+        for (name, tensor) in [("q", q), ("k", k), ("v", v)] {
+            if let Some((index, value)) = tensor.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: name,
+                    index,
+                    value,
+                });
+            }
+        }
+        let out_shape = self.method.out_shape(&problem);
+        let out_bytes = out_shape
+            .iter()
+            .fold(size_of::<T>() as u128, |a, &x| a * x as u128);
+        let needed = out_bytes + self.method.workspace_bytes(&problem, size_of::<T>());
+        memory::ensure_fits(
+            &format!(
+                "{}{} attention with q {:?}, k {:?}, v {:?} ({})",
+                if self.causal { "causal " } else { "" },
+                self.method.name(),
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                T::NAME
+            ),
+            needed,
+            self.memory_limit,
+        )?;
+        let mut out = Tensor::zeros(out_shape)?;
+        self.method
+            .run(&problem, q, k, v, &mut out, 0..problem.heads_q)?;
+        if let Some((index, _)) = out.first_non_finite() {
+            return Err(Error::NonFiniteOutput {
+                method: self.method.name(),
+                index,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Scratch that every one of `tasks` parallel tasks holds at once, bounded by the
+/// number of threads.
+pub(crate) fn per_thread(tasks: usize, bytes_each: u128) -> u128 {
+    tasks.min(rayon::current_num_threads()) as u128 * bytes_each
+}

@@ -1,0 +1,227 @@
+//! The feature maps φ of the kernelized methods, and the random matrices they draw.
+
+use crate::kernels::cpu::kernelized::FeatureMap;
+use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::tensor::Element;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+/// Linear Transformer: φ(x) = elu(x) + 1, which is x + 1 for x > 0 and eˣ otherwise.
+pub(crate) struct EluPlusOne {
+    pub dim: usize,
+}
+
+#[inline]
+pub(crate) fn elu_plus_one<T: Element>(x: T) -> T {
+    if x > T::zero() { x + T::one() } else { x.exp() }
+}
+
+impl<T: Element> FeatureMap<T> for EluPlusOne {
+    fn features(&self) -> usize {
+        self.dim
+    }
+    fn queries(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T]) {
+        for (i, phi) in out.chunks_exact_mut(self.dim).take(rows.rows).enumerate() {
+            phi.iter_mut()
+                .zip(rows.row(i))
+                .for_each(|(p, &x)| *p = elu_plus_one(x));
+        }
+    }
+    fn keys(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T], _log_scale: &mut [T]) {
+        self.queries(rows, first, out);
+    }
+    fn stabiliser(&self) -> Option<T> {
+        None
+    }
+}
+
+/// cosFormer: φ(xᵢ) = [relu(xᵢ)·cos θᵢ, relu(xᵢ)·sin θᵢ] with θᵢ = π/2 · i / M for the
+/// 1-based position i, so that φ(qᵢ)·φ(kⱼ) = relu(qᵢ)·relu(kⱼ)·cos(π/2 · (i−j)/M).
+pub(crate) struct CosineReweighted {
+    pub dim: usize,
+    /// M = max(len_q, len_k).
+    pub max_len: usize,
+}
+
+impl<T: Element> FeatureMap<T> for CosineReweighted {
+    fn features(&self) -> usize {
+        2 * self.dim
+    }
+    fn queries(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T]) {
+        let d = self.dim;
+        for (i, phi) in out.chunks_exact_mut(2 * d).take(rows.rows).enumerate() {
+            let (sin, cos) = cosformer_angle(first + i, self.max_len).sin_cos();
+            let (cos, sin) = (T::of_f64(cos), T::of_f64(sin));
+            let (phi_cos, phi_sin) = phi.split_at_mut(d);
+            for ((c, s), &x) in phi_cos.iter_mut().zip(phi_sin).zip(rows.row(i)) {
+                let relu = x.max(T::zero());
+                *c = relu * cos;
+                *s = relu * sin;
+            }
+        }
+    }
+    fn keys(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T], _log_scale: &mut [T]) {
+        self.queries(rows, first, out);
+    }
+    fn stabiliser(&self) -> Option<T> {
+        None
+    }
+}
+
+/// θ for the 0-based `position`: π/2 · (position + 1) / M, in f64 so that f32 and f64
+/// runs weigh positions alike.
+pub(crate) fn cosformer_angle(position: usize, max_len: usize) -> f64 {
+    std::f64::consts::FRAC_PI_2 * (position + 1) as f64 / max_len as f64
+}
+
+/// FAVOR+ positive random features, as performer-pytorch's `softmax_kernel`:
+/// x' = x·d^(−1/4), φ(x) = m^(−1/2)·(exp(ω·x' − |x'|²/2 − c) + 1e-4), with c the row's
+/// max of ω·x' for queries; for keys c is the running maximum kept by the engine.
+pub(crate) struct Favor<T> {
+    /// ω, m × d row-major.
+    pub omega: Vec<T>,
+    pub features: usize,
+    pub dim: usize,
+}
+
+/// performer-pytorch's additive constant inside the feature map.
+pub(crate) const FAVOR_EPSILON: f64 = 1e-4;
+
+impl<T: Element> Favor<T> {
+    /// ω·x' for every row into `out`; returns nothing, leaves |x'|²/2 to the caller.
+    fn project(&self, rows: MatRef<'_, T>, out: &mut [T]) {
+        let normalizer = T::of_f64((self.dim as f64).powf(-0.25));
+        matmul(
+            MatMut::contiguous(out, rows.rows, self.features),
+            rows,
+            MatRef::contiguous(&self.omega, self.features, self.dim).t(),
+            false,
+            normalizer,
+        );
+    }
+
+    fn half_norm_squared(&self, x: &[T]) -> T {
+        let normalizer_sq = T::of_f64(1.0 / (self.dim as f64).sqrt());
+        x.iter().map(|&v| v * v).sum::<T>() * normalizer_sq * T::of_f64(0.5)
+    }
+
+    fn ratio(&self) -> T {
+        T::of_f64(1.0 / (self.features as f64).sqrt())
+    }
+}
+
+impl<T: Element> FeatureMap<T> for Favor<T> {
+    fn features(&self) -> usize {
+        self.features
+    }
+    fn queries(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T]) {
+        self.project(rows, out);
+        let (ratio, eps) = (self.ratio(), T::of_f64(FAVOR_EPSILON));
+        for (i, phi) in out
+            .chunks_exact_mut(self.features)
+            .take(rows.rows)
+            .enumerate()
+        {
+            let diag = self.half_norm_squared(rows.row(i));
+            let max = phi.iter().copied().fold(T::neg_infinity(), T::max);
+            phi.iter_mut()
+                .for_each(|p| *p = ratio * ((*p - diag - max).exp() + eps));
+        }
+    }
+    fn keys(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T], log_scale: &mut [T]) {
+        self.project(rows, out);
+        let ratio = self.ratio();
+        for (i, phi) in out
+            .chunks_exact_mut(self.features)
+            .take(rows.rows)
+            .enumerate()
+        {
+            let diag = self.half_norm_squared(rows.row(i));
+            let max = phi.iter().copied().fold(T::neg_infinity(), T::max);
+            log_scale[i] = max;
+            phi.iter_mut()
+                .for_each(|p| *p = ratio * (*p - diag - max).exp());
+        }
+    }
+    fn stabiliser(&self) -> Option<T> {
+        Some(self.ratio() * T::of_f64(FAVOR_EPSILON))
+    }
+}
+
+/// A positive orthogonal random matrix ω (m × d, row-major) as performer-pytorch's
+/// `gaussian_orthogonal_random_matrix(m, d, scaling=0)`: blocks of d orthonormal rows
+/// (Gram–Schmidt on gaussian rows, the construction of the Performer paper), the last
+/// block cut to m mod d rows, each row then scaled by the norm of a fresh gaussian row.
+///
+/// ```
+/// let omega = linattn::orthogonal_random_features(5, 3, 42);
+/// assert_eq!(omega.len(), 15);
+/// let dot: f64 = (0..3).map(|j| omega[j] * omega[3 + j]).sum();
+/// assert!(dot.abs() < 1e-12); // rows of one block are orthogonal
+/// ```
+pub fn orthogonal_random_features(features: usize, dim: usize, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut omega = Vec::with_capacity(features * dim);
+    while omega.len() < features * dim {
+        let block = orthonormal_rows(dim, &mut rng);
+        let rows_needed = (features * dim - omega.len()) / dim;
+        omega.extend_from_slice(&block[..rows_needed.min(dim) * dim]);
+    }
+    for row in omega.chunks_exact_mut(dim) {
+        let norm = (0..dim)
+            .map(|_| rng.sample::<f64, _>(StandardNormal).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        row.iter_mut().for_each(|x| *x *= norm);
+    }
+    omega
+}
+
+/// d × d gaussian rows made orthonormal by modified Gram–Schmidt, applied twice so the
+/// rows stay orthogonal to rounding even when the gaussian rows are nearly dependent.
+fn orthonormal_rows(dim: usize, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    let mut rows: Vec<f64> = (0..dim * dim)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
+    for i in 0..dim {
+        for _pass in 0..2 {
+            for j in 0..i {
+                let (done, current) = rows.split_at_mut(i * dim);
+                let basis = &done[j * dim..(j + 1) * dim];
+                let row = &mut current[..dim];
+                let projection: f64 = row.iter().zip(basis).map(|(a, b)| a * b).sum();
+                row.iter_mut()
+                    .zip(basis)
+                    .for_each(|(a, b)| *a -= projection * b);
+            }
+        }
+        let row = &mut rows[i * dim..(i + 1) * dim];
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
+    rows
+}
+
+/// Linformer's projection matrices E and F, each `max_len × k` row-major, uniform in
+/// ±1/√k as the reference implementation initialises them (E drawn first, then F, from
+/// one generator).
+///
+/// ```
+/// let (e, f) = linattn::linformer_projections(100, 16, 1);
+/// assert_eq!((e.len(), f.len()), (1600, 1600));
+/// assert!(e.iter().chain(&f).all(|x| x.abs() <= 0.25));
+/// assert_ne!(e, f);
+/// ```
+pub fn linformer_projections(max_len: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let bound = 1.0 / (k as f64).sqrt();
+    let mut draw = || -> Vec<f64> {
+        (0..max_len * k)
+            .map(|_| rng.random_range(-bound..=bound))
+            .collect()
+    };
+    let e = draw();
+    let f = draw();
+    (e, f)
+}

@@ -1,0 +1,3 @@
+//! Fast paths, by backend.
+
+pub(crate) mod cpu;

@@ -1,0 +1,64 @@
+//! # linattn
+//!
+//! Linear attention and the exact attention it is measured against.
+//!
+//! Softmax attention forms the n × n score matrix. Replace the softmax similarity by a
+//! kernel with an explicit feature map φ and the product reassociates:
+//! `O = φ(Q) (φ(K)ᵀ V)` — a small state instead of an n × n matrix. Every method here is
+//! one answer to "what is φ, or how else do you shrink n":
+//!
+//! | method | what it is |
+//! |---|---|
+//! | [`Softmax`] | exact, naive or tiled (FlashAttention's online softmax) |
+//! | [`Window`] | exact softmax over a sliding window |
+//! | [`Linear`] | Linear Transformer, φ = elu + 1 |
+//! | [`Performer`] | FAVOR+ positive orthogonal random features |
+//! | [`Cosformer`] | ReLU features, cosine reweighting by position |
+//! | [`Linformer`] | softmax over keys/values projected along the sequence |
+//! | [`Fnet`] | token mixing by the real part of a 2-D DFT |
+//! | [`Hybrid`] | window heads beside linear global heads |
+//!
+//! Tensors are `[batch, seq, heads, head_dim]` (FlashAttention's layout); k and v may
+//! have fewer heads than q (GQA/MQA). Every fast path is tested against the f64
+//! definitions in [`reference`].
+//!
+//! ```
+//! use linattn::{Attention, Method, Performer, Tensor};
+//! let q = Tensor::<f32>::randn([1, 256, 4, 32], 0)?;
+//! let k = Tensor::<f32>::randn([1, 256, 4, 32], 1)?;
+//! let v = Tensor::<f32>::randn([1, 256, 4, 32], 2)?;
+//! let exact = Attention::new(Method::softmax()).forward(&q, &k, &v)?;
+//! let approx = Attention::new(Method::Performer(Performer::new(256, 0))).forward(&q, &k, &v)?;
+//! assert_eq!(exact.shape(), approx.shape());
+//! # Ok::<(), linattn::Error>(())
+//! ```
+
+mod attention;
+mod cosformer;
+mod error;
+mod feature_map;
+mod fnet;
+mod hybrid;
+mod kernels;
+mod linear;
+mod linformer;
+mod memory;
+mod performer;
+pub mod reference;
+mod softmax;
+mod tensor;
+mod window;
+
+pub use attention::{Attention, Method};
+pub use cosformer::Cosformer;
+pub use error::{ByteSize, Error, Result};
+pub use feature_map::{linformer_projections, orthogonal_random_features};
+pub use fnet::Fnet;
+pub use hybrid::{GlobalHeads, Hybrid};
+pub use linear::{DEFAULT_CHUNK, Linear};
+pub use linformer::{Linformer, Projections};
+pub use memory::available_bytes as available_memory;
+pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
+pub use softmax::{Softmax, SoftmaxAlgorithm};
+pub use tensor::{Element, Tensor};
+pub use window::Window;

@@ -1,0 +1,98 @@
+//! Exact softmax attention, `softmax(scale · q kᵀ) v`: the baseline every approximation
+//! is measured against, in its naive form (the n × n scores in memory) and its tiled
+//! online-softmax form (FlashAttention's algorithm, O(n) extra memory).
+
+use crate::attention::{Problem, per_thread};
+use crate::error::{Error, Result};
+use crate::kernels::cpu::exact::{self, Mask, TILE_KEYS, TILE_QUERIES};
+use crate::tensor::{Element, Tensor};
+use std::ops::Range;
+
+/// How exact attention is computed; both give the same result to rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SoftmaxAlgorithm {
+    /// Blocks of keys with a running max and sum: O(n) extra memory.
+    #[default]
+    Tiled,
+    /// The whole `len_q × len_k` score matrix per head: O(n²) extra memory.
+    Naive,
+}
+
+/// Options of exact softmax attention.
+///
+/// ```
+/// use linattn::{Attention, Method, Softmax, SoftmaxAlgorithm, Tensor};
+/// let x = Tensor::<f64>::randn([1, 9, 2, 4], 0).unwrap();
+/// let tiled = Attention::new(Method::softmax()).causal(true).forward(&x, &x, &x).unwrap();
+/// let naive = Method::Softmax(Softmax { algorithm: SoftmaxAlgorithm::Naive, ..Softmax::default() });
+/// let naive = Attention::new(naive).causal(true).forward(&x, &x, &x).unwrap();
+/// for (a, b) in tiled.as_slice().iter().zip(naive.as_slice()) {
+///     assert!((a - b).abs() < 1e-12);
+/// }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Softmax {
+    /// Multiplies the scores; `None` means 1/√head_dim.
+    pub scale: Option<f64>,
+    /// Naive or tiled.
+    pub algorithm: SoftmaxAlgorithm,
+}
+
+/// The score scale: the one given, or 1/√d.
+pub(crate) fn resolve_scale(scale: Option<f64>, dim: usize) -> Result<f64> {
+    match scale {
+        None => Ok(1.0 / (dim as f64).sqrt()),
+        Some(s) if s.is_finite() => Ok(s),
+        Some(s) => Err(Error::InvalidConfig(format!(
+            "scale must be finite, got {s}"
+        ))),
+    }
+}
+
+impl Softmax {
+    pub(crate) fn validate(&self, problem: &Problem) -> Result<()> {
+        resolve_scale(self.scale, problem.dim_qk).map(|_| ())
+    }
+
+    pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let tasks = problem.batch * problem.heads_q;
+        match self.algorithm {
+            SoftmaxAlgorithm::Naive => per_thread(
+                tasks,
+                ((problem.len_q as u128) * (problem.len_k as u128) + problem.len_q as u128)
+                    * element as u128,
+            ),
+            SoftmaxAlgorithm::Tiled => tiled_workspace(problem, element),
+        }
+    }
+
+    pub(crate) fn forward<T: Element>(
+        &self,
+        problem: &Problem,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+        heads: Range<usize>,
+    ) {
+        let scale = T::of_f64(resolve_scale(self.scale, problem.dim_qk).expect("validated"));
+        let mask = if problem.causal {
+            Mask::CAUSAL
+        } else {
+            Mask::NONE
+        };
+        match self.algorithm {
+            SoftmaxAlgorithm::Naive => exact::naive(problem, scale, mask, q, k, v, out, heads),
+            SoftmaxAlgorithm::Tiled => exact::tiled(problem, scale, mask, q, k, v, out, heads),
+        }
+    }
+}
+
+/// Scratch of the tiled kernel: one tile of scores and two row vectors per thread.
+pub(crate) fn tiled_workspace(problem: &Problem, element: usize) -> u128 {
+    let tasks = problem.batch * problem.heads_q * problem.len_q.div_ceil(TILE_QUERIES);
+    per_thread(
+        tasks,
+        ((TILE_QUERIES * TILE_KEYS + 2 * TILE_QUERIES) * element) as u128,
+    )
+}

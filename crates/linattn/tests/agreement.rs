@@ -1,0 +1,51 @@
+//! Every fast path against the f64 reference, on fresh random inputs of awkward shapes,
+//! full and causal, f32 and f64.
+
+mod common;
+
+use common::{SHAPES, applies, attention, methods, relative_error};
+use linattn::{Element, reference};
+
+/// Error of the f64 fast paths against the f64 reference: rounding only.
+const F64_TOLERANCE: f64 = 1e-12;
+/// Error of the f32 fast paths against the f64 reference, relative to the output's
+/// largest magnitude: a few hundred f32 roundings (ε = 6e-8) at these lengths.
+const F32_TOLERANCE: f64 = 1e-5;
+
+fn check_all<T: Element>(tolerance: f64, seed: u64) {
+    let mut worst = Vec::new();
+    for method in methods() {
+        for causal in [false, true] {
+            for (n, shape) in SHAPES.iter().enumerate() {
+                if !applies(&method, shape, causal) {
+                    continue;
+                }
+                let attention = attention(&method, causal);
+                let [q, k, v] = shape.inputs::<f64>(seed + 10 * n as u64);
+                let expected = reference::forward(&attention, &q, &k, &v).unwrap();
+                let fast = attention
+                    .forward(&q.cast::<T>(), &k.cast::<T>(), &v.cast::<T>())
+                    .unwrap_or_else(|e| panic!("{method:?} causal={causal} {shape:?}: {e}"));
+                let error = relative_error(&fast, &expected);
+                worst.push((error, format!("{method:?} causal={causal} {shape:?}")));
+                assert!(
+                    error <= tolerance,
+                    "{} error {error:e} > {tolerance:e}: {method:?} causal={causal} {shape:?}",
+                    T::NAME
+                );
+            }
+        }
+    }
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("{} worst errors: {:?}", T::NAME, &worst[..3]);
+}
+
+#[test]
+fn f64_fast_paths_match_the_reference() {
+    check_all::<f64>(F64_TOLERANCE, 1000);
+}
+
+#[test]
+fn f32_fast_paths_match_the_reference() {
+    check_all::<f32>(F32_TOLERANCE, 2000);
+}

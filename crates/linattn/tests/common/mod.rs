@@ -1,0 +1,153 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use linattn::{
+    Attention, Cosformer, Element, Fnet, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer,
+    Softmax, SoftmaxAlgorithm, Tensor, Window,
+};
+
+/// One problem shape: q `[batch, len_q, heads_q, dim]`, k `[batch, len_k, heads_kv, dim]`,
+/// v `[batch, len_k, heads_kv, dim_v]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: usize,
+    pub len_q: usize,
+    pub len_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub dim: usize,
+    pub dim_v: usize,
+}
+
+impl Shape {
+    pub const fn new(
+        batch: usize,
+        len: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        dim: usize,
+        dim_v: usize,
+    ) -> Self {
+        Self {
+            batch,
+            len_q: len,
+            len_k: len,
+            heads_q,
+            heads_kv,
+            dim,
+            dim_v,
+        }
+    }
+
+    pub fn self_attention(&self) -> bool {
+        self.len_q == self.len_k
+    }
+
+    /// Fresh random q, k, v (scaled so scores spread over a few units, as in models).
+    pub fn inputs<T: Element>(&self, seed: u64) -> [Tensor<T>; 3] {
+        let q = Tensor::<T>::randn([self.batch, self.len_q, self.heads_q, self.dim], seed).unwrap();
+        let k = Tensor::<T>::randn([self.batch, self.len_k, self.heads_kv, self.dim], seed + 1)
+            .unwrap();
+        let v = Tensor::<T>::randn(
+            [self.batch, self.len_k, self.heads_kv, self.dim_v],
+            seed + 2,
+        )
+        .unwrap();
+        [q, k, v]
+    }
+}
+
+/// Awkward shapes: a single token, odd lengths, lengths that are not multiples of any
+/// chunk or tile, several blocks of the non-causal state pass, d = 1, 32, 64, 128,
+/// batch > 1, GQA and MQA, d_v ≠ d, and (non-causal only) len_q ≠ len_k.
+pub const SHAPES: &[Shape] = &[
+    Shape::new(1, 1, 1, 1, 1, 1),
+    Shape::new(2, 7, 4, 2, 32, 32),
+    Shape::new(1, 65, 3, 1, 64, 16),
+    Shape::new(2, 130, 2, 2, 128, 128),
+    Shape::new(1, 300, 2, 1, 8, 5),
+    Shape::new(1, 13, 2, 2, 1, 3),
+    Shape {
+        batch: 2,
+        len_q: 5,
+        len_k: 9,
+        heads_q: 2,
+        heads_kv: 2,
+        dim: 4,
+        dim_v: 4,
+    },
+];
+
+/// Every method, with options that exercise more than one chunk or tile on these shapes.
+pub fn methods() -> Vec<Method> {
+    vec![
+        Method::softmax(),
+        Method::Softmax(Softmax {
+            algorithm: SoftmaxAlgorithm::Naive,
+            ..Softmax::default()
+        }),
+        Method::Softmax(Softmax {
+            scale: Some(0.3),
+            ..Softmax::default()
+        }),
+        Method::Window(Window::new(Some(5), Some(3))),
+        Method::Window(Window::new(Some(70), None)),
+        Method::Linear(Linear::default()),
+        Method::Linear(Linear { chunk: 16 }),
+        Method::Performer(Performer::new(16, 9)),
+        Method::Performer(Performer {
+            chunk: 8,
+            ..Performer::new(40, 3)
+        }),
+        Method::Cosformer(Cosformer::default()),
+        Method::Cosformer(Cosformer { chunk: 16 }),
+        Method::Linformer(Linformer::new(320, 12, 5)),
+        Method::Fnet(Fnet),
+        Method::Hybrid(Hybrid {
+            local_heads: 1,
+            window: Window::new(Some(6), Some(2)),
+            global: GlobalHeads::Linear(Linear::default()),
+        }),
+        Method::Hybrid(Hybrid {
+            local_heads: 1,
+            window: Window::new(Some(3), None),
+            global: GlobalHeads::Performer(Performer::new(24, 1)),
+        }),
+    ]
+}
+
+/// Whether `method` accepts `shape` (and causality) at all; the rest are error cases
+/// tested elsewhere.
+pub fn applies(method: &Method, shape: &Shape, causal: bool) -> bool {
+    let needs_self = causal || matches!(method, Method::Window(_) | Method::Hybrid(_));
+    let no_causal = matches!(method, Method::Linformer(_) | Method::Fnet(_));
+    let local_heads_fit = match method {
+        Method::Hybrid(h) => h.local_heads <= shape.heads_q,
+        _ => true,
+    };
+    // The f64 reference of FNet is a direct O((T·H·D)²) sum; keep it to small planes.
+    let reference_affordable = match method {
+        Method::Fnet(_) => shape.len_k * shape.heads_kv * shape.dim_v <= 4096,
+        _ => true,
+    };
+    (!needs_self || shape.self_attention())
+        && !(causal && no_causal)
+        && local_heads_fit
+        && reference_affordable
+}
+
+/// max |a − b| / max |b|: the error of `a` relative to the scale of the reference `b`.
+pub fn relative_error<T: Element>(a: &Tensor<T>, b: &Tensor<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.as_slice().iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let err = a
+        .as_slice()
+        .iter()
+        .zip(b.as_slice())
+        .fold(0.0f64, |m, (x, y)| m.max((x.as_f64() - y).abs()));
+    if scale == 0.0 { err } else { err / scale }
+}
+
+pub fn attention(method: &Method, causal: bool) -> Attention {
+    Attention::new(method.clone()).causal(causal)
+}

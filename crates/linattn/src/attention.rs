@@ -290,10 +290,10 @@ impl Attention {
     ///
     /// ```
     /// use linattn::{Attention, Method};
-    /// let attention = Attention::new(Method::linear());
+    /// let attention = Attention::new(Method::linear()).causal(true);
     /// let small = attention.workspace_bytes([1, 1024, 8, 64], [1, 1024, 8, 64], [1, 1024, 8, 64], 4).unwrap();
     /// let large = attention.workspace_bytes([1, 65536, 8, 64], [1, 65536, 8, 64], [1, 65536, 8, 64], 4).unwrap();
-    /// assert_eq!(small, large); // linear attention needs constant scratch
+    /// assert_eq!(small, large); // causal linear attention needs constant scratch
     /// ```
     pub fn workspace_bytes(
         &self,

@@ -50,7 +50,7 @@ impl Linear {
     }
 
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
-        kernelized::workspace_bytes(problem, problem.dim_qk, self.chunk, element)
+        kernelized::workspace_bytes(problem, problem.dim_qk, 0, self.chunk, element)
     }
 
     pub(crate) fn forward<T: Element>(

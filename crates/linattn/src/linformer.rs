@@ -8,8 +8,8 @@ use crate::attention::{Problem, per_thread};
 use crate::error::{Error, Result};
 use crate::feature_map::linformer_projections;
 use crate::kernels::cpu::exact::{Mask, TILE_QUERIES, dense_rows};
-use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
-use crate::softmax::resolve_scale;
+use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul, packing_bytes};
+use crate::softmax::{resolve_scale, task_list_bytes};
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -142,11 +142,21 @@ impl Linformer {
             (problem.batch * problem.heads_kv * self.k * (problem.dim_qk + problem.dim_v)) as u128
                 * element as u128;
         let tasks = problem.batch * problem.heads_q * problem.len_q.div_ceil(TILE_QUERIES);
+        let n = problem.len_k;
+        let packing = packing_bytes(
+            element,
+            &[
+                (self.k, problem.dim_qk, n),
+                (self.k, problem.dim_v, n),
+                (TILE_QUERIES, self.k, problem.dim_qk),
+                (TILE_QUERIES, problem.dim_v, self.k),
+            ],
+        );
         let scores = per_thread(
             tasks,
-            ((TILE_QUERIES * self.k + TILE_QUERIES) * element) as u128,
+            ((TILE_QUERIES * self.k + TILE_QUERIES) * element) as u128 + packing,
         );
-        projections + projected + scores
+        projections + projected + scores + task_list_bytes(tasks)
     }
 
     pub(crate) fn forward<T: Element>(

@@ -146,7 +146,14 @@ impl Performer {
 
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
         let omega = (self.num_features() * problem.dim_qk) as u128 * (element as u128 + 8);
-        omega + kernelized::workspace_bytes(problem, self.num_features(), self.chunk, element)
+        omega
+            + kernelized::workspace_bytes(
+                problem,
+                self.num_features(),
+                problem.dim_qk,
+                self.chunk,
+                element,
+            )
     }
 
     pub(crate) fn forward<T: Element>(

@@ -5,6 +5,7 @@
 use crate::attention::{Problem, per_thread};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::exact::{self, Mask, TILE_KEYS, TILE_QUERIES};
+use crate::kernels::cpu::matmul::packing_bytes;
 use crate::tensor::{Element, Tensor};
 use std::ops::Range;
 
@@ -55,13 +56,16 @@ impl Softmax {
     }
 
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
-        let tasks = problem.batch * problem.heads_q;
+        let (lq, lk) = (problem.len_q, problem.len_k);
         match self.algorithm {
-            SoftmaxAlgorithm::Naive => per_thread(
-                tasks,
-                ((problem.len_q as u128) * (problem.len_k as u128) + problem.len_q as u128)
-                    * element as u128,
-            ),
+            SoftmaxAlgorithm::Naive => {
+                let scores = ((lq * lk + lq) * element) as u128;
+                let packing = packing_bytes(
+                    element,
+                    &[(lq, lk, problem.dim_qk), (lq, problem.dim_v, lk)],
+                );
+                per_thread(problem.batch * problem.heads_q, scores + packing)
+            }
             SoftmaxAlgorithm::Tiled => tiled_workspace(problem, element),
         }
     }
@@ -88,11 +92,22 @@ impl Softmax {
     }
 }
 
-/// Scratch of the tiled kernel: one tile of scores and two row vectors per thread.
+/// Scratch of the tiled kernel: one tile of scores, two row vectors and the products'
+/// packing per thread, and the task list.
 pub(crate) fn tiled_workspace(problem: &Problem, element: usize) -> u128 {
     let tasks = problem.batch * problem.heads_q * problem.len_q.div_ceil(TILE_QUERIES);
-    per_thread(
-        tasks,
-        ((TILE_QUERIES * TILE_KEYS + 2 * TILE_QUERIES) * element) as u128,
-    )
+    let tile = ((TILE_QUERIES * TILE_KEYS + 2 * TILE_QUERIES) * element) as u128;
+    let packing = packing_bytes(
+        element,
+        &[
+            (TILE_QUERIES, TILE_KEYS, problem.dim_qk),
+            (TILE_QUERIES, problem.dim_v, TILE_KEYS),
+        ],
+    );
+    per_thread(tasks, tile + packing) + task_list_bytes(tasks)
+}
+
+/// The list of (batch, head, block) tasks a kernel hands to rayon.
+pub(crate) fn task_list_bytes(tasks: usize) -> u128 {
+    (tasks * 3 * size_of::<usize>()) as u128
 }

@@ -7,8 +7,10 @@
 //! running state keeps `C` and rescales when it grows, as online softmax does, so a
 //! single pass (and the causal form, which may not look ahead) never overflows.
 
-use super::matmul::{MatMut, MatRef, matmul};
+use super::matmul::{MatMut, MatRef, matmul, packing_bytes};
 use crate::attention::Problem;
+use crate::attention::per_thread;
+use crate::softmax::task_list_bytes;
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -374,8 +376,8 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                 }
             }
             let phi = MatRef::contiguous(&phi_q, len, m);
-            for i in 0..len {
-                den[i] += dot(phi.row(i), &state.k_sum);
+            for (i, den) in den[..len].iter_mut().enumerate() {
+                *den += dot(phi.row(i), &state.k_sum);
             }
             matmul(
                 rows.rb(),
@@ -397,8 +399,8 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                         .for_each(|(o, &s)| *o += weight * s);
                 }
             }
-            for i in 0..len {
-                let inv = T::one() / normalizer.divisor(den[i]);
+            for (i, &den) in den[..len].iter().enumerate() {
+                let inv = T::one() / normalizer.divisor(den);
                 rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
             }
 
@@ -408,24 +410,50 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     });
 }
 
-/// Upper bound of the scratch [`full`] or [`causal_chunked`] allocates, in bytes.
+/// Upper bound of the scratch [`full`] or [`causal_chunked`] allocates, in bytes, for a
+/// map of `features` features that projects through a `projection_dim`-wide product
+/// (FAVOR+; 0 for maps without one).
 pub(crate) fn workspace_bytes(
     problem: &Problem,
     features: usize,
+    projection_dim: usize,
     chunk: usize,
     element: usize,
 ) -> u128 {
-    let (m, dim_v) = (features as u128, problem.dim_v as u128);
+    let (m, dim_v) = (features, problem.dim_v);
     let state = m * dim_v + m + dim_v;
-    let threads = rayon::current_num_threads() as u128;
-    let elements = if problem.causal {
-        let c = chunk as u128;
-        let per_task = 2 * c * m + c * c + 4 * c + 2 * dim_v + state;
-        per_task * threads.min((problem.batch * problem.heads_q) as u128)
+    if problem.causal {
+        let c = chunk;
+        let buffers = (2 * c * m + c * c + 4 * c + 2 * dim_v + state) * element;
+        let packing = packing_bytes(
+            element,
+            &[
+                (c, c, m),
+                (c, dim_v, c),
+                (c, dim_v, m),
+                (m, dim_v, c),
+                (c, m, projection_dim),
+            ],
+        );
+        let tasks = problem.batch * problem.heads_q;
+        per_thread(tasks, buffers as u128 + packing) + task_list_bytes(tasks)
     } else {
-        let block = FULL_BLOCK as u128;
-        let states = (problem.batch * problem.heads_kv) as u128 * (threads + 1) * state;
-        states + threads * (block * m + block)
-    };
-    elements * element as u128
+        let threads = rayon::current_num_threads();
+        // Up to `threads` partial states per (batch, kv head), plus the merged ones.
+        let states = problem.batch * problem.heads_kv * (threads + 1) * state;
+        let block = FULL_BLOCK * (m + 1);
+        let packing = packing_bytes(
+            element,
+            &[
+                (m, dim_v, FULL_BLOCK),
+                (FULL_BLOCK, m, projection_dim),
+                (FULL_BLOCK, dim_v, m),
+            ],
+        );
+        let tasks = problem.batch
+            * (problem.heads_q * problem.len_q.div_ceil(FULL_BLOCK) + problem.heads_kv * threads);
+        ((states + threads * block) * element) as u128
+            + threads as u128 * packing
+            + task_list_bytes(tasks)
+    }
 }

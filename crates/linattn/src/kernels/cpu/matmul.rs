@@ -191,6 +191,23 @@ pub(crate) fn matmul<T: Element>(
     }
 }
 
+/// Upper bound of the packing buffers `gemm` allocates for one product of each of
+/// `shapes` (m, n, k), taking the largest: it packs at most a k × n panel of the right
+/// operand (n rounded up to its register tile) and, for short left operands only (m at
+/// most twice its row block, itself at most a few hundred rows), a k × m panel of the left.
+pub(crate) fn packing_bytes(element: usize, shapes: &[(usize, usize, usize)]) -> u128 {
+    const TILE_SLACK: u128 = 64;
+    const SHORT_LHS_ROWS: u128 = 1024;
+    shapes
+        .iter()
+        .map(|&(m, n, k)| {
+            let (m, n, k) = (m as u128, n as u128, k as u128);
+            k * (n + TILE_SLACK + m.min(SHORT_LHS_ROWS) + TILE_SLACK) * element as u128
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

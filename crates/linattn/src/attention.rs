@@ -212,6 +212,72 @@ impl Method {
     }
 }
 
+impl Method {
+    fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        match self {
+            Method::Softmax(m) => m.backward_workspace_bytes(problem, element),
+            Method::Window(m) => m.backward_workspace_bytes(problem, element),
+            Method::Linear(m) => m.backward_workspace_bytes(problem, element),
+            Method::Performer(m) => m.backward_workspace_bytes(problem, element),
+            Method::Cosformer(m) => m.backward_workspace_bytes(problem, element),
+            Method::Linformer(m) => m.backward_workspace_bytes(problem, element),
+            Method::Fnet(m) => m.workspace_bytes(problem, element),
+            Method::Hybrid(m) => m.backward_workspace_bytes(problem, element),
+        }
+    }
+
+    /// Adds the gradients into `grads` (zeroed by the caller); returns Linformer's
+    /// projection gradients.
+    fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+    ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+        let heads = 0..problem.heads_q;
+        match self {
+            Method::Softmax(m) => m.backward(problem, inputs, grads, heads),
+            Method::Window(m) => m.backward(problem, inputs, grads, heads),
+            Method::Linear(m) => m.backward(problem, inputs, grads, heads),
+            Method::Performer(m) => m.backward(problem, inputs, grads, heads)?,
+            Method::Cosformer(m) => m.backward(problem, inputs, grads, heads),
+            Method::Linformer(m) => return m.backward(problem, inputs, grads).map(Some),
+            Method::Fnet(m) => {
+                // Re(DFT₂) is its own adjoint on real inputs; q and k get no gradient.
+                let [_, _, _, d_out] = inputs;
+                let [_, _, dv] = grads;
+                m.forward(d_out, dv);
+            }
+            Method::Hybrid(m) => m.backward(problem, inputs, grads)?,
+        }
+        Ok(None)
+    }
+}
+
+/// Gradients of a scalar loss with respect to the inputs of an attention call, given
+/// the loss's gradient with respect to its output.
+///
+/// ```
+/// use linattn::{Attention, Method, Tensor};
+/// let x = Tensor::<f64>::randn([1, 6, 2, 4], 0).unwrap();
+/// let d_out = Tensor::<f64>::randn([1, 6, 2, 4], 1).unwrap();
+/// let grads = Attention::new(Method::linear()).causal(true).backward(&x, &x, &x, &d_out).unwrap();
+/// assert_eq!(grads.dq.shape(), x.shape());
+/// assert!(grads.projections.is_none());
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients<T> {
+    /// ∂loss/∂q.
+    pub dq: Tensor<T>,
+    /// ∂loss/∂k.
+    pub dk: Tensor<T>,
+    /// ∂loss/∂v.
+    pub dv: Tensor<T>,
+    /// Linformer only: ∂loss/∂E and ∂loss/∂F, `max_len × k` row-major (rows past the
+    /// sequence are zero).
+    pub projections: Option<(Vec<f64>, Vec<f64>)>,
+}
+
 /// An attention computation: a [`Method`], causal or not, and a memory limit.
 ///
 /// ```
@@ -357,10 +423,93 @@ impl Attention {
         if let Some((index, _)) = out.first_non_finite() {
             return Err(Error::NonFiniteOutput {
                 method: self.method.name(),
+                tensor: "output",
                 index,
             });
         }
         Ok(out)
+    }
+}
+
+impl Attention {
+    /// Gradients of `Σ d_out ∘ forward(q, k, v)` with respect to q, k, v (and Linformer's
+    /// E and F). Recomputes what it needs of the forward pass; causal linear methods
+    /// never hold an n × n matrix, exact attention holds one only when naive.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method, Tensor};
+    /// let q = Tensor::<f32>::randn([2, 33, 4, 16], 0).unwrap();
+    /// let kv = Tensor::<f32>::randn([2, 33, 2, 16], 1).unwrap();
+    /// let d_out = Tensor::<f32>::randn([2, 33, 4, 16], 2).unwrap();
+    /// let grads = Attention::new(Method::softmax()).causal(true).backward(&q, &kv, &kv, &d_out).unwrap();
+    /// assert_eq!(grads.dk.shape(), kv.shape());
+    /// ```
+    pub fn backward<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        d_out: &Tensor<T>,
+    ) -> Result<Gradients<T>> {
+        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
+        let out_shape = self.method.out_shape(&problem);
+        if d_out.shape() != out_shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output gradient has shape {:?} but the output has shape {out_shape:?}",
+                    d_out.shape()
+                ),
+            });
+        }
+        for (name, tensor) in [("q", q), ("k", k), ("v", v), ("d_out", d_out)] {
+            if let Some((index, value)) = tensor.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: name,
+                    index,
+                    value,
+                });
+            }
+        }
+        let grads_bytes = [q, k, v]
+            .iter()
+            .map(|t| t.size_bytes() as u128)
+            .sum::<u128>();
+        let needed = grads_bytes
+            + self
+                .method
+                .backward_workspace_bytes(&problem, size_of::<T>());
+        memory::ensure_fits(
+            &format!(
+                "the backward of {} attention with q {:?}",
+                self.method.name(),
+                q.shape()
+            ),
+            needed,
+            self.memory_limit,
+        )?;
+        let (mut dq, mut dk, mut dv) = (
+            Tensor::zeros(q.shape())?,
+            Tensor::zeros(k.shape())?,
+            Tensor::zeros(v.shape())?,
+        );
+        let projections =
+            self.method
+                .backward(&problem, [q, k, v, d_out], [&mut dq, &mut dk, &mut dv])?;
+        for (name, tensor) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+            if let Some((index, _)) = tensor.first_non_finite() {
+                return Err(Error::NonFiniteOutput {
+                    method: self.method.name(),
+                    tensor: name,
+                    index,
+                });
+            }
+        }
+        Ok(Gradients {
+            dq,
+            dk,
+            dv,
+            projections,
+        })
     }
 }
 

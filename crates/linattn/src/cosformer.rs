@@ -13,6 +13,8 @@ use std::ops::Range;
 /// cosFormer's denominator clamp, as in its reference implementation.
 pub(crate) const COSFORMER_EPSILON: f64 = 1e-6;
 
+const NORMALIZER: Normalizer = Normalizer::ClampMin(COSFORMER_EPSILON);
+
 /// Options of cosFormer attention.
 ///
 /// ```
@@ -44,6 +46,17 @@ impl Cosformer {
         kernelized::workspace_bytes(problem, 2 * problem.dim_qk, 0, self.chunk, element)
     }
 
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        kernelized::backward_workspace_bytes(problem, 2 * problem.dim_qk, 0, self.chunk, element)
+    }
+
+    fn feature_map(problem: &Problem) -> CosineReweighted {
+        CosineReweighted {
+            dim: problem.dim_qk,
+            max_len: problem.len_q.max(problem.len_k),
+        }
+    }
+
     pub(crate) fn forward<T: Element>(
         &self,
         problem: &Problem,
@@ -53,15 +66,26 @@ impl Cosformer {
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) {
-        let fmap = CosineReweighted {
-            dim: problem.dim_qk,
-            max_len: problem.len_q.max(problem.len_k),
-        };
-        let normalizer = Normalizer::ClampMin(COSFORMER_EPSILON);
-        if problem.causal {
-            kernelized::causal_chunked(problem, &fmap, normalizer, self.chunk, q, k, v, out, heads);
-        } else {
-            kernelized::full(problem, &fmap, normalizer, q, k, v, out, heads);
-        }
+        let fmap = Self::feature_map(problem);
+        kernelized::forward(
+            problem,
+            &fmap,
+            NORMALIZER,
+            self.chunk,
+            [q, k, v],
+            out,
+            heads,
+        );
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) {
+        let fmap = Self::feature_map(problem);
+        kernelized::backward(problem, &fmap, NORMALIZER, self.chunk, inputs, grads, heads);
     }
 }

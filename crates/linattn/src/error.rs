@@ -55,12 +55,14 @@ pub enum Error {
     /// The computation overflowed although every input was finite (scores too large for
     /// the precision, say).
     #[error(
-        "{method} produced a non-finite output at index {index:?} from finite inputs; the inputs are too large for this precision"
+        "{method} produced a non-finite {tensor} at index {index:?} from finite inputs; the inputs are too large for this precision"
     )]
     NonFiniteOutput {
         /// Method that overflowed.
         method: &'static str,
-        /// Index of the first non-finite output.
+        /// Which result: "output", or a gradient ("dq", "dk", "dv").
+        tensor: &'static str,
+        /// Index of the first non-finite element.
         index: Vec<usize>,
     },
     /// A sequence is longer than the method allows (Linformer's fixed length).

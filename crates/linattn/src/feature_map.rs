@@ -34,6 +34,28 @@ impl<T: Element> FeatureMap<T> for EluPlusOne {
     fn stabiliser(&self) -> Option<T> {
         None
     }
+    fn queries_backward(&self, rows: MatRef<'_, T>, _first: usize, d_phi: &mut [T], dx: &mut [T]) {
+        let d = self.dim;
+        for (i, (dx, d_phi)) in dx
+            .chunks_exact_mut(d)
+            .zip(d_phi.chunks_exact(d))
+            .enumerate()
+        {
+            for ((g, &dp), &x) in dx.iter_mut().zip(d_phi).zip(rows.row(i)) {
+                *g += dp * if x > T::zero() { T::one() } else { x.exp() };
+            }
+        }
+    }
+    fn keys_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        first: usize,
+        d_features: &mut [T],
+        _d_log_scale: &[T],
+        dx: &mut [T],
+    ) {
+        self.queries_backward(rows, first, d_features, dx);
+    }
 }
 
 /// cosFormer: φ(xᵢ) = [relu(xᵢ)·cos θᵢ, relu(xᵢ)·sin θᵢ] with θᵢ = π/2 · i / M for the
@@ -66,6 +88,33 @@ impl<T: Element> FeatureMap<T> for CosineReweighted {
     }
     fn stabiliser(&self) -> Option<T> {
         None
+    }
+    fn queries_backward(&self, rows: MatRef<'_, T>, first: usize, d_phi: &mut [T], dx: &mut [T]) {
+        let d = self.dim;
+        for (i, (dx, d_phi)) in dx
+            .chunks_exact_mut(d)
+            .zip(d_phi.chunks_exact(2 * d))
+            .enumerate()
+        {
+            let (sin, cos) = cosformer_angle(first + i, self.max_len).sin_cos();
+            let (cos, sin) = (T::of_f64(cos), T::of_f64(sin));
+            let (d_cos, d_sin) = d_phi.split_at(d);
+            for (((g, &dc), &ds), &x) in dx.iter_mut().zip(d_cos).zip(d_sin).zip(rows.row(i)) {
+                if x > T::zero() {
+                    *g += dc * cos + ds * sin;
+                }
+            }
+        }
+    }
+    fn keys_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        first: usize,
+        d_features: &mut [T],
+        _d_log_scale: &[T],
+        dx: &mut [T],
+    ) {
+        self.queries_backward(rows, first, d_features, dx);
     }
 }
 
@@ -109,6 +158,57 @@ impl<T: Element> Favor<T> {
     fn ratio(&self) -> T {
         T::of_f64(1.0 / (self.features as f64).sqrt())
     }
+
+    /// The backward of `r·exp(ω·x' − |x'|²/2 − c)` per row, with c the row's max of ω·x':
+    /// `d_exp` holds the gradient of that exponential (overwritten), `d_max` adds a
+    /// gradient on c (which flows to the projection it is the max of).
+    fn exponential_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        d_exp: &mut [T],
+        d_max: impl Fn(usize, T) -> T,
+        dx: &mut [T],
+    ) {
+        let (m, d) = (self.features, self.dim);
+        let len = rows.rows;
+        let mut projection = vec![T::zero(); len * m];
+        self.project(rows, &mut projection);
+        let ratio = self.ratio();
+        let normalizer_sq = T::of_f64(1.0 / (d as f64).sqrt());
+        for i in 0..len {
+            let p = &projection[i * m..(i + 1) * m];
+            let diag = self.half_norm_squared(rows.row(i));
+            let (argmax, max) =
+                p.iter()
+                    .copied()
+                    .enumerate()
+                    .fold((0, T::neg_infinity()), |best, (f, x)| {
+                        if x > best.1 { (f, x) } else { best }
+                    });
+            let g = &mut d_exp[i * m..(i + 1) * m];
+            // d(exp)/dp = exp; the same sum, negated, is the gradient of −|x'|²/2 − c.
+            let mut total = T::zero();
+            for (g, &p) in g.iter_mut().zip(p) {
+                *g *= ratio * (p - diag - max).exp();
+                total += *g;
+            }
+            g[argmax] += d_max(i, -total);
+            // |x'|²/2 = |x|²·d^(−1/2)/2, so its gradient is x·d^(−1/2).
+            let d_diag = -total;
+            dx[i * d..(i + 1) * d]
+                .iter_mut()
+                .zip(rows.row(i))
+                .for_each(|(g, &x)| *g += d_diag * normalizer_sq * x);
+        }
+        // p = d^(−1/4)·x ωᵀ.
+        matmul(
+            MatMut::contiguous(dx, len, d),
+            MatRef::contiguous(d_exp, len, m),
+            MatRef::contiguous(&self.omega, m, d),
+            true,
+            T::of_f64((d as f64).powf(-0.25)),
+        );
+    }
 }
 
 impl<T: Element> FeatureMap<T> for Favor<T> {
@@ -146,6 +246,22 @@ impl<T: Element> FeatureMap<T> for Favor<T> {
     }
     fn stabiliser(&self) -> Option<T> {
         Some(self.ratio() * T::of_f64(FAVOR_EPSILON))
+    }
+    fn queries_backward(&self, rows: MatRef<'_, T>, _first: usize, d_phi: &mut [T], dx: &mut [T]) {
+        // A query's own max does not cancel (the +1e-4 does not scale with it).
+        self.exponential_backward(rows, d_phi, |_, d_max| d_max, dx);
+    }
+    fn keys_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        _first: usize,
+        d_features: &mut [T],
+        d_log_scale: &[T],
+        dx: &mut [T],
+    ) {
+        // A key's own max cancels against e^{cⱼ−C}; only C's gradient reaches it, and
+        // only where this key holds C.
+        self.exponential_backward(rows, d_features, |i, _| d_log_scale[i], dx);
     }
 }
 

@@ -81,4 +81,35 @@ impl Hybrid {
         }
         Ok(())
     }
+
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let global = match &self.global {
+            GlobalHeads::Linear(m) => m.backward_workspace_bytes(problem, element),
+            GlobalHeads::Performer(m) => m.backward_workspace_bytes(problem, element),
+        };
+        self.window
+            .backward_workspace_bytes(problem, element)
+            .max(global)
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        [dq, dk, dv]: [&mut Tensor<T>; 3],
+    ) -> Result<()> {
+        let split = self.local_heads;
+        if split > 0 {
+            self.window
+                .backward(problem, inputs, [&mut *dq, &mut *dk, &mut *dv], 0..split);
+        }
+        if split < problem.heads_q {
+            let global = split..problem.heads_q;
+            match &self.global {
+                GlobalHeads::Linear(m) => m.backward(problem, inputs, [dq, dk, dv], global),
+                GlobalHeads::Performer(m) => m.backward(problem, inputs, [dq, dk, dv], global)?,
+            }
+        }
+        Ok(())
+    }
 }

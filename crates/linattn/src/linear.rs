@@ -12,6 +12,8 @@ use std::ops::Range;
 /// The Linear Transformer's denominator guard, as in its reference implementation.
 pub(crate) const LINEAR_EPSILON: f64 = 1e-6;
 
+const NORMALIZER: Normalizer = Normalizer::AddEpsilon(LINEAR_EPSILON);
+
 /// Options of Linear Transformer attention.
 ///
 /// ```
@@ -53,6 +55,16 @@ impl Linear {
         kernelized::workspace_bytes(problem, problem.dim_qk, 0, self.chunk, element)
     }
 
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        kernelized::backward_workspace_bytes(problem, problem.dim_qk, 0, self.chunk, element)
+    }
+
+    fn feature_map(problem: &Problem) -> EluPlusOne {
+        EluPlusOne {
+            dim: problem.dim_qk,
+        }
+    }
+
     pub(crate) fn forward<T: Element>(
         &self,
         problem: &Problem,
@@ -62,14 +74,26 @@ impl Linear {
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) {
-        let fmap = EluPlusOne {
-            dim: problem.dim_qk,
-        };
-        let normalizer = Normalizer::AddEpsilon(LINEAR_EPSILON);
-        if problem.causal {
-            kernelized::causal_chunked(problem, &fmap, normalizer, self.chunk, q, k, v, out, heads);
-        } else {
-            kernelized::full(problem, &fmap, normalizer, q, k, v, out, heads);
-        }
+        let fmap = Self::feature_map(problem);
+        kernelized::forward(
+            problem,
+            &fmap,
+            NORMALIZER,
+            self.chunk,
+            [q, k, v],
+            out,
+            heads,
+        );
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) {
+        let fmap = Self::feature_map(problem);
+        kernelized::backward(problem, &fmap, NORMALIZER, self.chunk, inputs, grads, heads);
     }
 }

@@ -236,4 +236,194 @@ impl Linformer {
         );
         Ok(())
     }
+
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let (n, kp, d, dv) = (problem.len_k, self.k, problem.dim_qk, problem.dim_v);
+        let projections = 2 * (self.max_len * kp) as u128 * (element as u128 + 8);
+        // Per task: K', V', their gradients, two tiles and the partial dE, dF, which the
+        // reduction may hold about twice per thread.
+        let per_task = (2 * kp * (d + dv) + 2 * TILE_QUERIES * kp + TILE_QUERIES) * element;
+        let partial = 2 * n * kp * element;
+        let packing = packing_bytes(
+            element,
+            &[
+                (kp, d.max(dv), n),
+                (n, d.max(dv), kp),
+                (n, kp, d.max(dv)),
+                (TILE_QUERIES, kp, d.max(dv)),
+                (kp, d.max(dv), TILE_QUERIES),
+            ],
+        );
+        let tasks = problem.batch * problem.heads_kv;
+        let threads = rayon::current_num_threads().min(tasks) as u128;
+        projections
+            + per_thread(tasks, (per_task + partial) as u128 + packing)
+            + 2 * threads * partial as u128
+            + task_list_bytes(tasks)
+    }
+
+    /// Adds the gradients of q, k, v into `grads` and returns those of E and F: with
+    /// `K' = Eᵀ K`, `dK = E dK'` and `dE = K dK'ᵀ`, summed over batches and heads.
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        [q, k, v, d_out]: [&Tensor<T>; 4],
+        [dq, dk, dv]: [&mut Tensor<T>; 3],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (e, f) = self.projections()?;
+        let to_t = |p: Vec<f64>| -> Vec<T> { p.into_iter().map(T::of_f64).collect() };
+        let (e, f) = (to_t(e), to_t(f));
+        let (n, kp, d, dim_v) = (problem.len_k, self.k, problem.dim_qk, problem.dim_v);
+        let e = MatRef::contiguous(&e, n, kp);
+        let f = MatRef::contiguous(&f, n, kp);
+        let scale = T::of_f64(resolve_scale(self.scale, d).expect("validated"));
+        let tasks: Vec<(usize, usize)> = (0..problem.batch)
+            .flat_map(|b| (0..problem.heads_kv).map(move |g| (b, g)))
+            .collect();
+        let (dq_heads, dk_heads, dv_heads) = (dq.heads_mut(), dk.heads_mut(), dv.heads_mut());
+        let zero = || (vec![T::zero(); n * kp], vec![T::zero(); n * kp]);
+        let (d_e, d_f) = tasks
+            .par_iter()
+            .map(|&(b, g)| {
+                let (keys, values) = (k.head(b, g), v.head(b, g));
+                let mut projected_keys = vec![T::zero(); kp * d];
+                let mut projected_values = vec![T::zero(); kp * dim_v];
+                matmul(
+                    MatMut::contiguous(&mut projected_keys, kp, d),
+                    e.t(),
+                    keys,
+                    false,
+                    T::one(),
+                );
+                matmul(
+                    MatMut::contiguous(&mut projected_values, kp, dim_v),
+                    f.t(),
+                    values,
+                    false,
+                    T::one(),
+                );
+                let projected_keys = MatRef::contiguous(&projected_keys, kp, d);
+                let projected_values = MatRef::contiguous(&projected_values, kp, dim_v);
+                let mut d_keys = vec![T::zero(); kp * d];
+                let mut d_values = vec![T::zero(); kp * dim_v];
+                let mut probs = vec![T::zero(); TILE_QUERIES * kp];
+                let mut d_probs = vec![T::zero(); TILE_QUERIES * kp];
+                let mut sums = vec![T::zero(); TILE_QUERIES];
+                for h in (0..problem.heads_q).filter(|&h| problem.kv_head(h) == g) {
+                    for start in (0..problem.len_q).step_by(TILE_QUERIES) {
+                        let rows = TILE_QUERIES.min(problem.len_q - start);
+                        let queries = q.head(b, h).rows_range(start, rows);
+                        let upstream = d_out.head(b, h).rows_range(start, rows);
+                        let (p, dp) = (&mut probs[..rows * kp], &mut d_probs[..rows * kp]);
+                        softmax_rows(
+                            p,
+                            dp,
+                            &mut sums,
+                            queries,
+                            upstream,
+                            projected_keys,
+                            projected_values,
+                            scale,
+                        );
+                        let ds = MatRef::contiguous(dp, rows, kp);
+                        matmul(
+                            MatMut::contiguous(&mut d_values, kp, dim_v),
+                            MatRef::contiguous(p, rows, kp).t(),
+                            upstream,
+                            true,
+                            T::one(),
+                        );
+                        // SAFETY: the q heads of kv head g belong to this task.
+                        let dq_rows = unsafe { dq_heads.block(b, h, start, rows) };
+                        matmul(dq_rows, ds, projected_keys, true, scale);
+                        matmul(
+                            MatMut::contiguous(&mut d_keys, kp, d),
+                            ds.t(),
+                            queries,
+                            true,
+                            scale,
+                        );
+                    }
+                }
+                let (d_keys, d_values) = (
+                    MatRef::contiguous(&d_keys, kp, d),
+                    MatRef::contiguous(&d_values, kp, dim_v),
+                );
+                // SAFETY: kv head g belongs to this task.
+                let (dk_rows, dv_rows) =
+                    unsafe { (dk_heads.block(b, g, 0, n), dv_heads.block(b, g, 0, n)) };
+                matmul(dk_rows, e, d_keys, true, T::one());
+                matmul(dv_rows, f, d_values, true, T::one());
+                let (mut d_e, mut d_f) = zero();
+                matmul(
+                    MatMut::contiguous(&mut d_e, n, kp),
+                    keys,
+                    d_keys.t(),
+                    false,
+                    T::one(),
+                );
+                matmul(
+                    MatMut::contiguous(&mut d_f, n, kp),
+                    values,
+                    d_values.t(),
+                    false,
+                    T::one(),
+                );
+                (d_e, d_f)
+            })
+            .reduce(zero, |(mut e1, mut f1), (e2, f2)| {
+                e1.iter_mut().zip(&e2).for_each(|(a, &b)| *a += b);
+                f1.iter_mut().zip(&f2).for_each(|(a, &b)| *a += b);
+                (e1, f1)
+            });
+        let widen = |p: Vec<T>| -> Vec<f64> {
+            let mut full: Vec<f64> = p.into_iter().map(T::as_f64).collect();
+            full.resize(self.max_len * kp, 0.0);
+            full
+        };
+        Ok((widen(d_e), widen(d_f)))
+    }
+}
+
+/// For a block of queries: the probabilities P over the projected keys into `probs`,
+/// and dS = P ∘ (dP − Δ) into `d_probs`, with dP = dO V'ᵀ and Δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ.
+#[allow(clippy::too_many_arguments)]
+fn softmax_rows<T: Element>(
+    probs: &mut [T],
+    d_probs: &mut [T],
+    sums: &mut [T],
+    queries: MatRef<'_, T>,
+    upstream: MatRef<'_, T>,
+    keys: MatRef<'_, T>,
+    values: MatRef<'_, T>,
+    scale: T,
+) {
+    let (rows, kp) = (queries.rows, keys.rows);
+    matmul(
+        MatMut::contiguous(probs, rows, kp),
+        queries,
+        keys.t(),
+        false,
+        scale,
+    );
+    for (i, row) in probs.chunks_exact_mut(kp).enumerate() {
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        row.iter_mut().for_each(|x| *x = (*x - max).exp());
+        sums[i] = row.iter().copied().sum();
+        let inv = T::one() / sums[i];
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    matmul(
+        MatMut::contiguous(d_probs, rows, kp),
+        upstream,
+        values.t(),
+        false,
+        T::one(),
+    );
+    for (dp, p) in d_probs.chunks_exact_mut(kp).zip(probs.chunks_exact(kp)) {
+        let delta: T = dp.iter().zip(p).map(|(&a, &b)| a * b).sum();
+        dp.iter_mut()
+            .zip(p)
+            .for_each(|(ds, &p)| *ds = p * (*ds - delta));
+    }
 }

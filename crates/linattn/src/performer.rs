@@ -156,6 +156,30 @@ impl Performer {
             )
     }
 
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let omega = (self.num_features() * problem.dim_qk) as u128 * (element as u128 + 8);
+        omega
+            + kernelized::backward_workspace_bytes(
+                problem,
+                self.num_features(),
+                problem.dim_qk,
+                self.chunk,
+                element,
+            )
+    }
+
+    fn feature_map<T: Element>(&self, problem: &Problem) -> Result<Favor<T>> {
+        Ok(Favor {
+            omega: self
+                .omega(problem.dim_qk)?
+                .into_iter()
+                .map(T::of_f64)
+                .collect(),
+            features: self.num_features(),
+            dim: problem.dim_qk,
+        })
+    }
+
     pub(crate) fn forward<T: Element>(
         &self,
         problem: &Problem,
@@ -165,30 +189,36 @@ impl Performer {
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> Result<()> {
-        let fmap = Favor {
-            omega: self
-                .omega(problem.dim_qk)?
-                .into_iter()
-                .map(T::of_f64)
-                .collect(),
-            features: self.num_features(),
-            dim: problem.dim_qk,
-        };
-        if problem.causal {
-            kernelized::causal_chunked(
-                problem,
-                &fmap,
-                Normalizer::Exact,
-                self.chunk,
-                q,
-                k,
-                v,
-                out,
-                heads,
-            );
-        } else {
-            kernelized::full(problem, &fmap, Normalizer::Exact, q, k, v, out, heads);
-        }
+        let fmap = self.feature_map(problem)?;
+        kernelized::forward(
+            problem,
+            &fmap,
+            Normalizer::Exact,
+            self.chunk,
+            [q, k, v],
+            out,
+            heads,
+        );
+        Ok(())
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) -> Result<()> {
+        let fmap = self.feature_map(problem)?;
+        kernelized::backward(
+            problem,
+            &fmap,
+            Normalizer::Exact,
+            self.chunk,
+            inputs,
+            grads,
+            heads,
+        );
         Ok(())
     }
 }

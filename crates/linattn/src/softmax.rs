@@ -87,9 +87,81 @@ impl Softmax {
         };
         match self.algorithm {
             SoftmaxAlgorithm::Naive => exact::naive(problem, scale, mask, q, k, v, out, heads),
-            SoftmaxAlgorithm::Tiled => exact::tiled(problem, scale, mask, q, k, v, out, heads),
+            SoftmaxAlgorithm::Tiled => {
+                exact::tiled(problem, scale, mask, q, k, v, out, heads, None)
+            }
         }
     }
+}
+
+impl Softmax {
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let (lq, lk) = (problem.len_q, problem.len_k);
+        match self.algorithm {
+            SoftmaxAlgorithm::Naive => {
+                let matrices = ((2 * lq * lk + lq) * element) as u128;
+                let packing = packing_bytes(
+                    element,
+                    &[
+                        (lq, lk, problem.dim_qk),
+                        (lk, problem.dim_v, lq),
+                        (lq, lk, problem.dim_v),
+                        (lq, problem.dim_qk, lk),
+                        (lk, problem.dim_qk, lq),
+                    ],
+                );
+                let tasks = problem.batch * problem.heads_kv;
+                per_thread(tasks, matrices + packing) + task_list_bytes(tasks)
+            }
+            SoftmaxAlgorithm::Tiled => tiled_backward_workspace(problem, element),
+        }
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) {
+        let scale = T::of_f64(resolve_scale(self.scale, problem.dim_qk).expect("validated"));
+        let mask = if problem.causal {
+            Mask::CAUSAL
+        } else {
+            Mask::NONE
+        };
+        match self.algorithm {
+            SoftmaxAlgorithm::Naive => {
+                exact::naive_backward(problem, scale, mask, inputs, grads, heads)
+            }
+            SoftmaxAlgorithm::Tiled => {
+                exact::tiled_backward(problem, scale, mask, inputs, grads, heads)
+            }
+        }
+    }
+}
+
+/// Scratch of the tiled backward: the recomputed output, two values per query row, the
+/// forward's scratch, and two tiles per thread.
+pub(crate) fn tiled_backward_workspace(problem: &Problem, element: usize) -> u128 {
+    let rows = problem.batch * problem.len_q * problem.heads_q;
+    let recomputed = ((rows * (problem.dim_v + 2)) * element) as u128;
+    let tiles = (2 * TILE_QUERIES * TILE_KEYS * element) as u128;
+    let packing = packing_bytes(
+        element,
+        &[
+            (TILE_QUERIES, TILE_KEYS, problem.dim_qk.max(problem.dim_v)),
+            (TILE_QUERIES, problem.dim_qk, TILE_KEYS),
+            (TILE_KEYS, problem.dim_qk.max(problem.dim_v), TILE_QUERIES),
+        ],
+    );
+    let tasks = problem.batch
+        * (problem.heads_q * problem.len_q.div_ceil(TILE_QUERIES)
+            + problem.heads_kv * problem.len_k.div_ceil(TILE_KEYS));
+    recomputed
+        + tiled_workspace(problem, element)
+        + per_thread(tasks, tiles + packing)
+        + task_list_bytes(tasks)
 }
 
 /// Scratch of the tiled kernel: one tile of scores, two row vectors and the products'

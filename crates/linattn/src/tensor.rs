@@ -22,6 +22,7 @@ pub trait Element:
     + rustfft::FftNum
     + std::iter::Sum
     + std::ops::AddAssign
+    + std::ops::SubAssign
     + std::ops::MulAssign
     + std::ops::DivAssign
     + Default

@@ -6,7 +6,7 @@
 use crate::attention::Problem;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::exact::{self, Mask};
-use crate::softmax::{resolve_scale, tiled_workspace};
+use crate::softmax::{resolve_scale, tiled_backward_workspace, tiled_workspace};
 use crate::tensor::{Element, Tensor};
 use std::ops::Range;
 
@@ -83,6 +83,29 @@ impl Window {
             k,
             v,
             out,
+            heads,
+            None,
+        );
+    }
+
+    pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        tiled_backward_workspace(problem, element)
+    }
+
+    pub(crate) fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) {
+        let scale = T::of_f64(resolve_scale(self.scale, problem.dim_qk).expect("validated"));
+        exact::tiled_backward(
+            problem,
+            scale,
+            self.mask(problem.causal),
+            inputs,
+            grads,
             heads,
         );
     }

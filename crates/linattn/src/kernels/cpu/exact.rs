@@ -35,6 +35,19 @@ impl Mask {
             .map_or(len_k, |r| i.saturating_add(r).saturating_add(1).min(len_k));
         lo..hi.max(lo)
     }
+
+    /// The queries that see at least one key of `keys`, within `0..len_q`.
+    pub fn queries(&self, keys: Range<usize>, len_q: usize) -> Range<usize> {
+        // Query i sees keys i − left ..= i + right.
+        let lo = self.right.map_or(0, |r| keys.start.saturating_sub(r));
+        let hi = self.left.map_or(len_q, |l| {
+            (keys.end - 1)
+                .saturating_add(l)
+                .saturating_add(1)
+                .min(len_q)
+        });
+        lo..hi.max(lo)
+    }
 }
 
 /// Query rows per task of the tiled kernel.
@@ -168,17 +181,11 @@ pub(crate) fn tiled<T: Element>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
+    log_sum_exp: Option<&mut Tensor<T>>,
 ) {
     let out_heads = out.heads_mut();
-    let tasks: Vec<(usize, usize, usize)> = (0..problem.batch)
-        .flat_map(|b| {
-            heads.clone().flat_map(move |h| {
-                (0..problem.len_q)
-                    .step_by(TILE_QUERIES)
-                    .map(move |start| (b, h, start))
-            })
-        })
-        .collect();
+    let lse_heads = log_sum_exp.map(|t| t.heads_mut());
+    let tasks = query_blocks(problem, &heads);
     tasks.par_iter().for_each_init(
         || TileScratch {
             scores: vec![T::zero(); TILE_QUERIES * TILE_KEYS],
@@ -249,6 +256,311 @@ pub(crate) fn tiled<T: Element>(
                 key_start += cols;
             }
             divide_rows(acc, &scratch.sum[..rows]);
+            if let Some(lse_heads) = &lse_heads {
+                // SAFETY: as for the output rows.
+                let mut lse = unsafe { lse_heads.block(b, h, start, rows) };
+                for i in 0..rows {
+                    lse.row_mut(i)[0] = scratch.max[i] + scratch.sum[i].ln();
+                }
+            }
         },
     );
+}
+
+/// (batch, head, first row) of every block of `TILE_QUERIES` query rows.
+fn query_blocks(problem: &Problem, heads: &Range<usize>) -> Vec<(usize, usize, usize)> {
+    (0..problem.batch)
+        .flat_map(|b| {
+            heads.clone().flat_map(move |h| {
+                (0..problem.len_q)
+                    .step_by(TILE_QUERIES)
+                    .map(move |start| (b, h, start))
+            })
+        })
+        .collect()
+}
+
+/// Turns a tile of scores (rows `row0..`, keys `col0..`) into probabilities
+/// `exp(s − lseᵢ)`, zero where the mask hides the key.
+#[allow(clippy::too_many_arguments)]
+fn probabilities<T: Element>(
+    scores: &mut [T],
+    cols: usize,
+    row0: usize,
+    col0: usize,
+    mask: Mask,
+    len_k: usize,
+    log_sum_exp: impl Fn(usize) -> T,
+) {
+    for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+        let visible = mask.keys(row0 + i, len_k);
+        let lse = log_sum_exp(i);
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if visible.contains(&(col0 + j)) {
+                (*x - lse).exp()
+            } else {
+                T::zero()
+            };
+        }
+    }
+}
+
+/// dS = P ∘ (dP − Δᵢ) in place of dP, where Δᵢ = doᵢ·oᵢ.
+fn score_gradients<T: Element>(
+    d_probs: &mut [T],
+    probs: &[T],
+    cols: usize,
+    delta: impl Fn(usize) -> T,
+) {
+    for (i, (ds, p)) in d_probs
+        .chunks_exact_mut(cols)
+        .zip(probs.chunks_exact(cols))
+        .enumerate()
+    {
+        let delta = delta(i);
+        ds.iter_mut()
+            .zip(p)
+            .for_each(|(ds, &p)| *ds = p * (*ds - delta));
+    }
+}
+
+/// Δᵢ = doᵢ·oᵢ for every query row of `heads`, as a `[batch, len_q, heads_q, 1]` tensor.
+fn output_dot_gradient<T: Element>(
+    out: &Tensor<T>,
+    d_out: &Tensor<T>,
+    problem: &Problem,
+    heads: &Range<usize>,
+) -> Tensor<T> {
+    let mut delta = Tensor::zeros([problem.batch, problem.len_q, problem.heads_q, 1])
+        .expect("counted in the workspace");
+    for b in 0..problem.batch {
+        for h in heads.clone() {
+            let (o, g) = (out.head(b, h), d_out.head(b, h));
+            for i in 0..problem.len_q {
+                let value: T = o.row(i).iter().zip(g.row(i)).map(|(&a, &b)| a * b).sum();
+                let index = (b * problem.len_q + i) * problem.heads_q + h;
+                delta.as_mut_slice()[index] = value;
+            }
+        }
+    }
+    delta
+}
+
+/// Gradients of tiled exact attention (FlashAttention-2's backward), added into `dq`,
+/// `dk`, `dv`: the forward is recomputed for its log-sum-exp, then one pass over query
+/// blocks gives dq and one over key blocks gives dk and dv, each recomputing its tiles
+/// of probabilities. Extra memory is O(n) plus tiles.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tiled_backward<T: Element>(
+    problem: &Problem,
+    scale: T,
+    mask: Mask,
+    [q, k, v, d_out]: [&Tensor<T>; 4],
+    [dq, dk, dv]: [&mut Tensor<T>; 3],
+    heads: Range<usize>,
+) {
+    let mut out = Tensor::zeros(problem.out_shape()).expect("counted in the workspace");
+    let mut lse = Tensor::zeros([problem.batch, problem.len_q, problem.heads_q, 1])
+        .expect("counted in the workspace");
+    tiled(
+        problem,
+        scale,
+        mask,
+        q,
+        k,
+        v,
+        &mut out,
+        heads.clone(),
+        Some(&mut lse),
+    );
+    let delta = output_dot_gradient(&out, d_out, problem, &heads);
+    drop(out);
+    let row_value = |t: &Tensor<T>, b: usize, h: usize, i: usize| t.at(b, i, h, 0);
+
+    // dq: each query block walks its visible keys.
+    let dq_heads = dq.heads_mut();
+    query_blocks(problem, &heads).par_iter().for_each_init(
+        || {
+            (
+                vec![T::zero(); TILE_QUERIES * TILE_KEYS],
+                vec![T::zero(); TILE_QUERIES * TILE_KEYS],
+            )
+        },
+        |(probs, d_probs), &(b, h, start)| {
+            let g = problem.kv_head(h);
+            let rows = TILE_QUERIES.min(problem.len_q - start);
+            let queries = q.head(b, h).rows_range(start, rows);
+            let upstream = d_out.head(b, h).rows_range(start, rows);
+            let (keys, values) = (k.head(b, g), v.head(b, g));
+            // SAFETY: each (b, h, start) block is one task.
+            let mut dq_rows = unsafe { dq_heads.block(b, h, start, rows) };
+            let visible = mask.keys(start, problem.len_k).start
+                ..mask.keys(start + rows - 1, problem.len_k).end;
+            for key_start in visible.clone().step_by(TILE_KEYS) {
+                let cols = TILE_KEYS.min(visible.end - key_start);
+                let block_keys = keys.rows_range(key_start, cols);
+                let (p, dp) = (&mut probs[..rows * cols], &mut d_probs[..rows * cols]);
+                matmul(
+                    MatMut::contiguous(p, rows, cols),
+                    queries,
+                    block_keys.t(),
+                    false,
+                    scale,
+                );
+                probabilities(p, cols, start, key_start, mask, problem.len_k, |i| {
+                    row_value(&lse, b, h, start + i)
+                });
+                let block_values = values.rows_range(key_start, cols);
+                matmul(
+                    MatMut::contiguous(dp, rows, cols),
+                    upstream,
+                    block_values.t(),
+                    false,
+                    T::one(),
+                );
+                score_gradients(dp, p, cols, |i| row_value(&delta, b, h, start + i));
+                matmul(
+                    dq_rows.rb(),
+                    MatRef::contiguous(dp, rows, cols),
+                    block_keys,
+                    true,
+                    scale,
+                );
+            }
+        },
+    );
+
+    // dk, dv: each key block of a kv head walks the queries of its group that see it.
+    let mut groups: Vec<usize> = heads.clone().map(|h| problem.kv_head(h)).collect();
+    groups.dedup();
+    let key_blocks: Vec<(usize, usize, usize)> = (0..problem.batch)
+        .flat_map(|b| {
+            groups.iter().flat_map(move |&g| {
+                (0..problem.len_k)
+                    .step_by(TILE_KEYS)
+                    .map(move |start| (b, g, start))
+            })
+        })
+        .collect();
+    let (dk_heads, dv_heads) = (dk.heads_mut(), dv.heads_mut());
+    key_blocks.par_iter().for_each_init(
+        || {
+            (
+                vec![T::zero(); TILE_QUERIES * TILE_KEYS],
+                vec![T::zero(); TILE_QUERIES * TILE_KEYS],
+            )
+        },
+        |(probs, d_probs), &(b, g, key_start)| {
+            let cols = TILE_KEYS.min(problem.len_k - key_start);
+            let block_keys = k.head(b, g).rows_range(key_start, cols);
+            let block_values = v.head(b, g).rows_range(key_start, cols);
+            // SAFETY: each (b, g, key_start) block is one task.
+            let (mut dk_rows, mut dv_rows) = unsafe {
+                (
+                    dk_heads.block(b, g, key_start, cols),
+                    dv_heads.block(b, g, key_start, cols),
+                )
+            };
+            let seen_by = mask.queries(key_start..key_start + cols, problem.len_q);
+            for h in heads.clone().filter(|&h| problem.kv_head(h) == g) {
+                for start in seen_by.clone().step_by(TILE_QUERIES) {
+                    let rows = TILE_QUERIES.min(seen_by.end - start);
+                    let queries = q.head(b, h).rows_range(start, rows);
+                    let upstream = d_out.head(b, h).rows_range(start, rows);
+                    let (p, dp) = (&mut probs[..rows * cols], &mut d_probs[..rows * cols]);
+                    matmul(
+                        MatMut::contiguous(p, rows, cols),
+                        queries,
+                        block_keys.t(),
+                        false,
+                        scale,
+                    );
+                    probabilities(p, cols, start, key_start, mask, problem.len_k, |i| {
+                        row_value(&lse, b, h, start + i)
+                    });
+                    let p_mat = MatRef::contiguous(p, rows, cols);
+                    matmul(dv_rows.rb(), p_mat.t(), upstream, true, T::one());
+                    matmul(
+                        MatMut::contiguous(dp, rows, cols),
+                        upstream,
+                        block_values.t(),
+                        false,
+                        T::one(),
+                    );
+                    score_gradients(dp, p, cols, |i| row_value(&delta, b, h, start + i));
+                    matmul(
+                        dk_rows.rb(),
+                        MatRef::contiguous(dp, rows, cols).t(),
+                        queries,
+                        true,
+                        scale,
+                    );
+                }
+            }
+        },
+    );
+}
+
+/// Gradients of naive exact attention, added into `dq`, `dk`, `dv`: per (batch, kv head)
+/// the full probability matrix of each of its query heads, and its gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn naive_backward<T: Element>(
+    problem: &Problem,
+    scale: T,
+    mask: Mask,
+    [q, k, v, d_out]: [&Tensor<T>; 4],
+    [dq, dk, dv]: [&mut Tensor<T>; 3],
+    heads: Range<usize>,
+) {
+    let (lq, lk) = (problem.len_q, problem.len_k);
+    let mut groups: Vec<usize> = heads.clone().map(|h| problem.kv_head(h)).collect();
+    groups.dedup();
+    let tasks: Vec<(usize, usize)> = (0..problem.batch)
+        .flat_map(|b| groups.iter().map(move |&g| (b, g)))
+        .collect();
+    let (dq_heads, dk_heads, dv_heads) = (dq.heads_mut(), dk.heads_mut(), dv.heads_mut());
+    tasks.par_iter().for_each(|&(b, g)| {
+        let (keys, values) = (k.head(b, g), v.head(b, g));
+        // SAFETY: each (b, g) is one task, and so are the q heads of its group.
+        let (mut dk_rows, mut dv_rows) =
+            unsafe { (dk_heads.block(b, g, 0, lk), dv_heads.block(b, g, 0, lk)) };
+        let mut probs = vec![T::zero(); lq * lk];
+        let mut d_probs = vec![T::zero(); lq * lk];
+        let mut sums = vec![T::zero(); lq];
+        for h in heads.clone().filter(|&h| problem.kv_head(h) == g) {
+            let (queries, upstream) = (q.head(b, h), d_out.head(b, h));
+            matmul(
+                MatMut::contiguous(&mut probs, lq, lk),
+                queries,
+                keys.t(),
+                false,
+                scale,
+            );
+            exponentiate_rows(&mut probs, lk, |i| mask.keys(i, lk), &mut sums);
+            for (row, &sum) in probs.chunks_exact_mut(lk).zip(&sums) {
+                let inv = T::one() / sum;
+                row.iter_mut().for_each(|p| *p *= inv);
+            }
+            let p_mat = MatRef::contiguous(&probs, lq, lk);
+            matmul(dv_rows.rb(), p_mat.t(), upstream, true, T::one());
+            matmul(
+                MatMut::contiguous(&mut d_probs, lq, lk),
+                upstream,
+                values.t(),
+                false,
+                T::one(),
+            );
+            // Δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ = doᵢ·oᵢ.
+            for (dp, p) in d_probs.chunks_exact_mut(lk).zip(probs.chunks_exact(lk)) {
+                let delta: T = dp.iter().zip(p).map(|(&a, &b)| a * b).sum();
+                dp.iter_mut()
+                    .zip(p)
+                    .for_each(|(ds, &p)| *ds = p * (*ds - delta));
+            }
+            let ds = MatRef::contiguous(&d_probs, lq, lk);
+            let mut dq_rows = unsafe { dq_heads.block(b, h, 0, lq) };
+            matmul(dq_rows.rb(), ds, keys, true, scale);
+            matmul(dk_rows.rb(), ds.t(), queries, true, scale);
+        }
+    });
 }

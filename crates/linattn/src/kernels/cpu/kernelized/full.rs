@@ -1,0 +1,395 @@
+//! Non-causal kernelized attention: one state `Σⱼ φ(kⱼ) vⱼᵀ` per (batch, kv head), read
+//! by every query; and its backward, which needs one more pair of sums over the queries.
+
+use super::{FULL_BLOCK, FeatureMap, LinearState, Normalizer, add_assign, dot, scale_rows};
+use crate::attention::Problem;
+use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::tensor::{Element, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// The kv heads that the query heads in `heads` read, in order.
+fn kv_heads_of(problem: &Problem, heads: &Range<usize>) -> Vec<usize> {
+    let mut needed: Vec<usize> = heads.clone().map(|h| problem.kv_head(h)).collect();
+    needed.dedup();
+    needed
+}
+
+/// Pieces each (batch, kv head) is split into so that every thread has work.
+fn parts_per_head(pairs: usize, len: usize) -> usize {
+    rayon::current_num_threads()
+        .div_ceil(pairs)
+        .clamp(1, len.div_ceil(FULL_BLOCK))
+}
+
+/// One state over all keys for each (batch, kv head in `kv_heads`), in that order.
+fn key_states<T: Element, F: FeatureMap<T>>(
+    problem: &Problem,
+    fmap: &F,
+    k: &Tensor<T>,
+    v: &Tensor<T>,
+    kv_heads: &[usize],
+) -> Vec<LinearState<T>> {
+    let m = fmap.features();
+    let stabilised = fmap.stabiliser().is_some();
+    let parts = parts_per_head(problem.batch * kv_heads.len(), problem.len_k);
+    let span = problem.len_k.div_ceil(parts);
+    let tasks: Vec<(usize, usize, usize)> = (0..problem.batch)
+        .flat_map(|b| {
+            kv_heads
+                .iter()
+                .flat_map(move |&g| (0..parts).map(move |p| (b, g, p)))
+        })
+        .collect();
+    let partial: Vec<LinearState<T>> = tasks
+        .par_iter()
+        .map(|&(b, g, part)| {
+            let (keys, values) = (k.head(b, g), v.head(b, g));
+            let mut state = LinearState::new(m, problem.dim_v, stabilised);
+            let mut features = vec![T::zero(); FULL_BLOCK * m];
+            let mut log_scale = vec![T::zero(); FULL_BLOCK];
+            let end = ((part + 1) * span).min(problem.len_k);
+            let mut start = part * span;
+            while start < end {
+                let len = FULL_BLOCK.min(end - start);
+                fmap.keys(
+                    keys.rows_range(start, len),
+                    start,
+                    &mut features,
+                    &mut log_scale,
+                );
+                state.absorb(
+                    start,
+                    &mut features,
+                    &log_scale,
+                    values.rows_range(start, len),
+                );
+                start += len;
+            }
+            state
+        })
+        .collect();
+    let mut states = Vec::with_capacity(problem.batch * kv_heads.len());
+    for (index, state) in partial.into_iter().enumerate() {
+        if index % parts == 0 {
+            states.push(state);
+        } else {
+            states.last_mut().expect("first part pushed").merge(state);
+        }
+    }
+    states
+}
+
+/// Numerators `φ(qᵢ)ᵀ S` of a block into `rows` and denominators into `den`, with the
+/// constant feature of stabilised maps.
+fn numerators<T: Element>(
+    phi: MatRef<'_, T>,
+    state: &LinearState<T>,
+    uniform: Option<T>,
+    mut rows: MatMut<'_, T>,
+    den: &mut [T],
+) {
+    let (m, dim_v) = (phi.cols, rows.cols);
+    matmul(
+        rows.rb(),
+        phi,
+        MatRef::contiguous(&state.kv, m, dim_v),
+        false,
+        T::one(),
+    );
+    for (i, den) in den.iter_mut().enumerate().take(phi.rows) {
+        let phi_i = phi.row(i);
+        *den = dot(phi_i, &state.k_sum);
+        if let Some(u) = uniform {
+            let weight = u * phi_i.iter().copied().sum::<T>();
+            *den += weight * T::of_f64(state.count as f64);
+            rows.row_mut(i)
+                .iter_mut()
+                .zip(&state.v_sum)
+                .for_each(|(o, &s)| *o += weight * s);
+        }
+    }
+}
+
+/// Non-causal kernelized attention for the query heads in `heads`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn full<T: Element, F: FeatureMap<T>>(
+    problem: &Problem,
+    fmap: &F,
+    normalizer: Normalizer,
+    q: &Tensor<T>,
+    k: &Tensor<T>,
+    v: &Tensor<T>,
+    out: &mut Tensor<T>,
+    heads: Range<usize>,
+) {
+    let m = fmap.features();
+    let kv_heads = kv_heads_of(problem, &heads);
+    let states = key_states(problem, fmap, k, v, &kv_heads);
+    let state_of = |b: usize, h: usize| {
+        let slot = kv_heads.partition_point(|&g| g < problem.kv_head(h));
+        &states[b * kv_heads.len() + slot]
+    };
+
+    let uniform = fmap.stabiliser();
+    let out_heads = out.heads_mut();
+    let blocks: Vec<(usize, usize, usize)> = (0..problem.batch)
+        .flat_map(|b| {
+            heads.clone().flat_map(move |h| {
+                (0..problem.len_q)
+                    .step_by(FULL_BLOCK)
+                    .map(move |start| (b, h, start))
+            })
+        })
+        .collect();
+    blocks.par_iter().for_each_init(
+        || (vec![T::zero(); FULL_BLOCK * m], vec![T::zero(); FULL_BLOCK]),
+        |(features, den), &(b, h, start)| {
+            let len = FULL_BLOCK.min(problem.len_q - start);
+            fmap.queries(q.head(b, h).rows_range(start, len), start, features);
+            // SAFETY: each (b, h, start) block is visited by exactly one task.
+            let mut rows = unsafe { out_heads.block(b, h, start, len) };
+            let phi = MatRef::contiguous(features, len, m);
+            numerators(phi, state_of(b, h), uniform, rows.rb(), den);
+            for (i, &den) in den[..len].iter().enumerate() {
+                let inv = T::one() / normalizer.divisor(den);
+                rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+            }
+        },
+    );
+}
+
+/// What the keys of one (batch, kv head) need from the queries' side of the backward:
+/// `R = Σᵢ φ(qᵢ) dnᵢᵀ`, `h = Σᵢ φ(qᵢ) ddᵢ`, `U = Σᵢ σᵢ dnᵢ` (σᵢ = Σ φ(qᵢ)) and the
+/// gradient of the shared stabiliser C.
+struct QuerySums<T> {
+    r: Vec<T>,
+    h: Vec<T>,
+    u: Vec<T>,
+    d_log_scale: T,
+}
+
+impl<T: Element> QuerySums<T> {
+    fn new(m: usize, dim_v: usize) -> Self {
+        Self {
+            r: vec![T::zero(); m * dim_v],
+            h: vec![T::zero(); m],
+            u: vec![T::zero(); dim_v],
+            d_log_scale: T::zero(),
+        }
+    }
+
+    fn merge(&mut self, other: Self) {
+        add_assign(&mut self.r, &other.r);
+        add_assign(&mut self.h, &other.h);
+        add_assign(&mut self.u, &other.u);
+        self.d_log_scale += other.d_log_scale;
+    }
+}
+
+/// Gradients of non-causal kernelized attention for the query heads in `heads`, added
+/// into `dq`, `dk` and `dv`.
+///
+/// With `A_ij = φ(qᵢ)·φ(kⱼ)`, `nᵢ = Σⱼ A_ij vⱼ`, `dᵢ = Σⱼ A_ij` and `oᵢ = nᵢ / g(dᵢ)`:
+/// `dnᵢ = doᵢ / g(dᵢ)`, `ddᵢ = −(doᵢ·oᵢ) g'(dᵢ) / g(dᵢ)`, then `dφ(qᵢ) = S dnᵢ + z ddᵢ`,
+/// `dφ(kⱼ) = R vⱼ + h` and `dvⱼ = Rᵀ φ(kⱼ)`: two passes, never an n × n matrix.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn full_backward<T: Element, F: FeatureMap<T>>(
+    problem: &Problem,
+    fmap: &F,
+    normalizer: Normalizer,
+    [q, k, v, d_out]: [&Tensor<T>; 4],
+    [dq, dk, dv]: [&mut Tensor<T>; 3],
+    heads: Range<usize>,
+) {
+    let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
+    let uniform = fmap.stabiliser();
+    let kv_heads = kv_heads_of(problem, &heads);
+    let states = key_states(problem, fmap, k, v, &kv_heads);
+
+    // Queries: dq, and the sums the keys need, per (batch, kv head) split into parts.
+    let parts = parts_per_head(problem.batch * kv_heads.len(), problem.len_q);
+    let span = problem.len_q.div_ceil(parts);
+    let tasks: Vec<(usize, usize, usize)> = (0..problem.batch)
+        .flat_map(|b| {
+            (0..kv_heads.len()).flat_map(move |slot| (0..parts).map(move |p| (b, slot, p)))
+        })
+        .collect();
+    let dq_heads = dq.heads_mut();
+    let partial: Vec<QuerySums<T>> = tasks
+        .par_iter()
+        .map(|&(b, slot, part)| {
+            let g = kv_heads[slot];
+            let state = &states[b * kv_heads.len() + slot];
+            let mut sums = QuerySums::new(m, dim_v);
+            let mut phi = vec![T::zero(); FULL_BLOCK * m];
+            let mut d_phi = vec![T::zero(); FULL_BLOCK * m];
+            let mut dn = vec![T::zero(); FULL_BLOCK * dim_v];
+            let mut dd = [T::zero(); FULL_BLOCK];
+            let mut den = vec![T::zero(); FULL_BLOCK];
+            let mut dx = vec![T::zero(); FULL_BLOCK * d];
+            let end = ((part + 1) * span).min(problem.len_q);
+            for h in heads.clone().filter(|&h| problem.kv_head(h) == g) {
+                let mut start = part * span;
+                while start < end {
+                    let len = FULL_BLOCK.min(end - start);
+                    let rows = q.head(b, h).rows_range(start, len);
+                    fmap.queries(rows, start, &mut phi);
+                    let phi_mat = MatRef::contiguous(&phi[..len * m], len, m);
+                    let mut outputs = MatMut::contiguous(&mut dn, len, dim_v);
+                    numerators(phi_mat, state, uniform, outputs.rb(), &mut den);
+                    // dn and dd from the recomputed output o = n / g(d).
+                    let upstream = d_out.head(b, h).rows_range(start, len);
+                    for i in 0..len {
+                        let divisor = normalizer.divisor(den[i]);
+                        let n_i = outputs.row_mut(i);
+                        let d_o = upstream.row(i);
+                        let o_dot = dot(d_o, n_i) / divisor;
+                        dd[i] = -o_dot * normalizer.slope(den[i]) / divisor;
+                        n_i.iter_mut().zip(d_o).for_each(|(n, &g)| *n = g / divisor);
+                    }
+                    let dn_mat = MatRef::contiguous(&dn[..len * dim_v], len, dim_v);
+                    // dφ(qᵢ) = S dnᵢ + z ddᵢ.
+                    matmul(
+                        MatMut::contiguous(&mut d_phi, len, m),
+                        dn_mat,
+                        MatRef::contiguous(&state.kv, m, dim_v).t(),
+                        false,
+                        T::one(),
+                    );
+                    for i in 0..len {
+                        let row = &mut d_phi[i * m..(i + 1) * m];
+                        row.iter_mut()
+                            .zip(&state.k_sum)
+                            .for_each(|(x, &z)| *x += z * dd[i]);
+                        if let Some(u) = uniform {
+                            // C is shared by every key: ∂A_ij/∂C = −(A_ij − u σᵢ).
+                            let phi_i = phi_mat.row(i);
+                            sums.d_log_scale -= dot(phi_i, row);
+                            let sigma: T = phi_i.iter().copied().sum();
+                            let d_sigma = u
+                                * (dot(dn_mat.row(i), &state.v_sum)
+                                    + dd[i] * T::of_f64(state.count as f64));
+                            row.iter_mut().for_each(|x| *x += d_sigma);
+                            sums.u
+                                .iter_mut()
+                                .zip(dn_mat.row(i))
+                                .for_each(|(a, &g)| *a += sigma * g);
+                        }
+                    }
+                    matmul(
+                        MatMut::contiguous(&mut sums.r, m, dim_v),
+                        phi_mat.t(),
+                        dn_mat,
+                        true,
+                        T::one(),
+                    );
+                    matmul(
+                        MatMut::contiguous(&mut sums.h, m, 1),
+                        phi_mat.t(),
+                        MatRef::contiguous(&dd[..len], len, 1),
+                        true,
+                        T::one(),
+                    );
+                    dx[..len * d].fill(T::zero());
+                    fmap.queries_backward(rows, start, &mut d_phi[..len * m], &mut dx[..len * d]);
+                    // SAFETY: rows start..start+len of q head h belong to this task alone.
+                    let mut dq_rows = unsafe { dq_heads.block(b, h, start, len) };
+                    for i in 0..len {
+                        add_assign(dq_rows.row_mut(i), &dx[i * d..(i + 1) * d]);
+                    }
+                    start += len;
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut query_sums: Vec<QuerySums<T>> = Vec::with_capacity(states.len());
+    for (index, sums) in partial.into_iter().enumerate() {
+        if index % parts == 0 {
+            query_sums.push(sums);
+        } else {
+            query_sums
+                .last_mut()
+                .expect("first part pushed")
+                .merge(sums);
+        }
+    }
+
+    // Keys: dφ(kⱼ) = e^{cⱼ−C}(R vⱼ + h), dvⱼ = e^{cⱼ−C} Rᵀ k̂ⱼ + u U.
+    let blocks: Vec<(usize, usize, usize)> = (0..problem.batch)
+        .flat_map(|b| {
+            (0..kv_heads.len()).flat_map(move |slot| {
+                (0..problem.len_k)
+                    .step_by(FULL_BLOCK)
+                    .map(move |start| (b, slot, start))
+            })
+        })
+        .collect();
+    let (dk_heads, dv_heads) = (dk.heads_mut(), dv.heads_mut());
+    blocks.par_iter().for_each(|&(b, slot, start)| {
+        let g = kv_heads[slot];
+        let (state, sums) = (
+            &states[b * kv_heads.len() + slot],
+            &query_sums[b * kv_heads.len() + slot],
+        );
+        let len = FULL_BLOCK.min(problem.len_k - start);
+        let rows = k.head(b, g).rows_range(start, len);
+        let values = v.head(b, g).rows_range(start, len);
+        let mut features = vec![T::zero(); len * m];
+        let mut log_scale = vec![T::zero(); len];
+        fmap.keys(rows, start, &mut features, &mut log_scale);
+        let weights: Vec<T> = if uniform.is_some() {
+            log_scale
+                .iter()
+                .map(|&c| (c - state.log_scale).exp())
+                .collect()
+        } else {
+            vec![T::one(); len]
+        };
+        scale_rows(&mut features, m, weights.iter().copied());
+        let r = MatRef::contiguous(&sums.r, m, dim_v);
+        // SAFETY: rows start..start+len of kv head g belong to this task alone.
+        let mut dv_rows = unsafe { dv_heads.block(b, g, start, len) };
+        matmul(
+            dv_rows.rb(),
+            MatRef::contiguous(&features, len, m),
+            r,
+            true,
+            T::one(),
+        );
+        if let Some(u) = uniform {
+            for i in 0..len {
+                dv_rows
+                    .row_mut(i)
+                    .iter_mut()
+                    .zip(&sums.u)
+                    .for_each(|(x, &s)| *x += u * s);
+            }
+        }
+        let mut d_features = vec![T::zero(); len * m];
+        matmul(
+            MatMut::contiguous(&mut d_features, len, m),
+            values,
+            r.t(),
+            false,
+            T::one(),
+        );
+        for (row, &w) in d_features.chunks_exact_mut(m).zip(&weights) {
+            row.iter_mut()
+                .zip(&sums.h)
+                .for_each(|(x, &h)| *x = (*x + h) * w);
+        }
+        let mut d_log_scale = vec![T::zero(); len];
+        if uniform.is_some() && (start..start + len).contains(&state.argmax) {
+            d_log_scale[state.argmax - start] = sums.d_log_scale;
+        }
+        let mut dx = vec![T::zero(); len * d];
+        fmap.keys_backward(rows, start, &mut d_features, &d_log_scale, &mut dx);
+        // SAFETY: as for dv.
+        let mut dk_rows = unsafe { dk_heads.block(b, g, start, len) };
+        for i in 0..len {
+            add_assign(dk_rows.row_mut(i), &dx[i * d..(i + 1) * d]);
+        }
+    });
+}

@@ -1,0 +1,343 @@
+//! The one engine behind every kernelized method (linear, performer, cosformer and the
+//! global heads of hybrid): `O = φ(Q) (φ(K)ᵀ V)`, normalised row by row by
+//! `φ(qᵢ) · Σⱼ φ(kⱼ)`. The methods differ only in their [`FeatureMap`] and [`Normalizer`].
+//!
+//! Stabilised maps (FAVOR+) produce key features `φ(kⱼ) = k̂ⱼ·e^{cⱼ−C} + u` where `cⱼ` is
+//! the key's own log-scale, `C` the largest log-scale seen so far and `u` a constant. The
+//! running state keeps `C` and rescales when it grows, as online softmax does, so a
+//! single pass (and the causal form, which may not look ahead) never overflows.
+
+use super::matmul::{MatMut, MatRef, matmul, packing_bytes};
+use crate::attention::Problem;
+use crate::attention::per_thread;
+use crate::softmax::task_list_bytes;
+use crate::tensor::{Element, Tensor};
+use std::ops::Range;
+
+/// How a row's numerator is divided by its denominator `φ(qᵢ)·z`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Normalizer {
+    /// `num / (den + ε)`: Linear Transformer.
+    AddEpsilon(f64),
+    /// `num / den`: Performer (its features are strictly positive).
+    Exact,
+    /// `num / max(den, ε)`: cosFormer.
+    ClampMin(f64),
+}
+
+impl Normalizer {
+    #[inline]
+    fn divisor<T: Element>(self, den: T) -> T {
+        match self {
+            Normalizer::AddEpsilon(eps) => den + T::of_f64(eps),
+            Normalizer::Exact => den,
+            Normalizer::ClampMin(eps) => den.max(T::of_f64(eps)),
+        }
+    }
+
+    /// d divisor / d den.
+    #[inline]
+    fn slope<T: Element>(self, den: T) -> T {
+        match self {
+            Normalizer::ClampMin(eps) if den < T::of_f64(eps) => T::zero(),
+            _ => T::one(),
+        }
+    }
+}
+
+/// A feature map φ applied to blocks of rows of one head.
+pub(crate) trait FeatureMap<T: Element>: Sync {
+    /// Number of features m.
+    fn features(&self) -> usize;
+
+    /// φ of query rows `first..first + rows.rows` into `out` (rows × m, row-major).
+    fn queries(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T]);
+
+    /// Key features of rows `first..`, into `out` (rows × m). A stabilised map writes
+    /// `k̂ⱼ` and each row's log-scale `cⱼ` into `log_scale`; others leave it alone.
+    fn keys(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T], log_scale: &mut [T]);
+
+    /// `Some(u)` for a stabilised map whose key features are `k̂ⱼ·e^{cⱼ−C} + u`.
+    fn stabiliser(&self) -> Option<T>;
+
+    /// Adds to `dx` (rows × d, row-major) the gradient through φ of query rows, given
+    /// `d_phi` (rows × m; may be overwritten).
+    fn queries_backward(&self, rows: MatRef<'_, T>, first: usize, d_phi: &mut [T], dx: &mut [T]);
+
+    /// Adds to `dx` the gradient through the key features `k̂ⱼ` given `d_features`
+    /// (rows × m; may be overwritten) and, for stabilised maps, the gradient of each
+    /// row's log-scale `cⱼ` in `d_log_scale`.
+    fn keys_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        first: usize,
+        d_features: &mut [T],
+        d_log_scale: &[T],
+        dx: &mut [T],
+    );
+}
+
+/// The running sums of a kernelized attention over the keys seen so far: everything a
+/// recurrent step needs, of constant size m × d_v.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LinearState<T> {
+    /// `Σⱼ k̂ⱼ e^{cⱼ−C} vⱼᵀ`, m × d_v row-major.
+    pub kv: Vec<T>,
+    /// `Σⱼ k̂ⱼ e^{cⱼ−C}`, m.
+    pub k_sum: Vec<T>,
+    /// C: the largest key log-scale absorbed (−∞ before the first key); 0 when unstabilised.
+    pub log_scale: T,
+    /// `Σⱼ vⱼ`, for the constant feature u (stabilised maps only).
+    pub v_sum: Vec<T>,
+    /// Number of keys absorbed.
+    pub count: usize,
+    /// Position of the key whose log-scale is C (gradients of C flow to it).
+    pub argmax: usize,
+    dim_v: usize,
+}
+
+impl<T: Element> LinearState<T> {
+    pub fn new(features: usize, dim_v: usize, stabilised: bool) -> Self {
+        Self {
+            kv: vec![T::zero(); features * dim_v],
+            k_sum: vec![T::zero(); features],
+            log_scale: if stabilised {
+                T::neg_infinity()
+            } else {
+                T::zero()
+            },
+            v_sum: vec![T::zero(); if stabilised { dim_v } else { 0 }],
+            count: 0,
+            argmax: 0,
+            dim_v,
+        }
+    }
+
+    fn features(&self) -> usize {
+        self.k_sum.len()
+    }
+
+    fn stabilised(&self) -> bool {
+        !self.v_sum.is_empty()
+    }
+
+    /// Moves the reference log-scale up to `new` (≥ the current one), rescaling the sums.
+    fn rescale_to(&mut self, new: T) {
+        if new == self.log_scale {
+            return;
+        }
+        let factor = (self.log_scale - new).exp();
+        self.kv.iter_mut().for_each(|x| *x *= factor);
+        self.k_sum.iter_mut().for_each(|x| *x *= factor);
+        self.log_scale = new;
+    }
+
+    /// Adds a block of keys at positions `first..`: `features` (L × m, overwritten with
+    /// the rescaled features) with their `log_scale`s, and the matching `values`.
+    fn absorb(&mut self, first: usize, features: &mut [T], log_scale: &[T], values: MatRef<'_, T>) {
+        let (len, m) = (values.rows, self.features());
+        if self.stabilised() {
+            let mut top = self.log_scale;
+            for (i, &c) in log_scale[..len].iter().enumerate() {
+                if c > top {
+                    top = c;
+                    self.argmax = first + i;
+                }
+            }
+            self.rescale_to(top);
+            for (row, &c) in features.chunks_exact_mut(m).zip(log_scale) {
+                let factor = (c - self.log_scale).exp();
+                row.iter_mut().for_each(|x| *x *= factor);
+            }
+            for i in 0..len {
+                add_assign(&mut self.v_sum, values.row(i));
+            }
+        }
+        let features = &features[..len * m];
+        for row in features.chunks_exact(m) {
+            add_assign(&mut self.k_sum, row);
+        }
+        matmul(
+            MatMut::contiguous(&mut self.kv, m, self.dim_v),
+            MatRef::contiguous(features, len, m).t(),
+            values,
+            true,
+            T::one(),
+        );
+        self.count += len;
+    }
+
+    /// Adds another state over a disjoint set of keys.
+    fn merge(&mut self, mut other: Self) {
+        if other.log_scale > self.log_scale {
+            self.argmax = other.argmax;
+        }
+        let top = self.log_scale.max(other.log_scale);
+        if top != T::neg_infinity() {
+            self.rescale_to(top);
+            other.rescale_to(top);
+        }
+        add_assign(&mut self.kv, &other.kv);
+        add_assign(&mut self.k_sum, &other.k_sum);
+        add_assign(&mut self.v_sum, &other.v_sum);
+        self.count += other.count;
+    }
+}
+
+#[inline]
+fn add_assign<T: Element>(acc: &mut [T], x: &[T]) {
+    acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b);
+}
+
+#[inline]
+fn dot<T: Element>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+}
+
+/// `rows[i] *= factor[i]` for each row of an L × m matrix.
+#[inline]
+fn scale_rows<T: Element>(rows: &mut [T], m: usize, factors: impl Iterator<Item = T>) {
+    for (row, factor) in rows.chunks_exact_mut(m).zip(factors) {
+        row.iter_mut().for_each(|x| *x *= factor);
+    }
+}
+
+/// Rows per block when mapping features in the non-causal form.
+const FULL_BLOCK: usize = 256;
+
+mod chunked;
+mod full;
+
+/// Kernelized attention for the query heads in `heads`: chunked when causal (chunks of
+/// `chunk` tokens), through one state per head otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: Element, F: FeatureMap<T>>(
+    problem: &Problem,
+    fmap: &F,
+    normalizer: Normalizer,
+    chunk: usize,
+    [q, k, v]: [&Tensor<T>; 3],
+    out: &mut Tensor<T>,
+    heads: Range<usize>,
+) {
+    if problem.causal {
+        chunked::causal_chunked(problem, fmap, normalizer, chunk, q, k, v, out, heads);
+    } else {
+        full::full(problem, fmap, normalizer, q, k, v, out, heads);
+    }
+}
+
+/// Gradients of [`forward`], added into `grads` (dq, dk, dv).
+pub(crate) fn backward<T: Element, F: FeatureMap<T>>(
+    problem: &Problem,
+    fmap: &F,
+    normalizer: Normalizer,
+    chunk: usize,
+    inputs: [&Tensor<T>; 4],
+    grads: [&mut Tensor<T>; 3],
+    heads: Range<usize>,
+) {
+    if problem.causal {
+        chunked::causal_chunked_backward(problem, fmap, normalizer, chunk, inputs, grads, heads);
+    } else {
+        full::full_backward(problem, fmap, normalizer, inputs, grads, heads);
+    }
+}
+
+/// Upper bound of the scratch [`backward`] allocates, in bytes.
+pub(crate) fn backward_workspace_bytes(
+    problem: &Problem,
+    features: usize,
+    projection_dim: usize,
+    chunk: usize,
+    element: usize,
+) -> u128 {
+    let (m, d, dim_v) = (features, problem.dim_qk, problem.dim_v);
+    let state = m * dim_v + m + dim_v;
+    let projection = packing_bytes(element, &[(chunk.max(FULL_BLOCK), m, projection_dim)])
+        + (chunk.max(FULL_BLOCK) * m * element) as u128;
+    if problem.causal {
+        let (c, n) = (chunk, problem.len_q);
+        let rows = n * (dim_v + 3);
+        let buffers = 6 * c * m + 3 * c * c + 4 * c + c * d + c * dim_v + 2 * state + 2 * dim_v;
+        let packing = packing_bytes(
+            element,
+            &[
+                (c, c, m.max(dim_v)),
+                (c, m, c),
+                (c, dim_v, m),
+                (m, dim_v, c),
+                (c, m, dim_v),
+                (c, d, m),
+            ],
+        );
+        let tasks = problem.batch * problem.heads_kv;
+        per_thread(
+            tasks,
+            ((rows + buffers) * element) as u128 + packing + projection,
+        ) + task_list_bytes(tasks)
+    } else {
+        let threads = rayon::current_num_threads();
+        let sums = problem.batch * problem.heads_kv * (threads + 1) * 2 * state;
+        let block = FULL_BLOCK * (3 * m + 2 * dim_v + d + 3);
+        let packing = packing_bytes(
+            element,
+            &[
+                (m, dim_v, FULL_BLOCK),
+                (FULL_BLOCK, m, dim_v),
+                (FULL_BLOCK, dim_v, m),
+                (FULL_BLOCK, d, m),
+            ],
+        );
+        let tasks =
+            problem.batch * (problem.heads_kv * (2 * threads + problem.len_k.div_ceil(FULL_BLOCK)));
+        ((sums + threads * block) * element) as u128
+            + threads as u128 * (packing + projection)
+            + task_list_bytes(tasks)
+    }
+}
+/// (FAVOR+; 0 for maps without one).
+pub(crate) fn workspace_bytes(
+    problem: &Problem,
+    features: usize,
+    projection_dim: usize,
+    chunk: usize,
+    element: usize,
+) -> u128 {
+    let (m, dim_v) = (features, problem.dim_v);
+    let state = m * dim_v + m + dim_v;
+    if problem.causal {
+        let c = chunk;
+        let buffers = (2 * c * m + c * c + 4 * c + 2 * dim_v + state) * element;
+        let packing = packing_bytes(
+            element,
+            &[
+                (c, c, m),
+                (c, dim_v, c),
+                (c, dim_v, m),
+                (m, dim_v, c),
+                (c, m, projection_dim),
+            ],
+        );
+        let tasks = problem.batch * problem.heads_q;
+        per_thread(tasks, buffers as u128 + packing) + task_list_bytes(tasks)
+    } else {
+        let threads = rayon::current_num_threads();
+        // Up to `threads` partial states per (batch, kv head), plus the merged ones.
+        let states = problem.batch * problem.heads_kv * (threads + 1) * state;
+        let block = FULL_BLOCK * (m + 1);
+        let packing = packing_bytes(
+            element,
+            &[
+                (m, dim_v, FULL_BLOCK),
+                (FULL_BLOCK, m, projection_dim),
+                (FULL_BLOCK, dim_v, m),
+            ],
+        );
+        let tasks = problem.batch
+            * (problem.heads_q * problem.len_q.div_ceil(FULL_BLOCK) + problem.heads_kv * threads);
+        ((states + threads * block) * element) as u128
+            + threads as u128 * packing
+            + task_list_bytes(tasks)
+    }
+}

@@ -372,6 +372,30 @@ impl Attention {
         Ok(self.method.workspace_bytes(&problem, element_bytes))
     }
 
+    /// Bytes of scratch memory [`Attention::backward`] allocates beyond its inputs and the
+    /// gradients it returns (an upper bound).
+    ///
+    /// ```
+    /// use linattn::{Attention, Method};
+    /// let shape = [1, 4096, 8, 64];
+    /// let linear = Attention::new(Method::linear()).causal(true);
+    /// let exact = Attention::new(Method::softmax()).causal(true);
+    /// let linear_bytes = linear.backward_workspace_bytes(shape, shape, shape, 4).unwrap();
+    /// assert!(linear_bytes < exact.backward_workspace_bytes(shape, shape, shape, 4).unwrap());
+    /// ```
+    pub fn backward_workspace_bytes(
+        &self,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        element_bytes: usize,
+    ) -> Result<u128> {
+        let problem = self.problem(q, k, v)?;
+        Ok(self
+            .method
+            .backward_workspace_bytes(&problem, element_bytes))
+    }
+
     fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
         let problem = Problem::new(q, k, v, self.causal)?;
         self.method.validate(&problem)?;

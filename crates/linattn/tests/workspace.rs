@@ -60,7 +60,20 @@ fn measured_scratch_stays_within_the_estimate() {
                 scratch as u128 <= estimate,
                 "{method:?} causal={causal}: allocated {scratch} B of scratch, estimated {estimate} B"
             );
+            let d_out = linattn::Tensor::<f32>::randn(out.shape(), 4).unwrap();
             drop(out);
+            let (scratch, grads) = scratch_of(
+                || attention.backward(&q, &k, &v, &d_out).unwrap(),
+                |g| g.dq.size_bytes() + g.dk.size_bytes() + g.dv.size_bytes(),
+            );
+            drop(grads);
+            let estimate = attention
+                .backward_workspace_bytes(q.shape(), k.shape(), v.shape(), 4)
+                .unwrap();
+            assert!(
+                scratch as u128 <= estimate,
+                "{method:?} causal={causal}: backward allocated {scratch} B of scratch, estimated {estimate} B"
+            );
         }
     }
 

@@ -1,1 +1,51 @@
-fn main() {}
+//! The `linattn` command.
+//!
+//! - `linattn run` computes one attention call on q, k, v read from .npy files.
+//! - `linattn bench` times every method over a sweep of sequence lengths.
+//!
+//! Every failure is a [`CliError`](error::CliError): one line on stderr and exit status 2.
+
+mod alloc;
+mod bench;
+mod error;
+mod measure;
+mod method_options;
+mod npy;
+mod report;
+mod run;
+mod window_span;
+
+use clap::{Parser, Subcommand};
+use error::CliError;
+use std::process::ExitCode;
+
+/// Linear attention and the exact attention it is measured against.
+#[derive(Debug, Parser)]
+#[command(name = "linattn", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute attention on .npy inputs and write the output as .npy
+    Run(run::RunArgs),
+    /// Time methods over sequence lengths: median time, tokens/s, extra memory, error
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("linattn: error: {error}");
+            ExitCode::from(CliError::EXIT_CODE)
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! NumPy .npy arrays of float32 or float64: reading with every claim of the header
+//! checked against the file before anything is allocated, and writing through npyz.
+
+mod header;
+
+use crate::error::CliError;
+use header::Descr;
+use linattn::{ByteSize, Element, Tensor};
+use npyz::WriterBuilder;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read};
+use std::path::{Path, PathBuf};
+
+/// The first bytes of every .npy file.
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Bytes decoded per read, so that reading never holds the raw file beside its values.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// The elements of an array in one of the two precisions linattn computes in.
+pub enum Elements {
+    /// float32 values.
+    F32(Vec<f32>),
+    /// float64 values.
+    F64(Vec<f64>),
+}
+
+impl Elements {
+    /// NumPy's name of the element type.
+    pub fn dtype(&self) -> &'static str {
+        match self {
+            Elements::F32(_) => f32::NAME,
+            Elements::F64(_) => f64::NAME,
+        }
+    }
+
+    /// The values widened to f64 (exactly).
+    pub fn into_f64(self) -> Vec<f64> {
+        match self {
+            Elements::F32(values) => values.into_iter().map(f64::from).collect(),
+            Elements::F64(values) => values,
+        }
+    }
+}
+
+/// A C-order array read from a .npy file.
+pub struct Array {
+    /// The file it came from, for messages.
+    pub path: PathBuf,
+    /// Extent of each dimension.
+    pub shape: Vec<usize>,
+    /// The values, row-major.
+    pub elements: Elements,
+}
+
+impl Array {
+    /// The shape as exactly `N` dimensions, or an error naming the array's `role` and the
+    /// layout it must have.
+    pub fn dims<const N: usize>(
+        &self,
+        role: &'static str,
+        expected: &'static str,
+    ) -> Result<[usize; N], CliError> {
+        self.shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| CliError::WrongDimensions {
+                path: self.path.clone(),
+                shape: self.shape.clone(),
+                role,
+                expected,
+            })
+    }
+}
+
+/// Float width and byte order of the stored elements.
+#[derive(Clone, Copy)]
+enum Stored {
+    F32 { big_endian: bool },
+    F64 { big_endian: bool },
+}
+
+impl Stored {
+    fn of_descr(descr: &str) -> Option<Self> {
+        let (big_endian, code) = match descr.as_bytes() {
+            [b'<', code @ ..] => (false, code),
+            [b'>', code @ ..] => (true, code),
+            [b'=', code @ ..] => (cfg!(target_endian = "big"), code),
+            code => (cfg!(target_endian = "big"), code),
+        };
+        match code {
+            b"f4" => Some(Stored::F32 { big_endian }),
+            b"f8" => Some(Stored::F64 { big_endian }),
+            _ => None,
+        }
+    }
+
+    fn element_bytes(self) -> usize {
+        match self {
+            Stored::F32 { .. } => 4,
+            Stored::F64 { .. } => 8,
+        }
+    }
+
+    fn dtype(self) -> &'static str {
+        match self {
+            Stored::F32 { .. } => f32::NAME,
+            Stored::F64 { .. } => f64::NAME,
+        }
+    }
+}
+
+/// NumPy's name for a type string, to make an "unsupported dtype" message plain:
+/// `'<i4'` is int32, `'<f2'` float16.
+fn numpy_name(descr: &str) -> Option<String> {
+    let code = descr.trim_start_matches(['<', '>', '=', '|']);
+    let (kind, size) = code.split_at_checked(1)?;
+    let bits = size.parse::<u32>().ok()? * 8;
+    let base = match kind {
+        "f" => "float",
+        "i" => "int",
+        "u" => "uint",
+        "c" => "complex",
+        "b" => return Some("bool".into()),
+        "S" | "U" => return Some("string".into()),
+        _ => return None,
+    };
+    Some(format!("{base}{bits}"))
+}
+
+/// Reads a float32 or float64 array in C order from `path`.
+pub fn read(path: &Path) -> Result<Array, CliError> {
+    let read_error = |source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let malformed = |problem: String| CliError::MalformedNpy {
+        path: path.to_owned(),
+        problem,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    let file_len = file.metadata().map_err(read_error)?.len();
+    let mut reader = BufReader::new(file);
+
+    let mut preamble = [0u8; 8];
+    if file_len < preamble.len() as u64 {
+        return Err(malformed(format!(
+            "it is only {file_len} bytes long, too short for the .npy magic and version"
+        )));
+    }
+    reader.read_exact(&mut preamble).map_err(read_error)?;
+    if !preamble.starts_with(MAGIC) {
+        return Err(malformed(
+            "bad magic: it does not start with \\x93NUMPY".into(),
+        ));
+    }
+    let length_bytes = match (preamble[6], preamble[7]) {
+        (1, 0) => 2,
+        (2 | 3, 0) => 4,
+        (major, minor) => {
+            return Err(malformed(format!(
+                "unsupported .npy format version {major}.{minor}"
+            )));
+        }
+    };
+    let mut length = [0u8; 4];
+    reader
+        .read_exact(&mut length[..length_bytes])
+        .map_err(|_| malformed("it ends inside the header length".into()))?;
+    let header_len = u32::from_le_bytes(length) as u64;
+    let data_start = 8 + length_bytes as u64 + header_len;
+    if data_start > file_len {
+        return Err(malformed(format!(
+            "the header claims {header_len} bytes but the file ends {} bytes after the preamble",
+            file_len - 8 - length_bytes as u64
+        )));
+    }
+    let mut header_text = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header_text).map_err(read_error)?;
+    let header = header::parse(&header_text)
+        .map_err(|problem| malformed(format!("bad header: {problem}")))?;
+
+    let stored = match &header.descr {
+        Descr::Plain(descr) => Stored::of_descr(descr).ok_or_else(|| {
+            let name = numpy_name(descr).map_or(String::new(), |name| format!(" ({name})"));
+            CliError::UnsupportedDtype {
+                path: path.to_owned(),
+                descr: format!("'{descr}'{name}"),
+            }
+        })?,
+        Descr::Structured => {
+            return Err(CliError::UnsupportedDtype {
+                path: path.to_owned(),
+                descr: "of a structured array".into(),
+            });
+        }
+    };
+    if header.fortran_order {
+        return Err(CliError::FortranOrder {
+            path: path.to_owned(),
+        });
+    }
+
+    // The shape is checked against the bytes the file holds before anything is allocated,
+    // so a small file claiming a huge shape fails at once.
+    let data_len = file_len - data_start;
+    let needed = header
+        .shape
+        .iter()
+        .try_fold(stored.element_bytes() as u64, |acc, &dim| {
+            acc.checked_mul(dim)
+        });
+    let shape_bytes = |needed: String| {
+        format!(
+            "shape {:?} of {} needs {needed} bytes of data",
+            header.shape,
+            stored.dtype()
+        )
+    };
+    match needed {
+        None => {
+            return Err(malformed(format!(
+                "{} but the file holds {data_len}",
+                shape_bytes("more than 2^64".into())
+            )));
+        }
+        Some(needed) if needed > data_len => {
+            return Err(malformed(format!(
+                "truncated: {} but the file holds {data_len}",
+                shape_bytes(needed.to_string())
+            )));
+        }
+        Some(needed) if needed < data_len => {
+            return Err(malformed(format!(
+                "{} but the file holds {data_len}: {} bytes too many",
+                shape_bytes(needed.to_string()),
+                data_len - needed
+            )));
+        }
+        Some(_) => {}
+    }
+    let available = linattn::available_memory();
+    if data_len as u128 > available {
+        return Err(CliError::TooLarge {
+            path: path.to_owned(),
+            size: ByteSize(data_len as u128),
+            available: ByteSize(available),
+        });
+    }
+    // Fits in memory, so every dimension and the element count fit in usize.
+    let shape: Vec<usize> = header.shape.iter().map(|&dim| dim as usize).collect();
+    let count = data_len as usize / stored.element_bytes();
+    let elements = match stored {
+        Stored::F32 { big_endian } => Elements::F32(
+            decode(
+                &mut reader,
+                count,
+                if big_endian {
+                    f32::from_be_bytes
+                } else {
+                    f32::from_le_bytes
+                },
+            )
+            .map_err(read_error)?,
+        ),
+        Stored::F64 { big_endian } => Elements::F64(
+            decode(
+                &mut reader,
+                count,
+                if big_endian {
+                    f64::from_be_bytes
+                } else {
+                    f64::from_le_bytes
+                },
+            )
+            .map_err(read_error)?,
+        ),
+    };
+    Ok(Array {
+        path: path.to_owned(),
+        shape,
+        elements,
+    })
+}
+
+/// `count` values of `N` bytes each, converted by `convert`.
+fn decode<T, const N: usize>(
+    reader: &mut impl Read,
+    count: usize,
+    convert: fn([u8; N]) -> T,
+) -> io::Result<Vec<T>> {
+    let mut values = Vec::with_capacity(count);
+    let mut buffer = vec![0u8; CHUNK_BYTES.min(count * N)];
+    while values.len() < count {
+        let bytes = &mut buffer[..(count - values.len()).min(CHUNK_BYTES / N) * N];
+        reader.read_exact(bytes)?;
+        values.extend(bytes.chunks_exact(N).map(|chunk| {
+            let mut element = [0u8; N];
+            element.copy_from_slice(chunk);
+            convert(element)
+        }));
+    }
+    Ok(values)
+}
+
+/// Writes `tensor` to `path` as a C-order .npy array of its own precision.
+pub fn write<T: Element + npyz::AutoSerialize>(
+    path: &Path,
+    tensor: &Tensor<T>,
+) -> Result<(), CliError> {
+    let write_error = |source| CliError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::create(path).map_err(write_error)?;
+    let shape: Vec<u64> = tensor.shape().iter().map(|&dim| dim as u64).collect();
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&shape)
+        .writer(BufWriter::new(file))
+        .begin_nd()
+        .map_err(write_error)?;
+    writer
+        .extend(tensor.as_slice().iter().copied())
+        .map_err(write_error)?;
+    // finish() flushes the buffer; dropping the writer would swallow a write error.
+    writer.finish().map_err(write_error)
+}

@@ -1,0 +1,284 @@
+//! Benchmark records and their two renderings: one JSON array for programs, a table for
+//! people.
+//!
+//! The table is written as sections in order (the rows, then a note per skipped case),
+//! and its columns are one list: measured machine ceilings are meant to become one more
+//! section before the rows, and a fraction-of-floor figure one more column.
+
+use linattn::ByteSize;
+use serde::Serialize;
+use std::io::{self, Write};
+use std::time::Duration;
+
+/// One point of the sweep: which method on which problem.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    /// The method as `--methods` spells it.
+    pub method: &'static str,
+    /// Whether the attention is causal.
+    pub causal: bool,
+    /// Batch size.
+    pub batch: usize,
+    /// Sequence length of q, k and v.
+    pub seq: usize,
+    /// Heads of q, k and v.
+    pub heads: usize,
+    /// Head dimension.
+    pub dim: usize,
+    /// Element type (`float32`, `float64`).
+    pub dtype: &'static str,
+}
+
+/// What was measured for a [`Case`], or why it was skipped; `None` is JSON `null`.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    /// The point of the sweep.
+    #[serde(flatten)]
+    pub case: Case,
+    /// Median time of one call, in milliseconds.
+    pub median_ms: Option<f64>,
+    /// Number of timed calls.
+    pub runs: Option<usize>,
+    /// batch · seq tokens per second of the median call.
+    pub tokens_per_s: Option<f64>,
+    /// Peak bytes a call allocated beyond its inputs and output.
+    pub extra_bytes: Option<u64>,
+    /// ‖o − o_exact‖ / ‖o_exact‖ (Frobenius) against exact f64 softmax, where affordable.
+    pub rel_err: Option<f64>,
+    /// Why the case was not measured.
+    pub skipped: Option<String>,
+}
+
+impl Record {
+    /// A measured case.
+    pub fn measured(
+        case: Case,
+        median: Duration,
+        runs: usize,
+        extra_bytes: usize,
+        rel_err: Option<f64>,
+    ) -> Self {
+        let seconds = median.as_secs_f64();
+        Self {
+            median_ms: Some(seconds * 1e3),
+            runs: Some(runs),
+            tokens_per_s: Some((case.batch * case.seq) as f64 / seconds),
+            extra_bytes: Some(extra_bytes as u64),
+            rel_err,
+            skipped: None,
+            case,
+        }
+    }
+
+    /// A case the method rejected or that did not fit in memory.
+    pub fn skipped(case: Case, reason: String) -> Self {
+        Self {
+            case,
+            median_ms: None,
+            runs: None,
+            tokens_per_s: None,
+            extra_bytes: None,
+            rel_err: None,
+            skipped: Some(reason),
+        }
+    }
+}
+
+/// Writes the records as one JSON array on one line.
+pub fn write_json(records: &[Record], mut out: impl Write) -> io::Result<()> {
+    serde_json::to_writer(&mut out, records)?;
+    writeln!(out)
+}
+
+/// One column of the table: its header and how a record fills its cell.
+struct Column {
+    header: &'static str,
+    /// Numbers line up on the right, names on the left.
+    right_aligned: bool,
+    cell: fn(&Record) -> String,
+}
+
+/// Written where a skipped case has no value.
+const NONE: &str = "-";
+
+const COLUMNS: &[Column] = &[
+    Column {
+        header: "method",
+        right_aligned: false,
+        cell: |r| r.case.method.to_string(),
+    },
+    Column {
+        header: "causal",
+        right_aligned: false,
+        cell: |r| if r.case.causal { "yes" } else { "no" }.to_string(),
+    },
+    Column {
+        header: "batch",
+        right_aligned: true,
+        cell: |r| r.case.batch.to_string(),
+    },
+    Column {
+        header: "seq",
+        right_aligned: true,
+        cell: |r| r.case.seq.to_string(),
+    },
+    Column {
+        header: "heads",
+        right_aligned: true,
+        cell: |r| r.case.heads.to_string(),
+    },
+    Column {
+        header: "dim",
+        right_aligned: true,
+        cell: |r| r.case.dim.to_string(),
+    },
+    Column {
+        header: "median_ms",
+        right_aligned: true,
+        cell: |r| match (r.median_ms, &r.skipped) {
+            (Some(ms), _) => format!("{ms:.3}"),
+            (None, Some(_)) => "skipped".to_string(),
+            (None, None) => NONE.to_string(),
+        },
+    },
+    Column {
+        header: "tokens/s",
+        right_aligned: true,
+        cell: |r| r.tokens_per_s.map_or(NONE.to_string(), si),
+    },
+    Column {
+        header: "extra memory",
+        right_aligned: true,
+        cell: |r| {
+            r.extra_bytes
+                .map_or(NONE.to_string(), |b| ByteSize(b as u128).to_string())
+        },
+    },
+    Column {
+        header: "rel_err",
+        right_aligned: true,
+        cell: |r| r.rel_err.map_or(NONE.to_string(), |e| format!("{e:.2e}")),
+    },
+];
+
+/// A count with an SI prefix: 1.23M.
+fn si(value: f64) -> String {
+    [(1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|&(scale, _)| value >= scale)
+        .map_or_else(
+            || format!("{value:.0}"),
+            |(scale, prefix)| format!("{:.2}{prefix}", value / scale),
+        )
+}
+
+/// Writes the table for people: one row per record, then why each skipped case was
+/// skipped.
+pub fn write_table(records: &[Record], mut out: impl Write) -> io::Result<()> {
+    write_rows(records, &mut out)?;
+    write_skip_notes(records, &mut out)
+}
+
+fn write_rows(records: &[Record], out: &mut impl Write) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|record| COLUMNS.iter().map(|c| (c.cell)(record)).collect())
+        .collect();
+    let widths: Vec<usize> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, column)| {
+            rows.iter()
+                .map(|row| row[i].chars().count())
+                .fold(column.header.chars().count(), usize::max)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| -> String {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(COLUMNS)
+            .zip(&widths)
+            .map(|((cell, column), &width)| {
+                if column.right_aligned {
+                    format!("{cell:>width$}")
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    writeln!(out, "{}", line(COLUMNS.iter().map(|c| c.header).collect()))?;
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    writeln!(out, "{}", line(rule.iter().map(String::as_str).collect()))?;
+    for row in &rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+fn write_skip_notes(records: &[Record], out: &mut impl Write) -> io::Result<()> {
+    let skipped: Vec<(&Case, &String)> = records
+        .iter()
+        .filter_map(|r| Some((&r.case, r.skipped.as_ref()?)))
+        .collect();
+    if !skipped.is_empty() {
+        writeln!(out)?;
+    }
+    for (case, reason) in skipped {
+        writeln!(out, "skipped {} at seq {}: {reason}", case.method, case.seq)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(method: &'static str) -> Case {
+        Case {
+            method,
+            causal: false,
+            batch: 1,
+            seq: 1024,
+            heads: 8,
+            dim: 64,
+            dtype: "float32",
+        }
+    }
+
+    #[test]
+    fn table_lines_up_and_explains_skips() {
+        let records = [
+            Record::measured(
+                case("linear"),
+                Duration::from_millis(2),
+                10,
+                3 << 20,
+                Some(0.25),
+            ),
+            Record::skipped(case("softmax-naive"), "needs 9 GiB".into()),
+        ];
+        let mut table = Vec::new();
+        write_table(&records, &mut table).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("method"), "{table}");
+        assert!(
+            lines[2].contains("512.00k") && lines[2].contains("3.00 MiB"),
+            "{table}"
+        );
+        assert!(lines[2].contains("2.50e-1"), "{table}");
+        assert!(lines[3].contains("skipped"), "{table}");
+        let header_end = lines[0].find("median_ms").unwrap() + "median_ms".len();
+        assert_eq!(lines[2].find("2.000").unwrap() + "2.000".len(), header_end);
+        assert_eq!(lines[5], "skipped softmax-naive at seq 1024: needs 9 GiB");
+    }
+
+    #[test]
+    fn si_prefixes() {
+        assert_eq!(si(999.0), "999");
+        assert_eq!(si(1234.0), "1.23k");
+        assert_eq!(si(5.5e9), "5.50G");
+    }
+}

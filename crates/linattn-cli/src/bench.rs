@@ -135,7 +135,10 @@ impl BenchArgs {
                 chunk,
                 ..Performer::new(self.features, METHOD_SEED)
             }),
-            BenchMethod::Cosformer => Method::Cosformer(Cosformer { chunk }),
+            BenchMethod::Cosformer => Method::Cosformer(Cosformer {
+                chunk,
+                ..Cosformer::default()
+            }),
             BenchMethod::Linformer => {
                 Method::Linformer(Linformer::new(seq, self.k_proj, METHOD_SEED))
             }

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 /// Linear attention and the exact attention it is measured against.
 #[derive(Debug, Parser)]
-#[command(name = "linattn", version, about)]
+#[command(name = "linattn", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

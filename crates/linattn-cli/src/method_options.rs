@@ -193,7 +193,10 @@ impl MethodOptions {
             MethodName::Window => Method::Window(self.window_span("window")?.window(self.scale)),
             MethodName::Linear => Method::Linear(Linear { chunk }),
             MethodName::Performer => Method::Performer(self.performer(chunk, dims)?),
-            MethodName::Cosformer => Method::Cosformer(Cosformer { chunk }),
+            MethodName::Cosformer => Method::Cosformer(Cosformer {
+                chunk,
+                ..Cosformer::default()
+            }),
             MethodName::Linformer => Method::Linformer(self.linformer(dims)?),
             MethodName::Fnet => Method::Fnet(Fnet),
             MethodName::Hybrid => Method::Hybrid(Hybrid {

@@ -20,8 +20,6 @@ pub struct RunArgs {
     /// Query i sees only keys j ≤ i
     #[arg(long)]
     causal: bool,
-    #[command(flatten)]
-    options: MethodOptions,
     /// Queries, [batch, seq_q, heads_q, head_dim], float32 or float64
     #[arg(long, value_name = "FILE")]
     q: PathBuf,
@@ -37,6 +35,9 @@ pub struct RunArgs {
     /// Caps the bytes the call may allocate (to exercise the out-of-memory path)
     #[arg(long, value_name = "BYTES", hide = true)]
     memory_limit: Option<u64>,
+    // Last: its help heading would otherwise also cover the arguments after it.
+    #[command(flatten)]
+    options: MethodOptions,
 }
 
 /// q, k and v in their common precision.

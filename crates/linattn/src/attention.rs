@@ -201,9 +201,15 @@ impl Method {
         match self {
             Method::Softmax(m) => m.forward(problem, q, k, v, out, heads),
             Method::Window(m) => m.forward(problem, q, k, v, out, heads),
-            Method::Linear(m) => m.forward(problem, q, k, v, out, heads),
-            Method::Performer(m) => m.forward(problem, q, k, v, out, heads)?,
-            Method::Cosformer(m) => m.forward(problem, q, k, v, out, heads),
+            Method::Linear(m) => {
+                m.kernel(problem).forward(problem, [q, k, v], out, heads);
+            }
+            Method::Performer(m) => {
+                m.kernel(problem)?.forward(problem, [q, k, v], out, heads);
+            }
+            Method::Cosformer(m) => {
+                m.kernel(problem).forward(problem, [q, k, v], out, heads);
+            }
             Method::Linformer(m) => m.forward(problem, q, k, v, out, heads)?,
             Method::Fnet(m) => m.forward(v, out),
             Method::Hybrid(m) => m.forward(problem, q, k, v, out)?,
@@ -238,9 +244,9 @@ impl Method {
         match self {
             Method::Softmax(m) => m.backward(problem, inputs, grads, heads),
             Method::Window(m) => m.backward(problem, inputs, grads, heads),
-            Method::Linear(m) => m.backward(problem, inputs, grads, heads),
-            Method::Performer(m) => m.backward(problem, inputs, grads, heads)?,
-            Method::Cosformer(m) => m.backward(problem, inputs, grads, heads),
+            Method::Linear(m) => m.kernel(problem).backward(problem, inputs, grads, heads),
+            Method::Performer(m) => m.kernel(problem)?.backward(problem, inputs, grads, heads),
+            Method::Cosformer(m) => m.kernel(problem).backward(problem, inputs, grads, heads),
             Method::Linformer(m) => return m.backward(problem, inputs, grads).map(Some),
             Method::Fnet(m) => {
                 // Re(DFT₂) is its own adjoint on real inputs; q and k get no gradient.

@@ -1,19 +1,16 @@
 //! cosFormer (Qin et al., 2022): φ = ReLU, query i and key j (1-based positions) weighted
-//! by cos(π/2 · (i − j)/M) with M = max(len_q, len_k), computed as two linear attentions
+//! by cos(π/2 · (i − j)/M) with M = max(len_q, len_k) (or a fixed length), computed as two linear attentions
 //! over the cos and sin halves; the denominator is clamped below at 1e-6.
 
 use crate::attention::Problem;
-use crate::error::Result;
-use crate::feature_map::CosineReweighted;
-use crate::kernels::cpu::kernelized::{self, Normalizer};
+use crate::error::{Error, Result};
+use crate::feature_map::{CosineReweighted, KernelMap};
+use crate::kernels::cpu::kernelized::{self, Kernel, Normalizer};
 use crate::linear::{DEFAULT_CHUNK, validate_chunk};
-use crate::tensor::{Element, Tensor};
-use std::ops::Range;
+use crate::tensor::Element;
 
 /// cosFormer's denominator clamp, as in its reference implementation.
 pub(crate) const COSFORMER_EPSILON: f64 = 1e-6;
-
-const NORMALIZER: Normalizer = Normalizer::ClampMin(COSFORMER_EPSILON);
 
 /// Options of cosFormer attention.
 ///
@@ -27,19 +24,36 @@ const NORMALIZER: Normalizer = Normalizer::ClampMin(COSFORMER_EPSILON);
 pub struct Cosformer {
     /// Tokens per chunk of the causal form.
     pub chunk: usize,
+    /// M of the reweighting, fixed; `None` takes each call's max(len_q, len_k). Decoding
+    /// needs it fixed, since a token's weights must not change as the sequence grows.
+    pub max_len: Option<usize>,
 }
 
 impl Default for Cosformer {
     fn default() -> Self {
         Self {
             chunk: DEFAULT_CHUNK,
+            max_len: None,
         }
     }
 }
 
 impl Cosformer {
-    pub(crate) fn validate(&self, _problem: &Problem) -> Result<()> {
-        validate_chunk(self.chunk)
+    pub(crate) fn validate(&self, problem: &Problem) -> Result<()> {
+        validate_chunk(self.chunk)?;
+        match self.max_len {
+            Some(0) => Err(Error::InvalidConfig(
+                "cosformer max_len must be at least 1".into(),
+            )),
+            Some(max_len) if problem.len_q.max(problem.len_k) > max_len => {
+                Err(Error::SequenceTooLong {
+                    method: "cosformer",
+                    len: problem.len_q.max(problem.len_k),
+                    max_len,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
@@ -50,42 +64,19 @@ impl Cosformer {
         kernelized::backward_workspace_bytes(problem, 2 * problem.dim_qk, 0, self.chunk, element)
     }
 
-    fn feature_map(problem: &Problem) -> CosineReweighted {
-        CosineReweighted {
-            dim: problem.dim_qk,
-            max_len: problem.len_q.max(problem.len_k),
+    pub(crate) fn kernel<T: Element>(&self, problem: &Problem) -> Kernel<T> {
+        Kernel {
+            map: KernelMap::Cosine(CosineReweighted {
+                dim: problem.dim_qk,
+                max_len: self.reweighting_length(problem.len_q.max(problem.len_k)),
+            }),
+            normalizer: Normalizer::ClampMin(COSFORMER_EPSILON),
+            chunk: self.chunk,
         }
     }
 
-    pub(crate) fn forward<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out: &mut Tensor<T>,
-        heads: Range<usize>,
-    ) {
-        let fmap = Self::feature_map(problem);
-        kernelized::forward(
-            problem,
-            &fmap,
-            NORMALIZER,
-            self.chunk,
-            [q, k, v],
-            out,
-            heads,
-        );
-    }
-
-    pub(crate) fn backward<T: Element>(
-        &self,
-        problem: &Problem,
-        inputs: [&Tensor<T>; 4],
-        grads: [&mut Tensor<T>; 3],
-        heads: Range<usize>,
-    ) {
-        let fmap = Self::feature_map(problem);
-        kernelized::backward(problem, &fmap, NORMALIZER, self.chunk, inputs, grads, heads);
+    /// M: the fixed length when set, else the sequence's own.
+    pub(crate) fn reweighting_length(&self, sequence: usize) -> usize {
+        self.max_len.unwrap_or(sequence)
     }
 }

@@ -341,3 +341,48 @@ pub fn linformer_projections(max_len: usize, k: usize, seed: u64) -> (Vec<f64>, 
     let f = draw();
     (e, f)
 }
+
+/// Any of the feature maps, for code that picks one at run time (the decoder, hybrid).
+pub(crate) enum KernelMap<T> {
+    EluPlusOne(EluPlusOne),
+    Cosine(CosineReweighted),
+    Favor(Favor<T>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $map:ident => $call:expr) => {
+        match $self {
+            KernelMap::EluPlusOne($map) => $call,
+            KernelMap::Cosine($map) => $call,
+            KernelMap::Favor($map) => $call,
+        }
+    };
+}
+
+impl<T: Element> FeatureMap<T> for KernelMap<T> {
+    fn features(&self) -> usize {
+        delegate!(self, map => FeatureMap::<T>::features(map))
+    }
+    fn queries(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T]) {
+        delegate!(self, map => map.queries(rows, first, out))
+    }
+    fn keys(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T], log_scale: &mut [T]) {
+        delegate!(self, map => map.keys(rows, first, out, log_scale))
+    }
+    fn stabiliser(&self) -> Option<T> {
+        delegate!(self, map => map.stabiliser())
+    }
+    fn queries_backward(&self, rows: MatRef<'_, T>, first: usize, d_phi: &mut [T], dx: &mut [T]) {
+        delegate!(self, map => map.queries_backward(rows, first, d_phi, dx))
+    }
+    fn keys_backward(
+        &self,
+        rows: MatRef<'_, T>,
+        first: usize,
+        d_features: &mut [T],
+        d_log_scale: &[T],
+        dx: &mut [T],
+    ) {
+        delegate!(self, map => map.keys_backward(rows, first, d_features, d_log_scale, dx))
+    }
+}

@@ -4,6 +4,7 @@
 
 use crate::attention::Problem;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::kernelized::Kernel;
 use crate::linear::Linear;
 use crate::performer::Performer;
 use crate::tensor::{Element, Tensor};
@@ -16,6 +17,15 @@ pub enum GlobalHeads {
     Linear(Linear),
     /// Performer heads.
     Performer(Performer),
+}
+
+impl GlobalHeads {
+    pub(crate) fn kernel<T: Element>(&self, problem: &Problem) -> Result<Kernel<T>> {
+        match self {
+            GlobalHeads::Linear(m) => Ok(m.kernel(problem)),
+            GlobalHeads::Performer(m) => m.kernel(problem),
+        }
+    }
 }
 
 /// Options of hybrid attention.
@@ -73,11 +83,9 @@ impl Hybrid {
             self.window.forward(problem, q, k, v, out, 0..split);
         }
         if split < problem.heads_q {
-            let global = split..problem.heads_q;
-            match &self.global {
-                GlobalHeads::Linear(m) => m.forward(problem, q, k, v, out, global),
-                GlobalHeads::Performer(m) => m.forward(problem, q, k, v, out, global)?,
-            }
+            self.global
+                .kernel(problem)?
+                .forward(problem, [q, k, v], out, split..problem.heads_q);
         }
         Ok(())
     }
@@ -104,11 +112,12 @@ impl Hybrid {
                 .backward(problem, inputs, [&mut *dq, &mut *dk, &mut *dv], 0..split);
         }
         if split < problem.heads_q {
-            let global = split..problem.heads_q;
-            match &self.global {
-                GlobalHeads::Linear(m) => m.backward(problem, inputs, [dq, dk, dv], global),
-                GlobalHeads::Performer(m) => m.backward(problem, inputs, [dq, dk, dv], global)?,
-            }
+            self.global.kernel(problem)?.backward(
+                problem,
+                inputs,
+                [dq, dk, dv],
+                split..problem.heads_q,
+            );
         }
         Ok(())
     }

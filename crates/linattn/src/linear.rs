@@ -4,15 +4,12 @@
 
 use crate::attention::Problem;
 use crate::error::{Error, Result};
-use crate::feature_map::EluPlusOne;
-use crate::kernels::cpu::kernelized::{self, Normalizer};
-use crate::tensor::{Element, Tensor};
-use std::ops::Range;
+use crate::feature_map::{EluPlusOne, KernelMap};
+use crate::kernels::cpu::kernelized::{self, Kernel, Normalizer};
+use crate::tensor::Element;
 
 /// The Linear Transformer's denominator guard, as in its reference implementation.
 pub(crate) const LINEAR_EPSILON: f64 = 1e-6;
-
-const NORMALIZER: Normalizer = Normalizer::AddEpsilon(LINEAR_EPSILON);
 
 /// Options of Linear Transformer attention.
 ///
@@ -59,41 +56,13 @@ impl Linear {
         kernelized::backward_workspace_bytes(problem, problem.dim_qk, 0, self.chunk, element)
     }
 
-    fn feature_map(problem: &Problem) -> EluPlusOne {
-        EluPlusOne {
-            dim: problem.dim_qk,
+    pub(crate) fn kernel<T: Element>(&self, problem: &Problem) -> Kernel<T> {
+        Kernel {
+            map: KernelMap::EluPlusOne(EluPlusOne {
+                dim: problem.dim_qk,
+            }),
+            normalizer: Normalizer::AddEpsilon(LINEAR_EPSILON),
+            chunk: self.chunk,
         }
-    }
-
-    pub(crate) fn forward<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out: &mut Tensor<T>,
-        heads: Range<usize>,
-    ) {
-        let fmap = Self::feature_map(problem);
-        kernelized::forward(
-            problem,
-            &fmap,
-            NORMALIZER,
-            self.chunk,
-            [q, k, v],
-            out,
-            heads,
-        );
-    }
-
-    pub(crate) fn backward<T: Element>(
-        &self,
-        problem: &Problem,
-        inputs: [&Tensor<T>; 4],
-        grads: [&mut Tensor<T>; 3],
-        heads: Range<usize>,
-    ) {
-        let fmap = Self::feature_map(problem);
-        kernelized::backward(problem, &fmap, NORMALIZER, self.chunk, inputs, grads, heads);
     }
 }

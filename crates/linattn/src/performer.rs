@@ -13,11 +13,10 @@
 
 use crate::attention::Problem;
 use crate::error::{Error, Result};
-use crate::feature_map::{Favor, orthogonal_random_features};
-use crate::kernels::cpu::kernelized::{self, Normalizer};
+use crate::feature_map::{Favor, KernelMap, orthogonal_random_features};
+use crate::kernels::cpu::kernelized::{self, Kernel, Normalizer};
 use crate::linear::{DEFAULT_CHUNK, validate_chunk};
-use crate::tensor::{Element, Tensor};
-use std::ops::Range;
+use crate::tensor::Element;
 use std::sync::Arc;
 
 /// Where Performer's projection ω comes from.
@@ -168,57 +167,19 @@ impl Performer {
             )
     }
 
-    fn feature_map<T: Element>(&self, problem: &Problem) -> Result<Favor<T>> {
-        Ok(Favor {
-            omega: self
-                .omega(problem.dim_qk)?
-                .into_iter()
-                .map(T::of_f64)
-                .collect(),
-            features: self.num_features(),
-            dim: problem.dim_qk,
+    pub(crate) fn kernel<T: Element>(&self, problem: &Problem) -> Result<Kernel<T>> {
+        Ok(Kernel {
+            map: KernelMap::Favor(Favor {
+                omega: self
+                    .omega(problem.dim_qk)?
+                    .into_iter()
+                    .map(T::of_f64)
+                    .collect(),
+                features: self.num_features(),
+                dim: problem.dim_qk,
+            }),
+            normalizer: Normalizer::Exact,
+            chunk: self.chunk,
         })
-    }
-
-    pub(crate) fn forward<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out: &mut Tensor<T>,
-        heads: Range<usize>,
-    ) -> Result<()> {
-        let fmap = self.feature_map(problem)?;
-        kernelized::forward(
-            problem,
-            &fmap,
-            Normalizer::Exact,
-            self.chunk,
-            [q, k, v],
-            out,
-            heads,
-        );
-        Ok(())
-    }
-
-    pub(crate) fn backward<T: Element>(
-        &self,
-        problem: &Problem,
-        inputs: [&Tensor<T>; 4],
-        grads: [&mut Tensor<T>; 3],
-        heads: Range<usize>,
-    ) -> Result<()> {
-        let fmap = self.feature_map(problem)?;
-        kernelized::backward(
-            problem,
-            &fmap,
-            Normalizer::Exact,
-            self.chunk,
-            inputs,
-            grads,
-            heads,
-        );
-        Ok(())
     }
 }

@@ -68,9 +68,12 @@ pub fn forward(
                 write(b, i, h, &performer_row(q, k, v, &omega, b, h, i, causal))
             });
         }
-        Method::Cosformer(_) => for_each_query(q, heads, |b, h, i| {
-            write(b, i, h, &cosformer_row(q, k, v, b, h, i, causal))
-        }),
+        Method::Cosformer(m) => {
+            let max_len = m.reweighting_length(q.seq_len().max(k.seq_len()));
+            for_each_query(q, heads, |b, h, i| {
+                write(b, i, h, &cosformer_row(q, k, v, max_len, b, h, i, causal))
+            });
+        }
         Method::Linformer(m) => {
             let (e, f) = m.projections()?;
             let scale = resolve_scale(m.scale, q.head_dim())?;
@@ -275,6 +278,7 @@ fn cosformer_row(
     q: &Tensor<f64>,
     k: &Tensor<f64>,
     v: &Tensor<f64>,
+    max_len: usize,
     b: usize,
     h: usize,
     i: usize,
@@ -282,7 +286,6 @@ fn cosformer_row(
 ) -> Vec<f64> {
     let g = kv_head(q, k, h);
     let relu = |x: Vec<f64>| -> Vec<f64> { x.into_iter().map(|x| x.max(0.0)).collect() };
-    let max_len = q.seq_len().max(k.seq_len());
     let qi = relu(row(q, b, i, h));
     let weights: Vec<(usize, f64)> = keys_seen(i, k.seq_len(), causal)
         .map(|j| {

@@ -24,7 +24,10 @@ fn methods() -> Vec<Method> {
             chunk: 4,
             ..Performer::new(6, 2)
         }),
-        Method::Cosformer(Cosformer { chunk: 3 }),
+        Method::Cosformer(Cosformer {
+            chunk: 3,
+            max_len: Some(11),
+        }),
         Method::Linformer(Linformer::new(12, 4, 3)),
         Method::Fnet(Fnet),
         Method::Hybrid(Hybrid {

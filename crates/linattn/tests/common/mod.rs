@@ -100,7 +100,10 @@ pub fn methods() -> Vec<Method> {
             ..Performer::new(40, 3)
         }),
         Method::Cosformer(Cosformer::default()),
-        Method::Cosformer(Cosformer { chunk: 16 }),
+        Method::Cosformer(Cosformer {
+            chunk: 16,
+            max_len: Some(400),
+        }),
         Method::Linformer(Linformer::new(320, 12, 5)),
         Method::Fnet(Fnet),
         Method::Hybrid(Hybrid {

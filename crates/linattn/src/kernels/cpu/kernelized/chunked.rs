@@ -162,7 +162,8 @@ fn mask_and_scale<T: Element>(scores: &mut [T], len: usize, scales: Option<(&[T]
     }
 }
 
-/// Causal kernelized attention for the query heads in `heads`.
+/// Causal kernelized attention for the query heads in `heads`; returns each (batch,
+/// head) task's final state.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -174,40 +175,44 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
-) {
+) -> Vec<LinearState<T>> {
     let m = fmap.features();
     let uniform = fmap.stabiliser();
     let out_heads = out.heads_mut();
     let tasks: Vec<(usize, usize)> = (0..problem.batch)
         .flat_map(|b| heads.clone().map(move |h| (b, h)))
         .collect();
-    tasks.par_iter().for_each(|&(b, h)| {
-        let g = problem.kv_head(h);
-        let (queries, keys, values) = (q.head(b, h), k.head(b, g), v.head(b, g));
-        let mut state = LinearState::new(m, problem.dim_v, uniform.is_some());
-        let mut scratch = Chunk::new(chunk, m);
-        let mut start = 0;
-        while start < problem.len_q {
-            let len = chunk.min(problem.len_q - start);
-            let block_values = values.rows_range(start, len);
-            scratch.prepare(
-                fmap,
-                &state,
-                queries.rows_range(start, len),
-                keys.rows_range(start, len),
-                start,
-            );
-            // SAFETY: each (b, h) is one task, and its chunks are visited in turn.
-            let mut rows = unsafe { out_heads.block(b, h, start, len) };
-            scratch.numerators(&state, block_values, rows.rb(), uniform);
-            for (i, &den) in scratch.den[..len].iter().enumerate() {
-                let inv = T::one() / normalizer.divisor(den);
-                rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+    tasks
+        .par_iter()
+        .map(|&(b, h)| {
+            let g = problem.kv_head(h);
+            let (queries, keys, values) = (q.head(b, h), k.head(b, g), v.head(b, g));
+            let mut state = LinearState::new(m, problem.dim_v, uniform.is_some());
+            let mut scratch = Chunk::new(chunk, m);
+            let mut start = 0;
+            while start < problem.len_q {
+                let len = chunk.min(problem.len_q - start);
+                let block_values = values.rows_range(start, len);
+                scratch.prepare(
+                    fmap,
+                    &state,
+                    queries.rows_range(start, len),
+                    keys.rows_range(start, len),
+                    start,
+                );
+                // SAFETY: each (b, h) is one task, and its chunks are visited in turn.
+                let mut rows = unsafe { out_heads.block(b, h, start, len) };
+                scratch.numerators(&state, block_values, rows.rb(), uniform);
+                for (i, &den) in scratch.den[..len].iter().enumerate() {
+                    let inv = T::one() / normalizer.divisor(den);
+                    rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+                }
+                state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
+                start += len;
             }
-            state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
-            start += len;
-        }
-    });
+            state
+        })
+        .collect()
 }
 
 /// Per-row quantities of one head that the reverse sweep of the backward reads.

@@ -1,7 +1,9 @@
 //! Non-causal kernelized attention: one state `Σⱼ φ(kⱼ) vⱼᵀ` per (batch, kv head), read
 //! by every query; and its backward, which needs one more pair of sums over the queries.
 
-use super::{FULL_BLOCK, FeatureMap, LinearState, Normalizer, add_assign, dot, scale_rows};
+use super::{
+    FULL_BLOCK, FeatureMap, LinearState, Normalizer, add_assign, dot, numerators, scale_rows,
+};
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::tensor::{Element, Tensor};
@@ -78,37 +80,6 @@ fn key_states<T: Element, F: FeatureMap<T>>(
         }
     }
     states
-}
-
-/// Numerators `φ(qᵢ)ᵀ S` of a block into `rows` and denominators into `den`, with the
-/// constant feature of stabilised maps.
-fn numerators<T: Element>(
-    phi: MatRef<'_, T>,
-    state: &LinearState<T>,
-    uniform: Option<T>,
-    mut rows: MatMut<'_, T>,
-    den: &mut [T],
-) {
-    let (m, dim_v) = (phi.cols, rows.cols);
-    matmul(
-        rows.rb(),
-        phi,
-        MatRef::contiguous(&state.kv, m, dim_v),
-        false,
-        T::one(),
-    );
-    for (i, den) in den.iter_mut().enumerate().take(phi.rows) {
-        let phi_i = phi.row(i);
-        *den = dot(phi_i, &state.k_sum);
-        if let Some(u) = uniform {
-            let weight = u * phi_i.iter().copied().sum::<T>();
-            *den += weight * T::of_f64(state.count as f64);
-            rows.row_mut(i)
-                .iter_mut()
-                .zip(&state.v_sum)
-                .for_each(|(o, &s)| *o += weight * s);
-        }
-    }
 }
 
 /// Non-causal kernelized attention for the query heads in `heads`.

@@ -10,6 +10,7 @@
 use super::matmul::{MatMut, MatRef, matmul, packing_bytes};
 use crate::attention::Problem;
 use crate::attention::per_thread;
+use crate::feature_map::KernelMap;
 use crate::softmax::task_list_bytes;
 use crate::tensor::{Element, Tensor};
 use std::ops::Range;
@@ -202,45 +203,101 @@ fn scale_rows<T: Element>(rows: &mut [T], m: usize, factors: impl Iterator<Item 
     }
 }
 
+/// Numerators `φ(qᵢ)ᵀ S` of a block into `rows` and denominators into `den`, with the
+/// constant feature of stabilised maps.
+pub(crate) fn numerators<T: Element>(
+    phi: MatRef<'_, T>,
+    state: &LinearState<T>,
+    uniform: Option<T>,
+    mut rows: MatMut<'_, T>,
+    den: &mut [T],
+) {
+    let (m, dim_v) = (phi.cols, rows.cols);
+    matmul(
+        rows.rb(),
+        phi,
+        MatRef::contiguous(&state.kv, m, dim_v),
+        false,
+        T::one(),
+    );
+    for (i, den) in den.iter_mut().enumerate().take(phi.rows) {
+        let phi_i = phi.row(i);
+        *den = dot(phi_i, &state.k_sum);
+        if let Some(u) = uniform {
+            let weight = u * phi_i.iter().copied().sum::<T>();
+            *den += weight * T::of_f64(state.count as f64);
+            rows.row_mut(i)
+                .iter_mut()
+                .zip(&state.v_sum)
+                .for_each(|(o, &s)| *o += weight * s);
+        }
+    }
+}
+
 /// Rows per block when mapping features in the non-causal form.
 const FULL_BLOCK: usize = 256;
 
 mod chunked;
 mod full;
 
-/// Kernelized attention for the query heads in `heads`: chunked when causal (chunks of
-/// `chunk` tokens), through one state per head otherwise.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward<T: Element, F: FeatureMap<T>>(
-    problem: &Problem,
-    fmap: &F,
-    normalizer: Normalizer,
-    chunk: usize,
-    [q, k, v]: [&Tensor<T>; 3],
-    out: &mut Tensor<T>,
-    heads: Range<usize>,
-) {
-    if problem.causal {
-        chunked::causal_chunked(problem, fmap, normalizer, chunk, q, k, v, out, heads);
-    } else {
-        full::full(problem, fmap, normalizer, q, k, v, out, heads);
-    }
+/// A kernelized method reduced to what the engine needs: its feature map, how it
+/// normalises, and the chunk length of its causal form.
+pub(crate) struct Kernel<T> {
+    pub map: KernelMap<T>,
+    pub normalizer: Normalizer,
+    pub chunk: usize,
 }
 
-/// Gradients of [`forward`], added into `grads` (dq, dk, dv).
-pub(crate) fn backward<T: Element, F: FeatureMap<T>>(
-    problem: &Problem,
-    fmap: &F,
-    normalizer: Normalizer,
-    chunk: usize,
-    inputs: [&Tensor<T>; 4],
-    grads: [&mut Tensor<T>; 3],
-    heads: Range<usize>,
-) {
-    if problem.causal {
-        chunked::causal_chunked_backward(problem, fmap, normalizer, chunk, inputs, grads, heads);
-    } else {
-        full::full_backward(problem, fmap, normalizer, inputs, grads, heads);
+impl<T: Element> Kernel<T> {
+    /// Attention for the query heads in `heads`: chunked when causal, through one state
+    /// per head otherwise. Returns the final state of each causal (batch, head) task,
+    /// in (batch, head) order; nothing when not causal.
+    pub fn forward(
+        &self,
+        problem: &Problem,
+        [q, k, v]: [&Tensor<T>; 3],
+        out: &mut Tensor<T>,
+        heads: Range<usize>,
+    ) -> Vec<LinearState<T>> {
+        if problem.causal {
+            chunked::causal_chunked(
+                problem,
+                &self.map,
+                self.normalizer,
+                self.chunk,
+                q,
+                k,
+                v,
+                out,
+                heads,
+            )
+        } else {
+            full::full(problem, &self.map, self.normalizer, q, k, v, out, heads);
+            Vec::new()
+        }
+    }
+
+    /// Gradients of [`Kernel::forward`], added into `grads` (dq, dk, dv).
+    pub fn backward(
+        &self,
+        problem: &Problem,
+        inputs: [&Tensor<T>; 4],
+        grads: [&mut Tensor<T>; 3],
+        heads: Range<usize>,
+    ) {
+        if problem.causal {
+            chunked::causal_chunked_backward(
+                problem,
+                &self.map,
+                self.normalizer,
+                self.chunk,
+                inputs,
+                grads,
+                heads,
+            );
+        } else {
+            full::full_backward(problem, &self.map, self.normalizer, inputs, grads, heads);
+        }
     }
 }
 

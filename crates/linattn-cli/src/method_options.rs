@@ -32,6 +32,22 @@ pub enum MethodName {
     Hybrid,
 }
 
+impl MethodName {
+    /// The name as `--method` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            MethodName::Softmax => "softmax",
+            MethodName::Window => "window",
+            MethodName::Linear => "linear",
+            MethodName::Performer => "performer",
+            MethodName::Cosformer => "cosformer",
+            MethodName::Linformer => "linformer",
+            MethodName::Fnet => "fnet",
+            MethodName::Hybrid => "hybrid",
+        }
+    }
+}
+
 /// How softmax computes: tiled or naive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Algorithm {
@@ -48,6 +64,16 @@ pub enum GlobalKind {
     Linear,
     /// Performer heads (takes performer's options).
     Performer,
+}
+
+impl GlobalKind {
+    /// The name as `--global` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            GlobalKind::Linear => "linear",
+            GlobalKind::Performer => "performer",
+        }
+    }
 }
 
 /// Options of the methods; each method accepts only its own.
@@ -130,52 +156,49 @@ impl MethodOptions {
     /// Fails on a flag that `method` would silently ignore: a typo'd method name should
     /// not quietly compute something else.
     fn reject_foreign(&self, method: MethodName) -> Result<(), CliError> {
-        const PERFORMER: [&str; 3] = ["--omega", "--features", "--seed"];
-        let (accepted, what): (Vec<&str>, String) = match method {
-            MethodName::Softmax => (vec!["--scale", "--algorithm"], "softmax".into()),
-            MethodName::Window => (vec!["--window", "--scale"], "window".into()),
-            MethodName::Linear => (vec!["--chunk"], "linear".into()),
-            MethodName::Performer => ([&PERFORMER[..], &["--chunk"]].concat(), "performer".into()),
-            MethodName::Cosformer => (vec!["--chunk"], "cosformer".into()),
-            MethodName::Linformer => (
-                vec!["--proj-k", "--proj-v", "--k-proj", "--max-len", "--seed"],
-                "linformer".into(),
-            ),
-            MethodName::Fnet => (vec![], "fnet".into()),
-            MethodName::Hybrid => {
-                let mut accepted = vec![
-                    "--window",
-                    "--scale",
-                    "--local-heads",
-                    "--global",
-                    "--chunk",
-                ];
-                let global = self.global.unwrap_or(GlobalKind::Linear);
-                if global == GlobalKind::Performer {
-                    accepted.extend(PERFORMER);
-                }
-                let global = if global == GlobalKind::Performer {
-                    "performer"
-                } else {
-                    "linear"
-                };
-                (accepted, format!("hybrid with --global {global}"))
+        let global = self.global.unwrap_or(GlobalKind::Linear);
+        let accepted: &[&str] = match (method, global) {
+            (MethodName::Softmax, _) => &["--scale", "--algorithm"],
+            (MethodName::Window, _) => &["--window", "--scale"],
+            (MethodName::Linear | MethodName::Cosformer, _) => &["--chunk"],
+            (MethodName::Performer, _) => &["--omega", "--features", "--seed", "--chunk"],
+            (MethodName::Linformer, _) => {
+                &["--proj-k", "--proj-v", "--k-proj", "--max-len", "--seed"]
             }
+            (MethodName::Fnet, _) => &[],
+            (MethodName::Hybrid, GlobalKind::Linear) => &[
+                "--window",
+                "--scale",
+                "--local-heads",
+                "--global",
+                "--chunk",
+            ],
+            (MethodName::Hybrid, GlobalKind::Performer) => &[
+                "--window",
+                "--scale",
+                "--local-heads",
+                "--global",
+                "--chunk",
+                "--omega",
+                "--features",
+                "--seed",
+            ],
         };
-        match self
-            .given()
-            .into_iter()
-            .find(|flag| !accepted.contains(flag))
-        {
-            None => Ok(()),
-            Some(flag) if accepted.is_empty() => Err(CliError::Usage(format!(
-                "{flag} does not apply to {what}, which takes no options"
-            ))),
-            Some(flag) => Err(CliError::Usage(format!(
-                "{flag} does not apply to {what}, which takes {}",
-                accepted.join(", ")
-            ))),
-        }
+        let Some(flag) = self.given().into_iter().find(|f| !accepted.contains(f)) else {
+            return Ok(());
+        };
+        let what = match method {
+            MethodName::Hybrid => format!("hybrid with --global {}", global.name()),
+            _ => method.name().to_string(),
+        };
+        let takes = if accepted.is_empty() {
+            "no options".to_string()
+        } else {
+            accepted.join(", ")
+        };
+        Err(CliError::Usage(format!(
+            "{flag} does not apply to {what}, which takes {takes}"
+        )))
     }
 
     /// The configured method for inputs of `dims`; reads ω, E and F where given.

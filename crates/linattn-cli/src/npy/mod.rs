@@ -4,7 +4,7 @@
 mod header;
 
 use crate::error::CliError;
-use header::Descr;
+use header::{Descr, Header};
 use linattn::{ByteSize, Element, Tensor};
 use npyz::WriterBuilder;
 use std::fs::File;
@@ -128,128 +128,26 @@ fn numpy_name(descr: &str) -> Option<String> {
     Some(format!("{base}{bits}"))
 }
 
+fn malformed(path: &Path, problem: String) -> CliError {
+    CliError::MalformedNpy {
+        path: path.to_owned(),
+        problem,
+    }
+}
+
 /// Reads a float32 or float64 array in C order from `path`.
 pub fn read(path: &Path) -> Result<Array, CliError> {
     let read_error = |source| CliError::Read {
         path: path.to_owned(),
         source,
     };
-    let malformed = |problem: String| CliError::MalformedNpy {
-        path: path.to_owned(),
-        problem,
-    };
     let file = File::open(path).map_err(read_error)?;
     let file_len = file.metadata().map_err(read_error)?.len();
     let mut reader = BufReader::new(file);
-
-    let mut preamble = [0u8; 8];
-    if file_len < preamble.len() as u64 {
-        return Err(malformed(format!(
-            "it is only {file_len} bytes long, too short for the .npy magic and version"
-        )));
-    }
-    reader.read_exact(&mut preamble).map_err(read_error)?;
-    if !preamble.starts_with(MAGIC) {
-        return Err(malformed(
-            "bad magic: it does not start with \\x93NUMPY".into(),
-        ));
-    }
-    let length_bytes = match (preamble[6], preamble[7]) {
-        (1, 0) => 2,
-        (2 | 3, 0) => 4,
-        (major, minor) => {
-            return Err(malformed(format!(
-                "unsupported .npy format version {major}.{minor}"
-            )));
-        }
-    };
-    let mut length = [0u8; 4];
-    reader
-        .read_exact(&mut length[..length_bytes])
-        .map_err(|_| malformed("it ends inside the header length".into()))?;
-    let header_len = u32::from_le_bytes(length) as u64;
-    let data_start = 8 + length_bytes as u64 + header_len;
-    if data_start > file_len {
-        return Err(malformed(format!(
-            "the header claims {header_len} bytes but the file ends {} bytes after the preamble",
-            file_len - 8 - length_bytes as u64
-        )));
-    }
-    let mut header_text = vec![0u8; header_len as usize];
-    reader.read_exact(&mut header_text).map_err(read_error)?;
-    let header = header::parse(&header_text)
-        .map_err(|problem| malformed(format!("bad header: {problem}")))?;
-
-    let stored = match &header.descr {
-        Descr::Plain(descr) => Stored::of_descr(descr).ok_or_else(|| {
-            let name = numpy_name(descr).map_or(String::new(), |name| format!(" ({name})"));
-            CliError::UnsupportedDtype {
-                path: path.to_owned(),
-                descr: format!("'{descr}'{name}"),
-            }
-        })?,
-        Descr::Structured => {
-            return Err(CliError::UnsupportedDtype {
-                path: path.to_owned(),
-                descr: "of a structured array".into(),
-            });
-        }
-    };
-    if header.fortran_order {
-        return Err(CliError::FortranOrder {
-            path: path.to_owned(),
-        });
-    }
-
-    // The shape is checked against the bytes the file holds before anything is allocated,
-    // so a small file claiming a huge shape fails at once.
-    let data_len = file_len - data_start;
-    let needed = header
-        .shape
-        .iter()
-        .try_fold(stored.element_bytes() as u64, |acc, &dim| {
-            acc.checked_mul(dim)
-        });
-    let shape_bytes = |needed: String| {
-        format!(
-            "shape {:?} of {} needs {needed} bytes of data",
-            header.shape,
-            stored.dtype()
-        )
-    };
-    match needed {
-        None => {
-            return Err(malformed(format!(
-                "{} but the file holds {data_len}",
-                shape_bytes("more than 2^64".into())
-            )));
-        }
-        Some(needed) if needed > data_len => {
-            return Err(malformed(format!(
-                "truncated: {} but the file holds {data_len}",
-                shape_bytes(needed.to_string())
-            )));
-        }
-        Some(needed) if needed < data_len => {
-            return Err(malformed(format!(
-                "{} but the file holds {data_len}: {} bytes too many",
-                shape_bytes(needed.to_string()),
-                data_len - needed
-            )));
-        }
-        Some(_) => {}
-    }
-    let available = linattn::available_memory();
-    if data_len as u128 > available {
-        return Err(CliError::TooLarge {
-            path: path.to_owned(),
-            size: ByteSize(data_len as u128),
-            available: ByteSize(available),
-        });
-    }
-    // Fits in memory, so every dimension and the element count fit in usize.
-    let shape: Vec<usize> = header.shape.iter().map(|&dim| dim as usize).collect();
-    let count = data_len as usize / stored.element_bytes();
+    let (header, data_len) = read_header(&mut reader, file_len, path)?;
+    let stored = stored_type(&header, path)?;
+    let shape = checked_shape(&header, stored, data_len, path)?;
+    let count = shape.iter().product();
     let elements = match stored {
         Stored::F32 { big_endian } => Elements::F32(
             decode(
@@ -281,6 +179,151 @@ pub fn read(path: &Path) -> Result<Array, CliError> {
         shape,
         elements,
     })
+}
+
+/// The preamble and header, leaving `reader` at the data; returns the header and the
+/// bytes of data the file holds after it.
+fn read_header(
+    reader: &mut impl Read,
+    file_len: u64,
+    path: &Path,
+) -> Result<(Header, u64), CliError> {
+    let read_error = |source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut preamble = [0u8; 8];
+    if file_len < preamble.len() as u64 {
+        return Err(malformed(
+            path,
+            format!("it is only {file_len} bytes long, too short for the .npy magic and version"),
+        ));
+    }
+    reader.read_exact(&mut preamble).map_err(read_error)?;
+    if !preamble.starts_with(MAGIC) {
+        return Err(malformed(
+            path,
+            "bad magic: it does not start with \\x93NUMPY".into(),
+        ));
+    }
+    let length_bytes = match (preamble[6], preamble[7]) {
+        (1, 0) => 2,
+        (2 | 3, 0) => 4,
+        (major, minor) => {
+            return Err(malformed(
+                path,
+                format!("unsupported .npy format version {major}.{minor}"),
+            ));
+        }
+    };
+    let mut length = [0u8; 4];
+    reader
+        .read_exact(&mut length[..length_bytes])
+        .map_err(|_| malformed(path, "it ends inside the header length".into()))?;
+    let header_len = u64::from(u32::from_le_bytes(length));
+    let data_start = 8 + length_bytes as u64 + header_len;
+    if data_start > file_len {
+        return Err(malformed(
+            path,
+            format!(
+                "the header claims {header_len} bytes but the file ends {} bytes after the preamble",
+                file_len.saturating_sub(8 + length_bytes as u64)
+            ),
+        ));
+    }
+    // No larger than the file, which was just checked.
+    let mut text = vec![0u8; header_len as usize];
+    reader.read_exact(&mut text).map_err(read_error)?;
+    let header = header::parse(&text)
+        .map_err(|problem| malformed(path, format!("bad header: {problem}")))?;
+    Ok((header, file_len - data_start))
+}
+
+/// The stored element type, if linattn reads it and the layout is C order.
+fn stored_type(header: &Header, path: &Path) -> Result<Stored, CliError> {
+    let unsupported = |descr: String| CliError::UnsupportedDtype {
+        path: path.to_owned(),
+        descr,
+    };
+    let stored = match &header.descr {
+        Descr::Plain(descr) => Stored::of_descr(descr).ok_or_else(|| {
+            let name = numpy_name(descr).map_or(String::new(), |name| format!(" ({name})"));
+            unsupported(format!("'{descr}'{name}"))
+        })?,
+        Descr::Structured => return Err(unsupported("of a structured array".into())),
+    };
+    if header.fortran_order {
+        return Err(CliError::FortranOrder {
+            path: path.to_owned(),
+        });
+    }
+    Ok(stored)
+}
+
+/// The shape, once it is known to describe exactly the `data_len` bytes the file holds
+/// and to fit in memory: checked before anything is allocated, so that a small file
+/// claiming a huge shape fails at once.
+fn checked_shape(
+    header: &Header,
+    stored: Stored,
+    data_len: u64,
+    path: &Path,
+) -> Result<Vec<usize>, CliError> {
+    let needs = |bytes: String| {
+        format!(
+            "shape {:?} of {} needs {bytes} bytes of data but the file holds {data_len}",
+            header.shape,
+            stored.dtype()
+        )
+    };
+    let needed = header
+        .shape
+        .iter()
+        .try_fold(stored.element_bytes() as u64, |acc, &dim| {
+            acc.checked_mul(dim)
+        });
+    match needed {
+        None => return Err(malformed(path, needs("more than 2^64".into()))),
+        Some(needed) if needed > data_len => {
+            return Err(malformed(
+                path,
+                format!("truncated: {}", needs(needed.to_string())),
+            ));
+        }
+        Some(needed) if needed < data_len => {
+            return Err(malformed(
+                path,
+                format!(
+                    "{}, {} bytes too many",
+                    needs(needed.to_string()),
+                    data_len - needed
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    let available = linattn::available_memory();
+    if u128::from(data_len) > available {
+        return Err(CliError::TooLarge {
+            path: path.to_owned(),
+            size: ByteSize(data_len.into()),
+            available: ByteSize(available),
+        });
+    }
+    header
+        .shape
+        .iter()
+        .map(|&dim| usize::try_from(dim))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            malformed(
+                path,
+                format!(
+                    "shape {:?} does not fit this platform's usize",
+                    header.shape
+                ),
+            )
+        })
 }
 
 /// `count` values of `N` bytes each, converted by `convert`.

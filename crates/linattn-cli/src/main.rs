@@ -3,7 +3,7 @@
 //! - `linattn run` computes one attention call on q, k, v read from .npy files.
 //! - `linattn bench` times every method over a sweep of sequence lengths.
 //!
-//! Every failure is a [`CliError`](error::CliError): one line on stderr and exit status 2.
+//! Every failure is a [`CliError`]: one line on stderr and exit status 2.
 
 mod alloc;
 mod bench;

@@ -332,6 +332,11 @@ impl Attention {
         self
     }
 
+    /// The memory limit set with [`Attention::memory_limit`], if any.
+    pub(crate) fn limit(&self) -> Option<u128> {
+        self.memory_limit
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method

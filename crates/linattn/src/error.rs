@@ -86,6 +86,10 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// Saved decoder state that cannot be restored: corrupt, truncated, or saved by a
+    /// different method, precision or shape.
+    #[error("cannot restore decoder state: {0}")]
+    InvalidState(String),
     /// The request needs more memory than is available.
     #[error("{what} needs {} but only {} is available", ByteSize(*.needed_bytes), ByteSize(*.available_bytes))]
     OutOfMemory {

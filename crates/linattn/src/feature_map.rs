@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 /// Linear Transformer: φ(x) = elu(x) + 1, which is x + 1 for x > 0 and eˣ otherwise.
+#[derive(Clone, Debug)]
 pub(crate) struct EluPlusOne {
     pub dim: usize,
 }
@@ -60,6 +61,7 @@ impl<T: Element> FeatureMap<T> for EluPlusOne {
 
 /// cosFormer: φ(xᵢ) = [relu(xᵢ)·cos θᵢ, relu(xᵢ)·sin θᵢ] with θᵢ = π/2 · i / M for the
 /// 1-based position i, so that φ(qᵢ)·φ(kⱼ) = relu(qᵢ)·relu(kⱼ)·cos(π/2 · (i−j)/M).
+#[derive(Clone, Debug)]
 pub(crate) struct CosineReweighted {
     pub dim: usize,
     /// M = max(len_q, len_k).
@@ -127,6 +129,7 @@ pub(crate) fn cosformer_angle(position: usize, max_len: usize) -> f64 {
 /// FAVOR+ positive random features, as performer-pytorch's `softmax_kernel`:
 /// x' = x·d^(−1/4), φ(x) = m^(−1/2)·(exp(ω·x' − |x'|²/2 − c) + 1e-4), with c the row's
 /// max of ω·x' for queries; for keys c is the running maximum kept by the engine.
+#[derive(Clone, Debug)]
 pub(crate) struct Favor<T> {
     /// ω, m × d row-major.
     pub omega: Vec<T>,
@@ -342,7 +345,8 @@ pub fn linformer_projections(max_len: usize, k: usize, seed: u64) -> (Vec<f64>, 
     (e, f)
 }
 
-/// Any of the feature maps, for code that picks one at run time (the decoder, hybrid).
+/// Any of the feature maps, for code that picks one at run time.
+#[derive(Clone, Debug)]
 pub(crate) enum KernelMap<T> {
     EluPlusOne(EluPlusOne),
     Cosine(CosineReweighted),

@@ -35,6 +35,7 @@
 
 mod attention;
 mod cosformer;
+mod decode;
 mod error;
 mod feature_map;
 mod fnet;
@@ -49,8 +50,9 @@ mod softmax;
 mod tensor;
 mod window;
 
-pub use attention::{Attention, Method};
+pub use attention::{Attention, Gradients, Method};
 pub use cosformer::Cosformer;
+pub use decode::{Decoder, DecoderMemory};
 pub use error::{ByteSize, Error, Result};
 pub use feature_map::{linformer_projections, orthogonal_random_features};
 pub use fnet::Fnet;

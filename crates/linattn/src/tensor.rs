@@ -177,6 +177,35 @@ impl<T: Element> Tensor<T> {
         self.data[((b * seq + t) * heads + h) * dim + d]
     }
 
+    /// The positions `range` of the sequence, as a new tensor.
+    ///
+    /// ```
+    /// let t = linattn::Tensor::<f32>::randn([2, 10, 3, 4], 0).unwrap();
+    /// let tail = t.slice_seq(7..10).unwrap();
+    /// assert_eq!(tail.shape(), [2, 3, 3, 4]);
+    /// assert_eq!(tail.at(1, 0, 2, 3), t.at(1, 7, 2, 3));
+    /// assert!(t.slice_seq(5..11).is_err());
+    /// ```
+    pub fn slice_seq(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        let [batch, seq, heads, dim] = self.shape;
+        if range.start > range.end || range.end > seq {
+            return Err(Error::ShapeMismatch {
+                detail: format!("positions {range:?} of a sequence of length {seq}"),
+            });
+        }
+        let row = heads * dim;
+        let mut data = Vec::with_capacity(batch * range.len() * row);
+        for b in 0..batch {
+            data.extend_from_slice(
+                &self.data[(b * seq + range.start) * row..(b * seq + range.end) * row],
+            );
+        }
+        Ok(Self {
+            data,
+            shape: [batch, range.len(), heads, dim],
+        })
+    }
+
     /// The same values in another precision.
     ///
     /// ```

@@ -114,11 +114,11 @@ impl<T: Element> LinearState<T> {
         }
     }
 
-    fn features(&self) -> usize {
+    pub fn features(&self) -> usize {
         self.k_sum.len()
     }
 
-    fn stabilised(&self) -> bool {
+    pub fn stabilised(&self) -> bool {
         !self.v_sum.is_empty()
     }
 
@@ -242,6 +242,7 @@ mod full;
 
 /// A kernelized method reduced to what the engine needs: its feature map, how it
 /// normalises, and the chunk length of its causal form.
+#[derive(Clone, Debug)]
 pub(crate) struct Kernel<T> {
     pub map: KernelMap<T>,
     pub normalizer: Normalizer,
@@ -275,6 +276,40 @@ impl<T: Element> Kernel<T> {
             full::full(problem, &self.map, self.normalizer, q, k, v, out, heads);
             Vec::new()
         }
+    }
+
+    /// The recurrent form, first half: absorbs the key and value at `position`.
+    pub fn step(&self, state: &mut LinearState<T>, position: usize, key: &[T], value: &[T]) {
+        let mut features = vec![T::zero(); self.map.features()];
+        let mut log_scale = [T::zero()];
+        let (key, value) = (
+            MatRef::contiguous(key, 1, key.len()),
+            MatRef::contiguous(value, 1, value.len()),
+        );
+        self.map.keys(key, position, &mut features, &mut log_scale);
+        state.absorb(position, &mut features, &log_scale, value);
+    }
+
+    /// The recurrent form, second half: the output of the query at `position`, whose
+    /// key the state has absorbed.
+    pub fn read(&self, state: &LinearState<T>, position: usize, query: &[T], out: &mut [T]) {
+        let mut features = vec![T::zero(); self.map.features()];
+        self.map.queries(
+            MatRef::contiguous(query, 1, query.len()),
+            position,
+            &mut features,
+        );
+        let mut den = [T::zero()];
+        let dim_v = out.len();
+        numerators(
+            MatRef::contiguous(&features, 1, features.len()),
+            state,
+            self.map.stabiliser(),
+            MatMut::contiguous(out, 1, dim_v),
+            &mut den,
+        );
+        let inv = T::one() / self.normalizer.divisor(den[0]);
+        out.iter_mut().for_each(|o| *o *= inv);
     }
 
     /// Gradients of [`Kernel::forward`], added into `grads` (dq, dk, dv).

@@ -1,0 +1,623 @@
+//! The recurrent form: generating one token at a time. Kernelized methods keep a state of
+//! fixed size per head (`Σ φ(kⱼ) vⱼᵀ` and `Σ φ(kⱼ)`, with FAVOR+'s running stabiliser), a
+//! sliding window a ring buffer of its last keys and values, and exact softmax the
+//! growing KV cache it is measured against.
+
+use crate::attention::{Attention, Method, Problem};
+use crate::error::{Error, Result};
+use crate::kernels::cpu::kernelized::{FeatureMap, Kernel, LinearState};
+use crate::memory;
+use crate::softmax::resolve_scale;
+use crate::tensor::{Element, Tensor};
+use rayon::prelude::*;
+
+/// How a [`Decoder`]'s memory behaves as the sequences grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderMemory {
+    /// Bytes the state holds now.
+    pub state_bytes: usize,
+    /// Bytes each further token adds (over the whole batch): 0 for the linear methods
+    /// and bounded windows, whose memory is constant.
+    pub bytes_per_token: usize,
+}
+
+/// Decoding state for a batch of sequences: feed one token per sequence with
+/// [`Decoder::step`] and get its attention output.
+///
+/// ```
+/// use linattn::{Attention, Method, Tensor};
+/// let attention = Attention::new(Method::linear()).causal(true);
+/// let [q, k, v] = [0, 1, 2].map(|s| Tensor::<f64>::randn([2, 10, 4, 16], s).unwrap());
+/// let prompt = |x: &Tensor<f64>| x.slice_seq(0..9).unwrap();
+/// let last = |x: &Tensor<f64>| x.slice_seq(9..10).unwrap();
+/// // Prefill 9 tokens, then decode the 10th: the same as one causal call over 10.
+/// let (_, mut decoder) = attention.prefill(&prompt(&q), &prompt(&k), &prompt(&v)).unwrap();
+/// let stepped = decoder.step(&last(&q), &last(&k), &last(&v)).unwrap();
+/// let whole = attention.forward(&q, &k, &v).unwrap();
+/// let expected = last(&whole);
+/// assert!(stepped.as_slice().iter().zip(expected.as_slice()).all(|(a, b)| (a - b).abs() < 1e-12));
+/// assert_eq!(decoder.memory().bytes_per_token, 0); // constant memory
+/// ```
+#[derive(Clone, Debug)]
+pub struct Decoder<T> {
+    attention: Attention,
+    layout: Layout,
+    /// The exact heads' score scale.
+    scale: T,
+    /// The kernel of the other heads.
+    kernel: Option<Kernel<T>>,
+    sequences: Vec<Sequence<T>>,
+}
+
+/// Sizes shared by every sequence of a decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    heads_q: usize,
+    heads_kv: usize,
+    dim_qk: usize,
+    dim_v: usize,
+    /// Query heads below this attend exactly over the cache; the others read the states.
+    split: usize,
+    /// Keys the exact heads keep (`None`: all of them).
+    capacity: Option<usize>,
+}
+
+impl Layout {
+    fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    /// Whether kv head `g` serves an exact head, a kernelized one.
+    fn serves(&self, g: usize) -> (bool, bool) {
+        let heads = g * self.group()..(g + 1) * self.group();
+        (heads.start < self.split, heads.end > self.split)
+    }
+}
+
+/// One sequence's share of the decoder.
+#[derive(Clone, Debug, PartialEq)]
+struct Sequence<T> {
+    /// Tokens seen.
+    position: usize,
+    /// The exact heads' keys, slots × kv heads × d (a ring when the capacity is bounded).
+    keys: Vec<T>,
+    /// Their values, slots × kv heads × d_v.
+    values: Vec<T>,
+    /// One state per kv head (empty without kernelized heads).
+    states: Vec<LinearState<T>>,
+}
+
+impl<T: Element> Sequence<T> {
+    /// Caches the keys and values of the token at `self.position`.
+    fn insert<'a>(
+        &mut self,
+        layout: &Layout,
+        key: impl Fn(usize) -> &'a [T],
+        value: impl Fn(usize) -> &'a [T],
+    ) where
+        T: 'a,
+    {
+        let slot = layout.capacity.map_or(self.position, |c| self.position % c);
+        for (store, row, dim) in [
+            (
+                &mut self.keys,
+                &key as &dyn Fn(usize) -> &'a [T],
+                layout.dim_qk,
+            ),
+            (&mut self.values, &value, layout.dim_v),
+        ] {
+            let start = slot * layout.heads_kv * dim;
+            if store.len() < start + layout.heads_kv * dim {
+                store.resize(start + layout.heads_kv * dim, T::zero());
+            }
+            for g in 0..layout.heads_kv {
+                store[start + g * dim..start + (g + 1) * dim].copy_from_slice(row(g));
+            }
+        }
+    }
+
+    /// Softmax attention of `query` over the cached keys of kv head `g`.
+    fn attend(&self, layout: &Layout, scale: T, g: usize, query: &[T], out: &mut [T]) {
+        let slots = layout
+            .capacity
+            .map_or(self.position, |c| self.position.min(c));
+        let key = |s: usize| {
+            let start = (s * layout.heads_kv + g) * layout.dim_qk;
+            &self.keys[start..start + layout.dim_qk]
+        };
+        let scores: Vec<T> = (0..slots)
+            .map(|s| scale * key(s).iter().zip(query).map(|(&a, &b)| a * b).sum::<T>())
+            .collect();
+        let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
+        out.fill(T::zero());
+        let mut total = T::zero();
+        for (s, &score) in scores.iter().enumerate() {
+            let weight = (score - max).exp();
+            total += weight;
+            let start = (s * layout.heads_kv + g) * layout.dim_v;
+            out.iter_mut()
+                .zip(&self.values[start..start + layout.dim_v])
+                .for_each(|(o, &v)| *o += weight * v);
+        }
+        out.iter_mut().for_each(|o| *o /= total);
+    }
+
+    /// Takes one token and writes its output for every q head into `out` (heads × d_v).
+    #[allow(clippy::too_many_arguments)]
+    fn step<'a>(
+        &mut self,
+        layout: &Layout,
+        scale: T,
+        kernel: Option<&Kernel<T>>,
+        query: impl Fn(usize) -> &'a [T],
+        key: impl Fn(usize) -> &'a [T],
+        value: impl Fn(usize) -> &'a [T],
+        out: &mut [T],
+    ) where
+        T: 'a,
+    {
+        let dim_v = layout.dim_v;
+        if layout.split > 0 {
+            self.insert(layout, &key, &value);
+        }
+        self.position += 1;
+        let position = self.position - 1;
+        for g in 0..layout.heads_kv {
+            let (exact, kernelized) = layout.serves(g);
+            if kernelized {
+                let kernel = kernel.expect("kernelized heads have a kernel");
+                kernel.step(&mut self.states[g], position, key(g), value(g));
+            }
+            for h in g * layout.group()..(g + 1) * layout.group() {
+                let dst = &mut out[h * dim_v..(h + 1) * dim_v];
+                if h < layout.split {
+                    debug_assert!(exact);
+                    self.attend(layout, scale, g, query(h), dst);
+                } else if let Some(kernel) = kernel {
+                    kernel.read(&self.states[g], position, query(h), dst);
+                }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let states: usize = self
+            .states
+            .iter()
+            .map(|s| s.kv.len() + s.k_sum.len() + s.v_sum.len() + 1)
+            .sum();
+        (self.keys.len() + self.values.len() + states) * size_of::<T>()
+    }
+}
+
+impl Attention {
+    /// A decoder for `batch` empty sequences with the given head counts and sizes.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method};
+    /// let decoder = Attention::new(Method::softmax()).decoder::<f32>(4, 8, 2, 64, 64).unwrap();
+    /// // The KV cache grows by one key and value per kv head and sequence each step.
+    /// assert_eq!(decoder.memory().bytes_per_token, 4 * 2 * (64 + 64) * 4);
+    /// ```
+    pub fn decoder<T: Element>(
+        &self,
+        batch: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        dim_qk: usize,
+        dim_v: usize,
+    ) -> Result<Decoder<T>> {
+        Decoder::empty(self, batch, heads_q, heads_kv, dim_qk, dim_v)
+    }
+
+    /// Causal attention over a prompt, and the decoder that continues it: stepping it
+    /// gives what one causal call over the longer sequence would.
+    pub fn prefill<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+    ) -> Result<(Tensor<T>, Decoder<T>)> {
+        let causal = self.clone().causal(true);
+        let [batch, len, heads_q, dim_qk] = q.shape();
+        let [_, _, heads_kv, dim_v] = v.shape();
+        let mut decoder = Decoder::empty(&causal, batch, heads_q, heads_kv, dim_qk, dim_v)?;
+        let out = causal.forward(q, k, v)?;
+        let layout = decoder.layout;
+        let first_kept = layout.capacity.map_or(0, |c| len.saturating_sub(c));
+        for (b, sequence) in decoder.sequences.iter_mut().enumerate() {
+            if layout.split > 0 {
+                for t in first_kept..len {
+                    sequence.position = t;
+                    sequence.insert(&layout, |g| k.head(b, g).row(t), |g| v.head(b, g).row(t));
+                }
+            }
+            sequence.position = len;
+        }
+        if let Some(kernel) = &decoder.kernel {
+            // The chunked form ends with one state per (batch, kernelized q head); all q
+            // heads of a group end with their kv head's.
+            let problem = Problem::new(q.shape(), k.shape(), v.shape(), true)?;
+            let mut discarded = Tensor::zeros(problem.out_shape())?;
+            let heads = layout.split..heads_q;
+            let states = kernel.forward(&problem, [q, k, v], &mut discarded, heads.clone());
+            for (b, sequence) in decoder.sequences.iter_mut().enumerate() {
+                for (g, state) in sequence.states.iter_mut().enumerate() {
+                    if layout.serves(g).1 {
+                        let h = (g * layout.group()).max(layout.split);
+                        *state = states[b * heads.len() + h - layout.split].clone();
+                    }
+                }
+            }
+        }
+        Ok((out, decoder))
+    }
+}
+
+impl<T: Element> Decoder<T> {
+    fn empty(
+        attention: &Attention,
+        batch: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        dim_qk: usize,
+        dim_v: usize,
+    ) -> Result<Self> {
+        let attention = attention.clone().causal(true);
+        let one = |heads, dim| [batch, 1, heads, dim];
+        attention.output_shape(
+            one(heads_q, dim_qk),
+            one(heads_kv, dim_qk),
+            one(heads_kv, dim_v),
+        )?;
+        let (split, scale, capacity, kernel) = match attention.method() {
+            Method::Softmax(m) => (heads_q, resolve_scale(m.scale, dim_qk)?, None, None),
+            Method::Window(w) => (
+                heads_q,
+                resolve_scale(w.scale, dim_qk)?,
+                w.left.map(|l| l + 1),
+                None,
+            ),
+            Method::Hybrid(h) => {
+                let window = &h.window;
+                let scale = resolve_scale(window.scale, dim_qk)?;
+                (h.local_heads, scale, window.left.map(|l| l + 1), Some(()))
+            }
+            Method::Cosformer(c) if c.max_len.is_none() => {
+                return Err(Error::InvalidConfig(
+                    "cosformer decoding needs a fixed max_len (M): every weight depends on it"
+                        .into(),
+                ));
+            }
+            _ => (0, 1.0, None, Some(())),
+        };
+        let layout = Layout {
+            heads_q,
+            heads_kv,
+            dim_qk,
+            dim_v,
+            split,
+            capacity,
+        };
+        let kernel = match kernel {
+            Some(()) if split < heads_q => Some(kernel_of(&attention, &layout)?),
+            _ => None,
+        };
+        let states = match &kernel {
+            Some(kernel) => {
+                let (m, stabilised) = (kernel.map.features(), kernel.map.stabiliser().is_some());
+                vec![LinearState::new(m, dim_v, stabilised); heads_kv]
+            }
+            None => Vec::new(),
+        };
+        let sequence = Sequence {
+            position: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+            states,
+        };
+        Ok(Self {
+            attention,
+            layout,
+            scale: T::of_f64(scale),
+            kernel,
+            sequences: vec![sequence; batch],
+        })
+    }
+
+    /// Tokens seen by each sequence.
+    pub fn positions(&self) -> Vec<usize> {
+        self.sequences.iter().map(|s| s.position).collect()
+    }
+
+    /// The memory the state holds now, and how it grows.
+    pub fn memory(&self) -> DecoderMemory {
+        let layout = &self.layout;
+        let bytes_per_token = match layout.capacity {
+            None if layout.split > 0 => {
+                self.sequences.len()
+                    * layout.heads_kv
+                    * (layout.dim_qk + layout.dim_v)
+                    * size_of::<T>()
+            }
+            _ => 0,
+        };
+        DecoderMemory {
+            state_bytes: self.sequences.iter().map(Sequence::bytes).sum(),
+            bytes_per_token,
+        }
+    }
+
+    /// Feeds one token per sequence — `q` `[batch, 1, heads_q, d]`, `k` `[batch, 1,
+    /// heads_kv, d]`, `v` `[batch, 1, heads_kv, d_v]` — and returns its output
+    /// `[batch, 1, heads_q, d_v]`.
+    pub fn step(&mut self, q: &Tensor<T>, k: &Tensor<T>, v: &Tensor<T>) -> Result<Tensor<T>> {
+        let layout = self.layout;
+        let batch = self.sequences.len();
+        for (name, tensor, heads, dim) in [
+            ("q", q, layout.heads_q, layout.dim_qk),
+            ("k", k, layout.heads_kv, layout.dim_qk),
+            ("v", v, layout.heads_kv, layout.dim_v),
+        ] {
+            let expected = [batch, 1, heads, dim];
+            if tensor.shape() != expected {
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "a decoding step takes {name} of shape {expected:?}, got {:?}",
+                        tensor.shape()
+                    ),
+                });
+            }
+            if let Some((index, value)) = tensor.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: name,
+                    index,
+                    value,
+                });
+            }
+        }
+        if let Method::Cosformer(c) = self.attention.method() {
+            let max_len = c.max_len.expect("checked when the decoder was made");
+            if let Some(position) = self
+                .sequences
+                .iter()
+                .map(|s| s.position)
+                .find(|&p| p >= max_len)
+            {
+                return Err(Error::SequenceTooLong {
+                    method: "cosformer",
+                    len: position + 1,
+                    max_len,
+                });
+            }
+        }
+        let growth = self.memory().bytes_per_token as u128;
+        let out_bytes = (batch * layout.heads_q * layout.dim_v * size_of::<T>()) as u128;
+        memory::ensure_fits(
+            "a decoding step",
+            growth + out_bytes,
+            self.attention.limit(),
+        )?;
+        let mut out = Tensor::zeros([batch, 1, layout.heads_q, layout.dim_v])?;
+        let (scale, kernel) = (self.scale, self.kernel.as_ref());
+        out.as_mut_slice()
+            .par_chunks_mut(layout.heads_q * layout.dim_v)
+            .zip(self.sequences.par_iter_mut())
+            .enumerate()
+            .for_each(|(b, (out_row, sequence))| {
+                sequence.step(
+                    &layout,
+                    scale,
+                    kernel,
+                    |h| q.head(b, h).row(0),
+                    |g| k.head(b, g).row(0),
+                    |g| v.head(b, g).row(0),
+                    out_row,
+                );
+            });
+        if let Some((index, _)) = out.first_non_finite() {
+            return Err(Error::NonFiniteOutput {
+                method: self.attention.method().name(),
+                tensor: "output",
+                index,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The kernel of the non-exact heads of `attention`, for a decoder's sizes.
+fn kernel_of<T: Element>(attention: &Attention, layout: &Layout) -> Result<Kernel<T>> {
+    let len = match attention.method() {
+        Method::Cosformer(c) => c.max_len.unwrap_or(1),
+        _ => 1,
+    };
+    let problem = Problem::new(
+        [1, len, layout.heads_q, layout.dim_qk],
+        [1, len, layout.heads_kv, layout.dim_qk],
+        [1, len, layout.heads_kv, layout.dim_v],
+        true,
+    )?;
+    match attention.method() {
+        Method::Linear(m) => Ok(m.kernel(&problem)),
+        Method::Performer(m) => m.kernel(&problem),
+        Method::Cosformer(m) => Ok(m.kernel(&problem)),
+        Method::Hybrid(h) => h.global.kernel(&problem),
+        other => Err(Error::InvalidConfig(format!(
+            "{} has no kernelized heads",
+            other.name()
+        ))),
+    }
+}
+
+/// Leads every saved decoder state, with the format's version.
+const STATE_MAGIC: &[u8; 8] = b"LINATTN\0";
+const STATE_VERSION: u32 = 1;
+
+impl<T: Element> Decoder<T> {
+    /// The decoder's state as bytes (little-endian), to restore with
+    /// [`Decoder::from_bytes`] under the same [`Attention`].
+    ///
+    /// ```
+    /// use linattn::{Attention, Decoder, Method, Performer, Tensor};
+    /// let attention = Attention::new(Method::Performer(Performer::new(32, 5)));
+    /// let x = Tensor::<f32>::randn([1, 12, 2, 8], 0).unwrap();
+    /// let (_, decoder) = attention.prefill(&x, &x, &x).unwrap();
+    /// let restored = Decoder::<f32>::from_bytes(&attention, &decoder.to_bytes()).unwrap();
+    /// assert_eq!(restored.positions(), vec![12]);
+    /// ```
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.memory().state_bytes + 256);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        out.push(size_of::<T>() as u8);
+        let descriptor = format!("{:?}", self.attention.method());
+        put_u64(&mut out, descriptor.len());
+        out.extend_from_slice(descriptor.as_bytes());
+        let l = &self.layout;
+        for x in [
+            l.heads_q,
+            l.heads_kv,
+            l.dim_qk,
+            l.dim_v,
+            l.split,
+            l.capacity.unwrap_or(usize::MAX),
+        ] {
+            put_u64(&mut out, x);
+        }
+        put_u64(&mut out, self.sequences.len());
+        for sequence in &self.sequences {
+            put_u64(&mut out, sequence.position);
+            put_floats(&mut out, &sequence.keys);
+            put_floats(&mut out, &sequence.values);
+            for state in &sequence.states {
+                put_floats(&mut out, &state.kv);
+                put_floats(&mut out, &state.k_sum);
+                put_floats(&mut out, &[state.log_scale]);
+                put_floats(&mut out, &state.v_sum);
+                put_u64(&mut out, state.count);
+                put_u64(&mut out, state.argmax);
+            }
+        }
+        out
+    }
+
+    /// Restores a decoder saved by [`Decoder::to_bytes`]; `attention` must be the one it
+    /// was made with (same method and options), and `T` the same precision.
+    pub fn from_bytes(attention: &Attention, bytes: &[u8]) -> Result<Self> {
+        let mut reader = StateReader { bytes };
+        if reader.take(8)? != STATE_MAGIC {
+            return Err(Error::InvalidState("not a linattn decoder state".into()));
+        }
+        let version = u32::from_le_bytes(reader.take(4)?.try_into().expect("4 bytes"));
+        if version != STATE_VERSION {
+            return Err(Error::InvalidState(format!(
+                "format version {version}; this build reads version {STATE_VERSION}"
+            )));
+        }
+        let element = reader.take(1)?[0] as usize;
+        if element != size_of::<T>() {
+            return Err(Error::InvalidState(format!(
+                "saved with {element}-byte elements, restored as {}",
+                T::NAME
+            )));
+        }
+        let descriptor_len = reader.length(1)?;
+        let descriptor = reader.take(descriptor_len)?;
+        if descriptor != format!("{:?}", attention.method()).as_bytes() {
+            return Err(Error::InvalidState(
+                "saved by a different method or with other options".into(),
+            ));
+        }
+        let [heads_q, heads_kv, dim_qk, dim_v, _, _] = [0; 6].map(|_| reader.u64());
+        let (heads_q, heads_kv, dim_qk, dim_v) = (heads_q?, heads_kv?, dim_qk?, dim_v?);
+        let batch = reader.length(8)?;
+        let mut decoder = Self::empty(attention, batch, heads_q, heads_kv, dim_qk, dim_v)
+            .map_err(|e| Error::InvalidState(format!("its sizes do not fit the method: {e}")))?;
+        for sequence in &mut decoder.sequences {
+            sequence.position = reader.u64()?;
+            sequence.keys = reader.floats()?;
+            sequence.values = reader.floats()?;
+            for state in &mut sequence.states {
+                let expected = (state.kv.len(), state.k_sum.len(), state.v_sum.len());
+                state.kv = reader.floats()?;
+                state.k_sum = reader.floats()?;
+                state.log_scale = *reader.floats::<T>()?.first().ok_or_else(truncated)?;
+                state.v_sum = reader.floats()?;
+                state.count = reader.u64()?;
+                state.argmax = reader.u64()?;
+                if (state.kv.len(), state.k_sum.len(), state.v_sum.len()) != expected {
+                    return Err(Error::InvalidState("a state of the wrong size".into()));
+                }
+            }
+        }
+        if !reader.bytes.is_empty() {
+            return Err(Error::InvalidState(format!(
+                "{} bytes past the end",
+                reader.bytes.len()
+            )));
+        }
+        Ok(decoder)
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, x: usize) {
+    out.extend_from_slice(&(x as u64).to_le_bytes());
+}
+
+fn put_floats<T: Element>(out: &mut Vec<u8>, xs: &[T]) {
+    put_u64(out, xs.len());
+    for &x in xs {
+        match size_of::<T>() {
+            4 => out.extend_from_slice(&(x.as_f64() as f32).to_le_bytes()),
+            _ => out.extend_from_slice(&x.as_f64().to_le_bytes()),
+        }
+    }
+}
+
+fn truncated() -> Error {
+    Error::InvalidState("truncated".into())
+}
+
+/// Reads saved state, checking every length against the bytes left before allocating.
+struct StateReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> StateReader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.bytes.len() {
+            return Err(truncated());
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<usize> {
+        let x = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
+        usize::try_from(x).map_err(|_| Error::InvalidState(format!("{x} does not fit in memory")))
+    }
+
+    /// A count of items of `item_bytes` each, no more than the bytes left could hold.
+    fn length(&mut self, item_bytes: usize) -> Result<usize> {
+        let n = self.u64()?;
+        if n.saturating_mul(item_bytes) > self.bytes.len() {
+            return Err(truncated());
+        }
+        Ok(n)
+    }
+
+    fn floats<T: Element>(&mut self) -> Result<Vec<T>> {
+        let size = size_of::<T>();
+        let n = self.length(size)?;
+        Ok(self
+            .take(n * size)?
+            .chunks_exact(size)
+            .map(|b| match size {
+                4 => T::of_f64(f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
+                _ => T::of_f64(f64::from_le_bytes(b.try_into().expect("8 bytes"))),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,243 @@
+//! The recurrent form: token-by-token decoding, prefill handed to the decoder, and saved
+//! state agree with one causal call; memory stays constant where it should.
+
+mod common;
+
+use common::{Shape, relative_error};
+use linattn::{
+    Attention, Cosformer, Decoder, Element, Error, GlobalHeads, Hybrid, Linear, Linformer, Method,
+    Performer, Softmax, Tensor, Window,
+};
+
+fn decodable_methods() -> Vec<Method> {
+    vec![
+        Method::softmax(),
+        Method::Softmax(Softmax {
+            scale: Some(0.2),
+            ..Softmax::default()
+        }),
+        Method::Window(Window::new(Some(5), None)),
+        Method::Window(Window::new(None, Some(3))),
+        Method::Linear(Linear { chunk: 8 }),
+        Method::Performer(Performer {
+            chunk: 8,
+            ..Performer::new(24, 3)
+        }),
+        Method::Cosformer(Cosformer {
+            chunk: 8,
+            max_len: Some(64),
+        }),
+        Method::Hybrid(Hybrid {
+            local_heads: 3,
+            window: Window::new(Some(4), None),
+            global: GlobalHeads::Performer(Performer {
+                chunk: 8,
+                ..Performer::new(16, 1)
+            }),
+        }),
+        Method::Hybrid(Hybrid {
+            local_heads: 2,
+            window: Window::new(Some(6), Some(0)),
+            global: GlobalHeads::Linear(Linear::default()),
+        }),
+    ]
+}
+
+/// Decodes `q`, `k`, `v` after a prompt of `prompt` tokens and returns every output,
+/// prompt included, as one tensor.
+fn prefill_then_decode<T: Element>(
+    attention: &Attention,
+    [q, k, v]: &[Tensor<T>; 3],
+    prompt: usize,
+) -> Tensor<T> {
+    let len = q.seq_len();
+    let (mut outputs, mut decoder) = if prompt == 0 {
+        let [b, _, hq, d] = q.shape();
+        let [_, _, hk, dv] = v.shape();
+        (
+            Vec::new(),
+            attention.decoder::<T>(b, hq, hk, d, dv).unwrap(),
+        )
+    } else {
+        let slice = |x: &Tensor<T>| x.slice_seq(0..prompt).unwrap();
+        let (out, decoder) = attention.prefill(&slice(q), &slice(k), &slice(v)).unwrap();
+        (vec![out], decoder)
+    };
+    for t in prompt..len {
+        let token = |x: &Tensor<T>| x.slice_seq(t..t + 1).unwrap();
+        outputs.push(decoder.step(&token(q), &token(k), &token(v)).unwrap());
+    }
+    assert_eq!(decoder.positions(), vec![len; q.batch()]);
+    concat_seq(&outputs)
+}
+
+fn concat_seq<T: Element>(parts: &[Tensor<T>]) -> Tensor<T> {
+    let [batch, _, heads, dim] = parts[0].shape();
+    let len: usize = parts.iter().map(Tensor::seq_len).sum();
+    let mut data = Vec::with_capacity(batch * len * heads * dim);
+    for b in 0..batch {
+        for part in parts {
+            let row = part.seq_len() * heads * dim;
+            data.extend_from_slice(&part.as_slice()[b * row..(b + 1) * row]);
+        }
+    }
+    Tensor::from_vec(data, [batch, len, heads, dim]).unwrap()
+}
+
+#[test]
+fn decoding_token_by_token_equals_one_causal_call() {
+    let shape = Shape::new(2, 37, 4, 2, 16, 8);
+    let inputs = shape.inputs::<f64>(21);
+    for method in decodable_methods() {
+        let attention = Attention::new(method.clone()).causal(true);
+        let expected = attention
+            .forward(&inputs[0], &inputs[1], &inputs[2])
+            .unwrap();
+        for prompt in [0, 1, 20, 36] {
+            let decoded = prefill_then_decode(&attention, &inputs, prompt);
+            let error = relative_error(&decoded, &expected);
+            assert!(error < 1e-12, "{method:?} prompt {prompt}: {error:e}");
+        }
+        let single = inputs.clone().map(|x| x.cast::<f32>());
+        let decoded = prefill_then_decode(&attention, &single, 13);
+        let error = relative_error(&decoded, &expected);
+        assert!(error < 1e-5, "{method:?} f32: {error:e}");
+    }
+}
+
+#[test]
+fn performer_decoding_stays_finite_for_keys_of_large_norm() {
+    let shape = Shape::new(1, 40, 2, 2, 32, 8);
+    let [q, k, v] = shape.inputs::<f64>(2);
+    // Later keys grow to norms near 100: the running stabiliser must rescale the state.
+    let grown: Vec<f64> = k
+        .as_slice()
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (1.0 + (i / 64) as f64 * 0.5))
+        .collect();
+    let k = Tensor::from_vec(grown, k.shape()).unwrap();
+    let attention = Attention::new(Method::Performer(Performer::new(64, 9))).causal(true);
+    let expected = attention.forward(&q, &k, &v).unwrap();
+    let inputs = [q, k, v];
+    let decoded = prefill_then_decode(&attention, &inputs, 0);
+    assert!(decoded.as_slice().iter().all(|x| x.is_finite()));
+    assert!(relative_error(&decoded, &expected) < 1e-12);
+    let decoded = prefill_then_decode(&attention, &inputs.map(|x| x.cast::<f32>()), 17);
+    assert!(decoded.as_slice().iter().all(|x| x.is_finite()));
+    assert!(relative_error(&decoded, &expected) < 1e-5);
+}
+
+#[test]
+fn linear_state_memory_is_constant_and_the_kv_cache_grows() {
+    let token = |seed| Tensor::<f32>::randn([3, 1, 4, 16], seed).unwrap();
+    let memory_after = |method: Method, steps: u64| {
+        let mut decoder = Attention::new(method)
+            .decoder::<f32>(3, 4, 4, 16, 16)
+            .unwrap();
+        for s in 0..steps {
+            decoder
+                .step(&token(s), &token(s + 100), &token(s + 200))
+                .unwrap();
+        }
+        decoder.memory()
+    };
+    for method in [
+        Method::linear(),
+        Method::Performer(Performer::new(32, 0)),
+        Method::Window(Window::new(Some(8), None)),
+    ] {
+        let (early, late) = (
+            memory_after(method.clone(), 10),
+            memory_after(method.clone(), 60),
+        );
+        assert_eq!(early.state_bytes, late.state_bytes, "{method:?}");
+        assert_eq!(late.bytes_per_token, 0, "{method:?}");
+    }
+    let (early, late) = (
+        memory_after(Method::softmax(), 10),
+        memory_after(Method::softmax(), 60),
+    );
+    assert_eq!(late.bytes_per_token, 3 * 4 * 32 * 4);
+    assert_eq!(
+        late.state_bytes - early.state_bytes,
+        50 * late.bytes_per_token
+    );
+}
+
+#[test]
+fn saved_state_restores_exactly() {
+    let shape = Shape::new(2, 30, 4, 2, 8, 8);
+    let [q, k, v] = shape.inputs::<f32>(5);
+    for method in decodable_methods() {
+        let attention = Attention::new(method.clone()).causal(true);
+        let prompt = |x: &Tensor<f32>| x.slice_seq(0..20).unwrap();
+        let (_, mut original) = attention
+            .prefill(&prompt(&q), &prompt(&k), &prompt(&v))
+            .unwrap();
+        let bytes = original.to_bytes();
+        let mut restored = Decoder::<f32>::from_bytes(&attention, &bytes).unwrap();
+        assert_eq!(restored.to_bytes(), bytes, "{method:?}");
+        for t in 20..30 {
+            let token = |x: &Tensor<f32>| x.slice_seq(t..t + 1).unwrap();
+            let a = original.step(&token(&q), &token(&k), &token(&v)).unwrap();
+            let b = restored.step(&token(&q), &token(&k), &token(&v)).unwrap();
+            assert_eq!(a, b, "{method:?} at {t}");
+        }
+    }
+}
+
+#[test]
+fn bad_saved_state_and_bad_steps_are_errors() {
+    let attention = Attention::new(Method::linear());
+    let x = Tensor::<f32>::randn([1, 5, 2, 4], 0).unwrap();
+    let (_, mut decoder) = attention.prefill(&x, &x, &x).unwrap();
+    let bytes = decoder.to_bytes();
+    let invalid =
+        |result: linattn::Result<Decoder<f32>>| matches!(result, Err(Error::InvalidState(_)));
+    assert!(invalid(Decoder::from_bytes(
+        &attention,
+        &bytes[..bytes.len() - 3]
+    )));
+    assert!(invalid(Decoder::from_bytes(&attention, b"not a state")));
+    let other = Attention::new(Method::Linear(Linear { chunk: 7 }));
+    assert!(invalid(Decoder::from_bytes(&other, &bytes)));
+    assert!(matches!(
+        Decoder::<f64>::from_bytes(&attention, &bytes),
+        Err(Error::InvalidState(_))
+    ));
+    let mut corrupt = bytes.clone();
+    corrupt.push(0);
+    assert!(invalid(Decoder::from_bytes(&attention, &corrupt)));
+
+    let wrong = Tensor::<f32>::randn([1, 2, 2, 4], 0).unwrap();
+    let token = x.slice_seq(0..1).unwrap();
+    assert!(matches!(
+        decoder.step(&wrong, &token, &token),
+        Err(Error::ShapeMismatch { .. })
+    ));
+
+    let no_causal = Attention::new(Method::Linformer(Linformer::new(8, 2, 0)));
+    assert!(matches!(
+        no_causal.decoder::<f32>(1, 2, 2, 4, 4),
+        Err(Error::CausalUnsupported { .. })
+    ));
+    let unbounded_cosformer = Attention::new(Method::Cosformer(Cosformer::default()));
+    assert!(matches!(
+        unbounded_cosformer.decoder::<f32>(1, 2, 2, 4, 4),
+        Err(Error::InvalidConfig(_))
+    ));
+    let short = Attention::new(Method::Cosformer(Cosformer {
+        max_len: Some(5),
+        ..Cosformer::default()
+    }));
+    let (_, mut decoder) = short.prefill(&x, &x, &x).unwrap();
+    assert!(matches!(
+        decoder.step(&token, &token, &token),
+        Err(Error::SequenceTooLong {
+            len: 6,
+            max_len: 5,
+            ..
+        })
+    ));
+}

@@ -5,7 +5,7 @@ use crate::cosformer::Cosformer;
 use crate::error::{Error, Result};
 use crate::fnet::Fnet;
 use crate::hybrid::Hybrid;
-use crate::linear::Linear;
+use crate::linear::{CausalForm, Linear};
 use crate::linformer::Linformer;
 use crate::memory;
 use crate::performer::Performer;
@@ -26,6 +26,8 @@ pub(crate) struct Problem {
     pub dim_qk: usize,
     pub dim_v: usize,
     pub causal: bool,
+    /// The algorithm of causal kernelized attention.
+    pub causal_form: CausalForm,
 }
 
 impl Problem {
@@ -86,6 +88,7 @@ impl Problem {
             dim_qk: q[3],
             dim_v: v[3],
             causal,
+            causal_form: CausalForm::Chunked,
         })
     }
 
@@ -298,6 +301,7 @@ pub struct Gradients<T> {
 pub struct Attention {
     method: Method,
     causal: bool,
+    causal_form: CausalForm,
     memory_limit: Option<u128>,
 }
 
@@ -307,6 +311,7 @@ impl Attention {
         Self {
             method,
             causal: false,
+            causal_form: CausalForm::Chunked,
             memory_limit: None,
         }
     }
@@ -314,6 +319,12 @@ impl Attention {
     /// Sets whether query i may only see keys j ≤ i.
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
+        self
+    }
+
+    /// Chooses the algorithm of causal kernelized attention (chunked by default).
+    pub fn causal_form(mut self, form: CausalForm) -> Self {
+        self.causal_form = form;
         self
     }
 
@@ -408,7 +419,8 @@ impl Attention {
     }
 
     fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
-        let problem = Problem::new(q, k, v, self.causal)?;
+        let mut problem = Problem::new(q, k, v, self.causal)?;
+        problem.causal_form = self.causal_form;
         self.method.validate(&problem)?;
         Ok(problem)
     }

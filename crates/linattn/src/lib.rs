@@ -48,6 +48,7 @@ mod performer;
 pub mod reference;
 mod softmax;
 mod tensor;
+mod varlen;
 mod window;
 
 pub use attention::{Attention, Gradients, Method};
@@ -57,7 +58,7 @@ pub use error::{ByteSize, Error, Result};
 pub use feature_map::{linformer_projections, orthogonal_random_features};
 pub use fnet::Fnet;
 pub use hybrid::{GlobalHeads, Hybrid};
-pub use linear::{DEFAULT_CHUNK, Linear};
+pub use linear::{CausalForm, DEFAULT_CHUNK, Linear};
 pub use linformer::{Linformer, Projections};
 pub use memory::available_bytes as available_memory;
 pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};

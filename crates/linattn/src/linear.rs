@@ -28,6 +28,28 @@ pub struct Linear {
 /// Chunk length of the causal kernelized forms unless chosen otherwise.
 pub const DEFAULT_CHUNK: usize = 64;
 
+/// How causal kernelized attention (linear, performer, cosformer, hybrid's global heads)
+/// is computed; both give the same result to rounding, as does the recurrent
+/// [`Decoder`](crate::Decoder).
+///
+/// ```
+/// use linattn::{Attention, CausalForm, Method, Tensor};
+/// let x = Tensor::<f64>::randn([1, 100, 2, 8], 0).unwrap();
+/// let chunked = Attention::new(Method::linear()).causal(true);
+/// let parallel = chunked.clone().causal_form(CausalForm::Parallel);
+/// let (a, b) = (chunked.forward(&x, &x, &x).unwrap(), parallel.forward(&x, &x, &x).unwrap());
+/// assert!(a.as_slice().iter().zip(b.as_slice()).all(|(x, y)| (x - y).abs() < 1e-12));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CausalForm {
+    /// Exact products inside chunks of the method's `chunk` tokens, a running state
+    /// across them: O(n) work.
+    #[default]
+    Chunked,
+    /// Every weight of the causal mask formed tile by tile, no state: O(n²) work.
+    Parallel,
+}
+
 impl Default for Linear {
     fn default() -> Self {
         Self {

@@ -1,10 +1,10 @@
-//! Every fast path against the f64 reference, on fresh random inputs of awkward shapes,
-//! full and causal, f32 and f64.
+//! Every fast path against the f64 reference, on fresh random inputs of awkward shapes:
+//! full, causal chunked and causal parallel, f32 and f64.
 
 mod common;
 
 use common::{SHAPES, applies, attention, methods, relative_error};
-use linattn::{Element, reference};
+use linattn::{CausalForm, Element, reference};
 
 /// Error of the f64 fast paths against the f64 reference: rounding only.
 const F64_TOLERANCE: f64 = 1e-12;
@@ -14,23 +14,33 @@ const F32_TOLERANCE: f64 = 1e-5;
 
 fn check_all<T: Element>(tolerance: f64, seed: u64) {
     let mut worst = Vec::new();
+    let settings = [
+        (false, CausalForm::Chunked),
+        (true, CausalForm::Chunked),
+        (true, CausalForm::Parallel),
+    ];
     for method in methods() {
-        for causal in [false, true] {
+        for (causal, form) in settings {
             for (n, shape) in SHAPES.iter().enumerate() {
                 if !applies(&method, shape, causal) {
                     continue;
                 }
-                let attention = attention(&method, causal);
+                let attention = attention(&method, causal).causal_form(form);
                 let [q, k, v] = shape.inputs::<f64>(seed + 10 * n as u64);
                 let expected = reference::forward(&attention, &q, &k, &v).unwrap();
                 let fast = attention
                     .forward(&q.cast::<T>(), &k.cast::<T>(), &v.cast::<T>())
-                    .unwrap_or_else(|e| panic!("{method:?} causal={causal} {shape:?}: {e}"));
+                    .unwrap_or_else(|e| {
+                        panic!("{method:?} causal={causal} {form:?} {shape:?}: {e}")
+                    });
                 let error = relative_error(&fast, &expected);
-                worst.push((error, format!("{method:?} causal={causal} {shape:?}")));
+                worst.push((
+                    error,
+                    format!("{method:?} causal={causal} {form:?} {shape:?}"),
+                ));
                 assert!(
                     error <= tolerance,
-                    "{} error {error:e} > {tolerance:e}: {method:?} causal={causal} {shape:?}",
+                    "{} error {error:e} > {tolerance:e}: {method:?} causal={causal} {form:?} {shape:?}",
                     T::NAME
                 );
             }

@@ -5,8 +5,8 @@ mod common;
 
 use common::{Shape, relative_error};
 use linattn::{
-    Attention, Cosformer, Decoder, Element, Error, GlobalHeads, Hybrid, Linear, Linformer, Method,
-    Performer, Softmax, Tensor, Window,
+    Attention, CausalForm, Cosformer, Decoder, Element, Error, GlobalHeads, Hybrid, Linear,
+    Linformer, Method, Performer, Softmax, Tensor, Window,
 };
 
 fn decodable_methods() -> Vec<Method> {
@@ -85,7 +85,7 @@ fn concat_seq<T: Element>(parts: &[Tensor<T>]) -> Tensor<T> {
 }
 
 #[test]
-fn decoding_token_by_token_equals_one_causal_call() {
+fn parallel_chunked_and_recurrent_forms_agree() {
     let shape = Shape::new(2, 37, 4, 2, 16, 8);
     let inputs = shape.inputs::<f64>(21);
     for method in decodable_methods() {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Shape, attention, methods};
+use linattn::CausalForm;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -42,9 +43,14 @@ fn scratch_of<R>(f: impl FnOnce() -> R, kept: impl Fn(&R) -> usize) -> (usize, R
 fn measured_scratch_stays_within_the_estimate() {
     let shape = Shape::new(2, 700, 4, 2, 32, 24);
     let [q, k, v] = shape.inputs::<f32>(3);
+    let settings = [
+        (false, CausalForm::Chunked),
+        (true, CausalForm::Chunked),
+        (true, CausalForm::Parallel),
+    ];
     for method in methods() {
-        for causal in [false, true] {
-            let attention = attention(&method, causal);
+        for (causal, form) in settings {
+            let attention = attention(&method, causal).causal_form(form);
             // A first call starts the thread pool, whose allocations are not the method's.
             if attention.forward(&q, &k, &v).is_err() {
                 continue;
@@ -58,7 +64,7 @@ fn measured_scratch_stays_within_the_estimate() {
                 .unwrap();
             assert!(
                 scratch as u128 <= estimate,
-                "{method:?} causal={causal}: allocated {scratch} B of scratch, estimated {estimate} B"
+                "{method:?} causal={causal} {form:?}: allocated {scratch} B of scratch, estimated {estimate} B"
             );
             let d_out = linattn::Tensor::<f32>::randn(out.shape(), 4).unwrap();
             drop(out);

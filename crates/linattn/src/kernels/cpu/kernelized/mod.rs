@@ -11,6 +11,7 @@ use super::matmul::{MatMut, MatRef, matmul, packing_bytes};
 use crate::attention::Problem;
 use crate::attention::per_thread;
 use crate::feature_map::KernelMap;
+use crate::linear::CausalForm;
 use crate::softmax::task_list_bytes;
 use crate::tensor::{Element, Tensor};
 use std::ops::Range;
@@ -239,6 +240,7 @@ const FULL_BLOCK: usize = 256;
 
 mod chunked;
 mod full;
+mod parallel;
 
 /// A kernelized method reduced to what the engine needs: its feature map, how it
 /// normalises, and the chunk length of its causal form.
@@ -250,9 +252,9 @@ pub(crate) struct Kernel<T> {
 }
 
 impl<T: Element> Kernel<T> {
-    /// Attention for the query heads in `heads`: chunked when causal, through one state
-    /// per head otherwise. Returns the final state of each causal (batch, head) task,
-    /// in (batch, head) order; nothing when not causal.
+    /// Attention for the query heads in `heads`: chunked (or parallel) when causal,
+    /// through one state per head otherwise. Returns the final state of each chunked
+    /// (batch, head) task, in (batch, head) order; nothing for the other forms.
     pub fn forward(
         &self,
         problem: &Problem,
@@ -260,7 +262,11 @@ impl<T: Element> Kernel<T> {
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> Vec<LinearState<T>> {
-        if problem.causal {
+        if problem.causal && problem.causal_form == CausalForm::Parallel {
+            let (map, normalizer) = (&self.map, self.normalizer);
+            parallel::causal_parallel(problem, map, normalizer, q, k, v, out, heads);
+            Vec::new()
+        } else if problem.causal {
             chunked::causal_chunked(
                 problem,
                 &self.map,
@@ -398,7 +404,19 @@ pub(crate) fn workspace_bytes(
 ) -> u128 {
     let (m, dim_v) = (features, problem.dim_v);
     let state = m * dim_v + m + dim_v;
-    if problem.causal {
+    if problem.causal && problem.causal_form == CausalForm::Parallel {
+        let tile = parallel::PARALLEL_TILE;
+        let pairs = problem.batch * problem.heads_kv;
+        let keys = pairs * problem.len_k * (m + 2) * element;
+        let projection = packing_bytes(element, &[(tile, m, projection_dim)]);
+        let buffers = (tile * m + tile * tile + 2 * tile) * element;
+        let packing = packing_bytes(element, &[(tile, tile, m), (tile, dim_v, tile)]);
+        let tasks = problem.batch * problem.heads_q * problem.len_q.div_ceil(tile);
+        keys as u128
+            + per_thread(pairs, projection)
+            + per_thread(tasks, buffers as u128 + packing)
+            + task_list_bytes(tasks + pairs)
+    } else if problem.causal {
         let c = chunk;
         let buffers = (2 * c * m + c * c + 4 * c + 2 * dim_v + state) * element;
         let packing = packing_bytes(

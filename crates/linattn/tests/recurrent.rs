@@ -93,6 +93,14 @@ fn parallel_chunked_and_recurrent_forms_agree() {
         let expected = attention
             .forward(&inputs[0], &inputs[1], &inputs[2])
             .unwrap();
+        let parallel = attention.clone().causal_form(CausalForm::Parallel);
+        let parallel = parallel
+            .forward(&inputs[0], &inputs[1], &inputs[2])
+            .unwrap();
+        assert!(
+            relative_error(&parallel, &expected) < 1e-12,
+            "{method:?} parallel"
+        );
         for prompt in [0, 1, 20, 36] {
             let decoded = prefill_then_decode(&attention, &inputs, prompt);
             let error = relative_error(&decoded, &expected);

@@ -1,6 +1,7 @@
 //! `linattn bench`: methods over a sweep of sequence lengths, each timed, its extra
 //! memory counted and its output compared with exact f64 softmax.
 
+use crate::dtype::Dtype;
 use crate::error::CliError;
 use crate::measure::measure;
 use crate::report::{self, Case, Record};
@@ -50,15 +51,6 @@ impl BenchMethod {
             BenchMethod::Hybrid => "hybrid",
         }
     }
-}
-
-/// Precision of the benchmarked inputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    /// float32.
-    F32,
-    /// float64.
-    F64,
 }
 
 /// Arguments of `linattn bench`.

@@ -7,12 +7,14 @@
 
 mod alloc;
 mod bench;
+mod dtype;
 mod error;
 mod measure;
 mod method_options;
 mod npy;
 mod report;
 mod run;
+mod table;
 mod window_span;
 
 use clap::{Parser, Subcommand};

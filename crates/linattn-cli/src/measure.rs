@@ -65,7 +65,7 @@ fn wants_another_run(times: &[Duration], warm_up: Duration) -> bool {
 }
 
 /// The middle time, or the mean of the two middle ones; `times` must not be empty.
-fn median(times: &mut [Duration]) -> Duration {
+pub fn median(times: &mut [Duration]) -> Duration {
     times.sort_unstable();
     let middle = times.len() / 2;
     if times.len() % 2 == 1 {

@@ -5,6 +5,7 @@
 //! and its columns are one list: measured machine ceilings are meant to become one more
 //! section before the rows, and a fraction-of-floor figure one more column.
 
+use crate::table::{self, Align};
 use linattn::ByteSize;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -93,8 +94,7 @@ pub fn write_json(records: &[Record], mut out: impl Write) -> io::Result<()> {
 /// One column of the table: its header and how a record fills its cell.
 struct Column {
     header: &'static str,
-    /// Numbers line up on the right, names on the left.
-    right_aligned: bool,
+    align: Align,
     cell: fn(&Record) -> String,
 }
 
@@ -104,37 +104,37 @@ const NONE: &str = "-";
 const COLUMNS: &[Column] = &[
     Column {
         header: "method",
-        right_aligned: false,
+        align: Align::Left,
         cell: |r| r.case.method.to_string(),
     },
     Column {
         header: "causal",
-        right_aligned: false,
+        align: Align::Left,
         cell: |r| if r.case.causal { "yes" } else { "no" }.to_string(),
     },
     Column {
         header: "batch",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.case.batch.to_string(),
     },
     Column {
         header: "seq",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.case.seq.to_string(),
     },
     Column {
         header: "heads",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.case.heads.to_string(),
     },
     Column {
         header: "dim",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.case.dim.to_string(),
     },
     Column {
         header: "median_ms",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| match (r.median_ms, &r.skipped) {
             (Some(ms), _) => format!("{ms:.3}"),
             (None, Some(_)) => "skipped".to_string(),
@@ -143,12 +143,12 @@ const COLUMNS: &[Column] = &[
     },
     Column {
         header: "tokens/s",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.tokens_per_s.map_or(NONE.to_string(), si),
     },
     Column {
         header: "extra memory",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| {
             r.extra_bytes
                 .map_or(NONE.to_string(), |b| ByteSize(b as u128).to_string())
@@ -156,7 +156,7 @@ const COLUMNS: &[Column] = &[
     },
     Column {
         header: "rel_err",
-        right_aligned: true,
+        align: Align::Right,
         cell: |r| r.rel_err.map_or(NONE.to_string(), |e| format!("{e:.2e}")),
     },
 ];
@@ -180,41 +180,12 @@ pub fn write_table(records: &[Record], mut out: impl Write) -> io::Result<()> {
 }
 
 fn write_rows(records: &[Record], out: &mut impl Write) -> io::Result<()> {
+    let headers: Vec<(&str, Align)> = COLUMNS.iter().map(|c| (c.header, c.align)).collect();
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|record| COLUMNS.iter().map(|c| (c.cell)(record)).collect())
         .collect();
-    let widths: Vec<usize> = COLUMNS
-        .iter()
-        .enumerate()
-        .map(|(i, column)| {
-            rows.iter()
-                .map(|row| row[i].chars().count())
-                .fold(column.header.chars().count(), usize::max)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| -> String {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(COLUMNS)
-            .zip(&widths)
-            .map(|((cell, column), &width)| {
-                if column.right_aligned {
-                    format!("{cell:>width$}")
-                } else {
-                    format!("{cell:<width$}")
-                }
-            })
-            .collect();
-        padded.join("  ").trim_end().to_string()
-    };
-    writeln!(out, "{}", line(COLUMNS.iter().map(|c| c.header).collect()))?;
-    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-    writeln!(out, "{}", line(rule.iter().map(String::as_str).collect()))?;
-    for row in &rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
+    table::write(out, &headers, &rows)
 }
 
 fn write_skip_notes(records: &[Record], out: &mut impl Write) -> io::Result<()> {

@@ -88,6 +88,16 @@ pub enum CliError {
         /// dtype of v.
         v: &'static str,
     },
+    /// The output gradient's element type differs from the inputs'.
+    #[error("the output gradient {} is {d_out} but q, k and v are {inputs}; it must share their dtype", path.display())]
+    GradientDtypeMismatch {
+        /// The output gradient's file.
+        path: PathBuf,
+        /// Its dtype.
+        d_out: &'static str,
+        /// The dtype of q, k and v.
+        inputs: &'static str,
+    },
     /// Options that do not go together, or a method missing one it needs.
     #[error("{0}")]
     Usage(String),

@@ -2,11 +2,14 @@
 //!
 //! - `linattn run` computes one attention call on q, k, v read from .npy files.
 //! - `linattn bench` times every method over a sweep of sequence lengths.
+//! - `linattn decode` generates token by token with each method's recurrent state.
 //!
 //! Every failure is a [`CliError`]: one line on stderr and exit status 2.
 
 mod alloc;
 mod bench;
+mod decode;
+mod decode_report;
 mod dtype;
 mod error;
 mod measure;
@@ -35,6 +38,8 @@ enum Command {
     Run(run::RunArgs),
     /// Time methods over sequence lengths: median time, tokens/s, extra memory, error
     Bench(bench::BenchArgs),
+    /// Prefill a prompt, then generate token by token: step latency and state memory
+    Decode(decode::DecodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Decode(args) => decode::decode(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,7 +34,7 @@ pub enum MethodName {
 
 impl MethodName {
     /// The name as `--method` spells it.
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             MethodName::Softmax => "softmax",
             MethodName::Window => "window",
@@ -110,8 +110,9 @@ pub struct MethodOptions {
     /// linformer: projected length k of drawn projections
     #[arg(long, value_name = "K")]
     k_proj: Option<usize>,
-    /// linformer: rows of drawn projections, the longest key sequence [default: k's length]
-    #[arg(long, value_name = "N")]
+    /// linformer: rows of drawn projections, the longest key sequence [default: k's length];
+    /// cosformer: M of the cosine reweighting, fixed [default: each call's longest sequence]
+    #[arg(long, value_name = "M")]
     max_len: Option<usize>,
     /// hybrid: how many leading query heads use the window
     #[arg(long, value_name = "N")]
@@ -128,6 +129,21 @@ pub struct InputDims {
     pub head_dim: usize,
     /// k's sequence length.
     pub key_len: usize,
+}
+
+/// Values a command supplies for options left out: `run` supplies none (the option is
+/// required, or the library's default holds), `decode` compares several methods at once
+/// and so cannot ask for each one's options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fallbacks {
+    /// window, hybrid: the span of `--window`.
+    pub window: Option<WindowSpan>,
+    /// hybrid: `--local-heads`.
+    pub local_heads: Option<usize>,
+    /// linformer: `--k-proj`.
+    pub k_proj: Option<usize>,
+    /// cosformer: `--max-len`, the fixed M.
+    pub cosformer_max_len: Option<usize>,
 }
 
 impl MethodOptions {
@@ -153,58 +169,79 @@ impl MethodOptions {
         .collect()
     }
 
-    /// Fails on a flag that `method` would silently ignore: a typo'd method name should
-    /// not quietly compute something else.
-    fn reject_foreign(&self, method: MethodName) -> Result<(), CliError> {
+    /// Fails on a flag that none of `methods` takes: a typo'd method name should not
+    /// quietly compute something else.
+    fn reject_foreign(&self, methods: &[MethodName]) -> Result<(), CliError> {
         let global = self.global.unwrap_or(GlobalKind::Linear);
-        let accepted: &[&str] = match (method, global) {
-            (MethodName::Softmax, _) => &["--scale", "--algorithm"],
-            (MethodName::Window, _) => &["--window", "--scale"],
-            (MethodName::Linear | MethodName::Cosformer, _) => &["--chunk"],
-            (MethodName::Performer, _) => &["--omega", "--features", "--seed", "--chunk"],
-            (MethodName::Linformer, _) => {
-                &["--proj-k", "--proj-v", "--k-proj", "--max-len", "--seed"]
-            }
-            (MethodName::Fnet, _) => &[],
-            (MethodName::Hybrid, GlobalKind::Linear) => &[
-                "--window",
-                "--scale",
-                "--local-heads",
-                "--global",
-                "--chunk",
-            ],
-            (MethodName::Hybrid, GlobalKind::Performer) => &[
-                "--window",
-                "--scale",
-                "--local-heads",
-                "--global",
-                "--chunk",
-                "--omega",
-                "--features",
-                "--seed",
-            ],
-        };
-        let Some(flag) = self.given().into_iter().find(|f| !accepted.contains(f)) else {
+        let accepts =
+            |method: MethodName, flag: &str| accepted_flags(method, global).contains(&flag);
+        let Some(flag) = self
+            .given()
+            .into_iter()
+            .find(|flag| !methods.iter().any(|&method| accepts(method, flag)))
+        else {
             return Ok(());
         };
-        let what = match method {
+        let describe = |method: MethodName| match method {
             MethodName::Hybrid => format!("hybrid with --global {}", global.name()),
             _ => method.name().to_string(),
         };
-        let takes = if accepted.is_empty() {
-            "no options".to_string()
-        } else {
-            accepted.join(", ")
-        };
-        Err(CliError::Usage(format!(
-            "{flag} does not apply to {what}, which takes {takes}"
-        )))
+        Err(CliError::Usage(match methods {
+            [method] => {
+                let accepted = accepted_flags(*method, global);
+                let takes = if accepted.is_empty() {
+                    "no options".to_string()
+                } else {
+                    accepted.join(", ")
+                };
+                format!(
+                    "{flag} does not apply to {}, which takes {takes}",
+                    describe(*method)
+                )
+            }
+            _ => {
+                let names: Vec<String> = methods.iter().map(|&m| describe(m)).collect();
+                format!("{flag} applies to none of {}", names.join(", "))
+            }
+        }))
     }
 
     /// The configured method for inputs of `dims`; reads ω, E and F where given.
     pub fn method(&self, name: MethodName, dims: InputDims) -> Result<Method, CliError> {
-        self.reject_foreign(name)?;
+        self.reject_foreign(&[name])?;
+        self.configure(name, dims, Fallbacks::default())
+    }
+
+    /// Each of `names` configured for inputs of `dims`, with `fallbacks` for the options
+    /// left out; a flag is accepted when at least one of the methods takes it.
+    pub fn methods(
+        &self,
+        names: &[MethodName],
+        dims: InputDims,
+        fallbacks: Fallbacks,
+    ) -> Result<Vec<Method>, CliError> {
+        self.reject_foreign(names)?;
+        names
+            .iter()
+            .map(|&name| self.configure(name, dims, fallbacks))
+            .collect()
+    }
+
+    fn configure(
+        &self,
+        name: MethodName,
+        dims: InputDims,
+        fallbacks: Fallbacks,
+    ) -> Result<Method, CliError> {
         let chunk = self.chunk.unwrap_or(DEFAULT_CHUNK);
+        let window = || {
+            self.window.or(fallbacks.window).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "{} needs --window L,R (keys before and after each query, -1 for unbounded)",
+                    name.name()
+                ))
+            })
+        };
         Ok(match name {
             MethodName::Softmax => Method::Softmax(Softmax {
                 scale: self.scale,
@@ -213,33 +250,26 @@ impl MethodOptions {
                     Algorithm::Naive => SoftmaxAlgorithm::Naive,
                 },
             }),
-            MethodName::Window => Method::Window(self.window_span("window")?.window(self.scale)),
+            MethodName::Window => Method::Window(window()?.window(self.scale)),
             MethodName::Linear => Method::Linear(Linear { chunk }),
             MethodName::Performer => Method::Performer(self.performer(chunk, dims)?),
             MethodName::Cosformer => Method::Cosformer(Cosformer {
                 chunk,
-                ..Cosformer::default()
+                max_len: self.max_len.or(fallbacks.cosformer_max_len),
             }),
-            MethodName::Linformer => Method::Linformer(self.linformer(dims)?),
+            MethodName::Linformer => Method::Linformer(self.linformer(dims, fallbacks)?),
             MethodName::Fnet => Method::Fnet(Fnet),
             MethodName::Hybrid => Method::Hybrid(Hybrid {
                 local_heads: self
                     .local_heads
+                    .or(fallbacks.local_heads)
                     .ok_or_else(|| CliError::Usage("hybrid needs --local-heads N".into()))?,
-                window: self.window_span("hybrid")?.window(self.scale),
+                window: window()?.window(self.scale),
                 global: match self.global.unwrap_or(GlobalKind::Linear) {
                     GlobalKind::Linear => GlobalHeads::Linear(Linear { chunk }),
                     GlobalKind::Performer => GlobalHeads::Performer(self.performer(chunk, dims)?),
                 },
             }),
-        })
-    }
-
-    fn window_span(&self, method: &str) -> Result<WindowSpan, CliError> {
-        self.window.ok_or_else(|| {
-            CliError::Usage(format!(
-                "{method} needs --window L,R (keys before and after each query, -1 for unbounded)"
-            ))
         })
     }
 
@@ -267,7 +297,7 @@ impl MethodOptions {
         })
     }
 
-    fn linformer(&self, dims: InputDims) -> Result<Linformer, CliError> {
+    fn linformer(&self, dims: InputDims, fallbacks: Fallbacks) -> Result<Linformer, CliError> {
         if let (Some(e_path), Some(f_path)) = (&self.proj_k, &self.proj_v) {
             let (e, e_shape) = read_matrix(e_path, "E", "2-D [max_len, k]")?;
             let (f, f_shape) = read_matrix(f_path, "F", "2-D [max_len, k]")?;
@@ -281,7 +311,7 @@ impl MethodOptions {
             let [max_len, k] = e_shape;
             return Ok(Linformer::with_projections(e, f, max_len, k));
         }
-        let k = self.k_proj.ok_or_else(|| {
+        let k = self.k_proj.or(fallbacks.k_proj).ok_or_else(|| {
             CliError::Usage(
                 "linformer needs --k-proj K (drawn projections) or --proj-k E.npy --proj-v F.npy"
                     .into(),
@@ -292,6 +322,36 @@ impl MethodOptions {
             k,
             self.seed.unwrap_or(0),
         ))
+    }
+}
+
+/// The flags `method` takes (hybrid's depend on its global heads).
+fn accepted_flags(method: MethodName, global: GlobalKind) -> &'static [&'static str] {
+    match (method, global) {
+        (MethodName::Softmax, _) => &["--scale", "--algorithm"],
+        (MethodName::Window, _) => &["--window", "--scale"],
+        (MethodName::Linear, _) => &["--chunk"],
+        (MethodName::Cosformer, _) => &["--chunk", "--max-len"],
+        (MethodName::Performer, _) => &["--omega", "--features", "--seed", "--chunk"],
+        (MethodName::Linformer, _) => &["--proj-k", "--proj-v", "--k-proj", "--max-len", "--seed"],
+        (MethodName::Fnet, _) => &[],
+        (MethodName::Hybrid, GlobalKind::Linear) => &[
+            "--window",
+            "--scale",
+            "--local-heads",
+            "--global",
+            "--chunk",
+        ],
+        (MethodName::Hybrid, GlobalKind::Performer) => &[
+            "--window",
+            "--scale",
+            "--local-heads",
+            "--global",
+            "--chunk",
+            "--omega",
+            "--features",
+            "--seed",
+        ],
     }
 }
 

@@ -1,15 +1,17 @@
 //! `linattn run`: one attention call on q, k, v read from .npy files, the output written
-//! as .npy in the inputs' precision.
+//! as .npy in the inputs' precision; with an output gradient, the backward pass too.
 
 use crate::error::CliError;
 use crate::method_options::{InputDims, MethodName, MethodOptions};
-use crate::npy::{self, Array, Elements};
+use crate::npy::{self, Array, Elements, Float};
 use clap::Args;
-use linattn::{Attention, Element, Tensor};
+use linattn::{Attention, Gradients, Method, Tensor};
 use std::path::{Path, PathBuf};
 
 /// The layout q, k and v must have.
 const QKV_LAYOUT: &str = "4-D [batch, seq, heads, head_dim]";
+/// The layout of the output gradient (its shape is checked by the library).
+const OUTPUT_LAYOUT: &str = "4-D, the output's shape";
 
 /// Arguments of `linattn run`.
 #[derive(Debug, Args)]
@@ -32,6 +34,14 @@ pub struct RunArgs {
     /// Where to write the output, in the inputs' dtype
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Gradient of the loss with respect to the output (its shape, the inputs' dtype):
+    /// also compute the backward pass (needs --grads-prefix)
+    #[arg(long, value_name = "FILE")]
+    grad_out: Option<PathBuf>,
+    /// Where the gradients go: PATH + dq.npy, dk.npy, dv.npy, and for linformer dE.npy,
+    /// dF.npy (needs --grad-out)
+    #[arg(long, value_name = "PATH")]
+    grads_prefix: Option<PathBuf>,
     /// Caps the bytes the call may allocate (to exercise the out-of-memory path)
     #[arg(long, value_name = "BYTES", hide = true)]
     memory_limit: Option<u64>,
@@ -40,44 +50,59 @@ pub struct RunArgs {
     options: MethodOptions,
 }
 
-/// q, k and v in their common precision.
+/// What `--grad-out` and `--grads-prefix` ask for together.
+struct GradientRequest<'a> {
+    /// The output gradient's file.
+    d_out: &'a Path,
+    /// What the gradients' file names start with.
+    prefix: &'a Path,
+}
+
+impl RunArgs {
+    /// The backward pass asked for, if any; one flag without the other is a usage error.
+    fn gradient_request(&self) -> Result<Option<GradientRequest<'_>>, CliError> {
+        match (&self.grad_out, &self.grads_prefix) {
+            (Some(d_out), Some(prefix)) => Ok(Some(GradientRequest { d_out, prefix })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(CliError::Usage(
+                "--grad-out needs --grads-prefix PATH, where dq.npy, dk.npy and dv.npy are written"
+                    .into(),
+            )),
+            (None, Some(_)) => Err(CliError::Usage(
+                "--grads-prefix needs --grad-out FILE, the gradient of the loss with respect to the output"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// The arrays of one call in their common precision.
 enum Inputs {
-    F32([Tensor<f32>; 3]),
-    F64([Tensor<f64>; 3]),
+    F32(Tensors<f32>),
+    F64(Tensors<f64>),
+}
+
+/// q, k, v and, for the backward pass, the output gradient.
+struct Tensors<T> {
+    q: Tensor<T>,
+    k: Tensor<T>,
+    v: Tensor<T>,
+    d_out: Option<Tensor<T>>,
 }
 
 impl Inputs {
-    fn new(q: Array, k: Array, v: Array) -> Result<Self, CliError> {
-        let shapes = [
-            q.dims::<4>("q", QKV_LAYOUT)?,
-            k.dims::<4>("k", QKV_LAYOUT)?,
-            v.dims::<4>("v", QKV_LAYOUT)?,
-        ];
-        Ok(match (q.elements, k.elements, v.elements) {
-            (Elements::F32(q), Elements::F32(k), Elements::F32(v)) => Inputs::F32([
-                Tensor::from_vec(q, shapes[0])?,
-                Tensor::from_vec(k, shapes[1])?,
-                Tensor::from_vec(v, shapes[2])?,
-            ]),
-            (Elements::F64(q), Elements::F64(k), Elements::F64(v)) => Inputs::F64([
-                Tensor::from_vec(q, shapes[0])?,
-                Tensor::from_vec(k, shapes[1])?,
-                Tensor::from_vec(v, shapes[2])?,
-            ]),
-            (q, k, v) => {
-                return Err(CliError::DtypeMismatch {
-                    q: q.dtype(),
-                    k: k.dtype(),
-                    v: v.dtype(),
-                });
-            }
+    /// The tensors in q's precision; k, v and the output gradient must share it.
+    fn new(q: Array, k: Array, v: Array, d_out: Option<Array>) -> Result<Self, CliError> {
+        Ok(match q.elements {
+            Elements::F32(_) => Inputs::F32(Tensors::new(q, k, v, d_out)?),
+            Elements::F64(_) => Inputs::F64(Tensors::new(q, k, v, d_out)?),
         })
     }
 
     fn dims(&self) -> InputDims {
-        let [q, k, _] = match self {
-            Inputs::F32(tensors) => tensors.each_ref().map(Tensor::shape),
-            Inputs::F64(tensors) => tensors.each_ref().map(Tensor::shape),
+        let (q, k) = match self {
+            Inputs::F32(tensors) => (tensors.q.shape(), tensors.k.shape()),
+            Inputs::F64(tensors) => (tensors.q.shape(), tensors.k.shape()),
         };
         InputDims {
             head_dim: q[3],
@@ -86,31 +111,114 @@ impl Inputs {
     }
 }
 
+impl<T: Float> Tensors<T> {
+    fn new(q: Array, k: Array, v: Array, d_out: Option<Array>) -> Result<Self, CliError> {
+        let shapes = [
+            q.dims::<4>("q", QKV_LAYOUT)?,
+            k.dims::<4>("k", QKV_LAYOUT)?,
+            v.dims::<4>("v", QKV_LAYOUT)?,
+        ];
+        let mismatch = CliError::DtypeMismatch {
+            q: q.elements.dtype(),
+            k: k.elements.dtype(),
+            v: v.elements.dtype(),
+        };
+        let [q, k, v] = match [q, k, v].map(|array| T::take(array.elements)) {
+            [Ok(q), Ok(k), Ok(v)] => [q, k, v],
+            _ => return Err(mismatch),
+        };
+        let d_out = match d_out {
+            Some(array) => {
+                let shape = array.dims::<4>("the output gradient", OUTPUT_LAYOUT)?;
+                let values =
+                    T::take(array.elements).map_err(|other| CliError::GradientDtypeMismatch {
+                        path: array.path,
+                        d_out: other.dtype(),
+                        inputs: T::NAME,
+                    })?;
+                Some(Tensor::from_vec(values, shape)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            q: Tensor::from_vec(q, shapes[0])?,
+            k: Tensor::from_vec(k, shapes[1])?,
+            v: Tensor::from_vec(v, shapes[2])?,
+            d_out,
+        })
+    }
+}
+
 /// Runs `linattn run`.
 pub fn run(args: &RunArgs) -> Result<(), CliError> {
+    let gradients = args.gradient_request()?;
     let inputs = Inputs::new(
         npy::read(&args.q)?,
         npy::read(&args.k)?,
         npy::read(&args.v)?,
+        gradients
+            .as_ref()
+            .map(|request| npy::read(request.d_out))
+            .transpose()?,
     )?;
     let method = args.options.method(args.method, inputs.dims())?;
     let mut attention = Attention::new(method).causal(args.causal);
     if let Some(limit) = args.memory_limit {
         attention = attention.memory_limit(limit);
     }
+    let grads_prefix = gradients.map(|request| request.prefix);
     match &inputs {
-        Inputs::F32([q, k, v]) => compute(&attention, q, k, v, &args.out),
-        Inputs::F64([q, k, v]) => compute(&attention, q, k, v, &args.out),
+        Inputs::F32(tensors) => compute(&attention, tensors, &args.out, grads_prefix),
+        Inputs::F64(tensors) => compute(&attention, tensors, &args.out, grads_prefix),
     }
 }
 
-fn compute<T: Element + npyz::AutoSerialize>(
+fn compute<T: Float>(
     attention: &Attention,
-    q: &Tensor<T>,
-    k: &Tensor<T>,
-    v: &Tensor<T>,
+    tensors: &Tensors<T>,
     out: &Path,
+    grads_prefix: Option<&Path>,
 ) -> Result<(), CliError> {
+    let Tensors { q, k, v, d_out } = tensors;
     let output = attention.forward(q, k, v)?;
-    npy::write(out, &output)
+    // Before anything is written: a refused backward pass leaves no files behind.
+    let gradients = d_out
+        .as_ref()
+        .map(|d_out| attention.backward(q, k, v, d_out))
+        .transpose()?;
+    npy::write(out, &output)?;
+    match gradients.zip(grads_prefix) {
+        Some((gradients, prefix)) => write_gradients(attention.method(), &gradients, prefix),
+        None => Ok(()),
+    }
+}
+
+/// Writes dq, dk, dv in the inputs' precision and Linformer's dE, dF as float64
+/// `[max_len, k]`, each to `prefix` followed by its name.
+fn write_gradients<T: Float>(
+    method: &Method,
+    gradients: &Gradients<T>,
+    prefix: &Path,
+) -> Result<(), CliError> {
+    for (name, gradient) in [
+        ("dq", &gradients.dq),
+        ("dk", &gradients.dk),
+        ("dv", &gradients.dv),
+    ] {
+        npy::write(&prefixed(prefix, name), gradient)?;
+    }
+    if let (Some((d_e, d_f)), Method::Linformer(linformer)) = (&gradients.projections, method) {
+        let shape = [linformer.max_len, linformer.k];
+        npy::write_array(&prefixed(prefix, "dE"), &shape, d_e)?;
+        npy::write_array(&prefixed(prefix, "dF"), &shape, d_f)?;
+    }
+    Ok(())
+}
+
+/// `prefix` with `name.npy` appended to its last component: `out/grad_` gives
+/// `out/grad_dq.npy`.
+fn prefixed(prefix: &Path, name: &str) -> PathBuf {
+    let mut path = prefix.as_os_str().to_owned();
+    path.push(format!("{name}.npy"));
+    path.into()
 }

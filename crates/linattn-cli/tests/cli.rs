@@ -1,6 +1,7 @@
 //! The `linattn` binary end to end: `run` outputs against the library's f64 reference
-//! definitions, one clear message and exit status 2 for every kind of bad input, and the
-//! records of `bench`.
+//! definitions and its gradients against the library's backward pass, one clear message
+//! and exit status 2 for every kind of bad input, the records of `bench`, and the
+//! state memory `decode` reports.
 
 use linattn::{
     Attention, Cosformer, Element, Fnet, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer,
@@ -268,6 +269,17 @@ fn cosformer_matches_reference() {
         }),
         |_| words(&["--method", "cosformer", "--chunk", "5"]),
     );
+    // A fixed M longer than the sequence, as decoding uses.
+    check_against_reference(
+        "cosformer-max-len",
+        GQA,
+        true,
+        Method::Cosformer(Cosformer {
+            chunk: 5,
+            max_len: Some(50),
+        }),
+        |_| words(&["--method", "cosformer", "--chunk", "5", "--max-len", "50"]),
+    );
 }
 
 #[test]
@@ -422,6 +434,112 @@ fn float64_inputs_give_float64_output() {
     for (a, b) in got.iter().zip(expected.as_slice()) {
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
+}
+
+/// Values equal to `expected` up to rounding (the same f64 code, possibly summed in
+/// another order).
+fn assert_close(got: &[f64], expected: &[f64], what: &str) {
+    assert_eq!(got.len(), expected.len(), "{what}");
+    let scale = expected.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    for (a, b) in got.iter().zip(expected) {
+        assert!((a - b).abs() <= 1e-12 * scale, "{what}: {a} vs {b}");
+    }
+}
+
+/// Runs `run --grad-out` on f64 inputs of `shape` and checks the output and dq, dk, dv
+/// (and Linformer's dE, dF) against the library's backward pass.
+fn check_gradients(test: &str, shape: Shape, causal: bool, method: Method, method_args: &[&str]) {
+    let scratch = Scratch::new(test);
+    let [q, k, v] = shape.inputs::<f64>(21);
+    let attention = Attention::new(method).causal(causal);
+    let out_shape = attention
+        .output_shape(q.shape(), k.shape(), v.shape())
+        .unwrap();
+    let d_out = Tensor::<f64>::randn(out_shape, 24).unwrap();
+    let mut args = words(&["run"]);
+    args.extend(words(method_args));
+    for (flag, name, tensor) in [
+        ("--q", "q.npy", &q),
+        ("--k", "k.npy", &k),
+        ("--v", "v.npy", &v),
+        ("--grad-out", "do.npy", &d_out),
+    ] {
+        args.extend([flag.to_string(), path_arg(scratch.tensor(name, tensor))]);
+    }
+    args.extend(["--out".into(), path_arg(scratch.path("out.npy"))]);
+    args.extend(["--grads-prefix".into(), path_arg(scratch.path("grad_"))]);
+    if causal {
+        args.push("--causal".into());
+    }
+    let output = linattn(&args);
+    assert!(
+        output.status.success(),
+        "{test}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let (_, out) = read_npy::<f64>(&scratch.path("out.npy"));
+    let forward = attention.forward(&q, &k, &v).unwrap();
+    assert_close(&out, forward.as_slice(), &format!("{test} output"));
+    let expected = attention.backward(&q, &k, &v, &d_out).unwrap();
+    for (name, gradient) in [
+        ("dq", &expected.dq),
+        ("dk", &expected.dk),
+        ("dv", &expected.dv),
+    ] {
+        let (got_shape, got) = read_npy::<f64>(&scratch.path(&format!("grad_{name}.npy")));
+        assert_eq!(got_shape, gradient.shape(), "{test} {name}");
+        assert_close(&got, gradient.as_slice(), &format!("{test} {name}"));
+    }
+    let projection_files = ["dE", "dF"].map(|name| scratch.path(&format!("grad_{name}.npy")));
+    match (&expected.projections, attention.method()) {
+        (Some((d_e, d_f)), Method::Linformer(linformer)) => {
+            for (path, gradient) in projection_files.iter().zip([d_e, d_f]) {
+                let (got_shape, got) = read_npy::<f64>(path);
+                assert_eq!(got_shape, [linformer.max_len, linformer.k], "{test}");
+                assert_close(&got, gradient, &format!("{test} {}", path.display()));
+            }
+        }
+        _ => assert!(
+            projection_files.iter().all(|path| !path.exists()),
+            "{test}: projection gradients written for a method without projections"
+        ),
+    }
+}
+
+#[test]
+fn run_gradients_match_the_library_backward() {
+    check_gradients(
+        "grad-linear",
+        GQA,
+        true,
+        Method::Linear(Linear { chunk: 8 }),
+        &["--method", "linear", "--chunk", "8"],
+    );
+    check_gradients(
+        "grad-softmax",
+        CROSS,
+        false,
+        Method::softmax(),
+        &["--method", "softmax"],
+    );
+    // Projections longer than the sequence: their last rows get zero gradient.
+    check_gradients(
+        "grad-linformer",
+        GQA,
+        false,
+        Method::Linformer(Linformer::new(40, 6, 3)),
+        &[
+            "--method",
+            "linformer",
+            "--k-proj",
+            "6",
+            "--max-len",
+            "40",
+            "--seed",
+            "3",
+        ],
+    );
 }
 
 /// Runs `run` with `method_args` on q, k, v at the given paths and checks that it fails
@@ -603,6 +721,55 @@ fn library_errors_are_printed() {
 }
 
 #[test]
+fn gradient_requests_are_checked() {
+    let scratch = Scratch::new("grad-errors");
+    let [q, k, v] = valid_inputs(&scratch);
+    let prefix = path_arg(scratch.path("grad_"));
+    // GQA's output is [2, 37, 4, 5]; this gradient has the wrong head_dim.
+    let wrong_shape = path_arg(scratch.tensor(
+        "do-shape.npy",
+        &Tensor::<f32>::zeros([2, 37, 4, 6]).unwrap(),
+    ));
+    let float64 =
+        path_arg(scratch.tensor("do-f64.npy", &Tensor::<f64>::zeros([2, 37, 4, 5]).unwrap()));
+    for (args, expected) in [
+        (
+            &["--method", "linear", "--grad-out", &wrong_shape][..],
+            "--grad-out needs --grads-prefix",
+        ),
+        (
+            &["--method", "linear", "--grads-prefix", &prefix],
+            "--grads-prefix needs --grad-out",
+        ),
+        (
+            &[
+                "--method",
+                "linear",
+                "--grad-out",
+                &wrong_shape,
+                "--grads-prefix",
+                &prefix,
+            ],
+            "shape mismatch: the output gradient has shape [2, 37, 4, 6] but the output has shape [2, 37, 4, 5]",
+        ),
+        (
+            &[
+                "--method",
+                "linear",
+                "--grad-out",
+                &float64,
+                "--grads-prefix",
+                &prefix,
+            ],
+            "is float64 but q, k and v are float32",
+        ),
+    ] {
+        assert_rejected(&q, &k, &v, args, expected);
+        assert!(!scratch.path("grad_dq.npy").exists(), "{expected}");
+    }
+}
+
+#[test]
 fn misused_options_are_named() {
     let scratch = Scratch::new("options");
     let [q, k, v] = valid_inputs(&scratch);
@@ -753,4 +920,130 @@ fn bench_skips_what_does_not_fit_or_does_not_apply() {
         table.contains("skipped linformer at seq 32: linformer has no causal form"),
         "{table}"
     );
+}
+
+/// Runs `decode` on a small problem with `args` and returns its stdout.
+fn decode(args: &[&str]) -> String {
+    let small = [
+        "--prompt-len",
+        "16",
+        "--tokens",
+        "8",
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+    ];
+    let output = linattn([&["decode"][..], &small, args].concat());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn decode_shows_the_kv_cache_growing_and_linear_states_constant() {
+    let stdout = decode(&["--json", "--method", "softmax,linear"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    let methods = report["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["softmax", "linear"]);
+    for method in methods {
+        assert!(method["skipped"].is_null(), "{method}");
+        assert!(method["prefill_ms"].as_f64().unwrap() > 0.0, "{method}");
+        let samples = method["samples"].as_array().unwrap();
+        let contexts: Vec<u64> = samples
+            .iter()
+            .map(|s| s["context"].as_u64().unwrap())
+            .collect();
+        // Eight tokens: about ten rows means one per token.
+        assert_eq!(contexts, (17..=24).collect::<Vec<u64>>(), "{method}");
+        assert!(
+            samples.iter().all(|s| s["step_us"].as_f64().unwrap() > 0.0),
+            "{method}"
+        );
+        let bytes: Vec<u64> = samples
+            .iter()
+            .map(|s| s["state_bytes"].as_u64().unwrap())
+            .collect();
+        let summary = &method["summary"];
+        assert_eq!(summary["state_bytes"].as_u64(), bytes.last().copied());
+        let per_token = summary["bytes_per_token"].as_u64().unwrap();
+        match method["method"].as_str().unwrap() {
+            "softmax" => {
+                // One key and one value of 8 floats per kv head and token.
+                assert_eq!(per_token, 2 * (8 + 8) * 4, "{method}");
+                assert!(
+                    bytes.windows(2).all(|w| w[1] == w[0] + per_token),
+                    "{bytes:?}"
+                );
+                assert_eq!(summary["memory"], "growing");
+            }
+            _ => {
+                assert_eq!(per_token, 0, "{method}");
+                assert!(bytes.iter().all(|&b| b == bytes[0]), "{bytes:?}");
+                assert_eq!(summary["memory"], "constant");
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_table_names_every_method_and_skips_those_without_a_causal_form() {
+    let table = decode(&[]);
+    for method in [
+        "softmax",
+        "window",
+        "linear",
+        "performer",
+        "cosformer",
+        "hybrid",
+    ] {
+        assert!(table.contains(method), "no {method} in:\n{table}");
+    }
+    assert!(
+        table.contains("growing") && table.contains("constant"),
+        "{table}"
+    );
+    let table = decode(&["--method", "linear,linformer,fnet", "--every", "3"]);
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|line| line.trim_start().starts_with(char::is_numeric))
+        .collect();
+    assert_eq!(rows.len(), 3, "rows at 19, 22 and the last, 24:\n{table}");
+    assert!(rows[2].trim_start().starts_with("24"), "{table}");
+    assert!(
+        table.contains("skipped linformer: linformer has no causal form"),
+        "{table}"
+    );
+    assert!(
+        table.contains("skipped fnet: fnet has no causal form"),
+        "{table}"
+    );
+}
+
+#[test]
+fn decode_misuse_is_named() {
+    for (args, expected) in [
+        (
+            &["--heads", "8", "--kv-heads", "3"][..],
+            "--heads 8 is not a multiple of --kv-heads 3",
+        ),
+        (
+            &["--method", "softmax,window", "--chunk", "8"],
+            "--chunk applies to none of softmax, window",
+        ),
+    ] {
+        let output = linattn([&["decode"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "wanted {expected:?} in: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
 }

@@ -43,6 +43,30 @@ impl Elements {
     }
 }
 
+/// A precision linattn computes in, taken out of the [`Elements`] that were read.
+pub trait Float: Element + npyz::AutoSerialize {
+    /// The values of `elements` if they are of this type, else `elements` unchanged.
+    fn take(elements: Elements) -> Result<Vec<Self>, Elements>;
+}
+
+impl Float for f32 {
+    fn take(elements: Elements) -> Result<Vec<Self>, Elements> {
+        match elements {
+            Elements::F32(values) => Ok(values),
+            other => Err(other),
+        }
+    }
+}
+
+impl Float for f64 {
+    fn take(elements: Elements) -> Result<Vec<Self>, Elements> {
+        match elements {
+            Elements::F64(values) => Ok(values),
+            other => Err(other),
+        }
+    }
+}
+
 /// A C-order array read from a .npy file.
 pub struct Array {
     /// The file it came from, for messages.
@@ -347,25 +371,29 @@ fn decode<T, const N: usize>(
 }
 
 /// Writes `tensor` to `path` as a C-order .npy array of its own precision.
-pub fn write<T: Element + npyz::AutoSerialize>(
+pub fn write<T: Float>(path: &Path, tensor: &Tensor<T>) -> Result<(), CliError> {
+    write_array(path, &tensor.shape(), tensor.as_slice())
+}
+
+/// Writes `values`, row-major of `shape`, to `path` as a C-order .npy array.
+pub fn write_array<T: npyz::AutoSerialize + Copy>(
     path: &Path,
-    tensor: &Tensor<T>,
+    shape: &[usize],
+    values: &[T],
 ) -> Result<(), CliError> {
     let write_error = |source| CliError::Write {
         path: path.to_owned(),
         source,
     };
     let file = File::create(path).map_err(write_error)?;
-    let shape: Vec<u64> = tensor.shape().iter().map(|&dim| dim as u64).collect();
+    let shape: Vec<u64> = shape.iter().map(|&dim| dim as u64).collect();
     let mut writer = npyz::WriteOptions::new()
         .default_dtype()
         .shape(&shape)
         .writer(BufWriter::new(file))
         .begin_nd()
         .map_err(write_error)?;
-    writer
-        .extend(tensor.as_slice().iter().copied())
-        .map_err(write_error)?;
+    writer.extend(values.iter().copied()).map_err(write_error)?;
     // finish() flushes the buffer; dropping the writer would swallow a write error.
     writer.finish().map_err(write_error)
 }

@@ -1,0 +1,262 @@
+//! `linattn decode`: each method prefills a random prompt, then generates tokens one at a
+//! time through its recurrent [`Decoder`]; every step is timed and the state's memory
+//! read after it, so that the softmax KV cache's growth shows beside the constant states
+//! of the linear methods.
+
+use crate::decode_report::{DecodeReport, MethodTrace, Settings, Step};
+use crate::dtype::Dtype;
+use crate::error::CliError;
+use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions};
+use crate::window_span::WindowSpan;
+use clap::Args;
+use clap::builder::RangedU64ValueParser;
+use linattn::{Attention, Decoder, Element, Method, Tensor};
+use std::io;
+use std::time::{Duration, Instant};
+
+/// The methods that have a causal, recurrent form, compared when `--method` is left out.
+const RECURRENT_METHODS: [MethodName; 6] = [
+    MethodName::Softmax,
+    MethodName::Window,
+    MethodName::Linear,
+    MethodName::Performer,
+    MethodName::Cosformer,
+    MethodName::Hybrid,
+];
+
+/// Rows the table has when `--every` is left out (plus the last step's).
+const DEFAULT_ROWS: usize = 10;
+
+/// Options this command supplies where `run` would insist on them.
+const DECODE_DEFAULTS: &str = "\
+Method options left out: window and hybrid use --window 256,0 (causal: keys after the \
+query are never seen), hybrid --local-heads heads/2, cosformer --max-len P+N (decoding \
+needs a fixed M), linformer --k-proj 256 (only to report that it cannot decode).";
+
+/// Seeds of the prompt's q, k and v: every method sees the same prompt.
+const PROMPT_SEEDS: [u64; 3] = [1, 2, 3];
+
+/// Arguments of `linattn decode`.
+#[derive(Debug, Args)]
+#[command(after_help = DECODE_DEFAULTS)]
+pub struct DecodeArgs {
+    /// Methods to compare, comma-separated [default: softmax, window, linear, performer,
+    /// cosformer, hybrid]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    method: Option<Vec<MethodName>>,
+    /// Tokens of the random prompt, prefilled in one causal call
+    #[arg(long, value_name = "P", default_value_t = 1024, value_parser = at_least_one())]
+    prompt_len: usize,
+    /// Tokens generated one at a time after the prompt
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = at_least_one())]
+    tokens: usize,
+    /// Sequences decoded together
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+    batch: usize,
+    /// Query heads
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
+    heads: usize,
+    /// Key and value heads (GQA/MQA: a divisor of --heads) [default: --heads]
+    #[arg(long, value_name = "G", value_parser = at_least_one())]
+    kv_heads: Option<usize>,
+    /// Head dimension of q, k and v
+    #[arg(long, default_value_t = 64, value_parser = at_least_one())]
+    dim: usize,
+    /// Precision of the inputs
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// A table row every K tokens, plus the last [default: about 10 rows]
+    #[arg(long, value_name = "K", value_parser = at_least_one())]
+    every: Option<usize>,
+    /// Print one JSON object on stdout instead of the tables
+    #[arg(long)]
+    json: bool,
+    /// Caps the bytes the prefill and each step may allocate
+    #[arg(long, value_name = "BYTES")]
+    memory_limit: Option<u64>,
+    // Last: its help heading would otherwise also cover the arguments after it.
+    #[command(flatten)]
+    options: MethodOptions,
+}
+
+/// Sizes of zero would only be refused later, once per method.
+fn at_least_one() -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::new().range(1..)
+}
+
+impl DecodeArgs {
+    fn kv_heads(&self) -> usize {
+        self.kv_heads.unwrap_or(self.heads)
+    }
+
+    /// The context length at the end: the prompt and every generated token.
+    fn final_context(&self) -> usize {
+        self.prompt_len + self.tokens
+    }
+
+    fn settings(&self, dtype: &'static str) -> Settings {
+        Settings {
+            prompt_len: self.prompt_len,
+            tokens: self.tokens,
+            batch: self.batch,
+            heads: self.heads,
+            kv_heads: self.kv_heads(),
+            dim: self.dim,
+            dtype,
+            every: self.every.unwrap_or(self.tokens.div_ceil(DEFAULT_ROWS)),
+        }
+    }
+
+    /// The methods to compare, named and configured.
+    fn methods(&self) -> Result<Vec<(MethodName, Method)>, CliError> {
+        let names = self
+            .method
+            .clone()
+            .unwrap_or_else(|| RECURRENT_METHODS.to_vec());
+        let dims = InputDims {
+            head_dim: self.dim,
+            key_len: self.final_context(),
+        };
+        let fallbacks = Fallbacks {
+            window: Some(WindowSpan {
+                left: Some(256),
+                right: Some(0),
+            }),
+            local_heads: Some(self.heads / 2),
+            k_proj: Some(256),
+            cosformer_max_len: Some(self.final_context()),
+        };
+        let methods = self.options.methods(&names, dims, fallbacks)?;
+        Ok(names.into_iter().zip(methods).collect())
+    }
+
+    fn attention(&self, method: Method) -> Attention {
+        let attention = Attention::new(method).causal(true);
+        match self.memory_limit {
+            Some(limit) => attention.memory_limit(limit),
+            None => attention,
+        }
+    }
+}
+
+/// Runs `linattn decode`.
+pub fn decode(args: &DecodeArgs) -> Result<(), CliError> {
+    if args.heads % args.kv_heads() != 0 {
+        return Err(CliError::Usage(format!(
+            "--heads {} is not a multiple of --kv-heads {}: each key/value head serves an equal group of query heads",
+            args.heads,
+            args.kv_heads()
+        )));
+    }
+    let methods = args.methods()?;
+    let report = match args.dtype {
+        Dtype::F32 => compare::<f32>(args, &methods)?,
+        Dtype::F64 => compare::<f64>(args, &methods)?,
+    };
+    let stdout = io::stdout().lock();
+    if args.json {
+        report.write_json(stdout)
+    } else {
+        report.write_tables(stdout)
+    }
+    .map_err(CliError::Stdout)
+}
+
+/// Decodes with every method in turn; a method the library refuses (no causal form, too
+/// little memory) becomes a skip note, so that one method's limits never end the
+/// comparison.
+fn compare<T: Element>(
+    args: &DecodeArgs,
+    methods: &[(MethodName, Method)],
+) -> Result<DecodeReport, CliError> {
+    let settings = args.settings(T::NAME);
+    let (heads, kv_heads) = (args.heads, args.kv_heads());
+    let prompt_shape = |heads| [args.batch, args.prompt_len, heads, args.dim];
+    let [q_seed, k_seed, v_seed] = PROMPT_SEEDS;
+    let prompt = [
+        Tensor::<T>::randn(prompt_shape(heads), q_seed)?,
+        Tensor::randn(prompt_shape(kv_heads), k_seed)?,
+        Tensor::randn(prompt_shape(kv_heads), v_seed)?,
+    ];
+    let traces = methods
+        .iter()
+        .map(|(name, method)| {
+            let name = name.name();
+            eprint!(
+                "decode: {name:<9} prefill {} + {} steps ... ",
+                args.prompt_len, args.tokens
+            );
+            match decode_method(&args.attention(method.clone()), args, &prompt) {
+                Ok(trace) => {
+                    eprintln!("{:.3} ms prefill", trace.prefill.as_secs_f64() * 1e3);
+                    MethodTrace::measured(
+                        name,
+                        trace.prefill,
+                        &trace.steps,
+                        trace.bytes_per_token,
+                        &settings,
+                    )
+                }
+                Err(error) => {
+                    eprintln!("skipped: {error}");
+                    MethodTrace::skipped(name, error.to_string())
+                }
+            }
+        })
+        .collect();
+    Ok(DecodeReport {
+        settings,
+        methods: traces,
+    })
+}
+
+/// What one method's decoding showed.
+struct Trace {
+    prefill: Duration,
+    steps: Vec<Step>,
+    bytes_per_token: usize,
+}
+
+/// Prefills `prompt`, then feeds `args.tokens` random tokens one at a time.
+fn decode_method<T: Element>(
+    attention: &Attention,
+    args: &DecodeArgs,
+    prompt: &[Tensor<T>; 3],
+) -> linattn::Result<Trace> {
+    let [q, k, v] = prompt;
+    let start = Instant::now();
+    let (prompt_output, mut decoder) = attention.prefill(q, k, v)?;
+    let prefill = start.elapsed();
+    drop(prompt_output);
+    let steps = (0..args.tokens)
+        .map(|index| timed_step(&mut decoder, args, index))
+        .collect::<linattn::Result<_>>()?;
+    Ok(Trace {
+        prefill,
+        steps,
+        bytes_per_token: decoder.memory().bytes_per_token,
+    })
+}
+
+/// Feeds generated token `index`; only the step itself is timed, not drawing the token.
+fn timed_step<T: Element>(
+    decoder: &mut Decoder<T>,
+    args: &DecodeArgs,
+    index: usize,
+) -> linattn::Result<Step> {
+    let token_shape = |heads| [args.batch, 1, heads, args.dim];
+    // Three seeds per token past the prompt's: every method sees the same tokens.
+    let seed = PROMPT_SEEDS.len() as u64 * (index as u64 + 1) + 1;
+    let q = Tensor::randn(token_shape(args.heads), seed)?;
+    let k = Tensor::randn(token_shape(args.kv_heads()), seed + 1)?;
+    let v = Tensor::randn(token_shape(args.kv_heads()), seed + 2)?;
+    let start = Instant::now();
+    let output = decoder.step(&q, &k, &v)?;
+    let latency = start.elapsed();
+    drop(output);
+    Ok(Step {
+        context: args.prompt_len + index + 1,
+        latency,
+        state_bytes: decoder.memory().state_bytes,
+    })
+}

@@ -2,6 +2,7 @@
 
 use crate::kernels::cpu::kernelized::FeatureMap;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::kernels::cpu::simd;
 use crate::tensor::Element;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,20 +14,13 @@ pub(crate) struct EluPlusOne {
     pub dim: usize,
 }
 
-#[inline]
-pub(crate) fn elu_plus_one<T: Element>(x: T) -> T {
-    if x > T::zero() { x + T::one() } else { x.exp() }
-}
-
 impl<T: Element> FeatureMap<T> for EluPlusOne {
     fn features(&self) -> usize {
         self.dim
     }
     fn queries(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T]) {
         for (i, phi) in out.chunks_exact_mut(self.dim).take(rows.rows).enumerate() {
-            phi.iter_mut()
-                .zip(rows.row(i))
-                .for_each(|(p, &x)| *p = elu_plus_one(x));
+            simd::elu_plus_one(rows.row(i), phi);
         }
     }
     fn keys(&self, rows: MatRef<'_, T>, first: usize, out: &mut [T], _log_scale: &mut [T]) {
@@ -155,7 +149,7 @@ impl<T: Element> Favor<T> {
 
     fn half_norm_squared(&self, x: &[T]) -> T {
         let normalizer_sq = T::of_f64(1.0 / (self.dim as f64).sqrt());
-        x.iter().map(|&v| v * v).sum::<T>() * normalizer_sq * T::of_f64(0.5)
+        simd::dot(x, x) * normalizer_sq * T::of_f64(0.5)
     }
 
     fn ratio(&self) -> T {
@@ -227,9 +221,8 @@ impl<T: Element> FeatureMap<T> for Favor<T> {
             .enumerate()
         {
             let diag = self.half_norm_squared(rows.row(i));
-            let max = phi.iter().copied().fold(T::neg_infinity(), T::max);
-            phi.iter_mut()
-                .for_each(|p| *p = ratio * ((*p - diag - max).exp() + eps));
+            let max = simd::max(phi);
+            simd::exp_affine(phi, diag + max, ratio, eps);
         }
     }
     fn keys(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T], log_scale: &mut [T]) {
@@ -241,10 +234,9 @@ impl<T: Element> FeatureMap<T> for Favor<T> {
             .enumerate()
         {
             let diag = self.half_norm_squared(rows.row(i));
-            let max = phi.iter().copied().fold(T::neg_infinity(), T::max);
+            let max = simd::max(phi);
             log_scale[i] = max;
-            phi.iter_mut()
-                .for_each(|p| *p = ratio * (*p - diag - max).exp());
+            simd::exp_affine(phi, diag + max, ratio, T::zero());
         }
     }
     fn stabiliser(&self) -> Option<T> {

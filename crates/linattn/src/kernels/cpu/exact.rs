@@ -3,6 +3,7 @@
 //! extra memory), both with causal and sliding-window masks.
 
 use super::matmul::{MatMut, MatRef, matmul};
+use super::simd;
 use crate::attention::Problem;
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
@@ -55,8 +56,8 @@ pub(crate) const TILE_QUERIES: usize = 64;
 /// Keys per block of the tiled kernel.
 pub(crate) const TILE_KEYS: usize = 128;
 
-/// Softmax of `scores` (rows × cols) in place over each row's visible range, the rest set
-/// to zero; returns nothing, leaves unnormalised weights and writes each row's sum.
+/// Turns each row of `scores` (rows × cols) into unnormalised softmax weights over its
+/// visible range, zero elsewhere, and writes each row's sum into `sums`.
 fn exponentiate_rows<T: Element>(
     scores: &mut [T],
     cols: usize,
@@ -65,28 +66,16 @@ fn exponentiate_rows<T: Element>(
 ) {
     for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
         let range = visible(i);
-        let max = row[range.clone()]
-            .iter()
-            .copied()
-            .fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if range.contains(&j) {
-                let e = (*x - max).exp();
-                sum += e;
-                e
-            } else {
-                T::zero()
-            };
-        }
-        sums[i] = sum;
+        let max = simd::max(&row[range.clone()]);
+        row[..range.start].fill(T::zero());
+        row[range.end..].fill(T::zero());
+        sums[i] = simd::exp_shifted(&mut row[range], max);
     }
 }
 
 fn divide_rows<T: Element>(mut out: MatMut<'_, T>, sums: &[T]) {
     for (i, &sum) in sums.iter().enumerate().take(out.rows) {
-        let inv = T::one() / sum;
-        out.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+        simd::scale(out.row_mut(i), T::one() / sum);
     }
 }
 
@@ -228,20 +217,15 @@ pub(crate) fn tiled<T: Element>(
                         row.fill(T::zero());
                         continue;
                     }
-                    row[..lo].fill(T::neg_infinity());
-                    row[hi..].fill(T::neg_infinity());
-                    let block_max = row[lo..hi].iter().copied().fold(T::neg_infinity(), T::max);
+                    row[..lo].fill(T::zero());
+                    row[hi..].fill(T::zero());
                     let old_max = scratch.max[i];
-                    let new_max = old_max.max(block_max);
-                    let mut block_sum = T::zero();
-                    for x in row.iter_mut() {
-                        *x = (*x - new_max).exp();
-                        block_sum += *x;
-                    }
+                    let new_max = old_max.max(simd::max(&row[lo..hi]));
+                    let block_sum = simd::exp_shifted(&mut row[lo..hi], new_max);
                     if old_max != new_max {
                         let correction = (old_max - new_max).exp();
                         scratch.sum[i] *= correction;
-                        acc.row_mut(i).iter_mut().for_each(|o| *o *= correction);
+                        simd::scale(acc.row_mut(i), correction);
                     }
                     scratch.sum[i] += block_sum;
                     scratch.max[i] = new_max;
@@ -294,13 +278,12 @@ fn probabilities<T: Element>(
 ) {
     for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
         let visible = mask.keys(row0 + i, len_k);
-        let lse = log_sum_exp(i);
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if visible.contains(&(col0 + j)) {
-                (*x - lse).exp()
-            } else {
-                T::zero()
-            };
+        let lo = visible.start.clamp(col0, col0 + cols) - col0;
+        let hi = visible.end.clamp(col0, col0 + cols) - col0;
+        row[..lo].fill(T::zero());
+        row[hi.max(lo)..].fill(T::zero());
+        if lo < hi {
+            simd::exp_shifted(&mut row[lo..hi], log_sum_exp(i));
         }
     }
 }

@@ -4,3 +4,4 @@
 pub(crate) mod exact;
 pub(crate) mod kernelized;
 pub(crate) mod matmul;
+pub(crate) mod simd;

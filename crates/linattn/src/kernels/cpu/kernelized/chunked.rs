@@ -155,7 +155,7 @@ fn mask_and_scale<T: Element>(scores: &mut [T], len: usize, scales: Option<(&[T]
     for (i, row) in scores.chunks_exact_mut(len).enumerate() {
         if let Some((key_scale, row_scale)) = scales {
             for j in 0..=i {
-                row[j] *= (key_scale[j] - row_scale[i]).exp();
+                row[j] *= (key_scale[j] - row_scale[i]).fast_exp();
             }
         }
         row[i + 1..].fill(T::zero());

@@ -8,6 +8,7 @@
 //! single pass (and the causal form, which may not look ahead) never overflows.
 
 use super::matmul::{MatMut, MatRef, matmul, packing_bytes};
+use super::simd;
 use crate::attention::Problem;
 use crate::attention::per_thread;
 use crate::feature_map::KernelMap;
@@ -193,14 +194,14 @@ fn add_assign<T: Element>(acc: &mut [T], x: &[T]) {
 
 #[inline]
 fn dot<T: Element>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+    simd::dot(a, b)
 }
 
 /// `rows[i] *= factor[i]` for each row of an L × m matrix.
 #[inline]
 fn scale_rows<T: Element>(rows: &mut [T], m: usize, factors: impl Iterator<Item = T>) {
     for (row, factor) in rows.chunks_exact_mut(m).zip(factors) {
-        row.iter_mut().for_each(|x| *x *= factor);
+        simd::scale(row, factor);
     }
 }
 

@@ -125,7 +125,7 @@ pub(crate) fn causal_parallel<T: Element, F: FeatureMap<T>>(
                             T::zero()
                         } else if let Some(u) = uniform {
                             let scale = key.log_scale[position] - key.running_max[query];
-                            *a * scale.exp() + u * sums[i]
+                            *a * scale.fast_exp() + u * sums[i]
                         } else {
                             *a
                         };

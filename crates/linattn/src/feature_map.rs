@@ -20,6 +20,9 @@ impl<T: Element> FeatureMap<T> for EluPlusOne {
     }
     fn queries(&self, rows: MatRef<'_, T>, _first: usize, out: &mut [T]) {
         for (i, phi) in out.chunks_exact_mut(self.dim).take(rows.rows).enumerate() {
+            if i + 64 < rows.rows {
+                simd::prefetch(rows.row(i + 64));
+            }
             simd::elu_plus_one(rows.row(i), phi);
         }
     }

@@ -5,6 +5,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
+use std::ops::Range;
 
 mod sealed {
     pub trait Sealed {}
@@ -297,6 +298,21 @@ impl<T: Element> Tensor<T> {
         MatRef::strided(&self.data[start..], seq, dim, heads * dim, 1)
     }
 
+    /// Rows `rows` of heads `heads` in batch `b`, copied head-major into `dst`
+    /// (`[head][row][dim]`) while reading the tensor in memory order: the prefetchers
+    /// follow a contiguous sweep, not the token-sized stride between one head's rows.
+    pub(crate) fn gather(&self, b: usize, rows: Range<usize>, heads: Range<usize>, dst: &mut [T]) {
+        let [_, seq, all_heads, dim] = self.shape;
+        let (len, width) = (rows.len(), heads.len());
+        for (i, t) in rows.enumerate() {
+            let start = ((b * seq + t) * all_heads + heads.start) * dim;
+            let source = &self.data[start..start + width * dim];
+            for (j, head_row) in source.chunks_exact(dim).enumerate() {
+                dst[(j * len + i) * dim..(j * len + i + 1) * dim].copy_from_slice(head_row);
+            }
+        }
+    }
+
     /// Shared write access to the heads of this tensor, for tasks that each fill a
     /// disjoint block of rows.
     pub(crate) fn heads_mut(&mut self) -> HeadsMut<'_, T> {
@@ -332,6 +348,26 @@ impl<'a, T: Copy> HeadsMut<'a, T> {
         let offset = ((b * seq + start) * heads + h) * dim;
         // SAFETY: in bounds by the assertion; disjointness is the caller's promise.
         unsafe { MatMut::from_raw(self.ptr.add(offset), len, dim, heads * dim, 1) }
+    }
+
+    /// Writes `source` (`[head][row][dim]`, as [`Tensor::gather`] reads) to rows `rows`
+    /// of heads `heads` in batch `b`, in memory order.
+    ///
+    /// # Safety
+    /// No other live view may cover these rows of these heads.
+    pub unsafe fn scatter(&self, b: usize, rows: Range<usize>, heads: Range<usize>, source: &[T]) {
+        let [batch, seq, all_heads, dim] = self.shape;
+        assert!(b < batch && rows.end <= seq && heads.end <= all_heads);
+        let (len, width) = (rows.len(), heads.len());
+        assert!(source.len() >= len * width * dim);
+        for (i, t) in rows.enumerate() {
+            let offset = ((b * seq + t) * all_heads + heads.start) * dim;
+            // SAFETY: in bounds by the assertions; exclusive by the caller's promise.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), width * dim) };
+            for (j, head_row) in row.chunks_exact_mut(dim).enumerate() {
+                head_row.copy_from_slice(&source[(j * len + i) * dim..(j * len + i + 1) * dim]);
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use super::{
 };
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::kernels::cpu::simd;
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -17,14 +18,16 @@ fn kv_heads_of(problem: &Problem, heads: &Range<usize>) -> Vec<usize> {
     needed
 }
 
-/// Pieces each (batch, kv head) is split into so that every thread has work.
+/// Pieces each of `pairs` problems is split into so that every thread has work.
 fn parts_per_head(pairs: usize, len: usize) -> usize {
     rayon::current_num_threads()
         .div_ceil(pairs)
         .clamp(1, len.div_ceil(FULL_BLOCK))
 }
 
-/// One state over all keys for each (batch, kv head in `kv_heads`), in that order.
+/// One state over all keys for each (batch, kv head in `kv_heads`), batch-major. Each
+/// task sweeps a part of one batch's sequence for every kv head at once, reading the
+/// keys and values in memory order.
 fn key_states<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
     fmap: &F,
@@ -32,57 +35,53 @@ fn key_states<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     kv_heads: &[usize],
 ) -> Vec<LinearState<T>> {
-    let m = fmap.features();
+    let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let stabilised = fmap.stabiliser().is_some();
-    let parts = parts_per_head(problem.batch * kv_heads.len(), problem.len_k);
+    let heads = kv_heads[0]..kv_heads[kv_heads.len() - 1] + 1;
+    let parts = parts_per_head(problem.batch, problem.len_k);
     let span = problem.len_k.div_ceil(parts);
-    let tasks: Vec<(usize, usize, usize)> = (0..problem.batch)
-        .flat_map(|b| {
-            kv_heads
-                .iter()
-                .flat_map(move |&g| (0..parts).map(move |p| (b, g, p)))
-        })
+    let tasks: Vec<(usize, usize)> = (0..problem.batch)
+        .flat_map(|b| (0..parts).map(move |p| (b, p)))
         .collect();
-    let partial: Vec<LinearState<T>> = tasks
+    let partial: Vec<Vec<LinearState<T>>> = tasks
         .par_iter()
-        .map(|&(b, g, part)| {
-            let (keys, values) = (k.head(b, g), v.head(b, g));
-            let mut state = LinearState::new(m, problem.dim_v, stabilised);
+        .map(|&(b, part)| {
+            let mut states = vec![LinearState::new(m, dim_v, stabilised); heads.len()];
+            let mut keys = vec![T::zero(); heads.len() * FULL_BLOCK * d];
+            let mut values = vec![T::zero(); heads.len() * FULL_BLOCK * dim_v];
             let mut features = vec![T::zero(); FULL_BLOCK * m];
             let mut log_scale = vec![T::zero(); FULL_BLOCK];
             let end = ((part + 1) * span).min(problem.len_k);
-            let mut start = part * span;
-            while start < end {
+            for start in (part * span..end).step_by(FULL_BLOCK) {
                 let len = FULL_BLOCK.min(end - start);
-                fmap.keys(
-                    keys.rows_range(start, len),
-                    start,
-                    &mut features,
-                    &mut log_scale,
-                );
-                state.absorb(
-                    start,
-                    &mut features,
-                    &log_scale,
-                    values.rows_range(start, len),
-                );
-                start += len;
+                k.gather(b, start..start + len, heads.clone(), &mut keys);
+                v.gather(b, start..start + len, heads.clone(), &mut values);
+                for (slot, state) in states.iter_mut().enumerate() {
+                    let key_rows = MatRef::contiguous(&keys[slot * len * d..], len, d);
+                    let value_rows = MatRef::contiguous(&values[slot * len * dim_v..], len, dim_v);
+                    fmap.keys(key_rows, start, &mut features, &mut log_scale);
+                    state.absorb(start, &mut features, &log_scale, value_rows);
+                }
             }
-            state
+            states
         })
         .collect();
-    let mut states = Vec::with_capacity(problem.batch * kv_heads.len());
-    for (index, state) in partial.into_iter().enumerate() {
+    let mut states: Vec<LinearState<T>> = Vec::with_capacity(problem.batch * heads.len());
+    for (index, part_states) in partial.into_iter().enumerate() {
         if index % parts == 0 {
-            states.push(state);
+            states.extend(part_states);
         } else {
-            states.last_mut().expect("first part pushed").merge(state);
+            let batch_states = states.len() - heads.len();
+            for (state, other) in states[batch_states..].iter_mut().zip(part_states) {
+                state.merge(other);
+            }
         }
     }
     states
 }
 
-/// Non-causal kernelized attention for the query heads in `heads`.
+/// Non-causal kernelized attention for the query heads in `heads`. Each task takes a
+/// block of rows of every head, so that queries are read and outputs written in order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -94,38 +93,54 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     out: &mut Tensor<T>,
     heads: Range<usize>,
 ) {
-    let m = fmap.features();
+    let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let kv_heads = kv_heads_of(problem, &heads);
     let states = key_states(problem, fmap, k, v, &kv_heads);
     let state_of = |b: usize, h: usize| {
-        let slot = kv_heads.partition_point(|&g| g < problem.kv_head(h));
+        let slot = problem.kv_head(h) - kv_heads[0];
         &states[b * kv_heads.len() + slot]
     };
 
     let uniform = fmap.stabiliser();
     let out_heads = out.heads_mut();
-    let blocks: Vec<(usize, usize, usize)> = (0..problem.batch)
+    let width = heads.len();
+    let blocks: Vec<(usize, usize)> = (0..problem.batch)
         .flat_map(|b| {
-            heads.clone().flat_map(move |h| {
-                (0..problem.len_q)
-                    .step_by(FULL_BLOCK)
-                    .map(move |start| (b, h, start))
-            })
+            (0..problem.len_q)
+                .step_by(FULL_BLOCK)
+                .map(move |start| (b, start))
         })
         .collect();
     blocks.par_iter().for_each_init(
-        || (vec![T::zero(); FULL_BLOCK * m], vec![T::zero(); FULL_BLOCK]),
-        |(features, den), &(b, h, start)| {
+        || {
+            (
+                vec![T::zero(); width * FULL_BLOCK * d],
+                vec![T::zero(); width * FULL_BLOCK * dim_v],
+                vec![T::zero(); FULL_BLOCK * m],
+                vec![T::zero(); FULL_BLOCK],
+            )
+        },
+        |(queries, outputs, features, den), &(b, start)| {
             let len = FULL_BLOCK.min(problem.len_q - start);
-            fmap.queries(q.head(b, h).rows_range(start, len), start, features);
-            // SAFETY: each (b, h, start) block is visited by exactly one task.
-            let mut rows = unsafe { out_heads.block(b, h, start, len) };
-            let phi = MatRef::contiguous(features, len, m);
-            numerators(phi, state_of(b, h), uniform, rows.rb(), den);
-            for (i, &den) in den[..len].iter().enumerate() {
-                let inv = T::one() / normalizer.divisor(den);
-                rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+            q.gather(b, start..start + len, heads.clone(), queries);
+            for (slot, h) in heads.clone().enumerate() {
+                let query_rows = MatRef::contiguous(&queries[slot * len * d..], len, d);
+                fmap.queries(query_rows, start, features);
+                let phi = MatRef::contiguous(features, len, m);
+                let rows = &mut outputs[slot * len * dim_v..(slot + 1) * len * dim_v];
+                numerators(
+                    phi,
+                    state_of(b, h),
+                    uniform,
+                    MatMut::contiguous(rows, len, dim_v),
+                    den,
+                );
+                for (row, &den) in rows.chunks_exact_mut(dim_v).zip(&den[..len]) {
+                    simd::scale(row, T::one() / normalizer.divisor(den));
+                }
             }
+            // SAFETY: each (b, start) block of rows is one task.
+            unsafe { out_heads.scatter(b, start..start + len, heads.clone(), outputs) };
         },
     );
 }

@@ -436,7 +436,9 @@ pub(crate) fn workspace_bytes(
         let threads = rayon::current_num_threads();
         // Up to `threads` partial states per (batch, kv head), plus the merged ones.
         let states = problem.batch * problem.heads_kv * (threads + 1) * state;
-        let block = FULL_BLOCK * (m + 1);
+        // Per thread, the larger of a key task's blocks and a query task's.
+        let (d, heads) = (problem.dim_qk, problem.heads_q.max(problem.heads_kv));
+        let block = FULL_BLOCK * (heads * (d + dim_v) + m + 1);
         let packing = packing_bytes(
             element,
             &[
@@ -445,8 +447,7 @@ pub(crate) fn workspace_bytes(
                 (FULL_BLOCK, dim_v, m),
             ],
         );
-        let tasks = problem.batch
-            * (problem.heads_q * problem.len_q.div_ceil(FULL_BLOCK) + problem.heads_kv * threads);
+        let tasks = problem.batch * (problem.len_q.div_ceil(FULL_BLOCK) + threads);
         ((states + threads * block) * element) as u128
             + threads as u128 * packing
             + task_list_bytes(tasks)

@@ -4,7 +4,7 @@
 
 use crate::attention::{Problem, per_thread};
 use crate::error::{Error, Result};
-use crate::kernels::cpu::exact::{self, Mask, TILE_KEYS, TILE_QUERIES};
+use crate::kernels::cpu::exact::{self, HeadMajor, Mask, TILE_KEYS, TILE_QUERIES};
 use crate::kernels::cpu::matmul::packing_bytes;
 use crate::tensor::{Element, Tensor};
 use std::ops::Range;
@@ -164,11 +164,11 @@ pub(crate) fn tiled_backward_workspace(problem: &Problem, element: usize) -> u12
         + task_list_bytes(tasks)
 }
 
-/// Scratch of the tiled kernel: one tile of scores, two row vectors and the products'
-/// packing per thread, and the task list.
+/// Scratch of the tiled kernel: the head-major keys and values; per thread a tile of
+/// scores, the queries and accumulator of a tile and the products' packing; the task list.
 pub(crate) fn tiled_workspace(problem: &Problem, element: usize) -> u128 {
     let tasks = problem.batch * problem.heads_q * problem.len_q.div_ceil(TILE_QUERIES);
-    let tile = ((TILE_QUERIES * TILE_KEYS + 2 * TILE_QUERIES) * element) as u128;
+    let tile = TILE_QUERIES * (TILE_KEYS + 2 + problem.dim_qk + problem.dim_v);
     let packing = packing_bytes(
         element,
         &[
@@ -176,7 +176,9 @@ pub(crate) fn tiled_workspace(problem: &Problem, element: usize) -> u128 {
             (TILE_QUERIES, problem.dim_v, TILE_KEYS),
         ],
     );
-    per_thread(tasks, tile + packing) + task_list_bytes(tasks)
+    HeadMajor::<f32>::bytes(problem, element)
+        + per_thread(tasks, (tile * element) as u128 + packing)
+        + task_list_bytes(tasks)
 }
 
 /// The list of (batch, head, block) tasks a kernel hands to rayon.

@@ -259,12 +259,12 @@ fn requests_larger_than_memory_say_how_much_they_need() {
     assert!(needed_bytes >= 200_000u128 * 200_000 * 4, "{needed_bytes}");
     assert!(needed_bytes > available_bytes);
     assert!(err.to_string().contains("GiB"), "{err}");
-    // The tiled algorithm needs only tiles: the same request fits in 1 MiB of scratch.
+    // The tiled algorithm needs a copy of k and v (1.6 MB here) and tiles: linear in n.
     let shape = x.shape();
     let tiled = Attention::new(Method::softmax())
         .workspace_bytes(shape, shape, shape, 4)
         .unwrap();
-    assert!(tiled < 1 << 20, "{tiled}");
+    assert!(tiled < 4 << 20, "{tiled}");
 
     // Shapes whose size does not even fit in usize, and ones larger than any machine.
     let err = Tensor::<f32>::zeros([usize::MAX, 2, 1, 1]).unwrap_err();

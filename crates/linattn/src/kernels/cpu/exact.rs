@@ -52,9 +52,9 @@ impl Mask {
 }
 
 /// Query rows per task of the tiled kernel.
-pub(crate) const TILE_QUERIES: usize = 64;
+pub(crate) const TILE_QUERIES: usize = 256;
 /// Keys per block of the tiled kernel.
-pub(crate) const TILE_KEYS: usize = 128;
+pub(crate) const TILE_KEYS: usize = 256;
 
 /// Turns each row of `scores` (rows × cols) into unnormalised softmax weights over its
 /// visible range, zero elsewhere, and writes each row's sum into `sums`.
@@ -150,11 +150,84 @@ pub(crate) fn naive<T: Element>(
     });
 }
 
-/// Scratch of one tiled task: the scores of a tile and the running max and sum per row.
+/// Scratch of one tiled task: its queries, the scores of a tile, the running max and
+/// sum per row, and the output accumulator.
 struct TileScratch<T> {
+    queries: Vec<T>,
     scores: Vec<T>,
     max: Vec<T>,
     sum: Vec<T>,
+    acc: Vec<T>,
+}
+
+/// Keys and values of some kv heads copied head-major, each (batch, head) `len_k`
+/// contiguous rows: every query tile reads them again, and contiguous rows are what the
+/// matrix products pack fastest.
+pub(crate) struct HeadMajor<T> {
+    keys: Vec<T>,
+    values: Vec<T>,
+    heads: Range<usize>,
+    len: usize,
+    dim: usize,
+    dim_v: usize,
+}
+
+impl<T: Element> HeadMajor<T> {
+    pub fn new(problem: &Problem, k: &Tensor<T>, v: &Tensor<T>, heads: Range<usize>) -> Self {
+        let (len, dim, dim_v) = (problem.len_k, problem.dim_qk, problem.dim_v);
+        let copy = |x: &Tensor<T>, width: usize| -> Vec<T> {
+            let mut out = vec![T::zero(); problem.batch * heads.len() * len * width];
+            out.par_chunks_mut(len * width)
+                .enumerate()
+                .for_each(|(index, dst)| {
+                    let (b, g) = (index / heads.len(), heads.start + index % heads.len());
+                    let rows = x.head(b, g);
+                    for (t, row) in dst.chunks_exact_mut(width).enumerate() {
+                        row.copy_from_slice(rows.row(t));
+                    }
+                });
+            out
+        };
+        Self {
+            keys: copy(k, dim),
+            values: copy(v, dim_v),
+            heads,
+            len,
+            dim,
+            dim_v,
+        }
+    }
+
+    fn slot(&self, b: usize, g: usize) -> usize {
+        b * self.heads.len() + g - self.heads.start
+    }
+
+    fn keys(&self, b: usize, g: usize) -> MatRef<'_, T> {
+        let size = self.len * self.dim;
+        MatRef::contiguous(
+            &self.keys[self.slot(b, g) * size..][..size],
+            self.len,
+            self.dim,
+        )
+    }
+
+    fn values(&self, b: usize, g: usize) -> MatRef<'_, T> {
+        let size = self.len * self.dim_v;
+        MatRef::contiguous(
+            &self.values[self.slot(b, g) * size..][..size],
+            self.len,
+            self.dim_v,
+        )
+    }
+
+    /// Bytes of the copies for `problem`.
+    pub fn bytes(problem: &Problem, element: usize) -> u128 {
+        (problem.batch
+            * problem.heads_kv
+            * problem.len_k
+            * (problem.dim_qk + problem.dim_v)
+            * element) as u128
+    }
 }
 
 /// Tiled exact attention with online softmax (FlashAttention's algorithm): each task owns
@@ -172,47 +245,67 @@ pub(crate) fn tiled<T: Element>(
     heads: Range<usize>,
     log_sum_exp: Option<&mut Tensor<T>>,
 ) {
+    let (d, dim_v) = (problem.dim_qk, problem.dim_v);
+    let kv = HeadMajor::new(
+        problem,
+        k,
+        v,
+        problem.kv_head(heads.start)..problem.kv_head(heads.end - 1) + 1,
+    );
     let out_heads = out.heads_mut();
     let lse_heads = log_sum_exp.map(|t| t.heads_mut());
     let tasks = query_blocks(problem, &heads);
     tasks.par_iter().for_each_init(
         || TileScratch {
+            queries: vec![T::zero(); TILE_QUERIES * d],
             scores: vec![T::zero(); TILE_QUERIES * TILE_KEYS],
             max: vec![T::zero(); TILE_QUERIES],
             sum: vec![T::zero(); TILE_QUERIES],
+            acc: vec![T::zero(); TILE_QUERIES * dim_v],
         },
         |scratch, &(b, h, start)| {
             let g = problem.kv_head(h);
             let rows = TILE_QUERIES.min(problem.len_q - start);
-            let queries = q.head(b, h).rows_range(start, rows);
-            let (keys, values) = (k.head(b, g), v.head(b, g));
-            // SAFETY: each (b, h, start) block is one task.
-            let mut acc = unsafe { out_heads.block(b, h, start, rows) };
-            for i in 0..rows {
-                acc.row_mut(i).iter_mut().for_each(|o| *o = T::zero());
+            // The scale goes into the queries once rather than into every tile.
+            let source = q.head(b, h);
+            for (i, row) in scratch.queries.chunks_exact_mut(d).take(rows).enumerate() {
+                row.copy_from_slice(source.row(start + i));
+                simd::scale(row, scale);
             }
+            let queries = MatRef::contiguous(&scratch.queries, rows, d);
+            let (keys, values) = (kv.keys(b, g), kv.values(b, g));
+            let acc = &mut scratch.acc[..rows * dim_v];
+            acc.fill(T::zero());
             scratch.max[..rows].fill(T::neg_infinity());
             scratch.sum[..rows].fill(T::zero());
 
-            let first_visible = mask.keys(start, problem.len_k).start;
-            let last_visible = mask.keys(start + rows - 1, problem.len_k).end;
-            let mut key_start = first_visible;
-            while key_start < last_visible {
-                let cols = TILE_KEYS.min(last_visible - key_start);
+            let (first, last) = (
+                mask.keys(start, problem.len_k),
+                mask.keys(start + rows - 1, problem.len_k),
+            );
+            for key_start in (first.start..last.end).step_by(TILE_KEYS) {
+                let cols = TILE_KEYS.min(last.end - key_start);
                 let block = key_start..key_start + cols;
+                // Only blocks that cross a mask boundary need the per-row ranges.
+                let whole = last.start <= block.start && first.end >= block.end;
                 let scores = &mut scratch.scores[..rows * cols];
                 matmul(
                     MatMut::contiguous(scores, rows, cols),
                     queries,
                     keys.rows_range(key_start, cols).t(),
                     false,
-                    scale,
+                    T::one(),
                 );
-                for i in 0..rows {
-                    let visible = mask.keys(start + i, problem.len_k);
-                    let row = &mut scores[i * cols..(i + 1) * cols];
-                    let lo = visible.start.clamp(block.start, block.end) - block.start;
-                    let hi = visible.end.clamp(block.start, block.end) - block.start;
+                for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+                    let (lo, hi) = if whole {
+                        (0, cols)
+                    } else {
+                        let visible = mask.keys(start + i, problem.len_k);
+                        (
+                            visible.start.clamp(block.start, block.end) - block.start,
+                            visible.end.clamp(block.start, block.end) - block.start,
+                        )
+                    };
                     if lo >= hi {
                         row.fill(T::zero());
                         continue;
@@ -225,21 +318,29 @@ pub(crate) fn tiled<T: Element>(
                     if old_max != new_max {
                         let correction = (old_max - new_max).exp();
                         scratch.sum[i] *= correction;
-                        simd::scale(acc.row_mut(i), correction);
+                        simd::scale(&mut acc[i * dim_v..(i + 1) * dim_v], correction);
                     }
                     scratch.sum[i] += block_sum;
                     scratch.max[i] = new_max;
                 }
                 matmul(
-                    acc.rb(),
+                    MatMut::contiguous(acc, rows, dim_v),
                     MatRef::contiguous(scores, rows, cols),
                     values.rows_range(key_start, cols),
                     true,
                     T::one(),
                 );
-                key_start += cols;
             }
-            divide_rows(acc, &scratch.sum[..rows]);
+            // SAFETY: each (b, h, start) block is one task.
+            let mut out_rows = unsafe { out_heads.block(b, h, start, rows) };
+            for (i, (row, &sum)) in acc.chunks_exact(dim_v).zip(&scratch.sum).enumerate() {
+                let inv = T::one() / sum;
+                out_rows
+                    .row_mut(i)
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, &a)| *o = a * inv);
+            }
             if let Some(lse_heads) = &lse_heads {
                 // SAFETY: as for the output rows.
                 let mut lse = unsafe { lse_heads.block(b, h, start, rows) };

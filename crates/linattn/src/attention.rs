@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::fnet::Fnet;
 use crate::hybrid::Hybrid;
 use crate::linear::{CausalForm, Linear};
+use crate::kernels::cpu::kernelized::LinearState;
 use crate::linformer::Linformer;
 use crate::memory;
 use crate::performer::Performer;
@@ -200,24 +201,30 @@ impl Method {
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
-    ) -> Result<()> {
-        match self {
-            Method::Softmax(m) => m.forward(problem, q, k, v, out, heads),
-            Method::Window(m) => m.forward(problem, q, k, v, out, heads),
-            Method::Linear(m) => {
-                m.kernel(problem).forward(problem, [q, k, v], out, heads);
+    ) -> Result<Vec<Option<LinearState<T>>>> {
+        let inputs = [q, k, v];
+        Ok(match self {
+            Method::Softmax(m) => {
+                m.forward(problem, q, k, v, out, heads);
+                Vec::new()
             }
-            Method::Performer(m) => {
-                m.kernel(problem)?.forward(problem, [q, k, v], out, heads);
+            Method::Window(m) => {
+                m.forward(problem, q, k, v, out, heads);
+                Vec::new()
             }
-            Method::Cosformer(m) => {
-                m.kernel(problem).forward(problem, [q, k, v], out, heads);
+            Method::Linear(m) => m.kernel(problem).forward(problem, inputs, out, heads),
+            Method::Performer(m) => m.kernel(problem)?.forward(problem, inputs, out, heads),
+            Method::Cosformer(m) => m.kernel(problem).forward(problem, inputs, out, heads),
+            Method::Linformer(m) => {
+                m.forward(problem, q, k, v, out, heads)?;
+                Vec::new()
             }
-            Method::Linformer(m) => m.forward(problem, q, k, v, out, heads)?,
-            Method::Fnet(m) => m.forward(v, out),
+            Method::Fnet(m) => {
+                m.forward(v, out);
+                Vec::new()
+            }
             Method::Hybrid(m) => m.forward(problem, q, k, v, out)?,
-        }
-        Ok(())
+        })
     }
 }
 
@@ -436,6 +443,17 @@ impl Attention {
         k: &Tensor<T>,
         v: &Tensor<T>,
     ) -> Result<Tensor<T>> {
+        self.forward_with_states(q, k, v).map(|(out, _)| out)
+    }
+
+    /// [`Attention::forward`], also returning the final state of every kv head the
+    /// chunked causal form computed (at `b · heads_kv + g`), for the decoder.
+    pub(crate) fn forward_with_states<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+    ) -> Result<(Tensor<T>, Vec<Option<LinearState<T>>>)> {
         let problem = self.problem(q.shape(), k.shape(), v.shape())?;
         for (name, tensor) in [("q", q), ("k", k), ("v", v)] {
             if let Some((index, value)) = tensor.first_non_finite() {
@@ -465,7 +483,8 @@ impl Attention {
             self.memory_limit,
         )?;
         let mut out = Tensor::zeros(out_shape)?;
-        self.method
+        let states = self
+            .method
             .run(&problem, q, k, v, &mut out, 0..problem.heads_q)?;
         if let Some((index, _)) = out.first_non_finite() {
             return Err(Error::NonFiniteOutput {
@@ -474,7 +493,7 @@ impl Attention {
                 index,
             });
         }
-        Ok(out)
+        Ok((out, states))
     }
 }
 

@@ -5,6 +5,7 @@
 
 use crate::attention::{Attention, Method, Problem};
 use crate::error::{Error, Result};
+use crate::linear::CausalForm;
 use crate::kernels::cpu::kernelized::{FeatureMap, Kernel, LinearState};
 use crate::memory;
 use crate::softmax::resolve_scale;
@@ -218,11 +219,12 @@ impl Attention {
         k: &Tensor<T>,
         v: &Tensor<T>,
     ) -> Result<(Tensor<T>, Decoder<T>)> {
-        let causal = self.clone().causal(true);
+        // The chunked form is the one that ends with the decoder's states.
+        let causal = self.clone().causal(true).causal_form(CausalForm::Chunked);
         let [batch, len, heads_q, dim_qk] = q.shape();
         let [_, _, heads_kv, dim_v] = v.shape();
         let mut decoder = Decoder::empty(&causal, batch, heads_q, heads_kv, dim_qk, dim_v)?;
-        let out = causal.forward(q, k, v)?;
+        let (out, mut states) = causal.forward_with_states(q, k, v)?;
         let layout = decoder.layout;
         let first_kept = layout.capacity.map_or(0, |c| len.saturating_sub(c));
         for (b, sequence) in decoder.sequences.iter_mut().enumerate() {
@@ -234,18 +236,11 @@ impl Attention {
             }
             sequence.position = len;
         }
-        if let Some(kernel) = &decoder.kernel {
-            // The chunked form ends with one state per (batch, kernelized q head); all q
-            // heads of a group end with their kv head's.
-            let problem = Problem::new(q.shape(), k.shape(), v.shape(), true)?;
-            let mut discarded = Tensor::zeros(problem.out_shape())?;
-            let heads = layout.split..heads_q;
-            let states = kernel.forward(&problem, [q, k, v], &mut discarded, heads.clone());
+        if decoder.kernel.is_some() {
             for (b, sequence) in decoder.sequences.iter_mut().enumerate() {
                 for (g, state) in sequence.states.iter_mut().enumerate() {
-                    if layout.serves(g).1 {
-                        let h = (g * layout.group()).max(layout.split);
-                        *state = states[b * heads.len() + h - layout.split].clone();
+                    if let Some(final_state) = states[b * heads_kv + g].take() {
+                        *state = final_state;
                     }
                 }
             }

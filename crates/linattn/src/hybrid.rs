@@ -4,7 +4,7 @@
 
 use crate::attention::Problem;
 use crate::error::{Error, Result};
-use crate::kernels::cpu::kernelized::Kernel;
+use crate::kernels::cpu::kernelized::{Kernel, LinearState};
 use crate::linear::Linear;
 use crate::performer::Performer;
 use crate::tensor::{Element, Tensor};
@@ -77,17 +77,16 @@ impl Hybrid {
         k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Option<LinearState<T>>>> {
         let split = self.local_heads;
         if split > 0 {
             self.window.forward(problem, q, k, v, out, 0..split);
         }
         if split < problem.heads_q {
-            self.global
-                .kernel(problem)?
-                .forward(problem, [q, k, v], out, split..problem.heads_q);
+            let kernel = self.global.kernel(problem)?;
+            return Ok(kernel.forward(problem, [q, k, v], out, split..problem.heads_q));
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {

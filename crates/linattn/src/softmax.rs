@@ -181,7 +181,7 @@ pub(crate) fn tiled_workspace(problem: &Problem, element: usize) -> u128 {
         + task_list_bytes(tasks)
 }
 
-/// The list of (batch, head, block) tasks a kernel hands to rayon.
+/// The list of tasks a kernel hands to rayon (a batch and two ranges at most).
 pub(crate) fn task_list_bytes(tasks: usize) -> u128 {
-    (tasks * 3 * size_of::<usize>()) as u128
+    (tasks * 6 * size_of::<usize>()) as u128
 }

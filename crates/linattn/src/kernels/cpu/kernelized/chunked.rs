@@ -6,6 +6,7 @@
 use super::{FeatureMap, LinearState, Normalizer, add_assign, dot, scale_rows};
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::kernels::cpu::simd;
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -60,12 +61,22 @@ impl<T: Element> Chunk<T> {
         keys: MatRef<'_, T>,
         start: usize,
     ) {
-        let (len, m) = (queries.rows, self.m);
+        self.prepare_keys(fmap, state, keys, start);
+        self.prepare_queries(fmap, state, queries, start);
+    }
+
+    /// The key half of [`Chunk::prepare`], shared by every query head of a kv head.
+    fn prepare_keys<F: FeatureMap<T>>(
+        &mut self,
+        fmap: &F,
+        state: &LinearState<T>,
+        keys: MatRef<'_, T>,
+        start: usize,
+    ) {
+        let len = keys.rows;
         self.len = len;
-        fmap.queries(queries, start, &mut self.phi_q);
         fmap.keys(keys, start, &mut self.phi_k, &mut self.key_scale);
-        let stabilised = fmap.stabiliser().is_some();
-        if stabilised {
+        if fmap.stabiliser().is_some() {
             let (mut running, mut argmax) = (state.log_scale, state.argmax);
             for i in 0..len {
                 if self.key_scale[i] > running {
@@ -76,9 +87,22 @@ impl<T: Element> Chunk<T> {
                 self.row_argmax[i] = argmax;
             }
         }
+    }
+
+    /// The query half of [`Chunk::prepare`], after [`Chunk::prepare_keys`].
+    fn prepare_queries<F: FeatureMap<T>>(
+        &mut self,
+        fmap: &F,
+        state: &LinearState<T>,
+        queries: MatRef<'_, T>,
+        start: usize,
+    ) {
+        let (len, m) = (self.len, self.m);
+        let stabilised = fmap.stabiliser().is_some();
+        fmap.queries(queries, start, &mut self.phi_q);
         self.carried[..len * m].copy_from_slice(&self.phi_q[..len * m]);
         for i in 0..len {
-            self.phi_sum[i] = self.phi_q[i * m..(i + 1) * m].iter().copied().sum();
+            self.phi_sum[i] = simd::sum(&self.phi_q[i * m..(i + 1) * m]);
         }
         if stabilised {
             let carry = (0..len).map(|i| (state.log_scale - self.row_scale[i]).exp());
@@ -162,8 +186,42 @@ fn mask_and_scale<T: Element>(scores: &mut [T], len: usize, scales: Option<(&[T]
     }
 }
 
-/// Causal kernelized attention for the query heads in `heads`; returns each (batch,
-/// head) task's final state.
+/// The work units of the chunked forward: a batch, a range of kv heads, and the query
+/// heads (of `heads`) among theirs that the unit computes. kv heads are split between
+/// units so every thread has one; a single kv head with many query heads is split by
+/// query heads, each part then recomputing the keys it shares.
+fn head_groups(problem: &Problem, heads: &Range<usize>) -> Vec<(usize, Range<usize>, Range<usize>)> {
+    let kv = problem.kv_head(heads.start)..problem.kv_head(heads.end - 1) + 1;
+    let threads = rayon::current_num_threads();
+    let wanted = threads.div_ceil(problem.batch).max(1);
+    let kv_groups = wanted.min(kv.len());
+    let per_group = kv.len().div_ceil(kv_groups);
+    let mut units = Vec::new();
+    for b in 0..problem.batch {
+        for first in kv.clone().step_by(per_group) {
+            let kv_range = first..(first + per_group).min(kv.end);
+            let group_heads = kv_range.start * problem.heads_q / problem.heads_kv
+                ..kv_range.end * problem.heads_q / problem.heads_kv;
+            let q_range = group_heads.start.max(heads.start)..group_heads.end.min(heads.end);
+            // One kv head per unit and still too few units: split its query heads.
+            let splits = if kv_range.len() == 1 && kv_groups < wanted {
+                wanted.div_ceil(kv_groups).min(q_range.len())
+            } else {
+                1
+            };
+            let per_split = q_range.len().div_ceil(splits);
+            for q_first in q_range.clone().step_by(per_split) {
+                units.push((b, kv_range.clone(), q_first..(q_first + per_split).min(q_range.end)));
+            }
+        }
+    }
+    units
+}
+
+/// Causal kernelized attention for the query heads in `heads`. Each unit of work reads
+/// the rows of its heads chunk by chunk in memory order, computes the key side of a
+/// chunk once per kv head and shares it among that head's queries. Returns the final
+/// state of every kv head it computed, at `b · heads_kv + g`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -175,44 +233,58 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
-) -> Vec<LinearState<T>> {
-    let m = fmap.features();
+) -> Vec<Option<LinearState<T>>> {
+    let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let uniform = fmap.stabiliser();
     let out_heads = out.heads_mut();
-    let tasks: Vec<(usize, usize)> = (0..problem.batch)
-        .flat_map(|b| heads.clone().map(move |h| (b, h)))
-        .collect();
-    tasks
+    let units = head_groups(problem, &heads);
+    let finished: Vec<(usize, Range<usize>, Vec<LinearState<T>>)> = units
         .par_iter()
-        .map(|&(b, h)| {
-            let g = problem.kv_head(h);
-            let (queries, keys, values) = (q.head(b, h), k.head(b, g), v.head(b, g));
-            let mut state = LinearState::new(m, problem.dim_v, uniform.is_some());
+        .map(|(b, kv_range, q_range)| {
+            let b = *b;
+            let mut states = vec![LinearState::new(m, dim_v, uniform.is_some()); kv_range.len()];
             let mut scratch = Chunk::new(chunk, m);
-            let mut start = 0;
-            while start < problem.len_q {
+            let mut queries = vec![T::zero(); q_range.len() * chunk * d];
+            let mut keys = vec![T::zero(); kv_range.len() * chunk * d];
+            let mut values = vec![T::zero(); kv_range.len() * chunk * dim_v];
+            let mut outputs = vec![T::zero(); q_range.len() * chunk * dim_v];
+            for start in (0..problem.len_q).step_by(chunk) {
                 let len = chunk.min(problem.len_q - start);
-                let block_values = values.rows_range(start, len);
-                scratch.prepare(
-                    fmap,
-                    &state,
-                    queries.rows_range(start, len),
-                    keys.rows_range(start, len),
-                    start,
-                );
-                // SAFETY: each (b, h) is one task, and its chunks are visited in turn.
-                let mut rows = unsafe { out_heads.block(b, h, start, len) };
-                scratch.numerators(&state, block_values, rows.rb(), uniform);
-                for (i, &den) in scratch.den[..len].iter().enumerate() {
-                    let inv = T::one() / normalizer.divisor(den);
-                    rows.row_mut(i).iter_mut().for_each(|o| *o *= inv);
+                let rows = start..start + len;
+                q.gather(b, rows.clone(), q_range.clone(), &mut queries);
+                k.gather(b, rows.clone(), kv_range.clone(), &mut keys);
+                v.gather(b, rows.clone(), kv_range.clone(), &mut values);
+                for (slot, state) in states.iter_mut().enumerate() {
+                    let g = kv_range.start + slot;
+                    let block_values = MatRef::contiguous(&values[slot * len * dim_v..], len, dim_v);
+                    let key_rows = MatRef::contiguous(&keys[slot * len * d..], len, d);
+                    scratch.prepare_keys(fmap, state, key_rows, start);
+                    for h in q_range.clone().filter(|&h| problem.kv_head(h) == g) {
+                        let offset = h - q_range.start;
+                        let query_rows = MatRef::contiguous(&queries[offset * len * d..], len, d);
+                        scratch.prepare_queries(fmap, state, query_rows, start);
+                        let dst = &mut outputs[offset * len * dim_v..(offset + 1) * len * dim_v];
+                        let mut rows = MatMut::contiguous(dst, len, dim_v);
+                        scratch.numerators(state, block_values, rows.rb(), uniform);
+                        for (i, &den) in scratch.den[..len].iter().enumerate() {
+                            simd::scale(rows.row_mut(i), T::one() / normalizer.divisor(den));
+                        }
+                    }
+                    state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
                 }
-                state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
-                start += len;
+                // SAFETY: these rows of these q heads belong to this unit alone.
+                unsafe { out_heads.scatter(b, rows, q_range.clone(), &outputs) };
             }
-            state
+            (b, kv_range.clone(), states)
         })
-        .collect()
+        .collect();
+    let mut states = vec![None; problem.batch * problem.heads_kv];
+    for (b, kv_range, unit_states) in finished {
+        for (g, state) in kv_range.zip(unit_states) {
+            states[b * problem.heads_kv + g] = Some(state);
+        }
+    }
+    states
 }
 
 /// Per-row quantities of one head that the reverse sweep of the backward reads.

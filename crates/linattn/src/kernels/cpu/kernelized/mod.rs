@@ -254,15 +254,15 @@ pub(crate) struct Kernel<T> {
 
 impl<T: Element> Kernel<T> {
     /// Attention for the query heads in `heads`: chunked (or parallel) when causal,
-    /// through one state per head otherwise. Returns the final state of each chunked
-    /// (batch, head) task, in (batch, head) order; nothing for the other forms.
+    /// through one state per head otherwise. The chunked form returns the final state
+    /// of each kv head it read, at `b · heads_kv + g`; the others return nothing.
     pub fn forward(
         &self,
         problem: &Problem,
         [q, k, v]: [&Tensor<T>; 3],
         out: &mut Tensor<T>,
         heads: Range<usize>,
-    ) -> Vec<LinearState<T>> {
+    ) -> Vec<Option<LinearState<T>>> {
         if problem.causal && problem.causal_form == CausalForm::Parallel {
             let (map, normalizer) = (&self.map, self.normalizer);
             parallel::causal_parallel(problem, map, normalizer, q, k, v, out, heads);
@@ -418,8 +418,13 @@ pub(crate) fn workspace_bytes(
             + per_thread(tasks, buffers as u128 + packing)
             + task_list_bytes(tasks + pairs)
     } else if problem.causal {
-        let c = chunk;
-        let buffers = (2 * c * m + c * c + 4 * c + 2 * dim_v + state) * element;
+        let (c, d) = (chunk, problem.dim_qk);
+        // A unit's chunk of its heads' rows (bounded by all heads), the chunk scratch, and
+        // its kv heads' states; the final states of all kv heads wait to be returned.
+        let rows = c * (problem.heads_q * (d + dim_v) + problem.heads_kv * (d + dim_v));
+        let scratch = 3 * c * m + c * c + 4 * c + 2 * dim_v;
+        let buffers = (rows + scratch + problem.heads_kv * state) * element;
+        let returned = problem.batch * problem.heads_kv * (state * element + 64);
         let packing = packing_bytes(
             element,
             &[
@@ -431,7 +436,7 @@ pub(crate) fn workspace_bytes(
             ],
         );
         let tasks = problem.batch * problem.heads_q;
-        per_thread(tasks, buffers as u128 + packing) + task_list_bytes(tasks)
+        per_thread(tasks, buffers as u128 + packing) + task_list_bytes(tasks) + returned as u128
     } else {
         let threads = rayon::current_num_threads();
         // Up to `threads` partial states per (batch, kv head), plus the merged ones.

@@ -5,8 +5,8 @@
 
 use crate::attention::{Attention, Method, Problem};
 use crate::error::{Error, Result};
-use crate::linear::CausalForm;
 use crate::kernels::cpu::kernelized::{FeatureMap, Kernel, LinearState};
+use crate::linear::CausalForm;
 use crate::memory;
 use crate::softmax::resolve_scale;
 use crate::tensor::{Element, Tensor};

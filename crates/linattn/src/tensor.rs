@@ -298,18 +298,16 @@ impl<T: Element> Tensor<T> {
         MatRef::strided(&self.data[start..], seq, dim, heads * dim, 1)
     }
 
-    /// Rows `rows` of heads `heads` in batch `b`, copied head-major into `dst`
-    /// (`[head][row][dim]`) while reading the tensor in memory order: the prefetchers
-    /// follow a contiguous sweep, not the token-sized stride between one head's rows.
+    /// Rows `rows` of heads `heads` in batch `b`, copied into `dst` row by row
+    /// (`[row][head][dim]`, one contiguous piece per row): the prefetchers follow a
+    /// sweep in memory order, not the token-sized stride between one head's rows. View
+    /// a head of it with [`block_head`].
     pub(crate) fn gather(&self, b: usize, rows: Range<usize>, heads: Range<usize>, dst: &mut [T]) {
         let [_, seq, all_heads, dim] = self.shape;
-        let (len, width) = (rows.len(), heads.len());
+        let width = heads.len() * dim;
         for (i, t) in rows.enumerate() {
             let start = ((b * seq + t) * all_heads + heads.start) * dim;
-            let source = &self.data[start..start + width * dim];
-            for (j, head_row) in source.chunks_exact(dim).enumerate() {
-                dst[(j * len + i) * dim..(j * len + i + 1) * dim].copy_from_slice(head_row);
-            }
+            dst[i * width..(i + 1) * width].copy_from_slice(&self.data[start..start + width]);
         }
     }
 
@@ -350,7 +348,7 @@ impl<'a, T: Copy> HeadsMut<'a, T> {
         unsafe { MatMut::from_raw(self.ptr.add(offset), len, dim, heads * dim, 1) }
     }
 
-    /// Writes `source` (`[head][row][dim]`, as [`Tensor::gather`] reads) to rows `rows`
+    /// Writes `source` (`[row][head][dim]`, as [`Tensor::gather`] reads) to rows `rows`
     /// of heads `heads` in batch `b`, in memory order.
     ///
     /// # Safety
@@ -358,15 +356,13 @@ impl<'a, T: Copy> HeadsMut<'a, T> {
     pub unsafe fn scatter(&self, b: usize, rows: Range<usize>, heads: Range<usize>, source: &[T]) {
         let [batch, seq, all_heads, dim] = self.shape;
         assert!(b < batch && rows.end <= seq && heads.end <= all_heads);
-        let (len, width) = (rows.len(), heads.len());
-        assert!(source.len() >= len * width * dim);
+        let width = heads.len() * dim;
+        assert!(source.len() >= rows.len() * width);
         for (i, t) in rows.enumerate() {
             let offset = ((b * seq + t) * all_heads + heads.start) * dim;
             // SAFETY: in bounds by the assertions; exclusive by the caller's promise.
-            let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), width * dim) };
-            for (j, head_row) in row.chunks_exact_mut(dim).enumerate() {
-                head_row.copy_from_slice(&source[(j * len + i) * dim..(j * len + i + 1) * dim]);
-            }
+            let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), width) };
+            row.copy_from_slice(&source[i * width..(i + 1) * width]);
         }
     }
 }
@@ -389,6 +385,29 @@ fn zeroed<T: Element>(count: usize) -> Vec<T> {
         }
     }
     data
+}
+
+/// Head `head` of a block laid out `[row][head][dim]` with `heads` heads, as a strided
+/// `rows × dim` matrix.
+pub(crate) fn block_head<T: Copy>(
+    block: &[T],
+    rows: usize,
+    heads: usize,
+    head: usize,
+    dim: usize,
+) -> MatRef<'_, T> {
+    MatRef::strided(&block[head * dim..], rows, dim, heads * dim, 1)
+}
+
+/// The mutable counterpart of [`block_head`].
+pub(crate) fn block_head_mut<T: Copy>(
+    block: &mut [T],
+    rows: usize,
+    heads: usize,
+    head: usize,
+    dim: usize,
+) -> MatMut<'_, T> {
+    MatMut::strided(&mut block[head * dim..], rows, dim, heads * dim)
 }
 
 /// Multi-index of a flat row-major position.

@@ -93,6 +93,24 @@ impl<'a, T: Copy> MatMut<'a, T> {
         }
     }
 
+    /// A `rows × cols` view of `data` whose rows start `rs` apart.
+    pub fn strided(data: &'a mut [T], rows: usize, cols: usize, rs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * rs + cols <= data.len(),
+                "matrix view out of bounds"
+            );
+        }
+        Self {
+            ptr: data.as_mut_ptr(),
+            rows,
+            cols,
+            rs,
+            cs: 1,
+            _data: PhantomData,
+        }
+    }
+
     /// # Safety
     /// Every element `ptr + i * rs + j * cs` for `i < rows`, `j < cols` must be valid for
     /// writes during `'a` and reachable through no other live reference.

@@ -7,7 +7,7 @@ use super::{FeatureMap, LinearState, Normalizer, add_assign, dot, scale_rows};
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::kernels::cpu::simd;
-use crate::tensor::{Element, Tensor};
+use crate::tensor::{Element, Tensor, block_head, block_head_mut};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -190,7 +190,10 @@ fn mask_and_scale<T: Element>(scores: &mut [T], len: usize, scales: Option<(&[T]
 /// heads (of `heads`) among theirs that the unit computes. kv heads are split between
 /// units so every thread has one; a single kv head with many query heads is split by
 /// query heads, each part then recomputing the keys it shares.
-fn head_groups(problem: &Problem, heads: &Range<usize>) -> Vec<(usize, Range<usize>, Range<usize>)> {
+fn head_groups(
+    problem: &Problem,
+    heads: &Range<usize>,
+) -> Vec<(usize, Range<usize>, Range<usize>)> {
     let kv = problem.kv_head(heads.start)..problem.kv_head(heads.end - 1) + 1;
     let threads = rayon::current_num_threads();
     let wanted = threads.div_ceil(problem.batch).max(1);
@@ -211,7 +214,11 @@ fn head_groups(problem: &Problem, heads: &Range<usize>) -> Vec<(usize, Range<usi
             };
             let per_split = q_range.len().div_ceil(splits);
             for q_first in q_range.clone().step_by(per_split) {
-                units.push((b, kv_range.clone(), q_first..(q_first + per_split).min(q_range.end)));
+                units.push((
+                    b,
+                    kv_range.clone(),
+                    q_first..(q_first + per_split).min(q_range.end),
+                ));
             }
         }
     }
@@ -256,15 +263,15 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                 v.gather(b, rows.clone(), kv_range.clone(), &mut values);
                 for (slot, state) in states.iter_mut().enumerate() {
                     let g = kv_range.start + slot;
-                    let block_values = MatRef::contiguous(&values[slot * len * dim_v..], len, dim_v);
-                    let key_rows = MatRef::contiguous(&keys[slot * len * d..], len, d);
+                    let block_values = block_head(&values, len, kv_range.len(), slot, dim_v);
+                    let key_rows = block_head(&keys, len, kv_range.len(), slot, d);
                     scratch.prepare_keys(fmap, state, key_rows, start);
                     for h in q_range.clone().filter(|&h| problem.kv_head(h) == g) {
                         let offset = h - q_range.start;
-                        let query_rows = MatRef::contiguous(&queries[offset * len * d..], len, d);
+                        let query_rows = block_head(&queries, len, q_range.len(), offset, d);
                         scratch.prepare_queries(fmap, state, query_rows, start);
-                        let dst = &mut outputs[offset * len * dim_v..(offset + 1) * len * dim_v];
-                        let mut rows = MatMut::contiguous(dst, len, dim_v);
+                        let mut rows =
+                            block_head_mut(&mut outputs, len, q_range.len(), offset, dim_v);
                         scratch.numerators(state, block_values, rows.rb(), uniform);
                         for (i, &den) in scratch.den[..len].iter().enumerate() {
                             simd::scale(rows.row_mut(i), T::one() / normalizer.divisor(den));

@@ -7,7 +7,7 @@ use super::{
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::kernels::cpu::simd;
-use crate::tensor::{Element, Tensor};
+use crate::tensor::{Element, Tensor, block_head, block_head_mut};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -57,8 +57,8 @@ fn key_states<T: Element, F: FeatureMap<T>>(
                 k.gather(b, start..start + len, heads.clone(), &mut keys);
                 v.gather(b, start..start + len, heads.clone(), &mut values);
                 for (slot, state) in states.iter_mut().enumerate() {
-                    let key_rows = MatRef::contiguous(&keys[slot * len * d..], len, d);
-                    let value_rows = MatRef::contiguous(&values[slot * len * dim_v..], len, dim_v);
+                    let key_rows = block_head(&keys, len, heads.len(), slot, d);
+                    let value_rows = block_head(&values, len, heads.len(), slot, dim_v);
                     fmap.keys(key_rows, start, &mut features, &mut log_scale);
                     state.absorb(start, &mut features, &log_scale, value_rows);
                 }
@@ -124,19 +124,13 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
             let len = FULL_BLOCK.min(problem.len_q - start);
             q.gather(b, start..start + len, heads.clone(), queries);
             for (slot, h) in heads.clone().enumerate() {
-                let query_rows = MatRef::contiguous(&queries[slot * len * d..], len, d);
+                let query_rows = block_head(queries, len, width, slot, d);
                 fmap.queries(query_rows, start, features);
                 let phi = MatRef::contiguous(features, len, m);
-                let rows = &mut outputs[slot * len * dim_v..(slot + 1) * len * dim_v];
-                numerators(
-                    phi,
-                    state_of(b, h),
-                    uniform,
-                    MatMut::contiguous(rows, len, dim_v),
-                    den,
-                );
-                for (row, &den) in rows.chunks_exact_mut(dim_v).zip(&den[..len]) {
-                    simd::scale(row, T::one() / normalizer.divisor(den));
+                let mut rows = block_head_mut(outputs, len, width, slot, dim_v);
+                numerators(phi, state_of(b, h), uniform, rows.rb(), den);
+                for (i, &den) in den[..len].iter().enumerate() {
+                    simd::scale(rows.row_mut(i), T::one() / normalizer.divisor(den));
                 }
             }
             // SAFETY: each (b, start) block of rows is one task.

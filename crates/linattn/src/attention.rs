@@ -5,7 +5,7 @@ use crate::cosformer::Cosformer;
 use crate::error::{Error, Result};
 use crate::fnet::Fnet;
 use crate::hybrid::Hybrid;
-use crate::kernels::cpu::kernelized::LinearState;
+use crate::kernels::cpu::kernelized::{KernelPass, LinearState};
 use crate::linear::{CausalForm, Linear};
 use crate::linformer::Linformer;
 use crate::memory;
@@ -201,30 +201,40 @@ impl Method {
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
-    ) -> Result<Vec<Option<LinearState<T>>>> {
+    ) -> Result<KernelPass<T>> {
         let inputs = [q, k, v];
         Ok(match self {
             Method::Softmax(m) => {
                 m.forward(problem, q, k, v, out, heads);
-                Vec::new()
+                KernelPass::unchecked()
             }
             Method::Window(m) => {
                 m.forward(problem, q, k, v, out, heads);
-                Vec::new()
+                KernelPass::unchecked()
             }
             Method::Linear(m) => m.kernel(problem).forward(problem, inputs, out, heads),
             Method::Performer(m) => m.kernel(problem)?.forward(problem, inputs, out, heads),
             Method::Cosformer(m) => m.kernel(problem).forward(problem, inputs, out, heads),
             Method::Linformer(m) => {
                 m.forward(problem, q, k, v, out, heads)?;
-                Vec::new()
+                KernelPass::unchecked()
             }
             Method::Fnet(m) => {
                 m.forward(v, out);
-                Vec::new()
+                KernelPass::unchecked()
             }
             Method::Hybrid(m) => m.forward(problem, q, k, v, out)?,
         })
+    }
+
+    /// Whether the method's forward checks every input and output for NaN and infinity
+    /// itself, while they are in cache (the kernelized ones that read in row blocks).
+    fn checks_while_reading(&self, problem: &Problem) -> bool {
+        let parallel = problem.causal && problem.causal_form == CausalForm::Parallel;
+        matches!(
+            self,
+            Method::Linear(_) | Method::Performer(_) | Method::Cosformer(_)
+        ) && !parallel
     }
 }
 
@@ -455,14 +465,9 @@ impl Attention {
         v: &Tensor<T>,
     ) -> Result<(Tensor<T>, Vec<Option<LinearState<T>>>)> {
         let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        for (name, tensor) in [("q", q), ("k", k), ("v", v)] {
-            if let Some((index, value)) = tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: name,
-                    index,
-                    value,
-                });
-            }
+        let checked_in_pass = self.method.checks_while_reading(&problem);
+        if !checked_in_pass {
+            check_inputs([q, k, v])?;
         }
         let out_shape = self.method.out_shape(&problem);
         let out_bytes = out_shape
@@ -483,17 +488,23 @@ impl Attention {
             self.memory_limit,
         )?;
         let mut out = Tensor::zeros(out_shape)?;
-        let states = self
+        let pass = self
             .method
             .run(&problem, q, k, v, &mut out, 0..problem.heads_q)?;
-        if let Some((index, _)) = out.first_non_finite() {
-            return Err(Error::NonFiniteOutput {
-                method: self.method.name(),
-                tensor: "output",
-                index,
-            });
+        if pass.finite != Some(true) {
+            // The pass saw a NaN or infinity somewhere, or did not look: find it.
+            if checked_in_pass {
+                check_inputs([q, k, v])?;
+            }
+            if let Some((index, _)) = out.first_non_finite() {
+                return Err(Error::NonFiniteOutput {
+                    method: self.method.name(),
+                    tensor: "output",
+                    index,
+                });
+            }
         }
-        Ok((out, states))
+        Ok((out, pass.states))
     }
 }
 
@@ -577,6 +588,20 @@ impl Attention {
             projections,
         })
     }
+}
+
+/// [`Error::NonFinite`] for the first NaN or infinity in q, k or v.
+fn check_inputs<T: Element>(inputs: [&Tensor<T>; 3]) -> Result<()> {
+    for (name, tensor) in ["q", "k", "v"].into_iter().zip(inputs) {
+        if let Some((index, value)) = tensor.first_non_finite() {
+            return Err(Error::NonFinite {
+                tensor: name,
+                index,
+                value,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Scratch that every one of `tasks` parallel tasks holds at once, bounded by the

@@ -4,7 +4,7 @@
 
 use crate::attention::Problem;
 use crate::error::{Error, Result};
-use crate::kernels::cpu::kernelized::{Kernel, LinearState};
+use crate::kernels::cpu::kernelized::{Kernel, KernelPass};
 use crate::linear::Linear;
 use crate::performer::Performer;
 use crate::tensor::{Element, Tensor};
@@ -77,16 +77,21 @@ impl Hybrid {
         k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
-    ) -> Result<Vec<Option<LinearState<T>>>> {
+    ) -> Result<KernelPass<T>> {
         let split = self.local_heads;
         if split > 0 {
             self.window.forward(problem, q, k, v, out, 0..split);
         }
         if split < problem.heads_q {
             let kernel = self.global.kernel(problem)?;
-            return Ok(kernel.forward(problem, [q, k, v], out, split..problem.heads_q));
+            let pass = kernel.forward(problem, [q, k, v], out, split..problem.heads_q);
+            // The window heads were not checked: say nothing of finiteness.
+            return Ok(KernelPass {
+                states: pass.states,
+                finite: None,
+            });
         }
-        Ok(Vec::new())
+        Ok(KernelPass::unchecked())
     }
 
     pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {

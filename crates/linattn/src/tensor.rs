@@ -301,14 +301,23 @@ impl<T: Element> Tensor<T> {
     /// Rows `rows` of heads `heads` in batch `b`, copied into `dst` row by row
     /// (`[row][head][dim]`, one contiguous piece per row): the prefetchers follow a
     /// sweep in memory order, not the token-sized stride between one head's rows. View
-    /// a head of it with [`block_head`].
-    pub(crate) fn gather(&self, b: usize, rows: Range<usize>, heads: Range<usize>, dst: &mut [T]) {
+    /// a head of it with [`block_head`]. Returns whether every value copied is finite,
+    /// checked while the copy is still in cache.
+    pub(crate) fn gather(
+        &self,
+        b: usize,
+        rows: Range<usize>,
+        heads: Range<usize>,
+        dst: &mut [T],
+    ) -> bool {
         let [_, seq, all_heads, dim] = self.shape;
         let width = heads.len() * dim;
+        let len = rows.len();
         for (i, t) in rows.enumerate() {
             let start = ((b * seq + t) * all_heads + heads.start) * dim;
             dst[i * width..(i + 1) * width].copy_from_slice(&self.data[start..start + width]);
         }
+        crate::kernels::cpu::simd::all_finite(&dst[..len * width])
     }
 
     /// Shared write access to the heads of this tensor, for tasks that each fill a

@@ -107,36 +107,65 @@ fn zero_sized_dimensions_are_refused() {
 
 #[test]
 fn non_finite_inputs_are_located() {
-    for (bad, tensor) in [
-        (f32::NAN, "q"),
-        (f32::INFINITY, "k"),
-        (f32::NEG_INFINITY, "v"),
-    ] {
-        let mut inputs = [
-            zeros([1, 5, 2, 3]),
-            zeros([1, 5, 2, 3]),
-            zeros([1, 5, 2, 3]),
-        ];
-        let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
-        // [0, 3, 1, 2] in a [1, 5, 2, 3] tensor.
-        inputs[which].as_mut_slice()[3 * 6 + 3 + 2] = bad;
-        let err = Attention::new(Method::softmax())
-            .forward(&inputs[0], &inputs[1], &inputs[2])
-            .unwrap_err();
-        match err {
-            Error::NonFinite {
-                tensor: t, index, ..
-            } => {
-                assert_eq!(t, tensor);
-                assert_eq!(index, vec![0, 3, 1, 2]);
+    // Exact methods scan inputs first; the kernelized ones check them as they read.
+    let methods = [
+        Method::softmax(),
+        Method::linear(),
+        Method::Performer(Performer::new(8, 0)),
+        Method::Cosformer(linattn::Cosformer::default()),
+        Method::Window(Window::new(Some(1), None)),
+    ];
+    for (method, causal) in methods.iter().flat_map(|m| [(m, false), (m, true)]) {
+        for (bad, tensor) in [
+            (f32::NAN, "q"),
+            (f32::INFINITY, "k"),
+            (f32::NEG_INFINITY, "v"),
+        ] {
+            let mut inputs = [
+                zeros([1, 5, 2, 3]),
+                zeros([1, 5, 2, 3]),
+                zeros([1, 5, 2, 3]),
+            ];
+            let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
+            // [0, 3, 1, 2] in a [1, 5, 2, 3] tensor.
+            inputs[which].as_mut_slice()[3 * 6 + 3 + 2] = bad;
+            let err = Attention::new(method.clone())
+                .causal(causal)
+                .forward(&inputs[0], &inputs[1], &inputs[2])
+                .unwrap_err();
+            match err {
+                Error::NonFinite {
+                    tensor: t, index, ..
+                } => {
+                    assert_eq!(t, tensor, "{method:?}");
+                    assert_eq!(index, vec![0, 3, 1, 2], "{method:?}");
+                }
+                other => panic!("{method:?} causal={causal}: {other:?}"),
             }
-            other => panic!("{other:?}"),
         }
     }
 }
 
 #[test]
 fn overflowing_scores_are_an_error_not_a_nan_output() {
+    // Linear attention of huge values: φ(k)ᵀv overflows f32.
+    let huge = Tensor::from_vec(vec![3e30f32; 2 * 4], [1, 2, 1, 4]).unwrap();
+    for causal in [false, true] {
+        let err = Attention::new(Method::linear())
+            .causal(causal)
+            .forward(&huge, &huge, &huge)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NonFiniteOutput {
+                    method: "linear",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
     let big = Tensor::from_vec(vec![1e20f32; 2 * 4], [1, 2, 1, 4]).unwrap();
     let err = Attention::new(Method::softmax())
         .forward(&big, &big, &big)

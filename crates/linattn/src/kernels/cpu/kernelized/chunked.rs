@@ -3,7 +3,7 @@
 //! chunks; and its backward, a forward sweep for dq and a reverse sweep for dk and dv.
 //! Memory is O(C² + m·d_v) per task forward and O(n·d_v) backward, never O(n²).
 
-use super::{FeatureMap, LinearState, Normalizer, add_assign, dot, scale_rows};
+use super::{FeatureMap, KernelPass, LinearState, Normalizer, add_assign, dot, scale_rows};
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::kernels::cpu::simd;
@@ -227,8 +227,7 @@ fn head_groups(
 
 /// Causal kernelized attention for the query heads in `heads`. Each unit of work reads
 /// the rows of its heads chunk by chunk in memory order, computes the key side of a
-/// chunk once per kv head and shares it among that head's queries. Returns the final
-/// state of every kv head it computed, at `b · heads_kv + g`.
+/// chunk once per kv head and shares it among that head's queries.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -240,12 +239,12 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
-) -> Vec<Option<LinearState<T>>> {
+) -> KernelPass<T> {
     let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let uniform = fmap.stabiliser();
     let out_heads = out.heads_mut();
     let units = head_groups(problem, &heads);
-    let finished: Vec<(usize, Range<usize>, Vec<LinearState<T>>)> = units
+    let finished: Vec<(usize, Range<usize>, Vec<LinearState<T>>, bool)> = units
         .par_iter()
         .map(|(b, kv_range, q_range)| {
             let b = *b;
@@ -255,12 +254,13 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
             let mut keys = vec![T::zero(); kv_range.len() * chunk * d];
             let mut values = vec![T::zero(); kv_range.len() * chunk * dim_v];
             let mut outputs = vec![T::zero(); q_range.len() * chunk * dim_v];
+            let mut finite = true;
             for start in (0..problem.len_q).step_by(chunk) {
                 let len = chunk.min(problem.len_q - start);
                 let rows = start..start + len;
-                q.gather(b, rows.clone(), q_range.clone(), &mut queries);
-                k.gather(b, rows.clone(), kv_range.clone(), &mut keys);
-                v.gather(b, rows.clone(), kv_range.clone(), &mut values);
+                finite &= q.gather(b, rows.clone(), q_range.clone(), &mut queries);
+                finite &= k.gather(b, rows.clone(), kv_range.clone(), &mut keys);
+                finite &= v.gather(b, rows.clone(), kv_range.clone(), &mut values);
                 for (slot, state) in states.iter_mut().enumerate() {
                     let g = kv_range.start + slot;
                     let block_values = block_head(&values, len, kv_range.len(), slot, dim_v);
@@ -279,19 +279,24 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                     }
                     state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
                 }
+                finite &= simd::all_finite(&outputs[..len * q_range.len() * dim_v]);
                 // SAFETY: these rows of these q heads belong to this unit alone.
                 unsafe { out_heads.scatter(b, rows, q_range.clone(), &outputs) };
             }
-            (b, kv_range.clone(), states)
+            (b, kv_range.clone(), states, finite)
         })
         .collect();
-    let mut states = vec![None; problem.batch * problem.heads_kv];
-    for (b, kv_range, unit_states) in finished {
+    let mut pass = KernelPass {
+        states: vec![None; problem.batch * problem.heads_kv],
+        finite: Some(true),
+    };
+    for (b, kv_range, unit_states, finite) in finished {
         for (g, state) in kv_range.zip(unit_states) {
-            states[b * problem.heads_kv + g] = Some(state);
+            pass.states[b * problem.heads_kv + g] = Some(state);
         }
+        pass.finite = pass.finite.map(|all| all && finite);
     }
-    states
+    pass
 }
 
 /// Per-row quantities of one head that the reverse sweep of the backward reads.

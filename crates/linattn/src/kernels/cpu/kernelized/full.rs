@@ -25,16 +25,16 @@ fn parts_per_head(pairs: usize, len: usize) -> usize {
         .clamp(1, len.div_ceil(FULL_BLOCK))
 }
 
-/// One state over all keys for each (batch, kv head in `kv_heads`), batch-major. Each
-/// task sweeps a part of one batch's sequence for every kv head at once, reading the
-/// keys and values in memory order.
+/// One state over all keys for each (batch, kv head in `kv_heads`), batch-major, and
+/// whether every key and value was finite. Each task sweeps a part of one batch's
+/// sequence for every kv head at once, reading the keys and values in memory order.
 fn key_states<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
     fmap: &F,
     k: &Tensor<T>,
     v: &Tensor<T>,
     kv_heads: &[usize],
-) -> Vec<LinearState<T>> {
+) -> (Vec<LinearState<T>>, bool) {
     let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let stabilised = fmap.stabiliser().is_some();
     let heads = kv_heads[0]..kv_heads[kv_heads.len() - 1] + 1;
@@ -43,9 +43,10 @@ fn key_states<T: Element, F: FeatureMap<T>>(
     let tasks: Vec<(usize, usize)> = (0..problem.batch)
         .flat_map(|b| (0..parts).map(move |p| (b, p)))
         .collect();
-    let partial: Vec<Vec<LinearState<T>>> = tasks
+    let partial: Vec<(Vec<LinearState<T>>, bool)> = tasks
         .par_iter()
         .map(|&(b, part)| {
+            let mut finite = true;
             let mut states = vec![LinearState::new(m, dim_v, stabilised); heads.len()];
             let mut keys = vec![T::zero(); heads.len() * FULL_BLOCK * d];
             let mut values = vec![T::zero(); heads.len() * FULL_BLOCK * dim_v];
@@ -54,8 +55,8 @@ fn key_states<T: Element, F: FeatureMap<T>>(
             let end = ((part + 1) * span).min(problem.len_k);
             for start in (part * span..end).step_by(FULL_BLOCK) {
                 let len = FULL_BLOCK.min(end - start);
-                k.gather(b, start..start + len, heads.clone(), &mut keys);
-                v.gather(b, start..start + len, heads.clone(), &mut values);
+                finite &= k.gather(b, start..start + len, heads.clone(), &mut keys);
+                finite &= v.gather(b, start..start + len, heads.clone(), &mut values);
                 for (slot, state) in states.iter_mut().enumerate() {
                     let key_rows = block_head(&keys, len, heads.len(), slot, d);
                     let value_rows = block_head(&values, len, heads.len(), slot, dim_v);
@@ -63,11 +64,12 @@ fn key_states<T: Element, F: FeatureMap<T>>(
                     state.absorb(start, &mut features, &log_scale, value_rows);
                 }
             }
-            states
+            (states, finite)
         })
         .collect();
+    let finite = partial.iter().all(|(_, finite)| *finite);
     let mut states: Vec<LinearState<T>> = Vec::with_capacity(problem.batch * heads.len());
-    for (index, part_states) in partial.into_iter().enumerate() {
+    for (index, (part_states, _)) in partial.into_iter().enumerate() {
         if index % parts == 0 {
             states.extend(part_states);
         } else {
@@ -77,11 +79,12 @@ fn key_states<T: Element, F: FeatureMap<T>>(
             }
         }
     }
-    states
+    (states, finite)
 }
 
 /// Non-causal kernelized attention for the query heads in `heads`. Each task takes a
 /// block of rows of every head, so that queries are read and outputs written in order.
+/// Returns whether every input and output was finite.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -92,10 +95,10 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
-) {
+) -> bool {
     let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let kv_heads = kv_heads_of(problem, &heads);
-    let states = key_states(problem, fmap, k, v, &kv_heads);
+    let (states, keys_finite) = key_states(problem, fmap, k, v, &kv_heads);
     let state_of = |b: usize, h: usize| {
         let slot = problem.kv_head(h) - kv_heads[0];
         &states[b * kv_heads.len() + slot]
@@ -111,7 +114,7 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
                 .map(move |start| (b, start))
         })
         .collect();
-    blocks.par_iter().for_each_init(
+    let rows_finite = blocks.par_iter().map_init(
         || {
             (
                 vec![T::zero(); width * FULL_BLOCK * d],
@@ -122,7 +125,7 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
         },
         |(queries, outputs, features, den), &(b, start)| {
             let len = FULL_BLOCK.min(problem.len_q - start);
-            q.gather(b, start..start + len, heads.clone(), queries);
+            let queries_finite = q.gather(b, start..start + len, heads.clone(), queries);
             for (slot, h) in heads.clone().enumerate() {
                 let query_rows = block_head(queries, len, width, slot, d);
                 fmap.queries(query_rows, start, features);
@@ -135,8 +138,10 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
             }
             // SAFETY: each (b, start) block of rows is one task.
             unsafe { out_heads.scatter(b, start..start + len, heads.clone(), outputs) };
+            queries_finite && simd::all_finite(&outputs[..len * width * dim_v])
         },
     );
+    keys_finite && rows_finite.all(|finite| finite)
 }
 
 /// What the keys of one (batch, kv head) need from the queries' side of the backward:
@@ -185,7 +190,7 @@ pub(crate) fn full_backward<T: Element, F: FeatureMap<T>>(
     let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let uniform = fmap.stabiliser();
     let kv_heads = kv_heads_of(problem, &heads);
-    let states = key_states(problem, fmap, k, v, &kv_heads);
+    let (states, _) = key_states(problem, fmap, k, v, &kv_heads);
 
     // Queries: dq, and the sums the keys need, per (batch, kv head) split into parts.
     let parts = parts_per_head(problem.batch * kv_heads.len(), problem.len_q);

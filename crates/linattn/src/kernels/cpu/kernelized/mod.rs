@@ -243,6 +243,25 @@ mod chunked;
 mod full;
 mod parallel;
 
+/// What a forward pass of the kernel leaves besides its output.
+pub(crate) struct KernelPass<T> {
+    /// The final state of each kv head the chunked form read, at `b · heads_kv + g`.
+    pub states: Vec<Option<LinearState<T>>>,
+    /// Whether every input read and output written was finite, for the forms that check
+    /// while the data is in cache (`None`: not checked).
+    pub finite: Option<bool>,
+}
+
+impl<T> KernelPass<T> {
+    /// A pass that kept no state and checked nothing.
+    pub fn unchecked() -> Self {
+        Self {
+            states: Vec::new(),
+            finite: None,
+        }
+    }
+}
+
 /// A kernelized method reduced to what the engine needs: its feature map, how it
 /// normalises, and the chunk length of its causal form.
 #[derive(Clone, Debug)]
@@ -254,19 +273,18 @@ pub(crate) struct Kernel<T> {
 
 impl<T: Element> Kernel<T> {
     /// Attention for the query heads in `heads`: chunked (or parallel) when causal,
-    /// through one state per head otherwise. The chunked form returns the final state
-    /// of each kv head it read, at `b · heads_kv + g`; the others return nothing.
+    /// through one state per head otherwise.
     pub fn forward(
         &self,
         problem: &Problem,
         [q, k, v]: [&Tensor<T>; 3],
         out: &mut Tensor<T>,
         heads: Range<usize>,
-    ) -> Vec<Option<LinearState<T>>> {
+    ) -> KernelPass<T> {
         if problem.causal && problem.causal_form == CausalForm::Parallel {
             let (map, normalizer) = (&self.map, self.normalizer);
             parallel::causal_parallel(problem, map, normalizer, q, k, v, out, heads);
-            Vec::new()
+            KernelPass::unchecked()
         } else if problem.causal {
             chunked::causal_chunked(
                 problem,
@@ -280,8 +298,11 @@ impl<T: Element> Kernel<T> {
                 heads,
             )
         } else {
-            full::full(problem, &self.map, self.normalizer, q, k, v, out, heads);
-            Vec::new()
+            let finite = full::full(problem, &self.map, self.normalizer, q, k, v, out, heads);
+            KernelPass {
+                states: Vec::new(),
+                finite: Some(finite),
+            }
         }
     }
 

@@ -5,7 +5,7 @@ use crate::cosformer::Cosformer;
 use crate::error::{Error, Result};
 use crate::fnet::Fnet;
 use crate::hybrid::Hybrid;
-use crate::kernels::cpu::kernelized::{KernelPass, LinearState};
+use crate::kernels::cpu::kernelized::{FinalStates, KernelPass};
 use crate::linear::{CausalForm, Linear};
 use crate::linformer::Linformer;
 use crate::memory;
@@ -456,6 +456,38 @@ impl Attention {
         self.forward_with_states(q, k, v).map(|(out, _)| out)
     }
 
+    /// [`Attention::forward`] into a tensor the caller already holds (of the output's
+    /// shape), which saves allocating and first touching the output on every call.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method, Tensor};
+    /// let x = Tensor::<f32>::randn([1, 64, 2, 16], 0).unwrap();
+    /// let attention = Attention::new(Method::linear());
+    /// let mut out = Tensor::zeros([1, 64, 2, 16]).unwrap();
+    /// attention.forward_into(&x, &x, &x, &mut out).unwrap();
+    /// assert_eq!(out, attention.forward(&x, &x, &x).unwrap());
+    /// ```
+    pub fn forward_into<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+    ) -> Result<()> {
+        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
+        let expected = self.method.out_shape(&problem);
+        if out.shape() != expected {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output tensor has shape {:?} but the output is {expected:?}",
+                    out.shape()
+                ),
+            });
+        }
+        self.compute_fits(&problem, q, k, v, 0)?;
+        self.compute(&problem, q, k, v, out).map(|_| ())
+    }
+
     /// [`Attention::forward`], also returning the final state of every kv head the
     /// chunked causal form computed (at `b · heads_kv + g`), for the decoder.
     pub(crate) fn forward_with_states<T: Element>(
@@ -463,17 +495,29 @@ impl Attention {
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
-    ) -> Result<(Tensor<T>, Vec<Option<LinearState<T>>>)> {
+    ) -> Result<(Tensor<T>, FinalStates<T>)> {
         let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        let checked_in_pass = self.method.checks_while_reading(&problem);
-        if !checked_in_pass {
-            check_inputs([q, k, v])?;
-        }
         let out_shape = self.method.out_shape(&problem);
         let out_bytes = out_shape
             .iter()
             .fold(size_of::<T>() as u128, |a, &x| a * x as u128);
-        let needed = out_bytes + self.method.workspace_bytes(&problem, size_of::<T>());
+        // Refuse before allocating: the output counts against the memory limit too.
+        self.compute_fits(&problem, q, k, v, out_bytes)?;
+        let mut out = Tensor::zeros(out_shape)?;
+        let states = self.compute(&problem, q, k, v, &mut out)?;
+        Ok((out, states))
+    }
+
+    /// Fails when `out_bytes` of output plus the method's scratch exceed the limit.
+    fn compute_fits<T: Element>(
+        &self,
+        problem: &Problem,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out_bytes: u128,
+    ) -> Result<()> {
+        let needed = out_bytes + self.method.workspace_bytes(problem, size_of::<T>());
         memory::ensure_fits(
             &format!(
                 "{}{} attention with q {:?}, k {:?}, v {:?} ({})",
@@ -486,11 +530,24 @@ impl Attention {
             ),
             needed,
             self.memory_limit,
-        )?;
-        let mut out = Tensor::zeros(out_shape)?;
-        let pass = self
-            .method
-            .run(&problem, q, k, v, &mut out, 0..problem.heads_q)?;
+        )
+    }
+
+    /// Checks the inputs, computes into `out` (writing every element) and checks the
+    /// result.
+    fn compute<T: Element>(
+        &self,
+        problem: &Problem,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+    ) -> Result<FinalStates<T>> {
+        let checked_in_pass = self.method.checks_while_reading(problem);
+        if !checked_in_pass {
+            check_inputs([q, k, v])?;
+        }
+        let pass = self.method.run(problem, q, k, v, out, 0..problem.heads_q)?;
         if pass.finite != Some(true) {
             // The pass saw a NaN or infinity somewhere, or did not look: find it.
             if checked_in_pass {
@@ -504,7 +561,7 @@ impl Attention {
                 });
             }
         }
-        Ok((out, pass.states))
+        Ok(pass.states)
     }
 }
 

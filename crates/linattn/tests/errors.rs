@@ -311,3 +311,17 @@ fn tensors_must_hold_as_many_elements_as_their_shape() {
         "{err}"
     );
 }
+
+#[test]
+fn an_output_tensor_of_the_wrong_shape_is_refused() {
+    let x = zeros([1, 6, 2, 4]);
+    let mut out = zeros([1, 6, 2, 5]);
+    let err = Attention::new(Method::linear())
+        .forward_into(&x, &x, &x, &mut out)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the output tensor has shape [1, 6, 2, 5]"),
+        "{err}"
+    );
+}

@@ -154,7 +154,7 @@ impl<T: Element> Chunk<T> {
             T::one(),
         );
         for i in 0..len {
-            let own: T = self.scores[i * len..(i + 1) * len].iter().copied().sum();
+            let own = simd::sum(&self.scores[i * len..(i + 1) * len]);
             self.den[i] = own + dot(carried.row(i), &state.k_sum);
         }
         if let Some(u) = uniform {
@@ -225,6 +225,14 @@ fn head_groups(
     units
 }
 
+/// What a unit of the chunked forward ends with.
+struct UnitEnd<T> {
+    b: usize,
+    kv_range: Range<usize>,
+    states: Vec<LinearState<T>>,
+    finite: bool,
+}
+
 /// Causal kernelized attention for the query heads in `heads`. Each unit of work reads
 /// the rows of its heads chunk by chunk in memory order, computes the key side of a
 /// chunk once per kv head and shares it among that head's queries.
@@ -244,7 +252,7 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     let uniform = fmap.stabiliser();
     let out_heads = out.heads_mut();
     let units = head_groups(problem, &heads);
-    let finished: Vec<(usize, Range<usize>, Vec<LinearState<T>>, bool)> = units
+    let finished: Vec<UnitEnd<T>> = units
         .par_iter()
         .map(|(b, kv_range, q_range)| {
             let b = *b;
@@ -283,18 +291,23 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                 // SAFETY: these rows of these q heads belong to this unit alone.
                 unsafe { out_heads.scatter(b, rows, q_range.clone(), &outputs) };
             }
-            (b, kv_range.clone(), states, finite)
+            UnitEnd {
+                b,
+                kv_range: kv_range.clone(),
+                states,
+                finite,
+            }
         })
         .collect();
     let mut pass = KernelPass {
         states: vec![None; problem.batch * problem.heads_kv],
         finite: Some(true),
     };
-    for (b, kv_range, unit_states, finite) in finished {
-        for (g, state) in kv_range.zip(unit_states) {
-            pass.states[b * problem.heads_kv + g] = Some(state);
+    for unit in finished {
+        for (g, state) in unit.kv_range.zip(unit.states) {
+            pass.states[unit.b * problem.heads_kv + g] = Some(state);
         }
-        pass.finite = pass.finite.map(|all| all && finite);
+        pass.finite = pass.finite.map(|all| all && unit.finite);
     }
     pass
 }
@@ -455,7 +468,7 @@ pub(crate) fn causal_chunked_backward<T: Element, F: FeatureMap<T>>(
                 scratch.row_scale[..len].copy_from_slice(&rows.row_scale[start..end]);
                 scratch.scores_from_features(stabilised);
                 for i in 0..len {
-                    scratch.phi_sum[i] = scratch.phi_q[i * m..(i + 1) * m].iter().copied().sum();
+                    scratch.phi_sum[i] = simd::sum(&scratch.phi_q[i * m..(i + 1) * m]);
                 }
                 let dn = MatRef::contiguous(&rows.dn[start * dim_v..end * dim_v], len, dim_v);
                 let dd = &rows.dd[start..end];

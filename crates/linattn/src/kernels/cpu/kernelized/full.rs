@@ -251,7 +251,7 @@ pub(crate) fn full_backward<T: Element, F: FeatureMap<T>>(
                             // C is shared by every key: ∂A_ij/∂C = −(A_ij − u σᵢ).
                             let phi_i = phi_mat.row(i);
                             sums.d_log_scale -= dot(phi_i, row);
-                            let sigma: T = phi_i.iter().copied().sum();
+                            let sigma = simd::sum(phi_i);
                             let d_sigma = u
                                 * (dot(dn_mat.row(i), &state.v_sum)
                                     + dd[i] * T::of_f64(state.count as f64));

@@ -226,7 +226,7 @@ pub(crate) fn numerators<T: Element>(
         let phi_i = phi.row(i);
         *den = dot(phi_i, &state.k_sum);
         if let Some(u) = uniform {
-            let weight = u * phi_i.iter().copied().sum::<T>();
+            let weight = u * simd::sum(phi_i);
             *den += weight * T::of_f64(state.count as f64);
             rows.row_mut(i)
                 .iter_mut()
@@ -243,10 +243,13 @@ mod chunked;
 mod full;
 mod parallel;
 
+/// The final state of each kv head a chunked pass read, at `b · heads_kv + g`.
+pub(crate) type FinalStates<T> = Vec<Option<LinearState<T>>>;
+
 /// What a forward pass of the kernel leaves besides its output.
 pub(crate) struct KernelPass<T> {
-    /// The final state of each kv head the chunked form read, at `b · heads_kv + g`.
-    pub states: Vec<Option<LinearState<T>>>,
+    /// The final states, for the decoder.
+    pub states: FinalStates<T>,
     /// Whether every input read and output written was finite, for the forms that check
     /// while the data is in cache (`None`: not checked).
     pub finite: Option<bool>,

@@ -6,6 +6,7 @@
 use super::{FeatureMap, Normalizer};
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
+use crate::kernels::cpu::simd;
 use crate::tensor::{Element, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -96,9 +97,7 @@ pub(crate) fn causal_parallel<T: Element, F: FeatureMap<T>>(
             let values = v.head(b, problem.kv_head(h));
             fmap.queries(q.head(b, h).rows_range(start, rows), start, phi);
             let phi = MatRef::contiguous(&phi[..rows * m], rows, m);
-            let sums: Vec<T> = (0..rows)
-                .map(|i| phi.row(i).iter().copied().sum())
-                .collect();
+            let sums: Vec<T> = (0..rows).map(|i| simd::sum(phi.row(i))).collect();
             // SAFETY: each (b, h, start) block is one task.
             let mut acc = unsafe { out_heads.block(b, h, start, rows) };
             den[..rows].fill(T::zero());
@@ -130,7 +129,7 @@ pub(crate) fn causal_parallel<T: Element, F: FeatureMap<T>>(
                             *a
                         };
                     }
-                    den[i] += row.iter().copied().sum::<T>();
+                    den[i] += simd::sum(row);
                 }
                 matmul(
                     acc.rb(),

@@ -8,11 +8,12 @@ use crate::report::{self, Case, Record};
 use crate::window_span::{WindowSpan, parse_window};
 use clap::{Args, ValueEnum};
 use linattn::{
-    Attention, Cosformer, DEFAULT_CHUNK, DEFAULT_FEATURES, Element, Fnet, GlobalHeads, Hybrid,
-    Linear, Linformer, Method, Performer, Softmax, SoftmaxAlgorithm, Tensor,
+    Attention, Ceilings, Cosformer, DEFAULT_CHUNK, DEFAULT_FEATURES, Element, Fnet, GlobalHeads,
+    Hybrid, Linear, Linformer, Method, Performer, Softmax, SoftmaxAlgorithm, Tensor,
 };
 use std::cell::OnceCell;
 use std::io;
+use std::time::Duration;
 
 /// The methods `bench` measures, as `--methods` spells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,22 +156,28 @@ impl BenchArgs {
 
 /// Runs `linattn bench`.
 pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
-    let records = match args.dtype {
-        Dtype::F32 => sweep::<f32>(args),
-        Dtype::F64 => sweep::<f64>(args),
+    eprintln!("bench: measuring this machine's copy bandwidth and matmul rate ...");
+    let ceilings = Ceilings::measure();
+    let mut records = match args.dtype {
+        Dtype::F32 => sweep::<f32>(args, &ceilings),
+        Dtype::F64 => sweep::<f64>(args, &ceilings),
     };
+    report::fit_exponents(&mut records);
     let stdout = io::stdout().lock();
     if args.json {
+        records
+            .iter_mut()
+            .for_each(|r| r.ceilings = Some(ceilings.into()));
         report::write_json(&records, stdout)
     } else {
-        report::write_table(&records, stdout)
+        report::write_table(&records, Some(ceilings), stdout)
     }
     .map_err(CliError::Stdout)
 }
 
 /// Every (seq, method) case, in order; a case that fails becomes a skipped record so
 /// that one method's limits never end the sweep.
-fn sweep<T: Element>(args: &BenchArgs) -> Vec<Record> {
+fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
     let methods = args
         .methods
         .clone()
@@ -214,12 +221,17 @@ fn sweep<T: Element>(args: &BenchArgs) -> Vec<Record> {
                         .get_or_init(|| exact_softmax(args, &q, &k, &v))
                         .as_ref()
                         .and_then(|exact| relative_error(&measured.output, exact));
+                    let floor = attention
+                        .cost(q.shape(), k.shape(), v.shape(), size_of::<T>())
+                        .ok()
+                        .map(|cost| Duration::from_secs_f64(cost.floor_seconds(ceilings)));
                     Record::measured(
                         case(method),
                         measured.median,
                         measured.runs,
                         measured.extra_bytes,
                         rel_err,
+                        floor,
                     )
                 }
                 Err(error) => {

@@ -46,8 +46,35 @@ pub struct Record {
     pub extra_bytes: Option<u64>,
     /// ‖o − o_exact‖ / ‖o_exact‖ (Frobenius) against exact f64 softmax, where affordable.
     pub rel_err: Option<f64>,
+    /// The least time this call can take on this machine (see [`linattn::Cost`]).
+    pub floor_ms: Option<f64>,
+    /// `floor_ms / median_ms`: 1 is the machine's limit.
+    pub fraction_of_floor: Option<f64>,
+    /// The exponent e of the fit time ∝ seqᵉ over this method's measured lengths.
+    pub time_exponent: Option<f64>,
+    /// The ceilings the floor was computed from, measured in the same run.
+    #[serde(flatten)]
+    pub ceilings: Option<CeilingsRecord>,
     /// Why the case was not measured.
     pub skipped: Option<String>,
+}
+
+/// The machine's ceilings as records carry them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CeilingsRecord {
+    /// Parallel copy bandwidth, bytes read plus bytes written per second.
+    pub copy_bytes_per_s: f64,
+    /// f32 matrix-product rate with every thread.
+    pub matmul_flops_per_s: f64,
+}
+
+impl From<linattn::Ceilings> for CeilingsRecord {
+    fn from(c: linattn::Ceilings) -> Self {
+        Self {
+            copy_bytes_per_s: c.copy_bytes_per_second,
+            matmul_flops_per_s: c.matmul_flops_per_second,
+        }
+    }
 }
 
 impl Record {
@@ -58,6 +85,7 @@ impl Record {
         runs: usize,
         extra_bytes: usize,
         rel_err: Option<f64>,
+        floor: Option<Duration>,
     ) -> Self {
         let seconds = median.as_secs_f64();
         Self {
@@ -66,6 +94,10 @@ impl Record {
             tokens_per_s: Some((case.batch * case.seq) as f64 / seconds),
             extra_bytes: Some(extra_bytes as u64),
             rel_err,
+            floor_ms: floor.map(|f| f.as_secs_f64() * 1e3),
+            fraction_of_floor: floor.map(|f| f.as_secs_f64() / seconds),
+            time_exponent: None,
+            ceilings: None,
             skipped: None,
             case,
         }
@@ -80,9 +112,48 @@ impl Record {
             tokens_per_s: None,
             extra_bytes: None,
             rel_err: None,
+            floor_ms: None,
+            fraction_of_floor: None,
+            time_exponent: None,
+            ceilings: None,
             skipped: Some(reason),
         }
     }
+}
+
+/// Fills each record's `time_exponent`: the slope of ln(time) against ln(seq) over the
+/// measured lengths of its method and causality (least squares; two lengths at least).
+pub fn fit_exponents(records: &mut [Record]) {
+    let keys: Vec<(&'static str, bool)> = records
+        .iter()
+        .map(|r| (r.case.method, r.case.causal))
+        .collect();
+    for (method, causal) in keys {
+        let points: Vec<(f64, f64)> = records
+            .iter()
+            .filter(|r| r.case.method == method && r.case.causal == causal)
+            .filter_map(|r| Some(((r.case.seq as f64).ln(), r.median_ms?.ln())))
+            .collect();
+        let exponent = slope(&points);
+        for record in records
+            .iter_mut()
+            .filter(|r| r.case.method == method && r.case.causal == causal)
+        {
+            record.time_exponent = exponent;
+        }
+    }
+}
+
+/// Least-squares slope of y on x; `None` below two distinct x.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    let (mean_x, mean_y) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x / n, b + y / n));
+    let (covariance, variance) = points.iter().fold((0.0, 0.0), |(c, v), &(x, y)| {
+        (c + (x - mean_x) * (y - mean_y), v + (x - mean_x).powi(2))
+    });
+    (points.len() >= 2 && variance > 0.0).then(|| covariance / variance)
 }
 
 /// Writes the records as one JSON array on one line.
@@ -159,6 +230,19 @@ const COLUMNS: &[Column] = &[
         align: Align::Right,
         cell: |r| r.rel_err.map_or(NONE.to_string(), |e| format!("{e:.2e}")),
     },
+    Column {
+        header: "floor_ms",
+        align: Align::Right,
+        cell: |r| r.floor_ms.map_or(NONE.to_string(), |f| format!("{f:.3}")),
+    },
+    Column {
+        header: "of floor",
+        align: Align::Right,
+        cell: |r| {
+            r.fraction_of_floor
+                .map_or(NONE.to_string(), |f| format!("{f:.2}"))
+        },
+    },
 ];
 
 /// A count with an SI prefix: 1.23M.
@@ -172,11 +256,48 @@ fn si(value: f64) -> String {
         )
 }
 
-/// Writes the table for people: one row per record, then why each skipped case was
-/// skipped.
-pub fn write_table(records: &[Record], mut out: impl Write) -> io::Result<()> {
+/// Writes the table for people: the ceilings, one row per record, how time grows with
+/// the sequence for each method, then why each skipped case was skipped.
+pub fn write_table(
+    records: &[Record],
+    ceilings: Option<linattn::Ceilings>,
+    mut out: impl Write,
+) -> io::Result<()> {
+    if let Some(c) = ceilings {
+        writeln!(
+            out,
+            "ceilings (measured now): memory copy {:.1} GB/s (read + write), f32 matmul {:.1} GFLOP/s",
+            c.copy_bytes_per_second / 1e9,
+            c.matmul_flops_per_second / 1e9
+        )?;
+        writeln!(
+            out,
+            "floor = max(bytes / copy bandwidth, flops / matmul rate)"
+        )?;
+        writeln!(out)?;
+    }
     write_rows(records, &mut out)?;
+    write_exponents(records, &mut out)?;
     write_skip_notes(records, &mut out)
+}
+
+fn write_exponents(records: &[Record], out: &mut impl Write) -> io::Result<()> {
+    let mut seen: Vec<(&str, bool)> = Vec::new();
+    for record in records {
+        let key = (record.case.method, record.case.causal);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        if let Some(exponent) = record.time_exponent {
+            if seen.len() == 1 {
+                writeln!(out)?;
+            }
+            let causal = if key.1 { " (causal)" } else { "" };
+            writeln!(out, "time ∝ seq^{exponent:.2} for {}{causal}", key.0)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_rows(records: &[Record], out: &mut impl Write) -> io::Result<()> {
@@ -227,11 +348,12 @@ mod tests {
                 10,
                 3 << 20,
                 Some(0.25),
+                Some(Duration::from_millis(1)),
             ),
             Record::skipped(case("softmax-naive"), "needs 9 GiB".into()),
         ];
         let mut table = Vec::new();
-        write_table(&records, &mut table).unwrap();
+        write_table(&records, None, &mut table).unwrap();
         let table = String::from_utf8(table).unwrap();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("method"), "{table}");
@@ -244,6 +366,38 @@ mod tests {
         let header_end = lines[0].find("median_ms").unwrap() + "median_ms".len();
         assert_eq!(lines[2].find("2.000").unwrap() + "2.000".len(), header_end);
         assert_eq!(lines[5], "skipped softmax-naive at seq 1024: needs 9 GiB");
+    }
+
+    #[test]
+    fn exponents_are_least_squares_slopes_in_log_log() {
+        let mut records: Vec<Record> = [1024, 2048, 4096]
+            .into_iter()
+            .map(|seq| {
+                let time = Duration::from_secs_f64(1e-9 * (seq as f64).powi(2));
+                Record::measured(
+                    Case {
+                        seq,
+                        ..case("softmax")
+                    },
+                    time,
+                    3,
+                    0,
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        records.push(Record::skipped(
+            Case {
+                seq: 8192,
+                ..case("softmax")
+            },
+            "no".into(),
+        ));
+        fit_exponents(&mut records);
+        let exponent = records[0].time_exponent.unwrap();
+        assert!((exponent - 2.0).abs() < 1e-9, "{exponent}");
+        assert_eq!(slope(&[(1.0, 2.0)]), None);
     }
 
     #[test]

@@ -857,11 +857,19 @@ fn bench_reports_every_field_and_errors_against_exact_softmax() {
             "tokens_per_s",
             "extra_bytes",
             "rel_err",
+            "floor_ms",
+            "fraction_of_floor",
+            "time_exponent",
+            "copy_bytes_per_s",
+            "matmul_flops_per_s",
             "skipped",
         ] {
             assert!(record.get(field).is_some(), "no {field} in {record}");
         }
         assert!(record["skipped"].is_null(), "{record}");
+        let fraction = record["fraction_of_floor"].as_f64().unwrap();
+        assert!(fraction > 0.0 && fraction < 1.0, "{record}");
+        assert!(record["time_exponent"].as_f64().is_some(), "{record}");
         assert!(record["median_ms"].as_f64().unwrap() > 0.0, "{record}");
         assert!(record["tokens_per_s"].as_f64().unwrap() > 0.0, "{record}");
         let rel_err = record["rel_err"].as_f64().unwrap();
@@ -903,9 +911,16 @@ fn bench_skips_what_does_not_fit_or_does_not_apply() {
     ]);
     assert!(output.status.success());
     let table = String::from_utf8(output.stdout).unwrap();
-    let lines: Vec<&str> = table.lines().collect();
     assert!(
-        lines[0].starts_with("method") && lines[0].ends_with("rel_err"),
+        table.starts_with("ceilings (measured now): memory copy "),
+        "{table}"
+    );
+    let lines: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("method"))
+        .collect();
+    assert!(
+        lines[0].starts_with("method") && lines[0].ends_with("of floor"),
         "{table}"
     );
     assert!(

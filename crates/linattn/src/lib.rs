@@ -35,6 +35,7 @@
 
 mod attention;
 mod cosformer;
+mod cost;
 mod decode;
 mod error;
 mod feature_map;
@@ -53,6 +54,7 @@ mod window;
 
 pub use attention::{Attention, Gradients, Method};
 pub use cosformer::Cosformer;
+pub use cost::{Ceilings, Cost};
 pub use decode::{Decoder, DecoderMemory};
 pub use error::{ByteSize, Error, Result};
 pub use feature_map::{linformer_projections, orthogonal_random_features};

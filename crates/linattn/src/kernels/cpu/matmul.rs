@@ -137,6 +137,20 @@ impl<'a, T: Copy> MatMut<'a, T> {
         }
     }
 
+    /// Rows `start..start + len`, borrowed from this view.
+    pub fn rows_mut(&mut self, start: usize, len: usize) -> MatMut<'_, T> {
+        assert!(start + len <= self.rows);
+        MatMut {
+            // SAFETY: row `start` lies inside the view (or one past it when len = 0).
+            ptr: unsafe { self.ptr.add(start * self.rs) },
+            rows: len,
+            cols: self.cols,
+            rs: self.rs,
+            cs: self.cs,
+            _data: PhantomData,
+        }
+    }
+
     /// Row `i` as a mutable slice; the columns must be contiguous.
     #[inline]
     pub fn row_mut(&mut self, i: usize) -> &mut [T] {

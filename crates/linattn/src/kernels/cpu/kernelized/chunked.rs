@@ -7,7 +7,7 @@ use super::{FeatureMap, KernelPass, LinearState, Normalizer, add_assign, dot, sc
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::kernels::cpu::simd;
-use crate::tensor::{Element, Tensor, block_head, block_head_mut};
+use crate::tensor::{Element, Tensor, block_head};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -17,8 +17,9 @@ struct Chunk<T> {
     len: usize,
     /// φ(qᵢ), len × m.
     phi_q: Vec<T>,
-    /// φ(qᵢ)·e^{C_state − Cᵢ}: the queries as the state sees them.
+    /// φ(qᵢ)·e^{C_state − Cᵢ}: the queries as the state sees them (stabilised maps).
     carried: Vec<T>,
+    stabilised: bool,
     /// k̂ⱼ, len × m.
     phi_k: Vec<T>,
     /// cⱼ of each key (stabilised maps).
@@ -41,6 +42,7 @@ impl<T: Element> Chunk<T> {
             len: 0,
             phi_q: vec![T::zero(); chunk * m],
             carried: vec![T::zero(); chunk * m],
+            stabilised: false,
             phi_k: vec![T::zero(); chunk * m],
             key_scale: vec![T::zero(); chunk],
             row_scale: vec![T::zero(); chunk],
@@ -99,12 +101,13 @@ impl<T: Element> Chunk<T> {
     ) {
         let (len, m) = (self.len, self.m);
         let stabilised = fmap.stabiliser().is_some();
+        self.stabilised = stabilised;
         fmap.queries(queries, start, &mut self.phi_q);
-        self.carried[..len * m].copy_from_slice(&self.phi_q[..len * m]);
-        for i in 0..len {
-            self.phi_sum[i] = simd::sum(&self.phi_q[i * m..(i + 1) * m]);
-        }
         if stabilised {
+            for i in 0..len {
+                self.phi_sum[i] = simd::sum(&self.phi_q[i * m..(i + 1) * m]);
+            }
+            self.carried[..len * m].copy_from_slice(&self.phi_q[..len * m]);
             let carry = (0..len).map(|i| (state.log_scale - self.row_scale[i]).exp());
             scale_rows(&mut self.carried[..len * m], m, carry);
         }
@@ -114,13 +117,20 @@ impl<T: Element> Chunk<T> {
     /// A into `scores` from the current features: masked, and scaled by e^{cⱼ−Cᵢ}.
     fn scores_from_features(&mut self, stabilised: bool) {
         let (len, m) = (self.len, self.m);
-        matmul(
-            MatMut::contiguous(&mut self.scores, len, len),
+        let (queries, keys) = (
             MatRef::contiguous(&self.phi_q, len, m),
-            MatRef::contiguous(&self.phi_k, len, m).t(),
-            false,
-            T::one(),
+            MatRef::contiguous(&self.phi_k, len, m),
         );
+        for (first, end) in sub_chunks(len) {
+            matmul(
+                MatMut::strided(&mut self.scores[first * len..], end - first, end, len),
+                queries.rows_range(first, end - first),
+                keys.rows_range(0, end).t(),
+                false,
+                T::one(),
+            );
+        }
+        // Zeroes what the sub-chunks skipped above the diagonal too.
         mask_and_scale(
             &mut self.scores[..len * len],
             len,
@@ -138,14 +148,21 @@ impl<T: Element> Chunk<T> {
         uniform: Option<T>,
     ) {
         let (len, m, dim_v) = (self.len, self.m, values.cols);
-        matmul(
-            rows.rb(),
-            MatRef::contiguous(&self.scores, len, len),
-            values,
-            false,
-            T::one(),
-        );
-        let carried = MatRef::contiguous(&self.carried, len, m);
+        for (first, end) in sub_chunks(len) {
+            matmul(
+                rows.rows_mut(first, end - first),
+                MatRef::strided(&self.scores[first * len..], end - first, end, len, 1),
+                values.rows_range(0, end),
+                false,
+                T::one(),
+            );
+        }
+        // Without a stabiliser the state sees the queries as they are.
+        let carried = if self.stabilised {
+            MatRef::contiguous(&self.carried, len, m)
+        } else {
+            MatRef::contiguous(&self.phi_q, len, m)
+        };
         matmul(
             rows.rb(),
             carried,
@@ -154,7 +171,7 @@ impl<T: Element> Chunk<T> {
             T::one(),
         );
         for i in 0..len {
-            let own = simd::sum(&self.scores[i * len..(i + 1) * len]);
+            let own = simd::sum(&self.scores[i * len..i * len + i + 1]);
             self.den[i] = own + dot(carried.row(i), &state.k_sum);
         }
         if let Some(u) = uniform {
@@ -171,6 +188,18 @@ impl<T: Element> Chunk<T> {
             }
         }
     }
+}
+
+/// Query rows per product inside a chunk. Products are formed only for the blocks on or
+/// below the diagonal, as flash-linear-attention splits its chunks into sub-chunks: about
+/// 5/8 of the intra-chunk work of a 64-token chunk.
+const SUB_CHUNK: usize = 16;
+
+/// The (first, end) rows of each sub-chunk of a chunk of `len` rows.
+fn sub_chunks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(SUB_CHUNK)
+        .map(move |first| (first, (first + SUB_CHUNK).min(len)))
 }
 
 /// Zeroes the scores above the diagonal and, for stabilised maps, scales the others by
@@ -261,7 +290,6 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
             let mut queries = vec![T::zero(); q_range.len() * chunk * d];
             let mut keys = vec![T::zero(); kv_range.len() * chunk * d];
             let mut values = vec![T::zero(); kv_range.len() * chunk * dim_v];
-            let mut outputs = vec![T::zero(); q_range.len() * chunk * dim_v];
             let mut finite = true;
             for start in (0..problem.len_q).step_by(chunk) {
                 let len = chunk.min(problem.len_q - start);
@@ -278,18 +306,17 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                         let offset = h - q_range.start;
                         let query_rows = block_head(&queries, len, q_range.len(), offset, d);
                         scratch.prepare_queries(fmap, state, query_rows, start);
-                        let mut rows =
-                            block_head_mut(&mut outputs, len, q_range.len(), offset, dim_v);
+                        // SAFETY: these rows of q head h belong to this unit alone.
+                        let mut rows = unsafe { out_heads.block(b, h, start, len) };
                         scratch.numerators(state, block_values, rows.rb(), uniform);
                         for (i, &den) in scratch.den[..len].iter().enumerate() {
-                            simd::scale(rows.row_mut(i), T::one() / normalizer.divisor(den));
+                            let row = rows.row_mut(i);
+                            simd::scale(row, T::one() / normalizer.divisor(den));
+                            finite &= simd::all_finite(row);
                         }
                     }
                     state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
                 }
-                finite &= simd::all_finite(&outputs[..len * q_range.len() * dim_v]);
-                // SAFETY: these rows of these q heads belong to this unit alone.
-                unsafe { out_heads.scatter(b, rows, q_range.clone(), &outputs) };
             }
             UnitEnd {
                 b,

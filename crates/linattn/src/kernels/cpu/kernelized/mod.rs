@@ -237,7 +237,7 @@ pub(crate) fn numerators<T: Element>(
 }
 
 /// Rows per block when mapping features in the non-causal form.
-const FULL_BLOCK: usize = 256;
+const FULL_BLOCK: usize = 128;
 
 mod chunked;
 mod full;

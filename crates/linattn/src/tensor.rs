@@ -315,7 +315,10 @@ impl<T: Element> Tensor<T> {
         let len = rows.len();
         for (i, t) in rows.enumerate() {
             let start = ((b * seq + t) * all_heads + heads.start) * dim;
-            dst[i * width..(i + 1) * width].copy_from_slice(&self.data[start..start + width]);
+            crate::kernels::cpu::simd::copy(
+                &mut dst[i * width..(i + 1) * width],
+                &self.data[start..start + width],
+            );
         }
         crate::kernels::cpu::simd::all_finite(&dst[..len * width])
     }
@@ -344,7 +347,7 @@ pub(crate) struct HeadsMut<'a, T> {
 unsafe impl<T: Send> Send for HeadsMut<'_, T> {}
 unsafe impl<T: Send> Sync for HeadsMut<'_, T> {}
 
-impl<'a, T: Copy> HeadsMut<'a, T> {
+impl<'a, T: Element> HeadsMut<'a, T> {
     /// Rows `start..start + len` of head `h` in batch `b`.
     ///
     /// # Safety
@@ -371,7 +374,7 @@ impl<'a, T: Copy> HeadsMut<'a, T> {
             let offset = ((b * seq + t) * all_heads + heads.start) * dim;
             // SAFETY: in bounds by the assertions; exclusive by the caller's promise.
             let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), width) };
-            row.copy_from_slice(&source[i * width..(i + 1) * width]);
+            crate::kernels::cpu::simd::copy(row, &source[i * width..(i + 1) * width]);
         }
     }
 }

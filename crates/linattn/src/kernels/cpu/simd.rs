@@ -111,6 +111,21 @@ pub(crate) fn elu_plus_one<T: Element>(xs: &[T], out: &mut [T]) {
     }
 }
 
+/// `dst ← src` in register-sized pieces: for the row copies of gathers, where a call to
+/// `memmove` (which picks `rep movsb` at these sizes) proved several times slower.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn copy<T: Element>(dst: &mut [T], src: &[T]) {
+    let mut pieces = dst.chunks_exact_mut(LANES);
+    let mut sources = src.chunks_exact(LANES);
+    for (d, s) in (&mut pieces).zip(&mut sources) {
+        let piece: [T; LANES] = s.try_into().expect("a whole piece");
+        d.copy_from_slice(&piece);
+    }
+    for (d, &s) in pieces.into_remainder().iter_mut().zip(sources.remainder()) {
+        *d = s;
+    }
+}
+
 /// Whether every element is finite.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
 pub(crate) fn all_finite<T: Element>(xs: &[T]) -> bool {

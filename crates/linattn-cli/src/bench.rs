@@ -3,20 +3,27 @@
 
 use crate::dtype::Dtype;
 use crate::error::CliError;
+use crate::gpu::{self, Device, GpuDtype};
 use crate::measure::measure;
 use crate::report::{self, Case, Record};
 use crate::window_span::{WindowSpan, parse_window};
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use linattn::{
     Attention, Ceilings, Cosformer, DEFAULT_CHUNK, DEFAULT_FEATURES, Element, Fnet, GlobalHeads,
     Hybrid, Linear, Linformer, Method, Performer, Softmax, SoftmaxAlgorithm, Tensor,
 };
 use std::cell::OnceCell;
-use std::io;
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The methods `bench` measures, as `--methods` spells them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum BenchMethod {
     /// Exact softmax, tiled.
     Softmax,
@@ -39,7 +46,7 @@ pub enum BenchMethod {
 }
 
 impl BenchMethod {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             BenchMethod::Softmax => "softmax",
             BenchMethod::SoftmaxNaive => "softmax-naive",
@@ -85,24 +92,26 @@ pub struct BenchArgs {
     /// Precision of the inputs
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
-    /// performer: number of random features
-    #[arg(long, value_name = "M", default_value_t = DEFAULT_FEATURES)]
-    features: usize,
-    /// linformer: projected length k
-    #[arg(long, value_name = "K", default_value_t = 256)]
-    k_proj: usize,
-    /// window, hybrid: keys seen before and after each query; -1 is unbounded
-    #[arg(long, value_name = "L,R", default_value = "256,256", value_parser = parse_window, allow_hyphen_values = true)]
-    window: WindowSpan,
-    /// hybrid: how many leading heads use the window [default: heads / 2]
-    #[arg(long, value_name = "N")]
-    local_heads: Option<usize>,
-    /// linear, performer, cosformer, hybrid: tokens per chunk of the causal form
-    #[arg(long, default_value_t = DEFAULT_CHUNK)]
-    chunk: usize,
+    #[command(flatten)]
+    settings: MethodSettings,
     /// Caps the bytes each call may allocate (to exercise the out-of-memory path)
     #[arg(long, value_name = "BYTES", hide = true)]
     memory_limit: Option<u64>,
+    /// Skips a case whose time, predicted from the method's last measured length and its
+    /// cost, exceeds this many seconds (exact softmax at 1M tokens would take hours)
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    max_seconds: f64,
+    /// Also write the charts (time, extra memory, error against sequence length) as SVG
+    /// files into this directory
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Where to compute: the CPU, or the first NVIDIA GPU (methods that do not run there
+    /// yet are skipped)
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// With --device cuda: the element type of the tensors on the GPU
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
 }
 
 /// Seeds of q, k and v: every method sees the same inputs.
@@ -113,8 +122,45 @@ const METHOD_SEED: u64 = 0;
 /// rel_err: about a minute of f64 work on a small machine.
 const REFERENCE_WORK_LIMIT: u128 = 1 << 33;
 
-impl BenchArgs {
-    fn method(&self, method: BenchMethod, seq: usize) -> Method {
+/// The options of the methods that have any, as `bench` and `explore` take them.
+#[derive(Clone, Debug, Args, PartialEq)]
+pub struct MethodSettings {
+    /// performer: number of random features
+    #[arg(long, value_name = "M", default_value_t = DEFAULT_FEATURES)]
+    pub features: usize,
+    /// linformer: projected length k
+    #[arg(long, value_name = "K", default_value_t = 256)]
+    pub k_proj: usize,
+    /// window, hybrid: keys seen before and after each query; -1 is unbounded
+    #[arg(long, value_name = "L,R", default_value = "256,256", value_parser = parse_window, allow_hyphen_values = true)]
+    pub window: WindowSpan,
+    /// hybrid: how many leading heads use the window [default: heads / 2]
+    #[arg(long, value_name = "N")]
+    pub local_heads: Option<usize>,
+    /// linear, performer, cosformer, hybrid: tokens per chunk of the causal form
+    #[arg(long, default_value_t = DEFAULT_CHUNK)]
+    pub chunk: usize,
+}
+
+impl MethodSettings {
+    /// Performer with `features`, Linformer projecting to `k_proj`, windows of `window`
+    /// keys before each query and as many after it (none when `causal`), the default
+    /// chunk: the options the explorer's page sets.
+    pub fn symmetric(features: usize, k_proj: usize, window: usize, causal: bool) -> Self {
+        Self {
+            features,
+            k_proj,
+            window: WindowSpan {
+                left: Some(window),
+                right: Some(if causal { 0 } else { window }),
+            },
+            local_heads: None,
+            chunk: DEFAULT_CHUNK,
+        }
+    }
+
+    /// `method` at sequence length `seq` with `heads` heads.
+    pub fn method(&self, method: BenchMethod, seq: usize, heads: usize) -> Method {
         let chunk = self.chunk;
         match method {
             BenchMethod::Softmax => Method::softmax(),
@@ -137,10 +183,36 @@ impl BenchArgs {
             }
             BenchMethod::Fnet => Method::Fnet(Fnet),
             BenchMethod::Hybrid => Method::Hybrid(Hybrid {
-                local_heads: self.local_heads.unwrap_or(self.heads / 2),
+                local_heads: self.local_heads.unwrap_or(heads / 2),
                 window: self.window.window(None),
                 global: GlobalHeads::Linear(Linear { chunk }),
             }),
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The methods asked for, every one when `--methods` is left out.
+    fn methods(&self) -> Vec<BenchMethod> {
+        self.methods
+            .clone()
+            .unwrap_or_else(|| BenchMethod::value_variants().to_vec())
+    }
+
+    fn method(&self, method: BenchMethod, seq: usize) -> Method {
+        self.settings.method(method, seq, self.heads)
+    }
+
+    /// The point of the sweep `method` at `seq` with elements of type `dtype`.
+    fn case(&self, method: BenchMethod, seq: usize, dtype: &'static str) -> Case {
+        Case {
+            method: method.name(),
+            causal: self.causal,
+            batch: self.batch,
+            seq,
+            heads: self.heads,
+            dim: self.dim,
+            dtype,
         }
     }
 
@@ -156,47 +228,53 @@ impl BenchArgs {
 
 /// Runs `linattn bench`.
 pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
-    eprintln!("bench: measuring this machine's copy bandwidth and matmul rate ...");
-    let ceilings = Ceilings::measure();
-    let mut records = match args.dtype {
-        Dtype::F32 => sweep::<f32>(args, &ceilings),
-        Dtype::F64 => sweep::<f64>(args, &ceilings),
+    let (mut records, ceilings, gpu_header) = if args.device == Device::Cuda {
+        let (records, header) = gpu_sweep(args)?;
+        (records, None, Some(header))
+    } else {
+        eprintln!("bench: measuring this machine's copy bandwidth and matmul rate ...");
+        let ceilings = Ceilings::measure();
+        let records = match args.dtype {
+            Dtype::F32 => sweep::<f32>(args, &ceilings),
+            Dtype::F64 => sweep::<f64>(args, &ceilings),
+        };
+        (records, Some(ceilings), None)
     };
     report::fit_exponents(&mut records);
-    let stdout = io::stdout().lock();
-    if args.json {
-        records
-            .iter_mut()
-            .for_each(|r| r.ceilings = Some(ceilings.into()));
-        report::write_json(&records, stdout)
-    } else {
-        report::write_table(&records, Some(ceilings), stdout)
+    if let Some(dir) = &args.plot {
+        crate::plot::write_charts(&records, dir)?;
     }
-    .map_err(CliError::Stdout)
+    let mut stdout = io::stdout().lock();
+    if args.json {
+        if let Some(ceilings) = ceilings {
+            records
+                .iter_mut()
+                .for_each(|r| r.ceilings = Some(ceilings.into()));
+        }
+        return report::write_json(&records, stdout).map_err(CliError::Stdout);
+    }
+    gpu_header
+        .map_or(Ok(()), |header| writeln!(stdout, "{header}"))
+        .and_then(|()| report::write_table(&records, ceilings, stdout))
+        .map_err(CliError::Stdout)
 }
 
 /// Every (seq, method) case, in order; a case that fails becomes a skipped record so
 /// that one method's limits never end the sweep.
 fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
-    let methods = args
-        .methods
-        .clone()
-        .unwrap_or_else(|| BenchMethod::value_variants().to_vec());
+    let methods = args.methods();
     let mut records = Vec::new();
+    // Per method: the flops and seconds of its last measured length.
+    let mut last_measured: HashMap<BenchMethod, (f64, f64)> = HashMap::new();
+    let progress = progress_bar(args.seq.len() * methods.len());
+    let log = |line: String| progress.suspend(|| eprintln!("{line}"));
     for &seq in &args.seq {
-        let case = |method: BenchMethod| Case {
-            method: method.name(),
-            causal: args.causal,
-            batch: args.batch,
-            seq,
-            heads: args.heads,
-            dim: args.dim,
-            dtype: T::NAME,
-        };
+        let case = |method: BenchMethod| args.case(method, seq, T::NAME);
         let [q, k, v] = match random_inputs::<T>([args.batch, seq, args.heads, args.dim]) {
             Ok(inputs) => inputs,
             Err(error) => {
-                eprintln!("bench: no inputs at seq {seq}: {error}");
+                log(format!("bench: no inputs at seq {seq}: {error}"));
+                progress.inc(methods.len() as u64);
                 records.extend(
                     methods
                         .iter()
@@ -208,17 +286,28 @@ fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
         // Computed on the first measured method and shared by the rest.
         let exact = OnceCell::new();
         for &method in &methods {
-            eprint!("bench: {:<13} seq {seq:>6} ... ", method.name());
+            let label = format!("bench: {:<13} seq {seq:>6} ...", method.name());
+            progress.set_message(label.clone());
+            progress.inc(1);
             let attention = args.attention(args.method(method, seq));
+            let flops = attention
+                .cost(q.shape(), k.shape(), v.shape(), size_of::<T>())
+                .map_or(0.0, |cost| cost.flops);
+            if let Some(reason) = too_slow(last_measured.get(&method), flops, args.max_seconds) {
+                log(format!("{label} skipped: {reason}"));
+                records.push(Record::skipped(case(method), reason));
+                continue;
+            }
             let record = match measure(&attention, &q, &k, &v) {
                 Ok(measured) => {
-                    eprintln!(
-                        "{:.3} ms (median of {})",
+                    last_measured.insert(method, (flops, measured.median.as_secs_f64()));
+                    log(format!(
+                        "{label} {:.3} ms (median of {})",
                         measured.median.as_secs_f64() * 1e3,
                         measured.runs
-                    );
+                    ));
                     let rel_err = exact
-                        .get_or_init(|| exact_softmax(args, &q, &k, &v))
+                        .get_or_init(|| reference(args, &q, &k, &v))
                         .as_ref()
                         .and_then(|exact| relative_error(&measured.output, exact));
                     let floor = attention
@@ -235,17 +324,83 @@ fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
                     )
                 }
                 Err(error) => {
-                    eprintln!("skipped: {error}");
+                    log(format!("{label} skipped: {error}"));
                     Record::skipped(case(method), error.to_string())
                 }
             };
             records.push(record);
         }
     }
+    progress.finish_and_clear();
     records
 }
 
-fn random_inputs<T: Element>(shape: [usize; 4]) -> linattn::Result<[Tensor<T>; 3]> {
+/// A bar of `cases` steps on stderr, drawn only when stderr is a terminal.
+fn progress_bar(cases: usize) -> ProgressBar {
+    let bar = ProgressBar::new(cases as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} cases, {elapsed} {msg}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// `bench --device cuda`: the same sweep on the GPU, its floor the inputs and output
+/// moved once at the device's copy bandwidth measured in the same run. Returns the
+/// records and the lines that say so above the table.
+fn gpu_sweep(args: &BenchArgs) -> Result<(Vec<Record>, String), CliError> {
+    if args.dtype != Dtype::F32 {
+        return Err(CliError::Usage(
+            "--dtype is the CPU's precision; on the GPU use --gpu-dtype".into(),
+        ));
+    }
+    eprintln!("bench: opening the GPU and measuring its copy bandwidth ...");
+    let gpu = gpu::Bench::open()?;
+    let mut records = Vec::new();
+    for &seq in &args.seq {
+        let case = |method: BenchMethod| args.case(method, seq, args.gpu_dtype.name());
+        let [q, k, v] = random_inputs::<f32>([args.batch, seq, args.heads, args.dim])?;
+        let exact = OnceCell::new();
+        for method in args.methods() {
+            eprint!("bench: {:<13} seq {seq:>6} on the GPU ... ", method.name());
+            let attention = args.attention(args.method(method, seq));
+            match gpu.measure(case(method), &attention, [&q, &k, &v], args.gpu_dtype) {
+                Ok((mut record, output)) => {
+                    eprintln!("{:.3} ms", record.median_ms.unwrap_or(f64::NAN));
+                    record.rel_err = exact
+                        .get_or_init(|| reference(args, &q, &k, &v))
+                        .as_ref()
+                        .and_then(|exact| relative_error(&output, exact));
+                    records.push(record);
+                }
+                Err(error) => {
+                    eprintln!("skipped: {error}");
+                    records.push(Record::skipped(case(method), error.to_string()));
+                }
+            }
+        }
+    }
+    let header = format!(
+        "ceiling (measured now on {}): device copy {:.1} GB/s (read + write)\n\
+         floor = inputs and output moved once at that bandwidth; times are medians of GPU time\n",
+        gpu.name(),
+        gpu.copy_bytes_per_second / 1e9
+    );
+    Ok((records, header))
+}
+
+/// Why a case of `flops` should be skipped, if its time predicted from the method's
+/// last measured (flops, seconds) exceeds `max_seconds`.
+pub fn too_slow(last: Option<&(f64, f64)>, flops: f64, max_seconds: f64) -> Option<String> {
+    let &(last_flops, last_seconds) = last?;
+    let predicted = last_seconds * flops / last_flops;
+    (predicted > max_seconds).then(|| {
+        format!(
+            "predicted {predicted:.0} s from the last length, over the limit of {max_seconds} s"
+        )
+    })
+}
+
+pub fn random_inputs<T: Element>(shape: [usize; 4]) -> linattn::Result<[Tensor<T>; 3]> {
     let [q, k, v] = INPUT_SEEDS;
     Ok([
         Tensor::randn(shape, q)?,
@@ -254,22 +409,33 @@ fn random_inputs<T: Element>(shape: [usize; 4]) -> linattn::Result<[Tensor<T>; 3
     ])
 }
 
-/// Exact softmax attention in f64 by the library's tiled kernel, where affordable.
-fn exact_softmax<T: Element>(
+/// Exact softmax in f64 (by the library's tiled kernel) of the problem `softmax`
+/// describes, for the error figures: `None` where it would cost more than
+/// `REFERENCE_WORK_LIMIT`, else its result.
+pub fn exact_softmax<T: Element>(
+    softmax: &Attention,
+    q: &Tensor<T>,
+    k: &Tensor<T>,
+    v: &Tensor<T>,
+) -> Option<linattn::Result<Tensor<f64>>> {
+    let [batch, seq, heads, dim] = q.shape();
+    let work = batch as u128 * heads as u128 * (seq as u128).pow(2) * dim as u128;
+    (work <= REFERENCE_WORK_LIMIT).then(|| softmax.forward(&q.cast(), &k.cast(), &v.cast()))
+}
+
+/// [`exact_softmax`] for the sweep, saying on stderr what it computes or why it fails.
+fn reference<T: Element>(
     args: &BenchArgs,
     q: &Tensor<T>,
     k: &Tensor<T>,
     v: &Tensor<T>,
 ) -> Option<Tensor<f64>> {
-    let [batch, seq, heads, dim] = q.shape();
-    let work = batch as u128 * heads as u128 * (seq as u128).pow(2) * dim as u128;
-    if work > REFERENCE_WORK_LIMIT {
-        return None;
-    }
-    eprintln!("bench: exact f64 softmax at seq {seq} for rel_err");
-    let attention = args.attention(Method::softmax());
-    match attention.forward(&q.cast(), &k.cast(), &v.cast()) {
-        Ok(exact) => Some(exact),
+    let seq = q.seq_len();
+    match exact_softmax(&args.attention(Method::softmax()), q, k, v)? {
+        Ok(exact) => {
+            eprintln!("bench: exact f64 softmax at seq {seq} for rel_err");
+            Some(exact)
+        }
         Err(error) => {
             eprintln!("bench: no rel_err at seq {seq}: {error}");
             None
@@ -278,7 +444,7 @@ fn exact_softmax<T: Element>(
 }
 
 /// ‖output − exact‖ / ‖exact‖ in the Frobenius norm; `None` when the shapes differ.
-fn relative_error<T: Element>(output: &Tensor<T>, exact: &Tensor<f64>) -> Option<f64> {
+pub fn relative_error<T: Element>(output: &Tensor<T>, exact: &Tensor<f64>) -> Option<f64> {
     if output.shape() != exact.shape() {
         return None;
     }

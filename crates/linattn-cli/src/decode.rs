@@ -6,6 +6,7 @@
 use crate::decode_report::{DecodeReport, MethodTrace, Settings, Step};
 use crate::dtype::Dtype;
 use crate::error::CliError;
+use crate::gpu::{self, Device, GpuDtype};
 use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions};
 use crate::window_span::WindowSpan;
 use clap::Args;
@@ -15,7 +16,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 /// The methods that have a causal, recurrent form, compared when `--method` is left out.
-const RECURRENT_METHODS: [MethodName; 6] = [
+pub const RECURRENT_METHODS: [MethodName; 6] = [
     MethodName::Softmax,
     MethodName::Window,
     MethodName::Linear,
@@ -74,6 +75,13 @@ pub struct DecodeArgs {
     /// Caps the bytes the prefill and each step may allocate
     #[arg(long, value_name = "BYTES")]
     memory_limit: Option<u64>,
+    /// Where to decode: the CPU, or the first NVIDIA GPU (linear attention so far; the
+    /// others are skipped with the reason)
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// With --device cuda: the element type of the tensors on the GPU (the state is f32)
+    #[arg(long, value_enum, default_value_t = GpuDtype::Bf16)]
+    gpu_dtype: GpuDtype,
     // Last: its help heading would otherwise also cover the arguments after it.
     #[command(flatten)]
     options: MethodOptions,
@@ -149,9 +157,15 @@ pub fn decode(args: &DecodeArgs) -> Result<(), CliError> {
         )));
     }
     let methods = args.methods()?;
-    let report = match args.dtype {
-        Dtype::F32 => compare::<f32>(args, &methods)?,
-        Dtype::F64 => compare::<f64>(args, &methods)?,
+    let report = match (args.device, args.dtype) {
+        (Device::Cuda, Dtype::F32) => compare_on_gpu(args, &methods)?,
+        (Device::Cuda, Dtype::F64) => {
+            return Err(CliError::Usage(
+                "--dtype f64 is the CPU's; on the GPU use --gpu-dtype".into(),
+            ));
+        }
+        (Device::Cpu, Dtype::F32) => compare::<f32>(args, &methods)?,
+        (Device::Cpu, Dtype::F64) => compare::<f64>(args, &methods)?,
     };
     let stdout = io::stdout().lock();
     if args.json {
@@ -170,14 +184,7 @@ fn compare<T: Element>(
     methods: &[(MethodName, Method)],
 ) -> Result<DecodeReport, CliError> {
     let settings = args.settings(T::NAME);
-    let (heads, kv_heads) = (args.heads, args.kv_heads());
-    let prompt_shape = |heads| [args.batch, args.prompt_len, heads, args.dim];
-    let [q_seed, k_seed, v_seed] = PROMPT_SEEDS;
-    let prompt = [
-        Tensor::<T>::randn(prompt_shape(heads), q_seed)?,
-        Tensor::randn(prompt_shape(kv_heads), k_seed)?,
-        Tensor::randn(prompt_shape(kv_heads), v_seed)?,
-    ];
+    let prompt = prompt::<T>(args)?;
     let traces = methods
         .iter()
         .map(|(name, method)| {
@@ -204,6 +211,40 @@ fn compare<T: Element>(
             }
         })
         .collect();
+    Ok(DecodeReport {
+        settings,
+        methods: traces,
+    })
+}
+
+/// `decode --device cuda`: the methods that run on the GPU decode there, step times
+/// measured on the device; the others are skipped with the reason.
+fn compare_on_gpu(
+    args: &DecodeArgs,
+    methods: &[(MethodName, Method)],
+) -> Result<DecodeReport, CliError> {
+    let settings = args.settings(args.gpu_dtype.name());
+    let prompt = prompt::<f32>(args)?;
+    let mut traces = Vec::new();
+    for (name, method) in methods {
+        let name = name.name();
+        if !matches!(method, Method::Linear(_)) {
+            traces.push(MethodTrace::skipped(
+                name,
+                format!("{name} does not run on the GPU yet"),
+            ));
+            continue;
+        }
+        let tokens = (0..args.tokens).map(|index| token(args, index));
+        let attention = args.attention(method.clone());
+        let (prefill, steps) = gpu::decode_steps(
+            &attention,
+            [&prompt[0], &prompt[1], &prompt[2]],
+            tokens,
+            args.gpu_dtype,
+        )?;
+        traces.push(MethodTrace::measured(name, prefill, &steps, 0, &settings));
+    }
     Ok(DecodeReport {
         settings,
         methods: traces,
@@ -238,18 +279,36 @@ fn decode_method<T: Element>(
     })
 }
 
+/// The random prompt every method prefills: q, k and v of `--prompt-len` positions.
+fn prompt<T: Element>(args: &DecodeArgs) -> linattn::Result<[Tensor<T>; 3]> {
+    let shape = |heads| [args.batch, args.prompt_len, heads, args.dim];
+    let [q_seed, k_seed, v_seed] = PROMPT_SEEDS;
+    Ok([
+        Tensor::randn(shape(args.heads), q_seed)?,
+        Tensor::randn(shape(args.kv_heads()), k_seed)?,
+        Tensor::randn(shape(args.kv_heads()), v_seed)?,
+    ])
+}
+
+/// Generated token `index`: q, k and v of one position for every sequence. Three seeds
+/// per token past the prompt's: every method (and device) sees the same tokens.
+fn token<T: Element>(args: &DecodeArgs, index: usize) -> linattn::Result<[Tensor<T>; 3]> {
+    let token_shape = |heads| [args.batch, 1, heads, args.dim];
+    let seed = PROMPT_SEEDS.len() as u64 * (index as u64 + 1) + 1;
+    Ok([
+        Tensor::randn(token_shape(args.heads), seed)?,
+        Tensor::randn(token_shape(args.kv_heads()), seed + 1)?,
+        Tensor::randn(token_shape(args.kv_heads()), seed + 2)?,
+    ])
+}
+
 /// Feeds generated token `index`; only the step itself is timed, not drawing the token.
 fn timed_step<T: Element>(
     decoder: &mut Decoder<T>,
     args: &DecodeArgs,
     index: usize,
 ) -> linattn::Result<Step> {
-    let token_shape = |heads| [args.batch, 1, heads, args.dim];
-    // Three seeds per token past the prompt's: every method sees the same tokens.
-    let seed = PROMPT_SEEDS.len() as u64 * (index as u64 + 1) + 1;
-    let q = Tensor::randn(token_shape(args.heads), seed)?;
-    let k = Tensor::randn(token_shape(args.kv_heads()), seed + 1)?;
-    let v = Tensor::randn(token_shape(args.kv_heads()), seed + 2)?;
+    let [q, k, v] = token(args, index)?;
     let start = Instant::now();
     let output = decoder.step(&q, &k, &v)?;
     let latency = start.elapsed();

@@ -3,6 +3,7 @@
 //! - `linattn run` computes one attention call on q, k, v read from .npy files.
 //! - `linattn bench` times every method over a sweep of sequence lengths.
 //! - `linattn decode` generates token by token with each method's recurrent state.
+//! - `linattn explore` serves a local page that measures and compares the methods.
 //!
 //! Every failure is a [`CliError`]: one line on stderr and exit status 2.
 
@@ -12,9 +13,12 @@ mod decode;
 mod decode_report;
 mod dtype;
 mod error;
+mod explore;
+mod gpu;
 mod measure;
 mod method_options;
 mod npy;
+mod plot;
 mod report;
 mod run;
 mod table;
@@ -40,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Prefill a prompt, then generate token by token: step latency and state memory
     Decode(decode::DecodeArgs),
+    /// Serve a local page that measures the methods as the sequence grows
+    Explore(explore::ExploreArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Decode(args) => decode::decode(args),
+        Command::Explore(args) => explore::explore(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

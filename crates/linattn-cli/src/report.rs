@@ -31,7 +31,7 @@ pub struct Case {
 }
 
 /// What was measured for a [`Case`], or why it was skipped; `None` is JSON `null`.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Record {
     /// The point of the sweep.
     #[serde(flatten)]
@@ -272,7 +272,8 @@ pub fn write_table(
         )?;
         writeln!(
             out,
-            "floor = max(bytes / copy bandwidth, flops / matmul rate)"
+            "floor = max(bytes / copy bandwidth, flops / matmul rate); times are medians of \
+             forward_into an output allocated once"
         )?;
         writeln!(out)?;
     }

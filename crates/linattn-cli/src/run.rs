@@ -2,6 +2,7 @@
 //! as .npy in the inputs' precision; with an output gradient, the backward pass too.
 
 use crate::error::CliError;
+use crate::gpu::{self, Device, GpuDtype};
 use crate::method_options::{InputDims, MethodName, MethodOptions};
 use crate::npy::{self, Array, Elements, Float};
 use clap::Args;
@@ -45,6 +46,12 @@ pub struct RunArgs {
     /// Caps the bytes the call may allocate (to exercise the out-of-memory path)
     #[arg(long, value_name = "BYTES", hide = true)]
     memory_limit: Option<u64>,
+    /// Where to compute: the CPU, or the first NVIDIA GPU (linear attention so far)
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// With --device cuda: the element type of the tensors on the GPU
+    #[arg(long, value_enum, default_value_t = GpuDtype::F32)]
+    gpu_dtype: GpuDtype,
     // Last: its help heading would otherwise also cover the arguments after it.
     #[command(flatten)]
     options: MethodOptions,
@@ -165,6 +172,22 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let mut attention = Attention::new(method).causal(args.causal);
     if let Some(limit) = args.memory_limit {
         attention = attention.memory_limit(limit);
+    }
+    if args.device == Device::Cuda {
+        if gradients.is_some() {
+            return Err(gpu::refuse_on_gpu("--grad-out"));
+        }
+        return match &inputs {
+            Inputs::F32(t) => {
+                let output = gpu::forward(&attention, [&t.q, &t.k, &t.v], args.gpu_dtype)?;
+                npy::write(&args.out, &output)
+            }
+            Inputs::F64(t) => {
+                let (q, k, v) = (t.q.cast(), t.k.cast(), t.v.cast());
+                let output = gpu::forward(&attention, [&q, &k, &v], args.gpu_dtype)?;
+                npy::write(&args.out, &output.cast::<f64>())
+            }
+        };
     }
     let grads_prefix = gradients.map(|request| request.prefix);
     match &inputs {

@@ -1062,3 +1062,102 @@ fn decode_misuse_is_named() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn bench_skips_lengths_predicted_to_run_past_the_time_limit() {
+    let records = bench_json(&[
+        "--seq",
+        "64,128",
+        "--methods",
+        "softmax",
+        "--max-seconds",
+        "0.000000001",
+    ]);
+    assert!(records[0]["skipped"].is_null(), "{}", records[0]);
+    let reason = records[1]["skipped"].as_str().unwrap();
+    assert!(
+        reason.contains("predicted") && reason.contains("over the limit of"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn the_gpu_paths_name_what_they_lack() {
+    let scratch = Scratch::new("gpu");
+    let [q, k, v] = valid_inputs(&scratch);
+    let out = scratch.path("out.npy");
+    let mut run = words(&["run", "--method", "linear", "--device", "cuda", "--q"]);
+    run.extend([
+        path_arg(q.clone()),
+        "--k".into(),
+        path_arg(k),
+        "--v".into(),
+        path_arg(v),
+    ]);
+    run.extend(["--out".into(), path_arg(out)]);
+    let output = linattn(&run);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        // A GPU is present: the output was written and matches the reference elsewhere.
+        return;
+    }
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("linattn: error: CUDA: "), "{stderr}");
+    let mut with_gradients = run.clone();
+    with_gradients.extend([
+        "--grad-out".into(),
+        path_arg(q),
+        "--grads-prefix".into(),
+        "g_".into(),
+    ]);
+    let stderr = String::from_utf8_lossy(&linattn(&with_gradients).stderr).to_string();
+    assert!(
+        stderr.contains("--grad-out runs on the CPU only"),
+        "{stderr}"
+    );
+    let bench = linattn([
+        "bench",
+        "--device",
+        "cuda",
+        "--seq",
+        "64",
+        "--methods",
+        "linear",
+    ]);
+    let stderr = String::from_utf8_lossy(&bench.stderr);
+    assert_eq!(bench.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("linattn: error: CUDA: "), "{stderr}");
+}
+
+#[test]
+fn bench_plot_writes_the_charts_as_svg() {
+    let scratch = Scratch::new("plot");
+    let dir = scratch.path("charts");
+    let dir_arg = path_arg(dir.clone());
+    bench_json(&[
+        "--seq",
+        "64,128",
+        "--methods",
+        "linear,softmax",
+        "--plot",
+        &dir_arg,
+    ]);
+    for (file, title) in [
+        ("time.svg", "median time (ms) against sequence length"),
+        ("memory.svg", "extra memory (bytes) against sequence length"),
+        (
+            "error.svg",
+            "error against exact softmax against sequence length",
+        ),
+    ] {
+        let svg = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(svg.starts_with("<svg"), "{file}");
+        assert!(svg.contains(title), "{file}");
+        assert!(
+            svg.contains("linear, time ∝ n^"),
+            "{file} has a line per method"
+        );
+    }
+    let svg = std::fs::read_to_string(dir.join("time.svg")).unwrap();
+    assert!(svg.contains("softmax, time ∝ n^"));
+}

@@ -316,7 +316,7 @@ pub struct Gradients<T> {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
-    method: Method,
+    pub(crate) method: Method,
     causal: bool,
     causal_form: CausalForm,
     memory_limit: Option<u128>,
@@ -435,7 +435,7 @@ impl Attention {
             .backward_workspace_bytes(&problem, element_bytes))
     }
 
-    fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
+    pub(crate) fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
         let mut problem = Problem::new(q, k, v, self.causal)?;
         problem.causal_form = self.causal_form;
         self.method.validate(&problem)?;

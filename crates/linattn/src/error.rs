@@ -84,6 +84,14 @@ pub enum Error {
         reason: &'static str,
     },
     /// A configuration value is out of range or inconsistent.
+    /// The CUDA driver, NVRTC or a kernel launch failed (feature `cuda`).
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
+    /// The request is valid but this backend does not run it (say which and why).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// Saved decoder state that cannot be restored: corrupt, truncated, or saved by a

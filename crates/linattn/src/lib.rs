@@ -36,6 +36,8 @@
 mod attention;
 mod cosformer;
 mod cost;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod decode;
 mod error;
 mod feature_map;

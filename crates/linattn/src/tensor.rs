@@ -275,8 +275,17 @@ impl<T: Element> Tensor<T> {
         }
     }
 
-    /// Index of the first NaN or infinity, with its value.
-    pub(crate) fn first_non_finite(&self) -> Option<(Vec<usize>, f64)> {
+    /// Index (`[b, t, h, d]`) of the first NaN or infinity, with its value; `None` when
+    /// every element is finite.
+    ///
+    /// ```
+    /// use linattn::Tensor;
+    /// let mut x = Tensor::<f32>::zeros([1, 3, 2, 2]).unwrap();
+    /// assert_eq!(x.first_non_finite(), None);
+    /// x.as_mut_slice()[9] = f32::INFINITY;
+    /// assert_eq!(x.first_non_finite(), Some((vec![0, 2, 0, 1], f64::INFINITY)));
+    /// ```
+    pub fn first_non_finite(&self) -> Option<(Vec<usize>, f64)> {
         // A pass over memory: large tensors are checked by every thread.
         const PIECE: usize = 1 << 16;
         let finite = self

@@ -167,7 +167,21 @@ pub fn read(path: &Path) -> Result<Array, CliError> {
     };
     let file = File::open(path).map_err(read_error)?;
     let file_len = file.metadata().map_err(read_error)?.len();
-    let mut reader = BufReader::new(file);
+    read_from(BufReader::new(file), file_len, path)
+}
+
+/// Reads an array from the bytes of a .npy file received whole (an upload); `name`
+/// stands for the file in messages.
+pub fn parse(bytes: &[u8], name: &str) -> Result<Array, CliError> {
+    read_from(bytes, bytes.len() as u64, Path::new(name))
+}
+
+/// Reads an array from `reader`, which holds `file_len` bytes of .npy named `path`.
+fn read_from(mut reader: impl Read, file_len: u64, path: &Path) -> Result<Array, CliError> {
+    let read_error = |source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let (header, data_len) = read_header(&mut reader, file_len, path)?;
     let stored = stored_type(&header, path)?;
     let shape = checked_shape(&header, stored, data_len, path)?;

@@ -236,8 +236,10 @@ pub(crate) fn numerators<T: Element>(
     }
 }
 
-/// Rows per block when mapping features in the non-causal form.
-const FULL_BLOCK: usize = 128;
+/// Rows per block when mapping features in the non-causal form: 256 ran about 5% faster
+/// than 128 or 512 at 65536 tokens on the 2-core machine (larger products, blocks of all
+/// heads still within L2).
+const FULL_BLOCK: usize = 256;
 
 mod chunked;
 mod full;

@@ -1,0 +1,276 @@
+//! `--device cuda`: the paths of `run`, `bench`, `decode` and `explore` that compute on
+//! the GPU (feature
+//! `cuda`, on by default; the binary still runs where there is no GPU and says so).
+
+use crate::error::CliError;
+use clap::ValueEnum;
+
+/// Where a command computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The CPU, every method.
+    Cpu,
+    /// The first NVIDIA GPU, through CUDA (linear attention so far).
+    Cuda,
+}
+
+/// Element type of the tensors on the GPU (inputs are read and outputs written in the
+/// .npy files' own dtype either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GpuDtype {
+    /// float32 throughout.
+    F32,
+    /// bfloat16 tensors, f32 accumulation and state.
+    Bf16,
+    /// float16 tensors, f32 accumulation and state.
+    F16,
+}
+
+impl GpuDtype {
+    /// The name records give it, as they name the CPU's `float32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuDtype::F32 => "float32",
+            GpuDtype::Bf16 => "bfloat16",
+            GpuDtype::F16 => "float16",
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod enabled {
+    use super::GpuDtype;
+    use crate::error::CliError;
+    use crate::report::{Case, Record};
+    use half::{bf16, f16};
+    use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
+    use linattn::{Attention, Tensor};
+    use std::time::Duration;
+
+    /// Timed runs of one case after the warm-up.
+    const RUNS: usize = 20;
+
+    /// `attention` on the GPU, the tensors rounded to `dtype` there; the output comes
+    /// back as f32.
+    pub fn forward(
+        attention: &Attention,
+        [q, k, v]: [&Tensor<f32>; 3],
+        dtype: GpuDtype,
+    ) -> Result<Tensor<f32>, CliError> {
+        let gpu = Gpu::open(0)?;
+        Ok(match dtype {
+            GpuDtype::F32 => forward_as::<f32>(&gpu, attention, [q, k, v])?,
+            GpuDtype::Bf16 => forward_as::<bf16>(&gpu, attention, [q, k, v])?,
+            GpuDtype::F16 => forward_as::<f16>(&gpu, attention, [q, k, v])?,
+        })
+    }
+
+    fn forward_as<T: GpuElement>(
+        gpu: &Gpu,
+        attention: &Attention,
+        [q, k, v]: [&Tensor<f32>; 3],
+    ) -> linattn::Result<Tensor<f32>> {
+        let upload = |x| GpuTensor::<T>::upload(gpu, x);
+        attention
+            .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
+            .download()
+    }
+
+    /// Prefills `prompt` on the GPU, then feeds `tokens` one step at a time through the
+    /// recurrent state, timing each step on the device (the token's upload is not timed).
+    /// Returns the prefill's time and the steps.
+    pub fn decode_steps(
+        attention: &Attention,
+        prompt: [&Tensor<f32>; 3],
+        tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
+        dtype: GpuDtype,
+    ) -> Result<(Duration, Vec<crate::decode_report::Step>), CliError> {
+        let gpu = Gpu::open(0)?;
+        match dtype {
+            GpuDtype::F32 => decode_as::<f32>(&gpu, attention, prompt, tokens),
+            GpuDtype::Bf16 => decode_as::<bf16>(&gpu, attention, prompt, tokens),
+            GpuDtype::F16 => decode_as::<f16>(&gpu, attention, prompt, tokens),
+        }
+    }
+
+    fn decode_as<T: GpuElement>(
+        gpu: &Gpu,
+        attention: &Attention,
+        [q, k, v]: [&Tensor<f32>; 3],
+        tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
+    ) -> Result<(Duration, Vec<crate::decode_report::Step>), CliError> {
+        let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x);
+        let [batch, prompt_len, _, dim_k] = q.shape();
+        let [_, _, heads_kv, dim_v] = v.shape();
+        let mut state = GpuLinearState::zeros(gpu, batch, heads_kv, dim_k, dim_v)?;
+        let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
+        let milliseconds = |ms: f64| Duration::from_secs_f64(ms * 1e-3);
+        let prefill = gpu.elapsed_ms(|| {
+            attention
+                .prefill_cuda(gpu, &q, &k, &v, &mut state)
+                .map(drop)
+        })?;
+        let mut steps = Vec::new();
+        for (index, token) in tokens.enumerate() {
+            let [q, k, v] = token?;
+            let (q, k, v) = (upload(&q)?, upload(&k)?, upload(&v)?);
+            let latency = gpu.elapsed_ms(|| {
+                attention
+                    .decode_step_cuda(gpu, &q, &k, &v, &mut state)
+                    .map(drop)
+            })?;
+            steps.push(crate::decode_report::Step {
+                context: prompt_len + index + 1,
+                latency: milliseconds(latency),
+                state_bytes: state.bytes(),
+            });
+        }
+        Ok((milliseconds(prefill), steps))
+    }
+
+    /// The GPU `bench` opens once: the device and its copy bandwidth, the floor of these
+    /// memory-bound kernels.
+    pub struct Bench {
+        gpu: Gpu,
+        /// Bytes read plus written per second by a device-to-device copy.
+        pub copy_bytes_per_second: f64,
+    }
+
+    impl Bench {
+        pub fn open() -> Result<Self, CliError> {
+            let gpu = Gpu::open(0)?;
+            let copy_bytes_per_second = gpu.copy_bandwidth()?;
+            Ok(Self {
+                gpu,
+                copy_bytes_per_second,
+            })
+        }
+
+        pub fn name(&self) -> String {
+            self.gpu.name()
+        }
+
+        /// Median GPU time of `attention` on these inputs (events around each call, after
+        /// three warm-up calls), as a record whose floor is the inputs and output moved
+        /// once at the copy bandwidth. The first warm-up's output is returned for the
+        /// error against exact softmax.
+        pub fn measure(
+            &self,
+            case: Case,
+            attention: &Attention,
+            [q, k, v]: [&Tensor<f32>; 3],
+            dtype: GpuDtype,
+        ) -> Result<(Record, Tensor<f32>), CliError> {
+            match dtype {
+                GpuDtype::F32 => self.measure_as::<f32>(case, attention, [q, k, v]),
+                GpuDtype::Bf16 => self.measure_as::<bf16>(case, attention, [q, k, v]),
+                GpuDtype::F16 => self.measure_as::<f16>(case, attention, [q, k, v]),
+            }
+        }
+
+        fn measure_as<T: GpuElement>(
+            &self,
+            case: Case,
+            attention: &Attention,
+            [q, k, v]: [&Tensor<f32>; 3],
+        ) -> Result<(Record, Tensor<f32>), CliError> {
+            let gpu = &self.gpu;
+            let upload = |x| GpuTensor::<T>::upload(gpu, x);
+            let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
+            let output = attention.forward_cuda(gpu, &q, &k, &v)?.download()?;
+            for _ in 0..2 {
+                attention.forward_cuda(gpu, &q, &k, &v)?;
+            }
+            let mut times = Vec::with_capacity(RUNS);
+            for _ in 0..RUNS {
+                times.push(gpu.elapsed_ms(|| attention.forward_cuda(gpu, &q, &k, &v).map(drop))?);
+            }
+            times.sort_by(f64::total_cmp);
+            let median = Duration::from_secs_f64(times[RUNS / 2] * 1e-3);
+            let elements: usize = [q.shape(), k.shape(), v.shape(), q.shape()]
+                .iter()
+                .map(|shape| shape.iter().product::<usize>())
+                .sum();
+            let floor = elements as f64 * size_of::<T>() as f64 / self.copy_bytes_per_second;
+            let mut record = Record::measured(
+                case,
+                median,
+                RUNS,
+                0,
+                None,
+                Some(Duration::from_secs_f64(floor)),
+            );
+            // GPU scratch is not counted by the host allocator.
+            record.extra_bytes = None;
+            Ok((record, output))
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use enabled::{Bench, decode_steps, forward};
+
+#[cfg(not(feature = "cuda"))]
+mod disabled {
+    use super::GpuDtype;
+    use crate::error::CliError;
+    use crate::report::{Case, Record};
+    use linattn::{Attention, Tensor};
+
+    fn unavailable() -> CliError {
+        CliError::Usage(
+            "this linattn was built without CUDA; build it with the `cuda` feature".into(),
+        )
+    }
+
+    pub fn forward(
+        _: &Attention,
+        _: [&Tensor<f32>; 3],
+        _: GpuDtype,
+    ) -> Result<Tensor<f32>, CliError> {
+        Err(unavailable())
+    }
+
+    pub fn decode_steps(
+        _: &Attention,
+        _: [&Tensor<f32>; 3],
+        _: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
+        _: GpuDtype,
+    ) -> Result<(std::time::Duration, Vec<crate::decode_report::Step>), CliError> {
+        Err(unavailable())
+    }
+
+    pub struct Bench {
+        pub copy_bytes_per_second: f64,
+    }
+
+    impl Bench {
+        pub fn open() -> Result<Self, CliError> {
+            Err(unavailable())
+        }
+
+        pub fn name(&self) -> String {
+            unreachable!("never opened")
+        }
+
+        pub fn measure(
+            &self,
+            _: Case,
+            _: &Attention,
+            _: [&Tensor<f32>; 3],
+            _: GpuDtype,
+        ) -> Result<(Record, Tensor<f32>), CliError> {
+            Err(unavailable())
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub use disabled::{Bench, decode_steps, forward};
+
+/// Refuses what the GPU path does not do yet, naming the option.
+pub fn refuse_on_gpu(option: &str) -> CliError {
+    CliError::Usage(format!(
+        "{option} runs on the CPU only for now; drop --device cuda"
+    ))
+}

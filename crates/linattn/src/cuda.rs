@@ -1,0 +1,1103 @@
+//! The CUDA backend: device tensors in the CPU's `[B, T, H, D]` layout and the kernels
+//! that run on them, compiled by NVRTC at first use for the GPU that is present.
+//!
+//! Nothing here needs CUDA at build time: the driver and NVRTC are loaded when a [`Gpu`]
+//! is opened, and opening one on a machine without them is an [`Error::Cuda`].
+//!
+//! ```no_run
+//! use linattn::cuda::{Gpu, GpuTensor};
+//! use linattn::{Attention, Method, Tensor};
+//! let gpu = Gpu::open(0)?;
+//! let x = Tensor::<f32>::randn([1, 4096, 8, 64], 0)?;
+//! let x = GpuTensor::<half::bf16>::upload(&gpu, &x)?;
+//! let out = Attention::new(Method::linear()).causal(true).forward_cuda(&gpu, &x, &x, &x)?;
+//! assert_eq!(out.download()?.shape(), [1, 4096, 8, 64]);
+//! # Ok::<(), linattn::Error>(())
+//! ```
+
+use crate::attention::{Attention, Method, Problem};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The linear-attention kernels (CUDA C++).
+const LINEAR_SOURCE: &str = include_str!("kernels/cuda/linear.cu");
+/// Tokens per chunk in the kernels (`CHUNK` in the source).
+const CHUNK: usize = 64;
+/// Threads per block of every kernel (their `__launch_bounds__`).
+const THREADS: u32 = 256;
+/// Query heads a decode block serves at a time, and value columns per lane
+/// (`DECODE_HEADS`, `DECODE_COLS` in the source).
+const DECODE_HEADS: usize = 4;
+const DECODE_COLS: usize = 8;
+/// Rows each block of the non-causal passes covers: enough that the state each block
+/// loads is read once per 512 queries, few enough that every multiprocessor has work.
+const FULL_SPAN: usize = 512;
+/// The linear method's epsilon (as on the CPU).
+const LINEAR_EPSILON: f32 = 1e-6;
+
+fn cuda_error(what: &str, error: impl std::fmt::Display) -> Error {
+    Error::Cuda(format!("{what}: {error}"))
+}
+
+fn allocation_error<T>(count: usize, error: impl std::fmt::Display) -> Error {
+    let bytes = crate::ByteSize((count * size_of::<T>()) as u128);
+    cuda_error(&format!("allocating {bytes} on the GPU"), error)
+}
+
+/// One GPU: its context, the stream every call runs on, and the kernels compiled for it.
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    linear: OnceLock<Arc<CudaModule>>,
+    /// Kernels loaded so far, their shared-memory limit already raised.
+    kernels: Mutex<HashMap<String, CudaFunction>>,
+    processors: usize,
+    shared_limit: usize,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` (0 is the first).
+    ///
+    /// ```no_run
+    /// let gpu = linattn::cuda::Gpu::open(0)?;
+    /// println!("{}", gpu.name());
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn open(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to load the libraries, as opening them below would.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "no CUDA driver found (libcuda.so): is there an NVIDIA GPU and its driver?".into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "NVRTC not found (libnvrtc.so): install the CUDA toolkit's runtime compiler".into(),
+            ));
+        }
+        let context = CudaContext::new(ordinal).map_err(|e| cuda_error("opening the GPU", e))?;
+        let stream = context.default_stream();
+        let attribute = |attribute, what: &str| {
+            context
+                .attribute(attribute)
+                .map(|value| value as usize)
+                .map_err(|e| cuda_error(&format!("reading the {what}"), e))
+        };
+        use cudarc::driver::sys::CUdevice_attribute as Attribute;
+        let processors = attribute(
+            Attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "multiprocessor count",
+        )?;
+        let shared_limit = attribute(
+            Attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "shared-memory limit",
+        )?;
+        Ok(Self {
+            context,
+            stream,
+            linear: OnceLock::new(),
+            kernels: Mutex::new(HashMap::new()),
+            processors,
+            shared_limit,
+        })
+    }
+
+    /// The device's name, as the driver reports it.
+    ///
+    /// ```no_run
+    /// assert!(linattn::cuda::Gpu::open(0)?.name().contains("NVIDIA"));
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn name(&self) -> String {
+        self.context.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Waits until every call issued so far has finished.
+    ///
+    /// ```no_run
+    /// linattn::cuda::Gpu::open(0)?.synchronize()?;
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_error("synchronizing", e))
+    }
+
+    /// Milliseconds the GPU spent on the work `work` issues, timed with device events
+    /// around it (host time to issue it does not count unless the GPU waits for it).
+    ///
+    /// ```no_run
+    /// let gpu = linattn::cuda::Gpu::open(0)?;
+    /// let ms = gpu.elapsed_ms(|| Ok(()))?;
+    /// assert!(ms >= 0.0);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn elapsed_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let event = || {
+            self.context
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_error("creating an event", e))
+        };
+        let (start, end) = (event()?, event()?);
+        start
+            .record(&self.stream)
+            .map_err(|e| cuda_error("recording an event", e))?;
+        work()?;
+        end.record(&self.stream)
+            .map_err(|e| cuda_error("recording an event", e))?;
+        end.synchronize()
+            .map_err(|e| cuda_error("waiting for an event", e))?;
+        start
+            .elapsed_ms(&end)
+            .map(f64::from)
+            .map_err(|e| cuda_error("reading an event", e))
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (read + written), the best of
+    /// several copies of 1 GiB: the ceiling of memory-bound kernels.
+    ///
+    /// ```no_run
+    /// let gpu = linattn::cuda::Gpu::open(0)?;
+    /// assert!(gpu.copy_bandwidth()? > 1e11);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        const BYTES: usize = 1 << 30;
+        let source: CudaSlice<u8> = self.alloc(BYTES)?;
+        let mut target: CudaSlice<u8> = self.alloc(BYTES)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            let ms = self.elapsed_ms(|| {
+                self.stream
+                    .memcpy_dtod(&source, &mut target)
+                    .map_err(|e| cuda_error("copying on the GPU", e))
+            })?;
+            best = best.min(ms);
+        }
+        Ok(2.0 * BYTES as f64 / (best * 1e-3))
+    }
+
+    /// The architecture NVRTC compiles for: `sm_90a` on Hopper, so that its own
+    /// instructions are available, `sm_XY` elsewhere.
+    fn architecture(&self) -> Result<String> {
+        let (major, minor) = self
+            .context
+            .compute_capability()
+            .map_err(|e| cuda_error("reading the compute capability", e))?;
+        if major < 8 {
+            return Err(Error::Cuda(format!(
+                "compute capability {major}.{minor}: the kernels need 8.0 (Ampere) or later"
+            )));
+        }
+        let suffix = if major == 9 && minor == 0 { "a" } else { "" };
+        Ok(format!("sm_{major}{minor}{suffix}"))
+    }
+
+    fn linear_function(&self, name: &str) -> Result<CudaFunction> {
+        if self.linear.get().is_none() {
+            let module = self.compile(LINEAR_SOURCE, "linear.cu")?;
+            let _ = self.linear.set(module);
+        }
+        let module = self.linear.get().expect("set above");
+        module
+            .load_function(name)
+            .map_err(|e| cuda_error(&format!("loading kernel {name}"), e))
+    }
+
+    fn compile(&self, source: &str, name: &str) -> Result<Arc<CudaModule>> {
+        let include = cuda_include_dir();
+        let options = cudarc::nvrtc::CompileOptions {
+            options: vec![
+                format!("--gpu-architecture={}", self.architecture()?),
+                "--std=c++17".to_string(),
+            ],
+            include_paths: vec![include.clone(), format!("{include}/cccl")],
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
+            .map_err(|e| cuda_error(&format!("compiling {name}"), e))?;
+        self.context
+            .load_module(ptx)
+            .map_err(|e| cuda_error(&format!("loading {name}"), e))
+    }
+
+    fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, count: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(count)
+            .map_err(|e| allocation_error::<T>(count, e))
+    }
+
+    /// Kernel `name`, checked to fit `shared_bytes` of dynamic shared memory.
+    fn kernel(&self, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
+        if shared_bytes as usize > self.shared_limit {
+            return Err(Error::Unsupported(format!(
+                "{name} needs {} of shared memory per block for this head dim, the GPU allows {}",
+                crate::ByteSize(shared_bytes as u128),
+                crate::ByteSize(self.shared_limit as u128)
+            )));
+        }
+        let mut kernels = self
+            .kernels
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(function) = kernels.get(name) {
+            return Ok(function.clone());
+        }
+        let function = self.linear_function(name)?;
+        function
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                self.shared_limit as i32,
+            )
+            .map_err(|e| cuda_error(&format!("raising {name}'s shared-memory limit"), e))?;
+        kernels.insert(name.to_string(), function.clone());
+        Ok(function)
+    }
+}
+
+/// Launches with the arguments pushed, mapping a failure to [`Error::Cuda`].
+///
+/// # Safety
+/// The arguments must be those of the kernel, in order, with buffers sized for the
+/// shape they carry.
+unsafe fn launch(
+    mut args: cudarc::driver::LaunchArgs<'_>,
+    config: LaunchConfig,
+    name: &str,
+) -> Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe { args.launch(config) }
+        .map(|_| ())
+        .map_err(|e| cuda_error(&format!("launching {name}"), e))
+}
+
+/// Where CUDA's headers are: `$CUDA_HOME/include`, `$CUDA_PATH/include`, or the usual
+/// `/usr/local/cuda/include`.
+fn cuda_include_dir() -> String {
+    ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok())
+        .map_or_else(
+            || "/usr/local/cuda/include".to_string(),
+            |root| format!("{root}/include"),
+        )
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// Element types of device tensors: f32, bf16 and f16. Products of bf16 and f16 run on
+/// the tensor cores with f32 accumulation; f32 stays f32 throughout.
+pub trait GpuElement: sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + Default {
+    /// The suffix of this type's kernels.
+    const NAME: &'static str;
+    /// Rounds an f32 to this type.
+    fn from_f32(x: f32) -> Self;
+    /// Widens to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl GpuElement for f32 {
+    const NAME: &'static str = "f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl GpuElement for half::bf16 {
+    const NAME: &'static str = "bf16";
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl GpuElement for half::f16 {
+    const NAME: &'static str = "f16";
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// A `[batch, seq, heads, head_dim]` tensor in GPU memory.
+pub struct GpuTensor<T> {
+    data: CudaSlice<T>,
+    shape: [usize; 4],
+}
+
+impl<T: GpuElement> GpuTensor<T> {
+    /// Copies a host tensor to the GPU, rounding to `T`. NaN, infinity and values beyond
+    /// `T`'s range (f16 overflows past 65504) are errors.
+    ///
+    /// ```no_run
+    /// use linattn::{Tensor, cuda::{Gpu, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([2, 16, 4, 8], 0)?)?;
+    /// assert_eq!(x.shape(), [2, 16, 4, 8]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn upload(gpu: &Gpu, host: &Tensor<f32>) -> Result<Self> {
+        // NaN and infinity are refused here, once, so that no kernel has to look for them.
+        if let Some((index, value)) = host.first_non_finite() {
+            return Err(Error::NonFinite {
+                tensor: "a tensor for the GPU",
+                index,
+                value,
+            });
+        }
+        let values: Vec<T> = host.as_slice().iter().map(|&x| T::from_f32(x)).collect();
+        if let Some(position) = values.iter().position(|x| !x.to_f32().is_finite()) {
+            return Err(Error::Unsupported(format!(
+                "{} at index {position} (flat) is beyond the range of {}",
+                host.as_slice()[position],
+                T::NAME
+            )));
+        }
+        let data = gpu
+            .stream
+            .clone_htod(&values)
+            .map_err(|e| cuda_error("copying to the GPU", e))?;
+        Ok(Self {
+            data,
+            shape: host.shape(),
+        })
+    }
+
+    /// A tensor of zeros.
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuTensor};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<half::bf16>::zeros(&gpu, [1, 8, 2, 4])?;
+    /// assert!(x.download()?.as_slice().iter().all(|&v| v == 0.0));
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn zeros(gpu: &Gpu, shape: [usize; 4]) -> Result<Self> {
+        Ok(Self {
+            data: gpu.alloc(shape.iter().product())?,
+            shape,
+        })
+    }
+
+    /// A tensor whose every element the kernel about to run writes: no zeroing.
+    fn for_output(gpu: &Gpu, shape: [usize; 4]) -> Result<Self> {
+        let count: usize = shape.iter().product();
+        // SAFETY: read only after the kernel that receives it has written all of it.
+        let data =
+            unsafe { gpu.stream.alloc::<T>(count) }.map_err(|e| allocation_error::<T>(count, e))?;
+        Ok(Self { data, shape })
+    }
+
+    /// Copies the tensor back to the host, widened to f32.
+    ///
+    /// ```no_run
+    /// use linattn::{Tensor, cuda::{Gpu, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let host = Tensor::<f32>::randn([1, 4, 1, 2], 0)?;
+    /// assert_eq!(GpuTensor::<f32>::upload(&gpu, &host)?.download()?, host);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn download(&self) -> Result<Tensor<f32>> {
+        let values = self
+            .data
+            .stream()
+            .clone_dtoh(&self.data)
+            .map_err(|e| cuda_error("copying from the GPU", e))?;
+        Tensor::from_vec(values.into_iter().map(T::to_f32).collect(), self.shape)
+    }
+
+    /// The shape, `[batch, seq, heads, head_dim]`.
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuTensor};
+    /// let x = GpuTensor::<f32>::zeros(&Gpu::open(0)?, [1, 2, 3, 4])?;
+    /// assert_eq!(x.shape(), [1, 2, 3, 4]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+}
+
+/// The recurrent state of linear attention on the GPU for every (batch, kv head):
+/// `S = Σ φ(k) vᵀ` (`[B, H_kv, D_k, D_v]`) and `z = Σ φ(k)` (`[B, H_kv, D_k]`), f32.
+/// Its memory does not grow with the number of tokens seen.
+pub struct GpuLinearState {
+    kv: CudaSlice<f32>,
+    k_sum: CudaSlice<f32>,
+    batch: usize,
+    heads_kv: usize,
+    dim_k: usize,
+    dim_v: usize,
+}
+
+impl GpuLinearState {
+    /// An empty state (no tokens seen).
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuLinearState};
+    /// let state = GpuLinearState::zeros(&Gpu::open(0)?, 32, 16, 128, 128)?;
+    /// assert_eq!(state.bytes(), 32 * 16 * (128 * 128 + 128) * 4);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn zeros(
+        gpu: &Gpu,
+        batch: usize,
+        heads_kv: usize,
+        dim_k: usize,
+        dim_v: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            kv: gpu.alloc(batch * heads_kv * dim_k * dim_v)?,
+            k_sum: gpu.alloc(batch * heads_kv * dim_k)?,
+            batch,
+            heads_kv,
+            dim_k,
+            dim_v,
+        })
+    }
+
+    /// Bytes of GPU memory the state holds: the same after every step.
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuLinearState};
+    /// let state = GpuLinearState::zeros(&Gpu::open(0)?, 1, 1, 4, 2)?;
+    /// assert_eq!(state.bytes(), (4 * 2 + 4) * 4);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn bytes(&self) -> usize {
+        (self.kv.len() + self.k_sum.len()) * size_of::<f32>()
+    }
+
+    /// `S` and `z` copied to the host, in the layouts above.
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuLinearState};
+    /// let (kv, k_sum) = GpuLinearState::zeros(&Gpu::open(0)?, 1, 2, 4, 3)?.download()?;
+    /// assert_eq!((kv.len(), k_sum.len()), (24, 8));
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn download(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let stream = self.kv.stream();
+        let kv = stream
+            .clone_dtoh(&self.kv)
+            .map_err(|e| cuda_error("copying from the GPU", e))?;
+        let k_sum = stream
+            .clone_dtoh(&self.k_sum)
+            .map_err(|e| cuda_error("copying from the GPU", e))?;
+        Ok((kv, k_sum))
+    }
+}
+
+/// The kernels' view of a problem (`linattn::Shape` in the source).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KernelShape {
+    batch: i32,
+    len: i32,
+    heads_q: i32,
+    heads_kv: i32,
+    dim_k: i32,
+    dim_v: i32,
+    value_block: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernels' struct.
+unsafe impl DeviceRepr for KernelShape {}
+
+impl KernelShape {
+    fn of(problem: &Problem, value_block: usize) -> Result<Self> {
+        let int = |x: usize, what: &str| {
+            i32::try_from(x).map_err(|_| {
+                Error::Unsupported(format!("{what} {x} is too large for the GPU kernels"))
+            })
+        };
+        Ok(Self {
+            batch: int(problem.batch, "batch")?,
+            len: int(problem.len_q, "sequence length")?,
+            heads_q: int(problem.heads_q, "query heads")?,
+            heads_kv: int(problem.heads_kv, "kv heads")?,
+            dim_k: int(problem.dim_qk, "head dim")?,
+            dim_v: int(problem.dim_v, "value dim")?,
+            value_block: value_block as i32,
+        })
+    }
+}
+
+fn round16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+/// Value columns one block of the chunk kernels handles: a tensor-core tile multiple, at
+/// most 64 (every block maps and scores the whole queries and keys, so narrower blocks
+/// repeat that work).
+fn value_block(dim_v: usize) -> usize {
+    round16(dim_v).min(64)
+}
+
+/// Segments the causal form splits each sequence into, so that the grid fills the GPU in
+/// one wave (the chunk kernels run one block per multiprocessor): each block walks its
+/// segment's chunks in order. Returns (segments, rows per segment).
+fn causal_segments(processors: usize, len: usize, blocks_per_segment: usize) -> (usize, usize) {
+    /// Fewer rows than this per segment and the extra pass over the keys costs more than
+    /// the parallelism brings.
+    const MIN_SPAN: usize = 8 * CHUNK;
+    let wanted = processors / blocks_per_segment;
+    let segments = wanted.min(len.div_ceil(MIN_SPAN)).max(1);
+    let span = len.div_ceil(segments).next_multiple_of(CHUNK);
+    (len.div_ceil(span), span)
+}
+
+/// Shared memory of the chunk kernels, as `ChunkSmem::carve` lays it out.
+fn chunk_shared_bytes(dim_k: usize, value_block: usize, element: usize) -> usize {
+    const PAD: usize = 8;
+    let aligned = |bytes: usize| bytes.div_ceil(128) * 128;
+    let (dkp, dvp) = (round16(dim_k), value_block);
+    let (ldk, ldv, ldc, lds, ldo) = (dkp + PAD, dvp + PAD, CHUNK + PAD, dvp + PAD, dvp + PAD);
+    let mut bytes = aligned(CHUNK * ldk * element) * 2
+        + aligned(CHUNK * ldv * element)
+        + aligned(CHUNK * ldc * 4)
+        + aligned(dkp * lds * 4)
+        + aligned(CHUNK * ldo * 4)
+        + aligned(dkp * 4)
+        + aligned(CHUNK * 4);
+    if element != 4 {
+        bytes += aligned(CHUNK * ldc * element) + aligned(dkp * lds * element);
+    }
+    bytes
+}
+
+/// The three passes of linear attention on the GPU.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// The chunked causal forward.
+    Causal,
+    /// `S` and `z` over spans of the keys.
+    State,
+    /// The non-causal output from a finished state.
+    Apply,
+}
+
+/// Which kernels a linear call runs and how they are launched. 16-bit elements with
+/// `D_k = D_v` in {64, 128} take the tensor-core kernels (mma.sync, a block of `D / 16`
+/// warps per head and segment, the state in registers); everything else the general
+/// ones (a block of 256 threads per 64 value columns, WMMA or f32 CUDA cores).
+struct LinearPlan {
+    shape: KernelShape,
+    /// `Some(D)` for the tensor-core kernels.
+    tensor_core_dim: Option<usize>,
+    element: usize,
+    suffix: &'static str,
+}
+
+impl LinearPlan {
+    fn new<T: GpuElement>(problem: &Problem) -> Result<Self> {
+        let element = size_of::<T>();
+        let tensor_core_dim =
+            (element == 2 && problem.dim_qk == problem.dim_v && matches!(problem.dim_qk, 64 | 128))
+                .then_some(problem.dim_qk);
+        let width = tensor_core_dim.unwrap_or_else(|| value_block(problem.dim_v));
+        Ok(Self {
+            shape: KernelShape::of(problem, width)?,
+            tensor_core_dim,
+            element,
+            suffix: T::NAME,
+        })
+    }
+
+    /// Blocks per (head, segment or span).
+    fn value_blocks(&self) -> usize {
+        (self.shape.dim_v as usize).div_ceil(self.shape.value_block as usize)
+    }
+
+    fn name(&self, pass: Pass) -> String {
+        match (self.tensor_core_dim, pass) {
+            (Some(dim), Pass::Causal) => format!("linear_causal_mma_{}_d{dim}", self.suffix),
+            (Some(dim), Pass::State) => format!("linear_state_mma_{}_d{dim}", self.suffix),
+            (Some(dim), Pass::Apply) => format!("linear_apply_mma_{}_d{dim}", self.suffix),
+            (None, Pass::Causal) => format!("linear_causal_{}", self.suffix),
+            (None, Pass::State) => format!("linear_full_state_{}", self.suffix),
+            (None, Pass::Apply) => format!("linear_full_apply_{}", self.suffix),
+        }
+    }
+
+    /// The launch of `pass` over `units` segments or spans of `heads` heads each.
+    fn config(&self, pass: Pass, units: usize, heads: usize) -> Result<LaunchConfig> {
+        let batch = self.shape.batch as usize;
+        let Some(dim) = self.tensor_core_dim else {
+            return Ok(LaunchConfig {
+                grid_dim: grid(self.value_blocks(), heads, batch * units)?,
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: chunk_shared_bytes(
+                    self.shape.dim_k as usize,
+                    self.shape.value_block as usize,
+                    self.element,
+                ) as u32,
+            });
+        };
+        // As the kernels carve it: double-buffered tiles of CHUNK rows (q, k, v for the
+        // causal pass, k, v for the state, q to apply it), padded by 8 elements, then the
+        // scores and the f32 row and column vectors.
+        let tile = CHUNK * (dim + 8) * self.element;
+        let shared = match pass {
+            Pass::Causal => 6 * tile + CHUNK * (CHUNK + 8) * self.element + (CHUNK + 2 * dim) * 4,
+            Pass::State => 4 * tile + dim * 4,
+            Pass::Apply => 2 * tile + (CHUNK + dim) * 4,
+        };
+        Ok(LaunchConfig {
+            grid_dim: grid(units, heads, batch)?,
+            block_dim: (2 * dim as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        })
+    }
+}
+
+fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
+    let fits = |n: usize, limit: u32| u32::try_from(n).ok().filter(|&n| n <= limit);
+    match (fits(x, i32::MAX as u32), fits(y, 65535), fits(z, 65535)) {
+        (Some(x), Some(y), Some(z)) => Ok((x, y, z)),
+        _ => Err(Error::Unsupported(format!(
+            "a grid of {x} x {y} x {z} blocks is beyond the GPU's limits"
+        ))),
+    }
+}
+
+impl Attention {
+    /// [`Attention::forward`] on the GPU, for tensors already there. Runs `linear`
+    /// attention (full, and causal in the chunked form); other methods are
+    /// [`Error::Unsupported`] on the GPU for now.
+    ///
+    /// ```no_run
+    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 100, 2, 16], 0)?)?;
+    /// let out = Attention::new(Method::linear()).forward_cuda(&gpu, &x, &x, &x)?;
+    /// assert_eq!(out.shape(), [1, 100, 2, 16]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn forward_cuda<T: GpuElement>(
+        &self,
+        gpu: &Gpu,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+    ) -> Result<GpuTensor<T>> {
+        let problem = self.gpu_problem(q, k, v)?;
+        let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+        if problem.causal {
+            linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?;
+        } else {
+            linear_full(gpu, &problem, q, k, v, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The causal forward on the GPU that also starts from `state` (the tokens before
+    /// these) and leaves in it the state after them: prefill for
+    /// [`Attention::decode_step_cuda`].
+    ///
+    /// ```no_run
+    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuLinearState, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 100, 2, 16], 0)?)?;
+    /// let mut state = GpuLinearState::zeros(&gpu, 1, 2, 16, 16)?;
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let out = attention.prefill_cuda(&gpu, &x, &x, &x, &mut state)?;
+    /// assert_eq!(out.shape(), [1, 100, 2, 16]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn prefill_cuda<T: GpuElement>(
+        &self,
+        gpu: &Gpu,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        state: &mut GpuLinearState,
+    ) -> Result<GpuTensor<T>> {
+        let problem = self.gpu_problem(q, k, v)?;
+        if !problem.causal {
+            return Err(Error::InvalidConfig(
+                "prefill needs a causal attention".into(),
+            ));
+        }
+        check_state(state, &problem)?;
+        let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+        // The kernel's blocks of one kv head read its start while others may already
+        // write its end (GQA): the start is a copy.
+        let copy = |slice: &CudaSlice<f32>| {
+            slice
+                .try_clone()
+                .map_err(|e| cuda_error("copying the state on the GPU", e))
+        };
+        let (previous, previous_sum) = (copy(&state.kv)?, copy(&state.k_sum)?);
+        linear_causal(
+            gpu,
+            &problem,
+            q,
+            k,
+            v,
+            &mut out,
+            Some((&previous, &previous_sum)),
+            Some((&mut state.kv, &mut state.k_sum)),
+        )?;
+        Ok(out)
+    }
+
+    /// One recurrent step on the GPU for a batch of single tokens (`[B, 1, H, D]`):
+    /// absorbs k and v into `state` in place and returns each query's output. Memory
+    /// and time per step do not grow with the tokens seen.
+    ///
+    /// ```no_run
+    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuLinearState, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let token = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([32, 1, 16, 128], 0)?)?;
+    /// let mut state = GpuLinearState::zeros(&gpu, 32, 16, 128, 128)?;
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let out = attention.decode_step_cuda(&gpu, &token, &token, &token, &mut state)?;
+    /// assert_eq!(out.shape(), [32, 1, 16, 128]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn decode_step_cuda<T: GpuElement>(
+        &self,
+        gpu: &Gpu,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        state: &mut GpuLinearState,
+    ) -> Result<GpuTensor<T>> {
+        let problem = self.gpu_problem(q, k, v)?;
+        if problem.len_q != 1 {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "a decode step takes one token per sequence, not {}",
+                    problem.len_q
+                ),
+            });
+        }
+        if problem.dim_v > 32 * DECODE_COLS {
+            return Err(Error::Unsupported(format!(
+                "decode on the GPU takes value dims up to {}, not {}",
+                32 * DECODE_COLS,
+                problem.dim_v
+            )));
+        }
+        check_state(state, &problem)?;
+        let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+        let warps = THREADS as usize / 32;
+        let floats = problem.dim_qk * (2 + DECODE_HEADS)
+            + problem.dim_v
+            + DECODE_HEADS
+            + warps * DECODE_HEADS * problem.dim_v;
+        let config = LaunchConfig {
+            grid_dim: grid(problem.heads_kv, problem.batch, 1)?,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (floats * 4) as u32,
+        };
+        let shape = KernelShape::of(&problem, 0)?;
+        let name = format!("linear_decode_{}", T::NAME);
+        let function = gpu.kernel(&name, config.shared_mem_bytes)?;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&q.data)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&mut out.data)
+            .arg(&shape)
+            .arg(&LINEAR_EPSILON)
+            .arg(&mut state.kv)
+            .arg(&mut state.k_sum);
+        // SAFETY: linear_decode's arguments; the state was checked against the shape.
+        unsafe { launch(args, config, &name) }?;
+        Ok(out)
+    }
+
+    /// The problem of a GPU call: shapes checked as on the CPU, then what the GPU
+    /// kernels take (linear attention, lengths of k and v equal to q's).
+    fn gpu_problem<T: GpuElement>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+    ) -> Result<Problem> {
+        let problem = self.problem(q.shape, k.shape, v.shape)?;
+        if !matches!(self.method, Method::Linear(_)) {
+            return Err(Error::Unsupported(format!(
+                "{} does not run on the GPU yet (linear does)",
+                self.method.name()
+            )));
+        }
+        if problem.len_q != problem.len_k {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "on the GPU q and k must have the same length, not {} and {}",
+                    problem.len_q, problem.len_k
+                ),
+            });
+        }
+        Ok(problem)
+    }
+}
+
+fn check_state(state: &GpuLinearState, problem: &Problem) -> Result<()> {
+    let expected = (
+        problem.batch,
+        problem.heads_kv,
+        problem.dim_qk,
+        problem.dim_v,
+    );
+    let actual = (state.batch, state.heads_kv, state.dim_k, state.dim_v);
+    if expected != actual {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "the state is for (batch, kv heads, dim k, dim v) = {actual:?}, the tokens need {expected:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+type StateRef<'a> = (&'a CudaSlice<f32>, &'a CudaSlice<f32>);
+type StateMut<'a> = (&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>);
+
+#[allow(clippy::too_many_arguments)]
+fn linear_causal<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &GpuTensor<T>,
+    k: &GpuTensor<T>,
+    v: &GpuTensor<T>,
+    out: &mut GpuTensor<T>,
+    state_in: Option<StateRef<'_>>,
+    state_out: Option<StateMut<'_>>,
+) -> Result<()> {
+    let plan = LinearPlan::new::<T>(problem)?;
+    let (segments, span) = causal_segments(
+        gpu.processors,
+        problem.len_q,
+        plan.value_blocks() * problem.heads_q * problem.batch,
+    );
+    // The sums of every segment but the last, stored apart, give each segment its start.
+    let (segment_states, segment_sums) = if segments > 1 {
+        let per_head = problem.batch * problem.heads_kv * segments * problem.dim_qk;
+        let mut kv: CudaSlice<f32> = gpu.alloc(per_head * problem.dim_v)?;
+        let mut sums: CudaSlice<f32> = gpu.alloc(per_head)?;
+        let config = plan.config(Pass::State, segments, problem.heads_kv)?;
+        key_sums(gpu, &plan, [k, v], config, span, true, [&mut kv, &mut sums])?;
+        (Some(kv), Some(sums))
+    } else {
+        (None, None)
+    };
+    let config = plan.config(Pass::Causal, segments, problem.heads_q)?;
+    // Absent states are null pointers, which the kernel checks; the guards order the
+    // buffers' use on the stream and must outlive the launch.
+    let stream = &gpu.stream;
+    let (kv_in, _kv_in_guard) = state_in.map(|(kv, _)| kv.device_ptr(stream)).unzip();
+    let (k_sum_in, _k_sum_in_guard) = state_in.map(|(_, sum)| sum.device_ptr(stream)).unzip();
+    let (state_out, sum_out) = state_out.unzip();
+    let (kv_out, _kv_out_guard) = state_out.map(|kv| kv.device_ptr_mut(stream)).unzip();
+    let (k_sum_out, _k_sum_out_guard) = sum_out.map(|sum| sum.device_ptr_mut(stream)).unzip();
+    let (segment_kv, _segment_kv_guard) = segment_states
+        .as_ref()
+        .map(|kv| kv.device_ptr(stream))
+        .unzip();
+    let (segment_sum, _segment_sum_guard) = segment_sums
+        .as_ref()
+        .map(|sum| sum.device_ptr(stream))
+        .unzip();
+    let [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum] =
+        [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum].map(|ptr| ptr.unwrap_or(0));
+    let span = span as i32;
+    let name = plan.name(Pass::Causal);
+    let function = gpu.kernel(&name, config.shared_mem_bytes)?;
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&q.data)
+        .arg(&k.data)
+        .arg(&v.data)
+        .arg(&mut out.data)
+        .arg(&plan.shape)
+        .arg(&LINEAR_EPSILON)
+        .arg(&kv_in)
+        .arg(&k_sum_in)
+        .arg(&kv_out)
+        .arg(&k_sum_out)
+        .arg(&span)
+        .arg(&segment_kv)
+        .arg(&segment_sum);
+    // SAFETY: linear_causal's arguments; states, when present, were checked.
+    unsafe { launch(args, config, &name) }
+}
+
+/// `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` over spans of `span` rows (`linear_full_state`):
+/// each span's sums stored apart when `per_span` (the causal form's segments), else
+/// added into one zeroed state per head (the non-causal form's first pass).
+fn key_sums<T: GpuElement>(
+    gpu: &Gpu,
+    plan: &LinearPlan,
+    [k, v]: [&GpuTensor<T>; 2],
+    config: LaunchConfig,
+    span: usize,
+    per_span: bool,
+    [kv, k_sum]: [&mut CudaSlice<f32>; 2],
+) -> Result<()> {
+    let name = plan.name(Pass::State);
+    let function = gpu.kernel(&name, config.shared_mem_bytes)?;
+    let mut args = gpu.stream.launch_builder(&function);
+    let (span, per_span) = (span as i32, i32::from(per_span));
+    args.arg(&k.data)
+        .arg(&v.data)
+        .arg(&plan.shape)
+        .arg(&span)
+        .arg(kv)
+        .arg(k_sum)
+        .arg(&per_span);
+    // SAFETY: linear_full_state's arguments; the caller sized the sums for the spans.
+    unsafe { launch(args, config, &name) }
+}
+
+fn linear_full<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &GpuTensor<T>,
+    k: &GpuTensor<T>,
+    v: &GpuTensor<T>,
+    out: &mut GpuTensor<T>,
+) -> Result<()> {
+    let plan = LinearPlan::new::<T>(problem)?;
+    let mut state = GpuLinearState::zeros(
+        gpu,
+        problem.batch,
+        problem.heads_kv,
+        problem.dim_qk,
+        problem.dim_v,
+    )?;
+    let spans = problem.len_q.div_ceil(FULL_SPAN);
+    let config = plan.config(Pass::State, spans, problem.heads_kv)?;
+    key_sums(
+        gpu,
+        &plan,
+        [k, v],
+        config,
+        FULL_SPAN,
+        false,
+        [&mut state.kv, &mut state.k_sum],
+    )?;
+    let config = plan.config(Pass::Apply, spans, problem.heads_q)?;
+    let name = plan.name(Pass::Apply);
+    let function = gpu.kernel(&name, config.shared_mem_bytes)?;
+    let mut args = gpu.stream.launch_builder(&function);
+    let span = FULL_SPAN as i32;
+    args.arg(&q.data)
+        .arg(&mut out.data)
+        .arg(&plan.shape)
+        .arg(&span)
+        .arg(&LINEAR_EPSILON)
+        .arg(&state.kv)
+        .arg(&state.k_sum);
+    // SAFETY: the apply kernel's arguments and the state the first pass filled.
+    unsafe { launch(args, config, &name) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_sequence_in_whole_chunks() {
+        for (processors, len, blocks) in [
+            (132, 8192, 128),
+            (132, 1 << 20, 32),
+            (132, 100, 1),
+            (8, 5000, 1),
+        ] {
+            let (segments, span) = causal_segments(processors, len, blocks);
+            assert_eq!(span % CHUNK, 0);
+            assert!(
+                segments * span >= len && (segments - 1) * span < len,
+                "{len}: {segments} x {span}"
+            );
+            assert!(segments == 1 || span >= 8 * CHUNK);
+        }
+        // A grid that already fills the GPU is not split.
+        assert_eq!(causal_segments(132, 8192, 256).0, 1);
+        // B=1, H=16 at 1M tokens: as many segments as one wave holds.
+        let (segments, _) = causal_segments(132, 1 << 20, 16);
+        assert!(
+            segments * 16 <= 132 && (segments + 1) * 16 > 132,
+            "{segments}"
+        );
+    }
+
+    #[test]
+    fn chunk_kernels_fit_hoppers_shared_memory_up_to_head_dim_128() {
+        const HOPPER_OPT_IN: usize = 227 << 10;
+        for element in [2, 4] {
+            assert!(
+                chunk_shared_bytes(128, 64, element) <= HOPPER_OPT_IN,
+                "{element}-byte"
+            );
+        }
+        // Head dim 256 in f32 does not fit: the launch refuses it with a typed error.
+        assert!(chunk_shared_bytes(256, 64, 4) > HOPPER_OPT_IN);
+    }
+
+    #[test]
+    fn tensor_cores_take_16_bit_square_heads_of_64_and_128() {
+        const HOPPER_OPT_IN: usize = 227 << 10;
+        let problem = |dim_k, dim_v| {
+            let attention = Attention::new(Method::linear()).causal(true);
+            attention
+                .problem([2, 300, 4, dim_k], [2, 300, 2, dim_k], [2, 300, 2, dim_v])
+                .unwrap()
+        };
+        for dim in [64, 128] {
+            let plan = LinearPlan::new::<half::bf16>(&problem(dim, dim)).unwrap();
+            assert_eq!(plan.tensor_core_dim, Some(dim));
+            assert_eq!(plan.value_blocks(), 1);
+            assert_eq!(
+                plan.name(Pass::Causal),
+                format!("linear_causal_mma_bf16_d{dim}")
+            );
+            for pass in [Pass::Causal, Pass::State, Pass::Apply] {
+                let config = plan.config(pass, 3, 4).unwrap();
+                assert_eq!(config.grid_dim, (3, 4, 2));
+                assert_eq!(config.block_dim.0 as usize, 2 * dim);
+                assert!(config.shared_mem_bytes as usize <= HOPPER_OPT_IN);
+            }
+        }
+        // f32, unequal or other dims: the general kernels, a block per 64 value columns.
+        for plan in [
+            LinearPlan::new::<f32>(&problem(128, 128)).unwrap(),
+            LinearPlan::new::<half::f16>(&problem(128, 96)).unwrap(),
+            LinearPlan::new::<half::f16>(&problem(32, 32)).unwrap(),
+        ] {
+            assert_eq!(plan.tensor_core_dim, None);
+            assert!(!plan.name(Pass::State).contains("mma"));
+        }
+        let general = LinearPlan::new::<f32>(&problem(128, 128)).unwrap();
+        assert_eq!(general.value_blocks(), 2);
+        assert_eq!(
+            general.config(Pass::Apply, 3, 4).unwrap().grid_dim,
+            (2, 4, 6)
+        );
+    }
+}

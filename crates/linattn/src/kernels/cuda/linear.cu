@@ -1,0 +1,1161 @@
+// Linear attention (phi = elu + 1, o_i = phi(q_i) S / (phi(q_i) z + eps)) on NVIDIA GPUs:
+// the chunked causal forward, the non-causal forward (state, then apply), and the
+// recurrent decode step. Compiled at run time by NVRTC for the device's architecture.
+//
+// Tensors are [B, T, H, D] contiguous, as on the CPU. Inputs are f32, bf16 or f16;
+// products of bf16/f16 operands run on the tensor cores (WMMA, f32 accumulation), f32
+// operands on the CUDA cores in f32, so f32 results stay within f32 rounding of the
+// reference. States (S = sum phi(k) v^T, z = sum phi(k)) are f32, [B, H_kv, D_k, D_v]
+// and [B, H_kv, D_k].
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+using namespace nvcuda;
+
+namespace linattn {
+
+// Tokens per chunk of the causal form: the intra-chunk products are CHUNK x CHUNK.
+constexpr int CHUNK = 64;
+// Padding of 16-bit shared-memory rows (elements): rows 16 bytes apart in bank order
+// instead of all starting in the same bank.
+constexpr int PAD = 8;
+
+struct Shape {
+    int batch, len, heads_q, heads_kv, dim_k, dim_v;
+    // Value columns per block of the chunk kernels: a multiple of 16, at most 64.
+    int value_block;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+
+// The fast exponential (ex2.approx) is within a few ulp here: x <= 0 never overflows.
+__device__ __forceinline__ float elu_plus_one(float x) { return x > 0.f ? x + 1.f : __expf(x); }
+
+__host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
+
+template <bool C, typename A, typename B> struct Pick { using type = A; };
+template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
+
+template <typename T> struct IsFloat { static constexpr bool value = false; };
+template <> struct IsFloat<float> { static constexpr bool value = true; };
+template <typename T> struct IsHalf { static constexpr bool value = false; };
+template <> struct IsHalf<__half> { static constexpr bool value = true; };
+
+// c (f32, row-major, ldc) = [c +] op(a) op(b) over shared memory, op(a) m x k, op(b) k x n.
+// a is row-major m x k (lda), or with A_T the transpose of a row-major k x m array; b is
+// row-major k x n, or with B_T the transpose of a row-major n x k array. Every thread of
+// the block takes part; a thread (or warp) always gets the same outputs for the same
+// m, n, so a second call that accumulates onto the first needs no barrier in between.
+template <bool A_T, bool B_T>
+__device__ void block_gemm(float* c, int ldc, const float* a, int lda, const float* b, int ldb,
+                           int m, int n, int k, bool accumulate) {
+    for (int idx = threadIdx.x; idx < m * n; idx += blockDim.x) {
+        int i = idx / n, j = idx % n;
+        float sum = accumulate ? c[i * ldc + j] : 0.f;
+        for (int kk = 0; kk < k; ++kk) {
+            float x = A_T ? a[kk * lda + i] : a[i * lda + kk];
+            float y = B_T ? b[j * ldb + kk] : b[kk * ldb + j];
+            sum = fmaf(x, y, sum);
+        }
+        c[i * ldc + j] = sum;
+    }
+    __syncwarp();
+}
+
+// The tensor-core version for 16-bit operands: m, n, k multiples of 16, one 16 x 16
+// output tile per warp at a time.
+template <bool A_T, bool B_T, typename T>
+__device__ void block_gemm(float* c, int ldc, const T* a, int lda, const T* b, int ldb, int m,
+                           int n, int k, bool accumulate) {
+    using ALayout = typename Pick<A_T, wmma::col_major, wmma::row_major>::type;
+    using BLayout = typename Pick<B_T, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int tiles_n = n / 16, tiles = (m / 16) * tiles_n;
+    for (int t = warp; t < tiles; t += warps) {
+        const int ti = t / tiles_n, tj = t % tiles_n;
+        float* tile = c + ti * 16 * ldc + tj * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        if (accumulate) {
+            wmma::load_matrix_sync(acc, tile, ldc, wmma::mem_row_major);
+        } else {
+            wmma::fill_fragment(acc, 0.f);
+        }
+        for (int kk = 0; kk < k; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+            wmma::load_matrix_sync(fa, A_T ? a + kk * lda + ti * 16 : a + ti * 16 * lda + kk, lda);
+            wmma::load_matrix_sync(fb, B_T ? b + tj * 16 * ldb + kk : b + kk * ldb + tj * 16, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(tile, acc, ldc, wmma::mem_row_major);
+    }
+    __syncwarp();
+}
+
+// Carves 128-byte aligned arrays out of dynamic shared memory.
+struct Carver {
+    char* next;
+    template <typename U> __device__ U* take(int count) {
+        U* p = reinterpret_cast<U*>(next);
+        next += (static_cast<size_t>(count) * sizeof(U) + 127) / 128 * 128;
+        return p;
+    }
+};
+
+// Shared-memory layout of the chunk kernels; the host asks for `bytes()` of it.
+template <typename T> struct ChunkSmem {
+    int dkp, dvp, ldk, ldv, ldc, lds, ldo;
+    T *q, *k, *v, *scores_t, *state_t;
+    float *scores, *state, *out, *k_sum, *den;
+
+    __host__ __device__ ChunkSmem(int dim_k, int value_block) {
+        dkp = round16(dim_k);
+        dvp = value_block;
+        ldk = dkp + PAD;
+        ldv = dvp + PAD;
+        ldc = CHUNK + PAD;
+        lds = dvp + PAD;
+        ldo = dvp + PAD;
+    }
+    __device__ void carve(char* base) {
+        Carver c{base};
+        q = c.take<T>(CHUNK * ldk);
+        k = c.take<T>(CHUNK * ldk);
+        v = c.take<T>(CHUNK * ldv);
+        scores = c.take<float>(CHUNK * ldc);
+        state = c.take<float>(dkp * lds);
+        out = c.take<float>(CHUNK * ldo);
+        k_sum = c.take<float>(dkp);
+        den = c.take<float>(CHUNK);
+        if (IsFloat<T>::value) {
+            // f32 operands are read from the f32 arrays themselves.
+            scores_t = reinterpret_cast<T*>(scores);
+            state_t = reinterpret_cast<T*>(state);
+        } else {
+            scores_t = c.take<T>(CHUNK * ldc);
+            state_t = c.take<T>(dkp * lds);
+        }
+    }
+};
+
+// Rows [t0, t0 + len) of head `head` of x ([B, T, H, D]) into `dst` (CHUNK x width, ld),
+// mapped by phi when MAP, zero beyond the rows and columns that exist.
+template <bool MAP, typename T>
+__device__ void load_rows(T* dst, int ld, const T* x, int b, int t0, int len, int seq, int heads,
+                          int head, int dim, int col0, int width) {
+    for (int idx = threadIdx.x; idx < CHUNK * width; idx += blockDim.x) {
+        const int r = idx / width, d = idx % width;
+        float value = 0.f;
+        if (r < len && col0 + d < dim) {
+            const size_t at = ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * dim + col0 + d;
+            value = to_float(x[at]);
+            if (MAP) value = elu_plus_one(value);
+        }
+        dst[r * ld + d] = from_float<T>(value);
+    }
+}
+
+// Rows of a chunk held in registers between their load from global memory and their
+// store to shared memory, so that the next chunk's loads are in flight while this one
+// is computed. 16-byte loads: the dimension must be a multiple of 16 / sizeof(T).
+template <typename T, int MAX_WIDTH>
+struct Stage {
+    static constexpr int VEC = 16 / sizeof(T);
+    static constexpr int SLOTS = CHUNK * MAX_WIDTH / VEC / 256;
+    uint4 data[SLOTS];
+
+    // Rows [t0, t0 + len) of head `head`, columns [col0, col0 + width).
+    __device__ void load(const T* x, int b, int t0, int len, int seq, int heads, int head, int dim,
+                         int col0, int width) {
+        const int per_row = width / VEC;
+#pragma unroll
+        for (int slot = 0; slot < SLOTS; ++slot) {
+            const int idx = threadIdx.x + slot * blockDim.x;
+            const int r = idx / per_row, c = (idx % per_row) * VEC;
+            uint4 value = make_uint4(0u, 0u, 0u, 0u);
+            if (r < len && col0 + c < dim) {
+                const size_t at = ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * dim + col0 + c;
+                value = __ldg(reinterpret_cast<const uint4*>(x + at));
+            }
+            data[slot] = value;
+        }
+    }
+
+    // Into dst (CHUNK x width, ld), mapped by phi when MAP; absent rows and columns 0.
+    template <bool MAP>
+    __device__ void store(T* dst, int ld, int len, int dim, int col0, int width) const {
+        const int per_row = width / VEC;
+#pragma unroll
+        for (int slot = 0; slot < SLOTS; ++slot) {
+            const int idx = threadIdx.x + slot * blockDim.x;
+            const int r = idx / per_row, c = (idx % per_row) * VEC;
+            if (r >= CHUNK) continue;
+            const T* in = reinterpret_cast<const T*>(&data[slot]);
+            uint4 packed;
+            T* out = reinterpret_cast<T*>(&packed);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float x = to_float(in[e]);
+                if (MAP) x = elu_plus_one(x);
+                out[e] = from_float<T>((r < len && col0 + c + e < dim) ? x : 0.f);
+            }
+            *reinterpret_cast<uint4*>(dst + r * ld + c) = packed;
+        }
+    }
+};
+
+// Adds the column sums of the first `rows` rows of x (CHUNK x width, ld) into sums,
+// with every thread of the block.
+template <typename T>
+__device__ void add_column_sums(float* sums, const T* x, int ld, int rows, int width) {
+    const int groups = blockDim.x / width;
+    if (groups == 0) {
+        for (int d = threadIdx.x; d < width; d += blockDim.x) {
+            float sum = 0.f;
+            for (int r = 0; r < rows; ++r) sum += to_float(x[r * ld + d]);
+            sums[d] += sum;
+        }
+        return;
+    }
+    const int d = threadIdx.x % width, group = threadIdx.x / width;
+    if (group >= groups) return;
+    float sum = 0.f;
+    for (int r = group; r < rows; r += groups) sum += to_float(x[r * ld + d]);
+    atomicAdd(&sums[d], sum);
+}
+
+// Rows [t0, t0 + len) of out from the f32 rows in shared memory divided by den + eps.
+template <typename T>
+__device__ void store_outputs(T* out, const float* rows, int ld, const float* den, float eps, int b,
+                              int t0, int len, int seq, int heads, int head, int dim, int col0,
+                              int width) {
+    constexpr int VEC = 16 / sizeof(T);
+    if (width % VEC == 0 && dim % VEC == 0) {
+        const int per_row = width / VEC;
+        for (int idx = threadIdx.x; idx < len * per_row; idx += blockDim.x) {
+            const int r = idx / per_row, c = (idx % per_row) * VEC;
+            const float scale = 1.f / (den[r] + eps);
+            uint4 packed;
+            T* values = reinterpret_cast<T*>(&packed);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) values[e] = from_float<T>(rows[r * ld + c + e] * scale);
+            const size_t at = ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * dim + col0 + c;
+            *reinterpret_cast<uint4*>(out + at) = packed;
+        }
+        return;
+    }
+    for (int idx = threadIdx.x; idx < len * width; idx += blockDim.x) {
+        const int r = idx / width, c = idx % width;
+        const size_t at = ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * dim + col0 + c;
+        out[at] = from_float<T>(rows[r * ld + c] / (den[r] + eps));
+    }
+}
+
+// Copies the f32 state into its operand form (16-bit types only), four values at a time.
+template <typename T> __device__ void state_to_operand(ChunkSmem<T>& s) {
+    if constexpr (!IsFloat<T>::value) {
+        const int per_row = s.dvp / 4;
+        for (int idx = threadIdx.x; idx < s.dkp * per_row; idx += blockDim.x) {
+            const int r = idx / per_row, c = (idx % per_row) * 4;
+            const float4 x = *reinterpret_cast<const float4*>(&s.state[r * s.lds + c]);
+            T* row = &s.state_t[r * s.lds + c];
+            row[0] = from_float<T>(x.x);
+            row[1] = from_float<T>(x.y);
+            row[2] = from_float<T>(x.z);
+            row[3] = from_float<T>(x.w);
+        }
+    }
+}
+
+// Causal forward: one block per (value block, query head, batch) walks the chunks in
+// order, carrying S and z in shared memory. Per chunk: scores = phi(Q) phi(K)^T masked
+// to j <= i, O = scores V + phi(Q) S, den = row sums + phi(Q) z, then S += phi(K)^T V.
+//
+// With several segments (span rows each; grid z = batch x segments) a block starts at its
+// segment from the state before it: state_in plus the segments' own sums, which
+// full_state wrote per segment (segment_states [B, H_kv, segments, D_k, D_v]).
+template <typename T>
+__device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, T* __restrict__ out, Shape sh, float eps,
+                               const float* state_in, const float* k_sum_in, float* state_out,
+                               float* k_sum_out, int span, const float* segment_states,
+                               const float* segment_sums) {
+    extern __shared__ __align__(128) char smem[];
+    ChunkSmem<T> s(sh.dim_k, sh.value_block);
+    s.carve(smem);
+    const int segments = (sh.len + span - 1) / span;
+    const int vb = blockIdx.x, h = blockIdx.y, b = blockIdx.z / segments, segment = blockIdx.z % segments;
+    const int g = h / (sh.heads_q / sh.heads_kv);
+    const int col0 = vb * s.dvp;
+    const size_t state_at = (static_cast<size_t>(b) * sh.heads_kv + g) * sh.dim_k;
+    const size_t segment_at = (static_cast<size_t>(b) * sh.heads_kv + g) * segments;
+
+    for (int idx = threadIdx.x; idx < s.dkp * s.dvp; idx += blockDim.x) {
+        const int r = idx / s.dvp, c = idx % s.dvp;
+        float x = 0.f;
+        if (r < sh.dim_k && col0 + c < sh.dim_v) {
+            if (state_in) x = state_in[(state_at + r) * sh.dim_v + col0 + c];
+            for (int before = 0; before < segment; ++before) {
+                x += segment_states[((segment_at + before) * sh.dim_k + r) * sh.dim_v + col0 + c];
+            }
+        }
+        s.state[r * s.lds + c] = x;
+    }
+    for (int d = threadIdx.x; d < s.dkp; d += blockDim.x) {
+        float x = 0.f;
+        if (d < sh.dim_k) {
+            if (k_sum_in) x = k_sum_in[state_at + d];
+            for (int before = 0; before < segment; ++before) x += segment_sums[(segment_at + before) * sh.dim_k + d];
+        }
+        s.k_sum[d] = x;
+    }
+    __syncthreads();
+    state_to_operand(s);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    constexpr int VEC = 16 / sizeof(T);
+    // Whole 16-byte vectors cover the rows (else the scalar loads below).
+    const bool vectors = sh.dim_k % VEC == 0 && sh.dim_v % VEC == 0 && s.dkp <= 128;
+    Stage<T, 128> stage_q, stage_k;
+    Stage<T, 64> stage_v;
+    const int first = segment * span, last = min(sh.len, first + span);
+    auto issue = [&](int t0) {
+        const int len = min(CHUNK, last - t0);
+        stage_q.load(q, b, t0, len, sh.len, sh.heads_q, h, sh.dim_k, 0, s.dkp);
+        stage_k.load(k, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_k, 0, s.dkp);
+        stage_v.load(v, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_v, col0, s.dvp);
+    };
+    if (vectors) issue(first);
+    for (int t0 = first; t0 < last; t0 += CHUNK) {
+        const int len = min(CHUNK, last - t0);
+        if (vectors) {
+            stage_q.template store<true>(s.q, s.ldk, len, sh.dim_k, 0, s.dkp);
+            stage_k.template store<true>(s.k, s.ldk, len, sh.dim_k, 0, s.dkp);
+            stage_v.template store<false>(s.v, s.ldv, len, sh.dim_v, col0, s.dvp);
+        } else {
+            load_rows<true>(s.q, s.ldk, q, b, t0, len, sh.len, sh.heads_q, h, sh.dim_k, 0, s.dkp);
+            load_rows<true>(s.k, s.ldk, k, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_k, 0, s.dkp);
+            load_rows<false>(s.v, s.ldv, v, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_v, col0, s.dvp);
+        }
+        __syncthreads();
+        if (vectors && t0 + CHUNK < last) issue(t0 + CHUNK);
+
+        block_gemm<false, true>(s.scores, s.ldc, s.q, s.ldk, s.k, s.ldk, CHUNK, CHUNK, s.dkp, false);
+        __syncthreads();
+
+        // Mask, and each row's denominator: its own scores and the state's z.
+        for (int i = warp; i < CHUNK; i += warps) {
+            float sum = 0.f;
+            for (int j = lane; j < CHUNK; j += 32) {
+                const float x = j <= i ? s.scores[i * s.ldc + j] : 0.f;
+                sum += x;
+                s.scores_t[i * s.ldc + j] = from_float<T>(x);
+            }
+            for (int d = lane; d < s.dkp; d += 32) sum += to_float(s.q[i * s.ldk + d]) * s.k_sum[d];
+            for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) s.den[i] = sum;
+        }
+        __syncthreads();
+
+        block_gemm<false, false>(s.out, s.ldo, s.scores_t, s.ldc, s.v, s.ldv, CHUNK, s.dvp, CHUNK, false);
+        block_gemm<false, false>(s.out, s.ldo, s.q, s.ldk, s.state_t, s.lds, CHUNK, s.dvp, s.dkp, true);
+        __syncthreads();
+        block_gemm<true, false>(s.state, s.lds, s.k, s.ldk, s.v, s.ldv, s.dkp, s.dvp, CHUNK, true);
+        add_column_sums(s.k_sum, s.k, s.ldk, len, s.dkp);
+        store_outputs(out, s.out, s.ldo, s.den, eps, b, t0, len, sh.len, sh.heads_q, h, sh.dim_v, col0,
+                      min(s.dvp, sh.dim_v - col0));
+        __syncthreads();
+        state_to_operand(s);
+    }
+
+    if (segment != segments - 1) return;
+    if (state_out) {
+        for (int idx = threadIdx.x; idx < sh.dim_k * s.dvp; idx += blockDim.x) {
+            const int r = idx / s.dvp, c = idx % s.dvp;
+            if (col0 + c < sh.dim_v) state_out[(state_at + r) * sh.dim_v + col0 + c] = s.state[r * s.lds + c];
+        }
+    }
+    if (k_sum_out && vb == 0) {
+        for (int d = threadIdx.x; d < sh.dim_k; d += blockDim.x) k_sum_out[state_at + d] = s.k_sum[d];
+    }
+}
+
+// S and z over spans of the sequence. Grid: (value block, kv head, batch x span). With
+// per_span each span's sums are stored apart ([B, H_kv, spans, ...], for the segments of
+// the causal form); otherwise they are added into one state per head (zeroed by the host),
+// the non-causal form's first pass.
+template <typename T>
+__device__ void full_state(const T* __restrict__ k, const T* __restrict__ v, Shape sh, int span,
+                           float* state, float* k_sum, bool per_span) {
+    extern __shared__ __align__(128) char smem[];
+    ChunkSmem<T> s(sh.dim_k, sh.value_block);
+    s.carve(smem);
+    const int vb = blockIdx.x, g = blockIdx.y;
+    const int spans = (sh.len + span - 1) / span;
+    const int b = blockIdx.z / spans, which = blockIdx.z % spans, first = which * span;
+    const int last = min(sh.len, first + span);
+    const int col0 = vb * s.dvp;
+    for (int idx = threadIdx.x; idx < s.dkp * s.dvp; idx += blockDim.x) {
+        s.state[(idx / s.dvp) * s.lds + idx % s.dvp] = 0.f;
+    }
+    for (int d = threadIdx.x; d < s.dkp; d += blockDim.x) s.k_sum[d] = 0.f;
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectors = sh.dim_k % VEC == 0 && sh.dim_v % VEC == 0 && s.dkp <= 128;
+    Stage<T, 128> stage_k;
+    Stage<T, 64> stage_v;
+    auto issue = [&](int t0) {
+        const int len = min(CHUNK, last - t0);
+        stage_k.load(k, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_k, 0, s.dkp);
+        stage_v.load(v, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_v, col0, s.dvp);
+    };
+    if (vectors) issue(first);
+    for (int t0 = first; t0 < last; t0 += CHUNK) {
+        const int len = min(CHUNK, last - t0);
+        __syncthreads();
+        if (vectors) {
+            stage_k.template store<true>(s.k, s.ldk, len, sh.dim_k, 0, s.dkp);
+            stage_v.template store<false>(s.v, s.ldv, len, sh.dim_v, col0, s.dvp);
+        } else {
+            load_rows<true>(s.k, s.ldk, k, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_k, 0, s.dkp);
+            load_rows<false>(s.v, s.ldv, v, b, t0, len, sh.len, sh.heads_kv, g, sh.dim_v, col0, s.dvp);
+        }
+        __syncthreads();
+        if (vectors && t0 + CHUNK < last) issue(t0 + CHUNK);
+        block_gemm<true, false>(s.state, s.lds, s.k, s.ldk, s.v, s.ldv, s.dkp, s.dvp, CHUNK, true);
+        add_column_sums(s.k_sum, s.k, s.ldk, len, s.dkp);
+    }
+    __syncthreads();
+    const size_t head = static_cast<size_t>(b) * sh.heads_kv + g;
+    const size_t state_at = (per_span ? head * spans + which : head) * sh.dim_k;
+    for (int idx = threadIdx.x; idx < sh.dim_k * s.dvp; idx += blockDim.x) {
+        const int r = idx / s.dvp, c = idx % s.dvp;
+        if (col0 + c >= sh.dim_v) continue;
+        float* target = &state[(state_at + r) * sh.dim_v + col0 + c];
+        if (per_span) {
+            *target = s.state[r * s.lds + c];
+        } else {
+            atomicAdd(target, s.state[r * s.lds + c]);
+        }
+    }
+    if (vb == 0) {
+        for (int d = threadIdx.x; d < sh.dim_k; d += blockDim.x) {
+            if (per_span) {
+                k_sum[state_at + d] = s.k_sum[d];
+            } else {
+                atomicAdd(&k_sum[state_at + d], s.k_sum[d]);
+            }
+        }
+    }
+}
+
+// Non-causal, second pass: O = phi(Q) S / (phi(Q) z + eps) for `span` rows per block.
+// Grid: (value block, query head, batch x span).
+template <typename T>
+__device__ void full_apply(const T* __restrict__ q, T* __restrict__ out, Shape sh, int span,
+                           float eps, const float* state, const float* k_sum) {
+    extern __shared__ __align__(128) char smem[];
+    ChunkSmem<T> s(sh.dim_k, sh.value_block);
+    s.carve(smem);
+    const int vb = blockIdx.x, h = blockIdx.y;
+    const int g = h / (sh.heads_q / sh.heads_kv);
+    const int spans = (sh.len + span - 1) / span;
+    const int b = blockIdx.z / spans, first = (blockIdx.z % spans) * span;
+    const int last = min(sh.len, first + span);
+    const int col0 = vb * s.dvp;
+    const size_t state_at = (static_cast<size_t>(b) * sh.heads_kv + g) * sh.dim_k;
+    for (int idx = threadIdx.x; idx < s.dkp * s.dvp; idx += blockDim.x) {
+        const int r = idx / s.dvp, c = idx % s.dvp;
+        const float x = (r < sh.dim_k && col0 + c < sh.dim_v) ? state[(state_at + r) * sh.dim_v + col0 + c] : 0.f;
+        s.state[r * s.lds + c] = x;
+    }
+    for (int d = threadIdx.x; d < s.dkp; d += blockDim.x) s.k_sum[d] = d < sh.dim_k ? k_sum[state_at + d] : 0.f;
+    __syncthreads();
+    state_to_operand(s);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int width = min(s.dvp, sh.dim_v - col0);
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectors = sh.dim_k % VEC == 0 && s.dkp <= 128;
+    Stage<T, 128> stage_q;
+    if (vectors) stage_q.load(q, b, first, min(CHUNK, last - first), sh.len, sh.heads_q, h, sh.dim_k, 0, s.dkp);
+    for (int t0 = first; t0 < last; t0 += CHUNK) {
+        const int len = min(CHUNK, last - t0);
+        if (vectors) {
+            stage_q.template store<true>(s.q, s.ldk, len, sh.dim_k, 0, s.dkp);
+        } else {
+            load_rows<true>(s.q, s.ldk, q, b, t0, len, sh.len, sh.heads_q, h, sh.dim_k, 0, s.dkp);
+        }
+        __syncthreads();
+        if (vectors && t0 + CHUNK < last) {
+            stage_q.load(q, b, t0 + CHUNK, min(CHUNK, last - t0 - CHUNK), sh.len, sh.heads_q, h, sh.dim_k, 0, s.dkp);
+        }
+        block_gemm<false, false>(s.out, s.ldo, s.q, s.ldk, s.state_t, s.lds, CHUNK, s.dvp, s.dkp, false);
+        for (int i = warp; i < CHUNK; i += warps) {
+            float sum = 0.f;
+            for (int d = lane; d < s.dkp; d += 32) sum += to_float(s.q[i * s.ldk + d]) * s.k_sum[d];
+            for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) s.den[i] = sum;
+        }
+        __syncthreads();
+        store_outputs(out, s.out, s.ldo, s.den, eps, b, t0, len, sh.len, sh.heads_q, h, sh.dim_v, col0, width);
+        __syncthreads();
+    }
+}
+
+// Query heads one decode block serves at a time, and value columns per lane.
+constexpr int DECODE_HEADS = 4;
+constexpr int DECODE_COLS = 8;
+
+// One decode step for every (batch, kv head): S += phi(k) v^T, z += phi(k) in place, then
+// o = phi(q) S / (phi(q) z + eps) for each query head of the group. q and out are
+// [B, H_q, D], k and v [B, H_kv, D]. Warp w takes the rows d = w mod warps, lanes take
+// the columns, so each row of S is read once, 128 bytes at a time per warp.
+template <typename T>
+__device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            T* __restrict__ out, Shape sh, float eps, float* state, float* k_sum) {
+    extern __shared__ __align__(128) char smem[];
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int group = sh.heads_q / sh.heads_kv;
+    const int g = blockIdx.x, b = blockIdx.y;
+    float* phi_k = reinterpret_cast<float*>(smem);
+    float* phi_q = phi_k + sh.dim_k;                 // DECODE_HEADS x dim_k
+    float* value = phi_q + DECODE_HEADS * sh.dim_k;  // dim_v
+    float* z = value + sh.dim_v;                     // dim_k
+    float* den = z + sh.dim_k;                       // DECODE_HEADS
+    float* partial = den + DECODE_HEADS;             // warps x DECODE_HEADS x dim_v
+    const size_t kv_row = static_cast<size_t>(b) * sh.heads_kv + g;
+    float* s = state + kv_row * sh.dim_k * sh.dim_v;
+    float* zs = k_sum + kv_row * sh.dim_k;
+
+    for (int d = threadIdx.x; d < sh.dim_k; d += blockDim.x) {
+        phi_k[d] = elu_plus_one(to_float(k[kv_row * sh.dim_k + d]));
+        z[d] = zs[d] + phi_k[d];
+        zs[d] = z[d];
+    }
+    for (int c = threadIdx.x; c < sh.dim_v; c += blockDim.x) value[c] = to_float(v[kv_row * sh.dim_v + c]);
+
+    for (int h0 = 0; h0 < group; h0 += DECODE_HEADS) {
+        const int heads = min(DECODE_HEADS, group - h0);
+        const size_t q_row = static_cast<size_t>(b) * sh.heads_q + g * group + h0;
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < heads * sh.dim_k; idx += blockDim.x) {
+            phi_q[idx] = elu_plus_one(to_float(q[q_row * sh.dim_k + idx]));
+        }
+        __syncthreads();
+        float acc[DECODE_HEADS][DECODE_COLS];
+#pragma unroll
+        for (int a = 0; a < DECODE_HEADS; ++a)
+#pragma unroll
+            for (int c = 0; c < DECODE_COLS; ++c) acc[a][c] = 0.f;
+        for (int d = warp; d < sh.dim_k; d += warps) {
+            float* row = s + static_cast<size_t>(d) * sh.dim_v;
+#pragma unroll
+            for (int c = 0; c < DECODE_COLS; ++c) {
+                const int col = lane + 32 * c;
+                if (col < sh.dim_v) {
+                    float x = row[col];
+                    if (h0 == 0) {
+                        x = fmaf(phi_k[d], value[col], x);
+                        row[col] = x;
+                    }
+#pragma unroll
+                    for (int a = 0; a < DECODE_HEADS; ++a) acc[a][c] = fmaf(phi_q[a * sh.dim_k + d], x, acc[a][c]);
+                }
+            }
+        }
+#pragma unroll
+        for (int a = 0; a < DECODE_HEADS; ++a)
+#pragma unroll
+            for (int c = 0; c < DECODE_COLS; ++c) {
+                const int col = lane + 32 * c;
+                if (col < sh.dim_v) partial[(warp * DECODE_HEADS + a) * sh.dim_v + col] = acc[a][c];
+            }
+        if (warp < heads) {
+            float sum = 0.f;
+            for (int d = lane; d < sh.dim_k; d += 32) sum += phi_q[warp * sh.dim_k + d] * z[d];
+            for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) den[warp] = sum + eps;
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < heads * sh.dim_v; idx += blockDim.x) {
+            const int a = idx / sh.dim_v, col = idx % sh.dim_v;
+            float sum = 0.f;
+            for (int w = 0; w < warps; ++w) sum += partial[(w * DECODE_HEADS + a) * sh.dim_v + col];
+            out[(q_row + a) * sh.dim_v + col] = from_float<T>(sum / den[a]);
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core kernels for 16-bit inputs with D_k = D_v = D in {64, 128}: mma.sync
+// m16n8k16 with the operands in registers (fragments loaded by ldmatrix), cp.async loads
+// of the next chunk while this one is computed.
+//
+// A block owns one (query head, sequence segment) and every value column, so phi and the
+// intra-chunk scores are computed once per chunk. It has D / 16 warps; warp w owns value
+// columns [16w, 16w + 16): those columns of the outputs, and rows [16w, 16w + 16) of
+// S^T = sum v phi(k)^T, which it keeps in registers, as mma accumulators, for the whole
+// walk along the sequence. Their accumulator layout is the B-operand layout of
+// phi(Q) S, so the state is never staged through shared memory.
+namespace mma {
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements; lane l gives the address of row l % 8 of
+// matrix l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) + {0, 1} of
+// each; with .trans, rows 2 (l % 4) + {0, 1} of column l / 4.
+__device__ __forceinline__ void load_matrices(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p)));
+}
+__device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p)));
+}
+
+// c += a b for a 16x16 (row-major fragment) and b 16x8 (column-major fragment).
+template <typename T>
+__device__ __forceinline__ void product(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void product<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                                       unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void product<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T and packed as an operand register; lo and hi become the
+// rounded values.
+template <typename T> __device__ __forceinline__ unsigned pack(float& lo, float& hi);
+template <> __device__ __forceinline__ unsigned pack<__nv_bfloat16>(float& lo, float& hi) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    lo = __low2float(pair);
+    hi = __high2float(pair);
+    return *reinterpret_cast<unsigned*>(&pair);
+}
+template <> __device__ __forceinline__ unsigned pack<__half>(float& lo, float& hi) {
+    __half2 pair = __floats2half2_rn(lo, hi);
+    lo = __low2float(pair);
+    hi = __high2float(pair);
+    return *reinterpret_cast<unsigned*>(&pair);
+}
+template <typename T> __device__ __forceinline__ unsigned pack_value(float lo, float hi) { return pack<T>(lo, hi); }
+
+__device__ __forceinline__ void copy_async(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Shared rows of a D-wide tile are D + PAD elements apart: ldmatrix's eight row
+// addresses then fall in different banks.
+template <int D> __host__ __device__ constexpr int row_stride() { return D + PAD; }
+
+// Rows [t0, t0 + len) of head `head` into dst (CHUNK x D), in flight until wait_copies;
+// rows from len on are zero.
+template <int D, int THREADS, typename T>
+__device__ void load_tile(T* dst, const T* x, int b, int t0, int len, int seq, int heads, int head) {
+    constexpr int VEC = 8, PER_ROW = D / VEC;
+#pragma unroll
+    for (int idx = threadIdx.x; idx < CHUNK * PER_ROW; idx += THREADS) {
+        const int r = idx / PER_ROW, c = (idx % PER_ROW) * VEC;
+        const bool valid = r < len;
+        const T* src = valid ? x + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + c : x;
+        copy_async(dst + r * row_stride<D>() + c, src, valid);
+    }
+}
+
+// phi in place on a chunk's rows, rows from len on set to 0 (so padding adds nothing to
+// scores, S or z). With DOT each row's product with z goes to dot[r]; with SUMS the
+// column sums are added into sums. Both use the values rounded to T, as the products
+// see them, so numerator and denominator agree.
+template <int D, int THREADS, bool DOT, bool SUMS, typename T>
+__device__ void map_rows(T* x, int len, const float* z, float* dot, float* sums) {
+    constexpr int VEC = 8, PER_ROW = D / VEC;
+    static_assert(THREADS % PER_ROW == 0 && 32 % PER_ROW == 0, "a row's vectors lie in one warp");
+    static_assert(CHUNK * PER_ROW % THREADS == 0, "every thread takes the same number of rows");
+    const int column = (threadIdx.x % PER_ROW) * VEC;
+    float sum[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sum[e] = 0.f;
+#pragma unroll
+    for (int idx = threadIdx.x; idx < CHUNK * PER_ROW; idx += THREADS) {
+        const int r = idx / PER_ROW;
+        uint4* at = reinterpret_cast<uint4*>(x + r * row_stride<D>() + column);
+        uint4 packed = *at;
+        unsigned* pairs = reinterpret_cast<unsigned*>(&packed);
+        const T* in = reinterpret_cast<const T*>(&packed);
+        float dot_part = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; e += 2) {
+            float lo = r < len ? elu_plus_one(to_float(in[e])) : 0.f;
+            float hi = r < len ? elu_plus_one(to_float(in[e + 1])) : 0.f;
+            pairs[e / 2] = pack<T>(lo, hi);
+            if (DOT) dot_part += lo * z[column + e] + hi * z[column + e + 1];
+            if (SUMS) {
+                sum[e] += lo;
+                sum[e + 1] += hi;
+            }
+        }
+        *at = packed;
+        if (DOT) {
+#pragma unroll
+            for (int offset = PER_ROW / 2; offset > 0; offset /= 2)
+                dot_part += __shfl_xor_sync(0xffffffffu, dot_part, offset);
+            if (column == 0) dot[r] = dot_part;
+        }
+    }
+    if (SUMS) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            float s = sum[e];
+#pragma unroll
+            for (int offset = PER_ROW; offset < 32; offset *= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+            if (threadIdx.x % 32 < PER_ROW) atomicAdd(&sums[column + e], s);
+        }
+    }
+}
+
+// The state's operand scale: f16 would overflow on S (up to z_d max|v|) over long
+// sequences, so S / max(1, max z) is what is rounded, and the product scaled back in f32.
+// bf16 has f32's range and needs none.
+template <typename T, int D> __device__ float state_scale(const float* z) {
+    if constexpr (IsHalf<T>::value) {
+        float largest = 1.f;
+        for (int d = threadIdx.x % 32; d < D; d += 32) largest = fmaxf(largest, z[d]);
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2)
+            largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+        return largest;
+    } else {
+        return 1.f;
+    }
+}
+
+// o[i][n] += phi(Q) S for the warp's value columns: m-tile i (rows 16i..), n-tile n
+// (columns 16w + 8n..), the B operand built from the S^T accumulators st.
+template <typename T, int D>
+__device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], const T* qs, float scale) {
+    const int lane = threadIdx.x % 32;
+    const float inverse = 1.f / scale;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const float* lo = st[2 * kk];
+        const float* hi = st[2 * kk + 1];
+        const unsigned b00 = pack_value<T>(lo[0] * inverse, lo[1] * inverse);
+        const unsigned b01 = pack_value<T>(hi[0] * inverse, hi[1] * inverse);
+        const unsigned b10 = pack_value<T>(lo[2] * inverse, lo[3] * inverse);
+        const unsigned b11 = pack_value<T>(hi[2] * inverse, hi[3] * inverse);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unsigned a[4];
+            load_matrices(a, qs + (16 * i + lane % 16) * row_stride<D>() + 16 * kk + (lane / 16) * 8);
+            product<T>(o[i][0], a, b00, b01);
+            product<T>(o[i][1], a, b10, b11);
+        }
+    }
+    if (scale != 1.f) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[i][n][e] *= scale;
+    }
+}
+
+// Rows [t0, t0 + len) of the warp's value columns of out: o / (den + eps).
+template <typename T, int D>
+__device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, float eps, int b, int t0,
+                           int len, int seq, int heads, int head) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int half_rows = 0; half_rows < 2; ++half_rows) {
+            const int r = 16 * i + lane / 4 + 8 * half_rows;
+            if (r >= len) continue;
+            const float inverse = 1.f / (den[r] + eps);
+            T* row = out + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + 16 * warp + (lane % 4) * 2;
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                *reinterpret_cast<unsigned*>(row + 8 * n) =
+                    pack_value<T>(o[i][n][2 * half_rows] * inverse, o[i][n][2 * half_rows + 1] * inverse);
+            }
+        }
+    }
+}
+
+// S^T += V^T phi(K) over the chunk for the warp's rows of S^T.
+template <typename T, int D>
+__device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int sk = 0; sk < CHUNK / 16; ++sk) {
+        unsigned a[4];
+        load_matrices_transposed(
+            a, vs + (16 * sk + lane % 8 + (lane / 16) * 8) * row_stride<D>() + 16 * warp + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int p = 0; p < D / 16; ++p) {
+            unsigned bb[4];
+            load_matrices_transposed(
+                bb, ks + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * row_stride<D>() + 16 * p + (lane / 16) * 8);
+            product<T>(st[2 * p], a, bb[0], bb[1]);
+            product<T>(st[2 * p + 1], a, bb[2], bb[3]);
+        }
+    }
+}
+
+// The S^T element a warp's accumulator (j, e) holds: (value column, key feature).
+__device__ __forceinline__ int state_column(int e) { return 16 * (threadIdx.x / 32) + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (threadIdx.x % 4) * 2 + e % 2; }
+
+// Causal forward. Grid: (segment, query head, batch); a segment of `span` rows starts
+// from state_in plus the per-segment sums of the segments before it (segment_states
+// [B, H_kv, segments, D, D] from state_pass), as the WMMA kernel does.
+template <typename T, int D>
+__device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                               T* __restrict__ out, Shape sh, float eps, const float* state_in,
+                               const float* k_sum_in, float* state_out, float* k_sum_out, int span,
+                               const float* segment_states, const float* segment_sums) {
+    constexpr int WARPS = D / 16, THREADS = 32 * WARPS, LD = row_stride<D>(), LDS = CHUNK + PAD;
+    constexpr int TILE = CHUNK * LD;
+    extern __shared__ __align__(128) char smem[];
+    T* tiles = reinterpret_cast<T*>(smem);       // 2 stages x (q, k, v)
+    T* scores = tiles + 2 * 3 * TILE;             // CHUNK x LDS, masked, rounded
+    float* den = reinterpret_cast<float*>(scores + CHUNK * LDS);
+    float* z = den + CHUNK;
+    float* z_chunk = z + D;
+
+    const int segment = blockIdx.x, segments = gridDim.x, h = blockIdx.y, b = blockIdx.z;
+    const int group = sh.heads_q / sh.heads_kv, g = h / group;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
+
+    float st[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const size_t at = static_cast<size_t>(state_feature(j, e)) * D + state_column(e);
+            float x = state_in ? state_in[head_kv * D * D + at] : 0.f;
+            for (int before = 0; before < segment; ++before)
+                x += segment_states[(head_kv * segments + before) * D * D + at];
+            st[j][e] = x;
+        }
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+        float x = k_sum_in ? k_sum_in[head_kv * D + d] : 0.f;
+        for (int before = 0; before < segment; ++before) x += segment_sums[(head_kv * segments + before) * D + d];
+        z[d] = x;
+        z_chunk[d] = 0.f;
+    }
+
+    const int first = segment * span, last = min(sh.len, first + span);
+    auto issue = [&](int t0, int stage) {
+        const int len = min(CHUNK, last - t0);
+        T* at = tiles + stage * 3 * TILE;
+        load_tile<D, THREADS>(at, q, b, t0, len, sh.len, sh.heads_q, h);
+        load_tile<D, THREADS>(at + TILE, k, b, t0, len, sh.len, sh.heads_kv, g);
+        load_tile<D, THREADS>(at + 2 * TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
+        commit_copies();
+    };
+    issue(first, 0);
+    int stage = 0;
+    for (int t0 = first; t0 < last; t0 += CHUNK, stage ^= 1) {
+        const int len = min(CHUNK, last - t0);
+        T* qs = tiles + stage * 3 * TILE;
+        T* ks = qs + TILE;
+        T* vs = ks + TILE;
+        wait_copies();
+        // The chunk has landed, and every warp is done with the previous one (whose
+        // stage the next loads overwrite).
+        __syncthreads();
+        if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
+        map_rows<D, THREADS, true, false>(qs, len, z, den, nullptr);
+        map_rows<D, THREADS, false, true>(ks, len, nullptr, nullptr, z_chunk);
+        __syncthreads();
+        for (int d = threadIdx.x; d < D; d += THREADS) {
+            z[d] += z_chunk[d];
+            z_chunk[d] = 0.f;
+        }
+
+        // Scores phi(Q) phi(K)^T, masked to keys j <= i: warp w takes row tile w % 4 and
+        // a 64 / (WARPS / 4) column slice; slices wholly above the diagonal are skipped
+        // (the products below never read them).
+        {
+            constexpr int SLICE = CHUNK / (WARPS / 4), TILES = SLICE / 8;
+            const int row0 = 16 * (warp % 4), col0 = SLICE * (warp / 4);
+            if (col0 <= row0 + 15) {
+                float acc[TILES][4];
+#pragma unroll
+                for (int j = 0; j < TILES; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    unsigned a[4];
+                    load_matrices(a, qs + (row0 + lane % 16) * LD + 16 * kk + (lane / 16) * 8);
+#pragma unroll
+                    for (int p = 0; p < TILES / 2; ++p) {
+                        unsigned bb[4];
+                        load_matrices(bb, ks + (col0 + 16 * p + lane % 8 + (lane / 16) * 8) * LD + 16 * kk +
+                                              ((lane / 8) % 2) * 8);
+                        product<T>(acc[2 * p], a, bb[0], bb[1]);
+                        product<T>(acc[2 * p + 1], a, bb[2], bb[3]);
+                    }
+                }
+                const int upper = row0 + lane / 4, lower = upper + 8;
+                float sum_upper = 0.f, sum_lower = 0.f;
+#pragma unroll
+                for (int j = 0; j < TILES; ++j) {
+                    const int c = col0 + 8 * j + (lane % 4) * 2;
+                    float x0 = c <= upper ? acc[j][0] : 0.f, x1 = c + 1 <= upper ? acc[j][1] : 0.f;
+                    float x2 = c <= lower ? acc[j][2] : 0.f, x3 = c + 1 <= lower ? acc[j][3] : 0.f;
+                    *reinterpret_cast<unsigned*>(scores + upper * LDS + c) = pack<T>(x0, x1);
+                    *reinterpret_cast<unsigned*>(scores + lower * LDS + c) = pack<T>(x2, x3);
+                    sum_upper += x0 + x1;
+                    sum_lower += x2 + x3;
+                }
+#pragma unroll
+                for (int offset = 1; offset < 4; offset *= 2) {
+                    sum_upper += __shfl_xor_sync(0xffffffffu, sum_upper, offset);
+                    sum_lower += __shfl_xor_sync(0xffffffffu, sum_lower, offset);
+                }
+                if (lane % 4 == 0) {
+                    atomicAdd(&den[upper], sum_upper);
+                    atomicAdd(&den[lower], sum_lower);
+                }
+            }
+        }
+        __syncthreads();
+
+        float o[4][2][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[i][n][e] = 0.f;
+        // The state before this chunk (z already includes it: a larger bound, still a bound).
+        state_product<T, D>(o, st, qs, state_scale<T, D>(z));
+        // Plus the masked scores times V: key tiles past the query tile are all masked.
+#pragma unroll
+        for (int sk = 0; sk < CHUNK / 16; ++sk) {
+            unsigned bb[4];
+            load_matrices_transposed(bb, vs + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * LD + 16 * warp +
+                                             (lane / 16) * 8);
+#pragma unroll
+            for (int i = sk; i < 4; ++i) {
+                unsigned a[4];
+                load_matrices(a, scores + (16 * i + lane % 16) * LDS + 16 * sk + (lane / 16) * 8);
+                product<T>(o[i][0], a, bb[0], bb[1]);
+                product<T>(o[i][1], a, bb[2], bb[3]);
+            }
+        }
+        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h);
+        absorb_chunk<T, D>(st, ks, vs);
+    }
+
+    // Every query head of a group holds the same state: the first one writes it.
+    if (segment != segments - 1 || h % group != 0) return;
+    if (state_out) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                state_out[head_kv * D * D + static_cast<size_t>(state_feature(j, e)) * D + state_column(e)] = st[j][e];
+    }
+    if (k_sum_out) {
+        __syncthreads();
+        for (int d = threadIdx.x; d < D; d += THREADS) k_sum_out[head_kv * D + d] = z[d];
+    }
+}
+
+// S and z over spans of the sequence, as full_state but on the tensor cores. Grid:
+// (span, kv head, batch).
+template <typename T, int D>
+__device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Shape sh, int span,
+                           float* state, float* k_sum, bool per_span) {
+    constexpr int WARPS = D / 16, THREADS = 32 * WARPS, TILE = CHUNK * row_stride<D>();
+    extern __shared__ __align__(128) char smem[];
+    T* tiles = reinterpret_cast<T*>(smem);  // 2 stages x (k, v)
+    float* z = reinterpret_cast<float*>(tiles + 2 * 2 * TILE);
+    const int which = blockIdx.x, spans = gridDim.x, g = blockIdx.y, b = blockIdx.z;
+    const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
+    float st[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[j][e] = 0.f;
+    for (int d = threadIdx.x; d < D; d += THREADS) z[d] = 0.f;
+    const int first = which * span, last = min(sh.len, first + span);
+    auto issue = [&](int t0, int stage) {
+        const int len = min(CHUNK, last - t0);
+        T* at = tiles + stage * 2 * TILE;
+        load_tile<D, THREADS>(at, k, b, t0, len, sh.len, sh.heads_kv, g);
+        load_tile<D, THREADS>(at + TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
+        commit_copies();
+    };
+    issue(first, 0);
+    int stage = 0;
+    for (int t0 = first; t0 < last; t0 += CHUNK, stage ^= 1) {
+        T* ks = tiles + stage * 2 * TILE;
+        wait_copies();
+        __syncthreads();
+        if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
+        map_rows<D, THREADS, false, true>(ks, min(CHUNK, last - t0), nullptr, nullptr, z);
+        __syncthreads();
+        absorb_chunk<T, D>(st, ks, ks + TILE);
+    }
+    __syncthreads();
+    const size_t at = (per_span ? head_kv * spans + which : head_kv) * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float* target = &state[(at + state_feature(j, e)) * D + state_column(e)];
+            if (per_span) {
+                *target = st[j][e];
+            } else {
+                atomicAdd(target, st[j][e]);
+            }
+        }
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+        if (per_span) {
+            k_sum[at + d] = z[d];
+        } else {
+            atomicAdd(&k_sum[at + d], z[d]);
+        }
+    }
+}
+
+// Non-causal second pass, O = phi(Q) S / (phi(Q) z + eps) for `span` rows per block.
+// Grid: (span, query head, batch).
+template <typename T, int D>
+__device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape sh, int span, float eps,
+                            const float* state, const float* k_sum) {
+    constexpr int WARPS = D / 16, THREADS = 32 * WARPS, TILE = CHUNK * row_stride<D>();
+    extern __shared__ __align__(128) char smem[];
+    T* tiles = reinterpret_cast<T*>(smem);  // 2 stages x q
+    float* den = reinterpret_cast<float*>(tiles + 2 * TILE);
+    float* z = den + CHUNK;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + h / (sh.heads_q / sh.heads_kv);
+    float st[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            st[j][e] = state[(head_kv * D + state_feature(j, e)) * D + state_column(e)];
+    for (int d = threadIdx.x; d < D; d += THREADS) z[d] = k_sum[head_kv * D + d];
+    const int first = blockIdx.x * span, last = min(sh.len, first + span);
+    auto issue = [&](int t0, int stage) {
+        load_tile<D, THREADS>(tiles + stage * TILE, q, b, t0, min(CHUNK, last - t0), sh.len, sh.heads_q, h);
+        commit_copies();
+    };
+    issue(first, 0);
+    __syncthreads();
+    const float scale = state_scale<T, D>(z);
+    int stage = 0;
+    for (int t0 = first; t0 < last; t0 += CHUNK, stage ^= 1) {
+        const int len = min(CHUNK, last - t0);
+        T* qs = tiles + stage * TILE;
+        wait_copies();
+        __syncthreads();
+        if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
+        map_rows<D, THREADS, true, false>(qs, len, z, den, nullptr);
+        __syncthreads();
+        float o[4][2][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[i][n][e] = 0.f;
+        state_product<T, D>(o, st, qs, scale);
+        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h);
+    }
+}
+
+}  // namespace mma
+}  // namespace linattn
+
+#define LINATTN_INSTANCES(SUFFIX, T)                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 1) linear_causal_##SUFFIX(                \
+        const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,              \
+        const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,      \
+        int span, const float* segment_states, const float* segment_sums) {                    \
+        linattn::causal_forward<T>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,       \
+                                   k_sum_out, span, segment_states, segment_sums);              \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) linear_full_state_##SUFFIX(               \
+        const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,        \
+        int per_span) {                                                                         \
+        linattn::full_state<T>(k, v, sh, span, state, k_sum, per_span != 0);                    \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) linear_full_apply_##SUFFIX(               \
+        const T* q, T* out, linattn::Shape sh, int span, float eps, const float* state,         \
+        const float* k_sum) {                                                                   \
+        linattn::full_apply<T>(q, out, sh, span, eps, state, k_sum);                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) linear_decode_##SUFFIX(                   \
+        const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps, float* state, \
+        float* k_sum) {                                                                         \
+        linattn::decode_step<T>(q, k, v, out, sh, eps, state, k_sum);                           \
+    }
+
+LINATTN_INSTANCES(f32, float)
+LINATTN_INSTANCES(bf16, __nv_bfloat16)
+LINATTN_INSTANCES(f16, __half)
+
+#define LINATTN_MMA_INSTANCES(SUFFIX, T, D)                                                        \
+    extern "C" __global__ void __launch_bounds__(2 * D, 1) linear_causal_mma_##SUFFIX##_d##D(      \
+        const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,                 \
+        const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,         \
+        int span, const float* segment_states, const float* segment_sums) {                       \
+        linattn::mma::causal_forward<T, D>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,  \
+                                           k_sum_out, span, segment_states, segment_sums);         \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(2 * D) linear_state_mma_##SUFFIX##_d##D(          \
+        const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,           \
+        int per_span) {                                                                            \
+        linattn::mma::state_pass<T, D>(k, v, sh, span, state, k_sum, per_span != 0);               \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(2 * D) linear_apply_mma_##SUFFIX##_d##D(          \
+        const T* q, T* out, linattn::Shape sh, int span, float eps, const float* state,            \
+        const float* k_sum) {                                                                      \
+        linattn::mma::apply_state<T, D>(q, out, sh, span, eps, state, k_sum);                      \
+    }
+
+LINATTN_MMA_INSTANCES(bf16, __nv_bfloat16, 64)
+LINATTN_MMA_INSTANCES(bf16, __nv_bfloat16, 128)
+LINATTN_MMA_INSTANCES(f16, __half, 64)
+LINATTN_MMA_INSTANCES(f16, __half, 128)

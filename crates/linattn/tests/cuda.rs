@@ -1,0 +1,150 @@
+//! The CUDA backend against the f64 reference. Built with `--features cuda`; every test
+//! that needs a GPU says so and passes without one (CI has none: there these tests
+//! check that the backend builds and that its absence is a typed error).
+#![cfg(feature = "cuda")]
+
+use half::bf16;
+use linattn::cuda::{Gpu, GpuLinearState, GpuTensor};
+use linattn::{Attention, Error, Method, Tensor, reference};
+
+/// The GPU, or `None` after saying why the test is skipped.
+fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(gpu) => Some(gpu),
+        Err(error) => {
+            eprintln!("skipped: no usable GPU ({error})");
+            None
+        }
+    }
+}
+
+fn relative_error(a: &Tensor<f32>, b: &Tensor<f64>) -> f64 {
+    let (diff, norm) = a
+        .as_slice()
+        .iter()
+        .zip(b.as_slice())
+        .fold((0.0, 0.0), |(d, n), (&x, &y)| {
+            (d + (x as f64 - y).powi(2), n + y * y)
+        });
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn a_missing_gpu_is_a_typed_error() {
+    if let Err(error) = Gpu::open(0) {
+        assert!(matches!(error, Error::Cuda(_)), "{error:?}");
+        assert!(error.to_string().starts_with("CUDA: "), "{error}");
+    }
+}
+
+#[test]
+fn f32_forward_matches_the_reference_full_and_causal() {
+    let Some(gpu) = gpu() else { return };
+    // Lengths that are not a multiple of the chunk, GQA, a head dim off the tile, and a
+    // sequence long enough to be split into segments.
+    for (shape, heads_kv, seed) in [
+        ([2, 77, 4, 32], 2, 1),
+        ([1, 131, 3, 24], 3, 2),
+        ([1, 1500, 2, 64], 1, 3),
+    ] {
+        let [b, t, _, d] = shape;
+        let q = Tensor::<f32>::randn(shape, seed).unwrap();
+        let k = Tensor::<f32>::randn([b, t, heads_kv, d], seed + 10).unwrap();
+        let v = Tensor::<f32>::randn([b, t, heads_kv, d], seed + 20).unwrap();
+        let upload = |x: &Tensor<f32>| GpuTensor::<f32>::upload(&gpu, x).unwrap();
+        for causal in [false, true] {
+            let attention = Attention::new(Method::linear()).causal(causal);
+            let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
+            let out = attention
+                .forward_cuda(&gpu, &upload(&q), &upload(&k), &upload(&v))
+                .unwrap()
+                .download()
+                .unwrap();
+            let error = relative_error(&out, &exact);
+            assert!(error < 1e-4, "{shape:?} causal {causal}: {error:e}");
+        }
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_one_causal_call() {
+    let Some(gpu) = gpu() else { return };
+    let (shape, prompt) = ([2, 90, 4, 64], 70);
+    let x = |seed| Tensor::<f32>::randn(shape, seed).unwrap();
+    let (q, k, v) = (x(4), x(5), x(6));
+    let attention = Attention::new(Method::linear()).causal(true);
+    let whole = attention
+        .forward(&q.cast::<f64>(), &k.cast(), &v.cast())
+        .unwrap();
+    let upload = |t: &Tensor<f32>, range: std::ops::Range<usize>| {
+        GpuTensor::<bf16>::upload(&gpu, &t.slice_seq(range).unwrap()).unwrap()
+    };
+    let mut state = GpuLinearState::zeros(&gpu, 2, 4, 64, 64).unwrap();
+    let bytes = state.bytes();
+    attention
+        .prefill_cuda(
+            &gpu,
+            &upload(&q, 0..prompt),
+            &upload(&k, 0..prompt),
+            &upload(&v, 0..prompt),
+            &mut state,
+        )
+        .unwrap();
+    for i in prompt..shape[1] {
+        let step = attention
+            .decode_step_cuda(
+                &gpu,
+                &upload(&q, i..i + 1),
+                &upload(&k, i..i + 1),
+                &upload(&v, i..i + 1),
+                &mut state,
+            )
+            .unwrap()
+            .download()
+            .unwrap();
+        let exact = whole.slice_seq(i..i + 1).unwrap();
+        let error = relative_error(&step, &exact);
+        // bf16 inputs and outputs: a few units of bf16's 2^-8 precision.
+        assert!(error < 1.5e-2, "step {i}: {error:e}");
+        assert_eq!(state.bytes(), bytes, "the state must not grow");
+    }
+}
+
+#[test]
+fn misuse_is_named() {
+    let Some(gpu) = gpu() else { return };
+    let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 8, 2, 16], 0).unwrap()).unwrap();
+    let softmax = Attention::new(Method::softmax());
+    assert!(matches!(
+        softmax.forward_cuda(&gpu, &x, &x, &x),
+        Err(Error::Unsupported(_))
+    ));
+    let causal = Attention::new(Method::linear()).causal(true);
+    let mut state = GpuLinearState::zeros(&gpu, 1, 2, 16, 16).unwrap();
+    assert!(matches!(
+        causal.decode_step_cuda(&gpu, &x, &x, &x, &mut state),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut wrong = GpuLinearState::zeros(&gpu, 1, 3, 16, 16).unwrap();
+    assert!(matches!(
+        causal.prefill_cuda(&gpu, &x, &x, &x, &mut wrong),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn non_finite_and_out_of_range_uploads_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let mut x = Tensor::<f32>::zeros([1, 4, 1, 2]).unwrap();
+    x.as_mut_slice()[3] = f32::NAN;
+    assert!(matches!(
+        GpuTensor::<f32>::upload(&gpu, &x),
+        Err(Error::NonFinite { .. })
+    ));
+    x.as_mut_slice()[3] = 1e6;
+    assert!(matches!(
+        GpuTensor::<half::f16>::upload(&gpu, &x),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(GpuTensor::<bf16>::upload(&gpu, &x).is_ok());
+}

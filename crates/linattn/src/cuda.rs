@@ -23,10 +23,21 @@ use cudarc::driver::{
     DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-/// The linear-attention kernels (CUDA C++).
-const LINEAR_SOURCE: &str = include_str!("kernels/cuda/linear.cu");
+/// The kernel sources (CUDA C++), each after the helpers they share.
+const LINEAR_SOURCE: &str = concat!(
+    include_str!("kernels/cuda/common.cuh"),
+    include_str!("kernels/cuda/linear.cu")
+);
+const SOFTMAX_SOURCE: &str = concat!(
+    include_str!("kernels/cuda/common.cuh"),
+    include_str!("kernels/cuda/softmax.cu")
+);
+/// Query rows per block and threads per block of the exact-attention kernel (`ROWS`,
+/// `THREADS` in softmax.cu).
+const FLASH_ROWS: usize = 64;
+const FLASH_THREADS: u32 = 128;
 /// Tokens per chunk in the kernels (`CHUNK` in the source).
 const CHUNK: usize = 64;
 /// Threads per block of every kernel (their `__launch_bounds__`).
@@ -54,7 +65,8 @@ fn allocation_error<T>(count: usize, error: impl std::fmt::Display) -> Error {
 pub struct Gpu {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    linear: OnceLock<Arc<CudaModule>>,
+    /// Compiled sources, by file name.
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Kernels loaded so far, their shared-memory limit already raised.
     kernels: Mutex<HashMap<String, CudaFunction>>,
     processors: usize,
@@ -102,7 +114,7 @@ impl Gpu {
         Ok(Self {
             context,
             stream,
-            linear: OnceLock::new(),
+            modules: Mutex::new(HashMap::new()),
             kernels: Mutex::new(HashMap::new()),
             processors,
             shared_limit,
@@ -201,12 +213,24 @@ impl Gpu {
         Ok(format!("sm_{major}{minor}{suffix}"))
     }
 
-    fn linear_function(&self, name: &str) -> Result<CudaFunction> {
-        if self.linear.get().is_none() {
-            let module = self.compile(LINEAR_SOURCE, "linear.cu")?;
-            let _ = self.linear.set(module);
-        }
-        let module = self.linear.get().expect("set above");
+    /// Kernel `name` of the module compiled from `source` (compiled on first use).
+    fn function(&self, source: Source, name: &str) -> Result<CudaFunction> {
+        let (code, file) = match source {
+            Source::Linear => (LINEAR_SOURCE, "linear.cu"),
+            Source::Softmax => (SOFTMAX_SOURCE, "softmax.cu"),
+        };
+        let mut modules = self
+            .modules
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let module = match modules.get(file) {
+            Some(module) => module.clone(),
+            None => {
+                let module = self.compile(code, file)?;
+                modules.insert(file, module.clone());
+                module
+            }
+        };
         module
             .load_function(name)
             .map_err(|e| cuda_error(&format!("loading kernel {name}"), e))
@@ -236,8 +260,14 @@ impl Gpu {
             .map_err(|e| allocation_error::<T>(count, e))
     }
 
-    /// Kernel `name`, checked to fit `shared_bytes` of dynamic shared memory.
+    /// Linear-attention kernel `name`, checked to fit `shared_bytes` of dynamic shared
+    /// memory.
     fn kernel(&self, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
+        self.kernel_of(Source::Linear, name, shared_bytes)
+    }
+
+    /// Kernel `name` of `source`, checked to fit `shared_bytes` of dynamic shared memory.
+    fn kernel_of(&self, source: Source, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
         if shared_bytes as usize > self.shared_limit {
             return Err(Error::Unsupported(format!(
                 "{name} needs {} of shared memory per block for this head dim, the GPU allows {}",
@@ -252,7 +282,7 @@ impl Gpu {
         if let Some(function) = kernels.get(name) {
             return Ok(function.clone());
         }
-        let function = self.linear_function(name)?;
+        let function = self.function(source, name)?;
         function
             .set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -262,6 +292,13 @@ impl Gpu {
         kernels.insert(name.to_string(), function.clone());
         Ok(function)
     }
+}
+
+/// The kernel sources.
+#[derive(Clone, Copy)]
+enum Source {
+    Linear,
+    Softmax,
 }
 
 /// Launches with the arguments pushed, mapping a failure to [`Error::Cuda`].
@@ -685,8 +722,9 @@ fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
 
 impl Attention {
     /// [`Attention::forward`] on the GPU, for tensors already there. Runs `linear`
-    /// attention (full, and causal in the chunked form); other methods are
-    /// [`Error::Unsupported`] on the GPU for now.
+    /// attention (full, and causal in the chunked form) and exact attention (`softmax`,
+    /// `window`: full, causal or windowed, 16-bit tensors with a head dim of 64 or 128);
+    /// other methods are [`Error::Unsupported`] on the GPU for now.
     ///
     /// ```no_run
     /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
@@ -694,6 +732,9 @@ impl Attention {
     /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 100, 2, 16], 0)?)?;
     /// let out = Attention::new(Method::linear()).forward_cuda(&gpu, &x, &x, &x)?;
     /// assert_eq!(out.shape(), [1, 100, 2, 16]);
+    /// let x = GpuTensor::<half::bf16>::upload(&gpu, &Tensor::randn([1, 100, 2, 64], 0)?)?;
+    /// let out = Attention::new(Method::softmax()).causal(true).forward_cuda(&gpu, &x, &x, &x)?;
+    /// assert_eq!(out.shape(), [1, 100, 2, 64]);
     /// # Ok::<(), linattn::Error>(())
     /// ```
     pub fn forward_cuda<T: GpuElement>(
@@ -703,12 +744,34 @@ impl Attention {
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
     ) -> Result<GpuTensor<T>> {
-        let problem = self.gpu_problem(q, k, v)?;
+        let problem = self.problem(q.shape, k.shape, v.shape)?;
+        let exact = |scale, left, right| ExactMask { scale, left, right };
+        let mask = match &self.method {
+            Method::Linear(_) => None,
+            Method::Softmax(m) => Some(exact(m.scale, None, problem.causal.then_some(0))),
+            Method::Window(m) => Some(exact(
+                m.scale,
+                m.left,
+                if problem.causal { Some(0) } else { m.right },
+            )),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "{} does not run on the GPU yet (linear, softmax and window do)",
+                    other.name()
+                )));
+            }
+        };
         let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
-        if problem.causal {
-            linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?;
-        } else {
-            linear_full(gpu, &problem, q, k, v, &mut out)?;
+        match mask {
+            Some(mask) => softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?,
+            None => {
+                let problem = self.gpu_problem(q, k, v)?;
+                if problem.causal {
+                    linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?;
+                } else {
+                    linear_full(gpu, &problem, q, k, v, &mut out)?;
+                }
+            }
         }
         Ok(out)
     }
@@ -831,8 +894,8 @@ impl Attention {
         Ok(out)
     }
 
-    /// The problem of a GPU call: shapes checked as on the CPU, then what the GPU
-    /// kernels take (linear attention, lengths of k and v equal to q's).
+    /// The problem of a linear call on the GPU: shapes checked as on the CPU, then what
+    /// the linear kernels take (lengths of k and v equal to q's).
     fn gpu_problem<T: GpuElement>(
         &self,
         q: &GpuTensor<T>,
@@ -842,7 +905,7 @@ impl Attention {
         let problem = self.problem(q.shape, k.shape, v.shape)?;
         if !matches!(self.method, Method::Linear(_)) {
             return Err(Error::Unsupported(format!(
-                "{} does not run on the GPU yet (linear does)",
+                "{} has no recurrent form on the GPU (linear does)",
                 self.method.name()
             )));
         }
@@ -1014,6 +1077,91 @@ fn linear_full<T: GpuElement>(
         .arg(&state.kv)
         .arg(&state.k_sum);
     // SAFETY: the apply kernel's arguments and the state the first pass filled.
+    unsafe { launch(args, config, &name) }
+}
+
+/// Which keys exact attention sees, and its scale, as the CPU method says.
+#[derive(Clone, Copy)]
+struct ExactMask {
+    scale: Option<f64>,
+    left: Option<usize>,
+    right: Option<usize>,
+}
+
+/// The exact kernel's view of a problem (`linattn::flash::Problem` in the source).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlashProblem {
+    batch: i32,
+    len_q: i32,
+    len_k: i32,
+    heads_q: i32,
+    heads_kv: i32,
+    left: i32,
+    right: i32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct.
+unsafe impl DeviceRepr for FlashProblem {}
+
+/// Exact softmax attention on the tensor cores (`softmax_forward`): one block per 64
+/// query rows, head and batch.
+fn softmax_forward<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    mask: ExactMask,
+    [q, k, v]: [&GpuTensor<T>; 3],
+    out: &mut GpuTensor<T>,
+) -> Result<()> {
+    let dim = problem.dim_qk;
+    if size_of::<T>() != 2 || dim != problem.dim_v || !matches!(dim, 64 | 128) {
+        return Err(Error::Unsupported(format!(
+            "exact attention on the GPU takes bf16 or f16 tensors with q, k and v head dims \
+             of 64 or 128, not {} with {dim} and {}",
+            T::NAME,
+            problem.dim_v
+        )));
+    }
+    let scale = crate::softmax::resolve_scale(mask.scale, dim)?;
+    let int = |x: usize, what: &str| {
+        i32::try_from(x)
+            .map_err(|_| Error::Unsupported(format!("{what} {x} is too large for the GPU kernels")))
+    };
+    // Windows as wide as the sequences are no windows: -1, which the kernel reads as
+    // unbounded (and which keeps its index arithmetic within i32).
+    let longest = problem.len_q.max(problem.len_k);
+    let bound = |side: Option<usize>| side.filter(|&x| x < longest).map_or(-1, |x| x as i32);
+    let arguments = FlashProblem {
+        batch: int(problem.batch, "batch")?,
+        len_q: int(problem.len_q, "query length")?,
+        len_k: int(problem.len_k, "key length")?,
+        heads_q: int(problem.heads_q, "query heads")?,
+        heads_kv: int(problem.heads_kv, "kv heads")?,
+        left: bound(mask.left),
+        right: bound(mask.right),
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+    };
+    // The query tile and two stages of key and value tiles, rows padded by 8 elements.
+    let shared = 5 * FLASH_ROWS * (dim + 8) * size_of::<T>();
+    let config = LaunchConfig {
+        grid_dim: grid(
+            problem.len_q.div_ceil(FLASH_ROWS),
+            problem.heads_q,
+            problem.batch,
+        )?,
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let name = format!("softmax_forward_{}_d{dim}", T::NAME);
+    let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&q.data)
+        .arg(&k.data)
+        .arg(&v.data)
+        .arg(&mut out.data)
+        .arg(&arguments);
+    // SAFETY: softmax_forward's arguments; the shapes were checked by `problem`.
     unsafe { launch(args, config, &name) }
 }
 

@@ -5,7 +5,7 @@
 
 use half::bf16;
 use linattn::cuda::{Gpu, GpuLinearState, GpuTensor};
-use linattn::{Attention, Error, Method, Tensor, reference};
+use linattn::{Attention, Error, Method, Tensor, Window, reference};
 
 /// The GPU, or `None` after saying why the test is skipped.
 fn gpu() -> Option<Gpu> {
@@ -63,6 +63,46 @@ fn f32_forward_matches_the_reference_full_and_causal() {
             let error = relative_error(&out, &exact);
             assert!(error < 1e-4, "{shape:?} causal {causal}: {error:e}");
         }
+    }
+}
+
+#[test]
+fn exact_attention_matches_the_reference_full_causal_and_windowed() {
+    let Some(gpu) = gpu() else { return };
+    // Lengths off the 64-row tile, unequal query and key lengths without a mask, GQA.
+    for (shape, len_k, heads_kv, method, causal) in [
+        ([2, 90, 4, 64], 150, 2, Method::softmax(), false),
+        ([1, 200, 2, 128], 200, 1, Method::softmax(), true),
+        (
+            [1, 300, 4, 64],
+            300,
+            4,
+            Method::Window(Window::new(Some(37), Some(5))),
+            false,
+        ),
+        (
+            [1, 260, 2, 128],
+            260,
+            2,
+            Method::Window(Window::new(Some(70), None)),
+            true,
+        ),
+    ] {
+        let [b, _, _, d] = shape;
+        let q = Tensor::<f32>::randn(shape, 7).unwrap();
+        let k = Tensor::<f32>::randn([b, len_k, heads_kv, d], 8).unwrap();
+        let v = Tensor::<f32>::randn([b, len_k, heads_kv, d], 9).unwrap();
+        let attention = Attention::new(method).causal(causal);
+        let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
+        let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(&gpu, x).unwrap();
+        let out = attention
+            .forward_cuda(&gpu, &upload(&q), &upload(&k), &upload(&v))
+            .unwrap()
+            .download()
+            .unwrap();
+        let error = relative_error(&out, &exact);
+        // bf16 inputs, probabilities and outputs: a few units of bf16's 2^-8 precision.
+        assert!(error < 1.5e-2, "{shape:?} {attention:?}: {error:e}");
     }
 }
 

@@ -8,38 +8,17 @@
 // reference. States (S = sum phi(k) v^T, z = sum phi(k)) are f32, [B, H_kv, D_k, D_v]
 // and [B, H_kv, D_k].
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
 using namespace nvcuda;
 
 namespace linattn {
 
-// Tokens per chunk of the causal form: the intra-chunk products are CHUNK x CHUNK.
-constexpr int CHUNK = 64;
-// Padding of 16-bit shared-memory rows (elements): rows 16 bytes apart in bank order
-// instead of all starting in the same bank.
-constexpr int PAD = 8;
-
 struct Shape {
     int batch, len, heads_q, heads_kv, dim_k, dim_v;
     // Value columns per block of the chunk kernels: a multiple of 16, at most 64.
     int value_block;
 };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
 
 // The fast exponential (ex2.approx) is within a few ulp here: x <= 0 never overflows.
 __device__ __forceinline__ float elu_plus_one(float x) { return x > 0.f ? x + 1.f : __expf(x); }
@@ -48,11 +27,6 @@ __host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
 
 template <bool C, typename A, typename B> struct Pick { using type = A; };
 template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
-
-template <typename T> struct IsFloat { static constexpr bool value = false; };
-template <> struct IsFloat<float> { static constexpr bool value = true; };
-template <typename T> struct IsHalf { static constexpr bool value = false; };
-template <> struct IsHalf<__half> { static constexpr bool value = true; };
 
 // c (f32, row-major, ldc) = [c +] op(a) op(b) over shared memory, op(a) m x k, op(b) k x n.
 // a is row-major m x k (lda), or with A_T the transpose of a row-major k x m array; b is
@@ -611,87 +585,6 @@ __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, co
 // walk along the sequence. Their accumulator layout is the B-operand layout of
 // phi(Q) S, so the state is never staged through shared memory.
 namespace mma {
-
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// Four 8x8 matrices of 16-bit elements; lane l gives the address of row l % 8 of
-// matrix l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) + {0, 1} of
-// each; with .trans, rows 2 (l % 4) + {0, 1} of column l / 4.
-__device__ __forceinline__ void load_matrices(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p)));
-}
-__device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p)));
-}
-
-// c += a b for a 16x16 (row-major fragment) and b 16x8 (column-major fragment).
-template <typename T>
-__device__ __forceinline__ void product(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void product<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                                       unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void product<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats rounded to T and packed as an operand register; lo and hi become the
-// rounded values.
-template <typename T> __device__ __forceinline__ unsigned pack(float& lo, float& hi);
-template <> __device__ __forceinline__ unsigned pack<__nv_bfloat16>(float& lo, float& hi) {
-    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    lo = __low2float(pair);
-    hi = __high2float(pair);
-    return *reinterpret_cast<unsigned*>(&pair);
-}
-template <> __device__ __forceinline__ unsigned pack<__half>(float& lo, float& hi) {
-    __half2 pair = __floats2half2_rn(lo, hi);
-    lo = __low2float(pair);
-    hi = __high2float(pair);
-    return *reinterpret_cast<unsigned*>(&pair);
-}
-template <typename T> __device__ __forceinline__ unsigned pack_value(float lo, float hi) { return pack<T>(lo, hi); }
-
-__device__ __forceinline__ void copy_async(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Shared rows of a D-wide tile are D + PAD elements apart: ldmatrix's eight row
-// addresses then fall in different banks.
-template <int D> __host__ __device__ constexpr int row_stride() { return D + PAD; }
-
-// Rows [t0, t0 + len) of head `head` into dst (CHUNK x D), in flight until wait_copies;
-// rows from len on are zero.
-template <int D, int THREADS, typename T>
-__device__ void load_tile(T* dst, const T* x, int b, int t0, int len, int seq, int heads, int head) {
-    constexpr int VEC = 8, PER_ROW = D / VEC;
-#pragma unroll
-    for (int idx = threadIdx.x; idx < CHUNK * PER_ROW; idx += THREADS) {
-        const int r = idx / PER_ROW, c = (idx % PER_ROW) * VEC;
-        const bool valid = r < len;
-        const T* src = valid ? x + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + c : x;
-        copy_async(dst + r * row_stride<D>() + c, src, valid);
-    }
-}
 
 // phi in place on a chunk's rows, rows from len on set to 0 (so padding adds nothing to
 // scores, S or z). With DOT each row's product with z goes to dot[r]; with SUMS the

@@ -5,7 +5,10 @@
 #
 # The GPU machine has no Rust toolchain and no network. Prepare DIR here:
 #   cargo build --release --example cuda_check -p linattn --features cuda
-#   mkdir -p DIR && cp target/release/examples/cuda_check ../shared/anchors/gpu_anchors.py DIR
+#   cargo build --release -p linattn-cli       # for bench/gpu_cli_check.sh DIR
+#   cargo test --release --no-run -p linattn --features cuda --test cuda   # tests/cuda.rs
+#   mkdir -p DIR && cp target/release/examples/cuda_check target/release/linattn \
+#       ../shared/anchors/gpu_anchors.py DIR   # and the test binary as DIR/cuda_tests
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d DIR/whl \
 #       flash-linear-attention==0.6.0 fla-core==0.6.0 einops
 # then run `bench/gpu_run.sh DIR [--quick]` there (DIR defaults to .gpu, git-ignored).

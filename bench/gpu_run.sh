@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, on the GPU machine: linattn's correctness checks and
-# benchmarks (examples/cuda_check.rs), then the peers (PyTorch SDPA, flash-linear-attention)
-# through ../shared/anchors/gpu_anchors.py, in the same session on the same device.
+# benchmarks (examples/cuda_check.rs), tests/cuda.rs, the command line's --device cuda
+# paths (gpu_cli_check.sh), with LINATTN_NCU=1 an ncu profile of the causal kernels, then
+# the peers (PyTorch SDPA, flash-linear-attention) through ../shared/anchors/gpu_anchors.py,
+# in the same command on the same device. Plan about 8 minutes with one peer shape.
 #
 # The GPU machine has no Rust toolchain and no network. Prepare DIR here:
 #   cargo build --release --example cuda_check -p linattn --features cuda
@@ -14,19 +16,33 @@
 # then run `bench/gpu_run.sh DIR [--quick]` there (DIR defaults to .gpu, git-ignored).
 # LINATTN_ANCHOR_SHAPES="(4, 8192, 16, 128)" limits the peers to those [B, T, H, D] shapes
 # (all of them, 128k exact attention included, take about seven minutes).
-set -euo pipefail
+set -uo pipefail
 dir=${1:-.gpu}
 shift || true
 log=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
-"$dir/cuda_check" "$@" 2>&1 | tee "$log/linattn.txt"
+# Each step is bounded so that one that hangs leaves the others their time.
+timeout 240 "$dir/cuda_check" "$@" 2>&1 | tee "$log/linattn.txt"
+if [ -x "$dir/cuda_tests" ]; then
+    timeout 60 "$dir/cuda_tests" --test-threads=1 2>&1 | tee "$log/tests.txt" | tail -12
+fi
+if [ -x "$dir/linattn" ]; then
+    timeout 120 "$(dirname "$0")/gpu_cli_check.sh" "$dir" 2>&1 | tee "$log/cli.txt" | tail -30
+fi
+if [ -n "${LINATTN_NCU:-}" ] && command -v ncu > /dev/null; then
+    # The main causal shape's kernels, as bench/notes/gpu_linear.md asks for.
+    timeout 120 ncu --kernel-name regex:'linear_(causal|state)_mma' --launch-count 2 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy "$dir/cuda_check" --profile > "$log/ncu.txt" 2>&1
+    grep -E 'linear_|Throughput|Issue Slots|Stall|Occupancy|Registers' "$log/ncu.txt" | head -60
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/whl/*.whl
 anchors=/tmp/gpu_anchors.py
 cp "$dir/gpu_anchors.py" "$anchors"
 if [ -n "${LINATTN_ANCHOR_SHAPES:-}" ]; then
     sed -i "s/^shapes = .*/shapes = [${LINATTN_ANCHOR_SHAPES}]/" "$anchors"
 fi
-PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 "$anchors" 2>&1 | tee "$log/peers.txt"
+PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 "$anchors" 2>&1 | tee "$log/peers.txt"
 echo "--- linattn"
 grep -E "^(device|ceiling|bench|checks)" "$log/linattn.txt"
 echo "--- peers"

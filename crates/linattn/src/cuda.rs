@@ -1105,6 +1105,45 @@ struct FlashProblem {
 // SAFETY: plain old data with the layout of the kernel's struct.
 unsafe impl DeviceRepr for FlashProblem {}
 
+impl FlashProblem {
+    /// The kernel's arguments for `problem` with `mask`, in elements of `element` bytes
+    /// (named `name`), or why the kernel does not take it.
+    fn of(problem: &Problem, mask: ExactMask, element: usize, name: &str) -> Result<Self> {
+        let dim = problem.dim_qk;
+        if element != 2 || dim != problem.dim_v || !matches!(dim, 64 | 128) {
+            return Err(Error::Unsupported(format!(
+                "exact attention on the GPU takes bf16 or f16 tensors with q, k and v head \
+                 dims of 64 or 128, not {name} with {dim} and {}",
+                problem.dim_v
+            )));
+        }
+        let scale = crate::softmax::resolve_scale(mask.scale, dim)?;
+        let int = |x: usize, what: &str| {
+            i32::try_from(x).map_err(|_| {
+                Error::Unsupported(format!("{what} {x} is too large for the GPU kernels"))
+            })
+        };
+        let (len_q, len_k) = (
+            int(problem.len_q, "query length")?,
+            int(problem.len_k, "key length")?,
+        );
+        // Windows as wide as the sequences are no windows: -1, which the kernel reads as
+        // unbounded (and which keeps its index arithmetic within i32).
+        let longest = len_q.max(len_k) as usize;
+        let bound = |side: Option<usize>| side.filter(|&x| x < longest).map_or(-1, |x| x as i32);
+        Ok(Self {
+            batch: int(problem.batch, "batch")?,
+            len_q,
+            len_k,
+            heads_q: int(problem.heads_q, "query heads")?,
+            heads_kv: int(problem.heads_kv, "kv heads")?,
+            left: bound(mask.left),
+            right: bound(mask.right),
+            scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        })
+    }
+}
+
 /// Exact softmax attention on the tensor cores (`softmax_forward`): one block per 64
 /// query rows, head and batch.
 fn softmax_forward<T: GpuElement>(
@@ -1114,34 +1153,8 @@ fn softmax_forward<T: GpuElement>(
     [q, k, v]: [&GpuTensor<T>; 3],
     out: &mut GpuTensor<T>,
 ) -> Result<()> {
+    let arguments = FlashProblem::of(problem, mask, size_of::<T>(), T::NAME)?;
     let dim = problem.dim_qk;
-    if size_of::<T>() != 2 || dim != problem.dim_v || !matches!(dim, 64 | 128) {
-        return Err(Error::Unsupported(format!(
-            "exact attention on the GPU takes bf16 or f16 tensors with q, k and v head dims \
-             of 64 or 128, not {} with {dim} and {}",
-            T::NAME,
-            problem.dim_v
-        )));
-    }
-    let scale = crate::softmax::resolve_scale(mask.scale, dim)?;
-    let int = |x: usize, what: &str| {
-        i32::try_from(x)
-            .map_err(|_| Error::Unsupported(format!("{what} {x} is too large for the GPU kernels")))
-    };
-    // Windows as wide as the sequences are no windows: -1, which the kernel reads as
-    // unbounded (and which keeps its index arithmetic within i32).
-    let longest = problem.len_q.max(problem.len_k);
-    let bound = |side: Option<usize>| side.filter(|&x| x < longest).map_or(-1, |x| x as i32);
-    let arguments = FlashProblem {
-        batch: int(problem.batch, "batch")?,
-        len_q: int(problem.len_q, "query length")?,
-        len_k: int(problem.len_k, "key length")?,
-        heads_q: int(problem.heads_q, "query heads")?,
-        heads_kv: int(problem.heads_kv, "kv heads")?,
-        left: bound(mask.left),
-        right: bound(mask.right),
-        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-    };
     // The query tile and two stages of key and value tiles, rows padded by 8 elements.
     let shared = 5 * FLASH_ROWS * (dim + 8) * size_of::<T>();
     let config = LaunchConfig {
@@ -1206,6 +1219,49 @@ mod tests {
         }
         // Head dim 256 in f32 does not fit: the launch refuses it with a typed error.
         assert!(chunk_shared_bytes(256, 64, 4) > HOPPER_OPT_IN);
+    }
+
+    #[test]
+    fn exact_kernel_arguments_follow_the_cpu_method() {
+        // Causal attention takes as many queries as keys; full attention any.
+        let problem = |causal, dim_v| {
+            let len_q = if causal { 300 } else { 100 };
+            Attention::new(Method::softmax())
+                .causal(causal)
+                .problem([2, len_q, 4, 64], [2, 300, 2, 64], [2, 300, 2, dim_v])
+                .unwrap()
+        };
+        let mask = |left, right| ExactMask {
+            scale: None,
+            left,
+            right,
+        };
+        let args =
+            FlashProblem::of(&problem(false, 64), mask(Some(7), Some(300)), 2, "bf16").unwrap();
+        assert_eq!(
+            (args.len_q, args.len_k, args.heads_q, args.heads_kv),
+            (100, 300, 4, 2)
+        );
+        // 7 keys back; 300 forward reach past every key, so they are no bound.
+        assert_eq!((args.left, args.right), (7, -1));
+        assert!((args.scale_log2 - std::f32::consts::LOG2_E / 8.0).abs() < 1e-6);
+        let scaled = ExactMask {
+            scale: Some(0.5),
+            ..mask(None, Some(0))
+        };
+        let args = FlashProblem::of(&problem(true, 64), scaled, 2, "f16").unwrap();
+        assert_eq!((args.left, args.right), (-1, 0));
+        assert!((args.scale_log2 - 0.5 * std::f32::consts::LOG2_E).abs() < 1e-6);
+        // f32, and value dims unlike the keys', are refused with the reason.
+        for (element, dim_v) in [(4, 64), (2, 32)] {
+            let error = FlashProblem::of(&problem(false, dim_v), mask(None, None), element, "x")
+                .err()
+                .unwrap();
+            assert!(
+                matches!(&error, Error::Unsupported(m) if m.contains("64 or 128")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

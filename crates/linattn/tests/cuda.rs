@@ -4,7 +4,7 @@
 #![cfg(feature = "cuda")]
 
 use half::bf16;
-use linattn::cuda::{Gpu, GpuLinearState, GpuTensor};
+use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
 use linattn::{Attention, Error, Method, Tensor, Window, reference};
 
 /// The GPU, or `None` after saying why the test is skipped.
@@ -29,6 +29,23 @@ fn relative_error(a: &Tensor<f32>, b: &Tensor<f64>) -> f64 {
     (diff / norm).sqrt()
 }
 
+/// The relative error of `attention` on the GPU, inputs in `T`, against the f64
+/// reference.
+fn error_on_gpu<T: GpuElement>(
+    gpu: &Gpu,
+    attention: &Attention,
+    [q, k, v]: [&Tensor<f32>; 3],
+) -> f64 {
+    let exact = reference::forward(attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
+    let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x).unwrap();
+    let out = attention
+        .forward_cuda(gpu, &upload(q), &upload(k), &upload(v))
+        .unwrap()
+        .download()
+        .unwrap();
+    relative_error(&out, &exact)
+}
+
 #[test]
 fn a_missing_gpu_is_a_typed_error() {
     if let Err(error) = Gpu::open(0) {
@@ -51,16 +68,9 @@ fn f32_forward_matches_the_reference_full_and_causal() {
         let q = Tensor::<f32>::randn(shape, seed).unwrap();
         let k = Tensor::<f32>::randn([b, t, heads_kv, d], seed + 10).unwrap();
         let v = Tensor::<f32>::randn([b, t, heads_kv, d], seed + 20).unwrap();
-        let upload = |x: &Tensor<f32>| GpuTensor::<f32>::upload(&gpu, x).unwrap();
         for causal in [false, true] {
             let attention = Attention::new(Method::linear()).causal(causal);
-            let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
-            let out = attention
-                .forward_cuda(&gpu, &upload(&q), &upload(&k), &upload(&v))
-                .unwrap()
-                .download()
-                .unwrap();
-            let error = relative_error(&out, &exact);
+            let error = error_on_gpu::<f32>(&gpu, &attention, [&q, &k, &v]);
             assert!(error < 1e-4, "{shape:?} causal {causal}: {error:e}");
         }
     }
@@ -93,14 +103,7 @@ fn exact_attention_matches_the_reference_full_causal_and_windowed() {
         let k = Tensor::<f32>::randn([b, len_k, heads_kv, d], 8).unwrap();
         let v = Tensor::<f32>::randn([b, len_k, heads_kv, d], 9).unwrap();
         let attention = Attention::new(method).causal(causal);
-        let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
-        let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(&gpu, x).unwrap();
-        let out = attention
-            .forward_cuda(&gpu, &upload(&q), &upload(&k), &upload(&v))
-            .unwrap()
-            .download()
-            .unwrap();
-        let error = relative_error(&out, &exact);
+        let error = error_on_gpu::<bf16>(&gpu, &attention, [&q, &k, &v]);
         // bf16 inputs, probabilities and outputs: a few units of bf16's 2^-8 precision.
         assert!(error < 1.5e-2, "{shape:?} {attention:?}: {error:e}");
     }

@@ -653,6 +653,16 @@ template <typename T, int D> __device__ float state_scale(const float* z) {
     }
 }
 
+// Every accumulator of a warp's 64 x 16 output block to 0.
+__device__ __forceinline__ void clear(float (&o)[4][2][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[i][n][e] = 0.f;
+}
+
 // o[i][n] += phi(Q) S for the warp's value columns: m-tile i (rows 16i..), n-tile n
 // (columns 16w + 8n..), the B operand built from the S^T accumulators st.
 template <typename T, int D>
@@ -851,12 +861,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         __syncthreads();
 
         float o[4][2][4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int n = 0; n < 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[i][n][e] = 0.f;
+        clear(o);
         // The state before this chunk (z already includes it: a larger bound, still a bound).
         state_product<T, D>(o, st, qs, state_scale<T, D>(z));
         // Plus the masked scores times V: key tiles past the query tile are all masked.
@@ -987,12 +992,7 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
         map_rows<D, THREADS, true, false>(qs, len, z, den, nullptr);
         __syncthreads();
         float o[4][2][4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int n = 0; n < 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[i][n][e] = 0.f;
+        clear(o);
         state_product<T, D>(o, st, qs, scale);
         store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h);
     }

@@ -13,7 +13,7 @@ for name, shape in [("q", (2, 300, 4, 128)), ("k", (2, 300, 2, 128)), ("v", (2, 
     np.save(f"{name}.npy", rng.standard_normal(shape).astype(np.float32))
 PY
 for method in "linear --causal" "linear" "softmax --causal" "window --window 40,0"; do
-    tag=$(echo "$method" | tr -d ' -,')
+    tag=$(echo "$method" | tr -d ' ,-')
     "$bin" run --method $method --q q.npy --k k.npy --v v.npy --out "cpu_$tag.npy"
     "$bin" run --method $method --q q.npy --k k.npy --v v.npy --out "gpu_$tag.npy" \
         --device cuda --gpu-dtype bf16

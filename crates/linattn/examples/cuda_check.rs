@@ -408,7 +408,7 @@ fn exact_checks(gpu: &Gpu) -> Result<usize> {
     let mut failures = 0;
     // Query and key lengths off the tile (and unequal, without a causal mask), GQA and
     // MQA, windows narrower than a tile and wider than several.
-    let cases: [ExactCase; 8] = [
+    let cases: [ExactCase; 10] = [
         ([2, 77, 4, 64], 77, 2, false, (None, None)),
         ([2, 77, 4, 64], 77, 2, true, (None, None)),
         ([1, 200, 2, 128], 333, 1, false, (None, None)),
@@ -417,6 +417,9 @@ fn exact_checks(gpu: &Gpu) -> Result<usize> {
         ([1, 500, 4, 128], 500, 2, false, (Some(40), Some(7))),
         ([1, 700, 2, 64], 700, 1, true, (Some(150), None)),
         ([2, 130, 2, 128], 130, 2, false, (Some(0), Some(0))),
+        // Head dims the tensor cores do not take: the general kernel.
+        ([2, 90, 4, 48], 90, 2, true, (None, None)),
+        ([1, 260, 2, 96], 260, 1, false, (Some(30), None)),
     ];
     let judged: Vec<Prepared> = cases
         .par_iter()
@@ -436,6 +439,7 @@ fn exact_checks(gpu: &Gpu) -> Result<usize> {
         } = judged?;
         let inputs = [&q, &k, &v];
         let passed = [
+            check_exact::<f32>(gpu, causal, sides, inputs, (&exact, tolerances[0]))?,
             check_exact::<bf16>(gpu, causal, sides, inputs, (&exact, tolerances[1]))?,
             check_exact::<f16>(gpu, causal, sides, inputs, (&exact, tolerances[2]))?,
         ];

@@ -38,6 +38,13 @@ const SOFTMAX_SOURCE: &str = concat!(
 /// `THREADS` in softmax.cu).
 const FLASH_ROWS: usize = 64;
 const FLASH_THREADS: u32 = 128;
+/// The same for the general exact kernel (`general::ROWS`, `general::THREADS`, and
+/// `general::KEYS` per tile), and the largest head dim it holds in registers (4 x
+/// `COLUMNS`).
+const GENERAL_EXACT_ROWS: usize = 32;
+const GENERAL_EXACT_THREADS: u32 = 128;
+const GENERAL_EXACT_KEYS: usize = 32;
+const GENERAL_EXACT_MAX_DIM: usize = 256;
 /// Tokens per chunk in the kernels (`CHUNK` in the source).
 const CHUNK: usize = 64;
 /// Threads per block of every kernel (their `__launch_bounds__`).
@@ -723,8 +730,8 @@ fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
 impl Attention {
     /// [`Attention::forward`] on the GPU, for tensors already there. Runs `linear`
     /// attention (full, and causal in the chunked form) and exact attention (`softmax`,
-    /// `window`: full, causal or windowed, 16-bit tensors with a head dim of 64 or 128);
-    /// other methods are [`Error::Unsupported`] on the GPU for now.
+    /// `window`: full, causal or windowed, head dims up to 256); other methods are
+    /// [`Error::Unsupported`] on the GPU for now.
     ///
     /// ```no_run
     /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
@@ -1106,14 +1113,13 @@ struct FlashProblem {
 unsafe impl DeviceRepr for FlashProblem {}
 
 impl FlashProblem {
-    /// The kernel's arguments for `problem` with `mask`, in elements of `element` bytes
-    /// (named `name`), or why the kernel does not take it.
-    fn of(problem: &Problem, mask: ExactMask, element: usize, name: &str) -> Result<Self> {
+    /// The kernels' arguments for `problem` with `mask`, or why they do not take it.
+    fn of(problem: &Problem, mask: ExactMask) -> Result<Self> {
         let dim = problem.dim_qk;
-        if element != 2 || dim != problem.dim_v || !matches!(dim, 64 | 128) {
+        if dim.max(problem.dim_v) > GENERAL_EXACT_MAX_DIM {
             return Err(Error::Unsupported(format!(
-                "exact attention on the GPU takes bf16 or f16 tensors with q, k and v head \
-                 dims of 64 or 128, not {name} with {dim} and {}",
+                "exact attention on the GPU takes head dims up to {GENERAL_EXACT_MAX_DIM}, \
+                 not {dim} and {}",
                 problem.dim_v
             )));
         }
@@ -1144,8 +1150,9 @@ impl FlashProblem {
     }
 }
 
-/// Exact softmax attention on the tensor cores (`softmax_forward`): one block per 64
-/// query rows, head and batch.
+/// Exact softmax attention: on the tensor cores for 16-bit tensors with head dims of 64
+/// or 128 (a block per 64 query rows, head and batch), on the CUDA cores otherwise (a
+/// block per 32 rows; f32 stays f32 throughout).
 fn softmax_forward<T: GpuElement>(
     gpu: &Gpu,
     problem: &Problem,
@@ -1153,28 +1160,47 @@ fn softmax_forward<T: GpuElement>(
     [q, k, v]: [&GpuTensor<T>; 3],
     out: &mut GpuTensor<T>,
 ) -> Result<()> {
-    let arguments = FlashProblem::of(problem, mask, size_of::<T>(), T::NAME)?;
-    let dim = problem.dim_qk;
-    // The query tile and two stages of key and value tiles, rows padded by 8 elements.
-    let shared = 5 * FLASH_ROWS * (dim + 8) * size_of::<T>();
+    let arguments = FlashProblem::of(problem, mask)?;
+    let (dim_k, dim_v) = (problem.dim_qk, problem.dim_v);
+    let blocks = |rows| problem.len_q.div_ceil(rows);
+    if size_of::<T>() == 2 && dim_k == dim_v && matches!(dim_k, 64 | 128) {
+        // The query tile and two stages of key and value tiles, rows padded by 8 elements.
+        let shared = 5 * FLASH_ROWS * (dim_k + 8) * size_of::<T>();
+        let config = LaunchConfig {
+            grid_dim: grid(blocks(FLASH_ROWS), problem.heads_q, problem.batch)?,
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let name = format!("softmax_forward_{}_d{dim_k}", T::NAME);
+        let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&q.data)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&mut out.data)
+            .arg(&arguments);
+        // SAFETY: the tensor-core kernel's arguments; `problem` checked the shapes.
+        return unsafe { launch(args, config, &name) };
+    }
+    // A tile of keys and one of values, f32.
+    let shared = GENERAL_EXACT_KEYS * (dim_k + dim_v) * 4;
     let config = LaunchConfig {
-        grid_dim: grid(
-            problem.len_q.div_ceil(FLASH_ROWS),
-            problem.heads_q,
-            problem.batch,
-        )?,
-        block_dim: (FLASH_THREADS, 1, 1),
+        grid_dim: grid(blocks(GENERAL_EXACT_ROWS), problem.heads_q, problem.batch)?,
+        block_dim: (GENERAL_EXACT_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    let name = format!("softmax_forward_{}_d{dim}", T::NAME);
+    let name = format!("softmax_forward_general_{}", T::NAME);
     let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
     let mut args = gpu.stream.launch_builder(&function);
+    let (dim_k, dim_v) = (dim_k as i32, dim_v as i32);
     args.arg(&q.data)
         .arg(&k.data)
         .arg(&v.data)
         .arg(&mut out.data)
-        .arg(&arguments);
-    // SAFETY: softmax_forward's arguments; the shapes were checked by `problem`.
+        .arg(&arguments)
+        .arg(&dim_k)
+        .arg(&dim_v);
+    // SAFETY: the general kernel's arguments; `problem` checked the shapes.
     unsafe { launch(args, config, &name) }
 }
 
@@ -1236,8 +1262,7 @@ mod tests {
             left,
             right,
         };
-        let args =
-            FlashProblem::of(&problem(false, 64), mask(Some(7), Some(300)), 2, "bf16").unwrap();
+        let args = FlashProblem::of(&problem(false, 64), mask(Some(7), Some(300))).unwrap();
         assert_eq!(
             (args.len_q, args.len_k, args.heads_q, args.heads_kv),
             (100, 300, 4, 2)
@@ -1249,19 +1274,18 @@ mod tests {
             scale: Some(0.5),
             ..mask(None, Some(0))
         };
-        let args = FlashProblem::of(&problem(true, 64), scaled, 2, "f16").unwrap();
+        let args = FlashProblem::of(&problem(true, 64), scaled).unwrap();
         assert_eq!((args.left, args.right), (-1, 0));
         assert!((args.scale_log2 - 0.5 * std::f32::consts::LOG2_E).abs() < 1e-6);
-        // f32, and value dims unlike the keys', are refused with the reason.
-        for (element, dim_v) in [(4, 64), (2, 32)] {
-            let error = FlashProblem::of(&problem(false, dim_v), mask(None, None), element, "x")
-                .err()
-                .unwrap();
-            assert!(
-                matches!(&error, Error::Unsupported(m) if m.contains("64 or 128")),
-                "{error}"
-            );
-        }
+        // Value dims unlike the keys' are taken; dims past what a thread holds are refused.
+        assert!(FlashProblem::of(&problem(false, 200), mask(None, None)).is_ok());
+        let error = FlashProblem::of(&problem(false, 300), mask(None, None))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&error, Error::Unsupported(m) if m.contains("up to 256")),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-// Exact softmax attention forward on the tensor cores, in FlashAttention-2's schedule:
+// Exact softmax attention forward. For 16-bit tensors with head dims of 64 or 128, on
+// the tensor cores in FlashAttention-2's schedule:
 // a block of four warps owns 64 query rows (16 per warp, their Q fragments in
 // registers) and walks the visible key tiles of 64 with an online softmax, so the
 // T x T scores never leave registers. K and V tiles are double-buffered with cp.async.
@@ -161,6 +162,86 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     }
 }
 
+// Every other shape and element type (f32 to f32 accuracy, head dims up to 256, any
+// value dim) on the CUDA cores: a block of 128 threads owns 32 query rows, four threads
+// a row, each holding every fourth column of its query and output in registers, and
+// walks key tiles of 32 in shared memory with the same masks and an online softmax.
+namespace general {
+
+constexpr int ROWS = 32, KEYS = 32, THREADS = 128;
+// Columns a thread holds: head dims up to 4 x 64.
+constexpr int COLUMNS = 64;
+
+template <typename T>
+__device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        T* __restrict__ out, Problem p, int dim_k, int dim_v) {
+    extern __shared__ __align__(16) float shared[];
+    float* ks = shared;              // KEYS x dim_k
+    float* vs = ks + KEYS * dim_k;   // KEYS x dim_v
+    const float minus_infinity = __int_as_float(0xff800000);
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (p.heads_q / p.heads_kv);
+    const int part = threadIdx.x % 4;
+    const int q0 = tile * ROWS, i = q0 + threadIdx.x / 4, rows = min(ROWS, p.len_q - q0);
+    const bool row = i < p.len_q;
+
+    float query[COLUMNS], o[COLUMNS];
+#pragma unroll
+    for (int c = 0; c < COLUMNS; ++c) {
+        const int d = part + 4 * c;
+        query[c] = row && d < dim_k ? to_float(q[((static_cast<size_t>(b) * p.len_q + i) * p.heads_q + h) * dim_k + d]) : 0.f;
+        o[c] = 0.f;
+    }
+    float row_max = minus_infinity, row_sum = 0.f;
+    const int first = p.left < 0 ? 0 : max(0, q0 - p.left) / KEYS * KEYS;
+    const int last = p.right < 0 ? p.len_k : min(p.len_k, q0 + rows + p.right);
+    for (int j0 = first; j0 < last; j0 += KEYS) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < KEYS * dim_k; idx += THREADS) {
+            const int j = j0 + idx / dim_k;
+            ks[idx] = j < p.len_k ? to_float(k[((static_cast<size_t>(b) * p.len_k + j) * p.heads_kv + g) * dim_k + idx % dim_k]) : 0.f;
+        }
+        for (int idx = threadIdx.x; idx < KEYS * dim_v; idx += THREADS) {
+            const int j = j0 + idx / dim_v;
+            vs[idx] = j < p.len_k ? to_float(v[((static_cast<size_t>(b) * p.len_k + j) * p.heads_kv + g) * dim_v + idx % dim_v]) : 0.f;
+        }
+        __syncthreads();
+        for (int key = 0; key < KEYS; ++key) {
+            float score = 0.f;
+#pragma unroll
+            for (int c = 0; c < COLUMNS; ++c) {
+                const int d = part + 4 * c;
+                if (d < dim_k) score = fmaf(query[c], ks[key * dim_k + d], score);
+            }
+            // The row's four threads are adjacent lanes: every lane takes part.
+            score += __shfl_xor_sync(0xffffffffu, score, 1);
+            score += __shfl_xor_sync(0xffffffffu, score, 2);
+            const int j = j0 + key;
+            const bool visible = j < p.len_k && (p.left < 0 || j + p.left >= i) && (p.right < 0 || j <= i + p.right);
+            if (!visible) continue;
+            const float x = score * p.scale_log2;
+            const float largest = fmaxf(row_max, x);
+            const float correction = exp2f(row_max - largest), weight = exp2f(x - largest);
+            row_max = largest;
+            row_sum = row_sum * correction + weight;
+#pragma unroll
+            for (int c = 0; c < COLUMNS; ++c) {
+                const int d = part + 4 * c;
+                if (d < dim_v) o[c] = fmaf(weight, vs[key * dim_v + d], o[c] * correction);
+            }
+        }
+    }
+    if (!row) return;
+    // A query that sees no key (possible only with a window past the keys' end) gets 0.
+    const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
+#pragma unroll
+    for (int c = 0; c < COLUMNS; ++c) {
+        const int d = part + 4 * c;
+        if (d < dim_v) out[((static_cast<size_t>(b) * p.len_q + i) * p.heads_q + h) * dim_v + d] = from_float<T>(o[c] * inverse);
+    }
+}
+
+}  // namespace general
 }  // namespace flash
 }  // namespace linattn
 
@@ -175,3 +256,14 @@ LINATTN_FLASH_INSTANCES(bf16, __nv_bfloat16, 64)
 LINATTN_FLASH_INSTANCES(bf16, __nv_bfloat16, 128)
 LINATTN_FLASH_INSTANCES(f16, __half, 64)
 LINATTN_FLASH_INSTANCES(f16, __half, 128)
+
+#define LINATTN_GENERAL_INSTANCE(SUFFIX, T)                                                       \
+    extern "C" __global__ void __launch_bounds__(linattn::flash::general::THREADS)                \
+        softmax_forward_general_##SUFFIX(const T* q, const T* k, const T* v, T* out,              \
+                                         linattn::flash::Problem p, int dim_k, int dim_v) {       \
+        linattn::flash::general::forward<T>(q, k, v, out, p, dim_k, dim_v);                       \
+    }
+
+LINATTN_GENERAL_INSTANCE(f32, float)
+LINATTN_GENERAL_INSTANCE(bf16, __nv_bfloat16)
+LINATTN_GENERAL_INSTANCE(f16, __half)

@@ -123,6 +123,18 @@ async fn wait_for(client: &Client, what: &str, check: &str) {
     }
 }
 
+/// Clicks the button with id `button`, then waits until `check` holds.
+async fn click_and_wait(client: &Client, button: &str, what: &str, check: &str) {
+    client
+        .find(Locator::Id(button))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(client, what, check).await;
+}
+
 /// The sequence lengths in the results table, and whether each row has a time.
 async fn table(client: &Client) -> Vec<(u64, bool)> {
     let rows = client
@@ -267,29 +279,17 @@ async fn moving_the_slider_measures_and_the_charts_follow() {
         field.clear().await.unwrap();
         field.send_keys(value).await.unwrap();
     }
-    client
-        .find(Locator::Id("run-decode"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_for(
+    click_and_wait(
         &client,
+        "run-decode",
         "the decoding charts",
         "return Number(document.getElementById('chart-step').dataset.points) > 0 \
          && document.getElementById('decode-status').textContent.includes('µs/token');",
     )
     .await;
-    client
-        .find(Locator::Id("draw-maps"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_for(
+    click_and_wait(
         &client,
+        "draw-maps",
         "the attention maps",
         "return document.querySelectorAll('#map-grid canvas').length === 3;",
     )

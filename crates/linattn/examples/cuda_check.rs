@@ -30,7 +30,7 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let failures = checks(&gpu)? + exact_checks(&gpu)?;
+    let failures = checks(&gpu)?;
     benches(&gpu, flag("--quick"))?;
     println!("checks failed: {failures}");
     if failures > 0 {
@@ -152,115 +152,14 @@ fn peer_tolerance<P: Precision>(peer_error: f64) -> f64 {
     (2.0 * peer_error).min(8.0 * P::UNIT_ROUNDOFF)
 }
 
-fn tolerance<P: Precision>(causal: bool, inputs: [&Tensor<f32>; 3], exact: &[f64]) -> f64 {
-    if P::LABEL == "f32" {
-        1e-4
-    } else {
-        peer_tolerance::<P>(peer_error::<P>(causal, inputs, exact))
-    }
-}
+/// f32 inputs must match the reference to this relative error.
+const F32_TOLERANCE: f64 = 1e-4;
 
 fn random(shape: [usize; 4], seed: u64) -> Result<Tensor<f32>> {
     Ok(Tensor::<f32>::randn(shape, seed)?)
 }
 
-/// Linear attention on the GPU in `P` against `exact`, the f64 reference's output.
-fn check_forward<P: Precision>(
-    gpu: &Gpu,
-    causal: bool,
-    [q, k, v]: [&Tensor<f32>; 3],
-    (exact, tolerance): (&[f64], f64),
-) -> Result<bool> {
-    let attention = Attention::new(Method::linear()).causal(causal);
-    let upload = |x| GpuTensor::<P>::upload(gpu, x);
-    let out = attention
-        .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
-        .download()?;
-    let what = format!(
-        "linear {:<6} {} q{:?} kv heads {} dv {}",
-        if causal { "causal" } else { "full" },
-        P::LABEL,
-        q.shape(),
-        k.heads(),
-        v.head_dim()
-    );
-    Ok(report(
-        &what,
-        relative_error(&as_f64(&out), exact),
-        tolerance,
-    ))
-}
-
-/// `prompt` tokens through prefill, the rest one decode step at a time, against one
-/// causal reference call over all of them.
-fn check_decode<P: Precision>(
-    gpu: &Gpu,
-    prompt: usize,
-    [q, k, v]: [&Tensor<f32>; 3],
-    (exact, tolerance): (&[f64], f64),
-) -> Result<bool> {
-    let [batch, len, _, dim_k] = q.shape();
-    let attention = Attention::new(Method::linear()).causal(true);
-    let part = |x: &Tensor<f32>, range| -> Result<GpuTensor<P>> {
-        Ok(GpuTensor::upload(gpu, &x.slice_seq(range)?)?)
-    };
-    let mut state = GpuLinearState::zeros(gpu, batch, k.heads(), dim_k, v.head_dim())?;
-    let mut pieces = vec![
-        attention
-            .prefill_cuda(
-                gpu,
-                &part(q, 0..prompt)?,
-                &part(k, 0..prompt)?,
-                &part(v, 0..prompt)?,
-                &mut state,
-            )?
-            .download()?,
-    ];
-    for t in prompt..len {
-        let step = attention.decode_step_cuda(
-            gpu,
-            &part(q, t..t + 1)?,
-            &part(k, t..t + 1)?,
-            &part(v, t..t + 1)?,
-            &mut state,
-        )?;
-        pieces.push(step.download()?);
-    }
-    // The pieces back in [B, T, H, D] order.
-    let row = q.heads() * v.head_dim();
-    let mut out = Vec::with_capacity(exact.len());
-    for b in 0..batch {
-        for piece in &pieces {
-            let rows = piece.seq_len();
-            out.extend(
-                piece.as_slice()[b * rows * row..(b + 1) * rows * row]
-                    .iter()
-                    .map(|&x| x as f64),
-            );
-        }
-    }
-    let what = format!(
-        "prefill {prompt} + decode {} {} q{:?} kv heads {}",
-        len - prompt,
-        P::LABEL,
-        q.shape(),
-        k.heads()
-    );
-    Ok(report(&what, relative_error(&out, exact), tolerance))
-}
-
-/// Linear and exact attention's f64 reference and the tolerances of `P` in
-/// the precisions checked, computed on every core before the GPU runs: the reference is
-/// written to be obviously right, not fast.
-struct Judged {
-    inputs: [Tensor<f32>; 3],
-    exact: Vec<f64>,
-    /// Tolerances for f32, bf16, f16.
-    tolerances: [f64; 3],
-}
-
-type Prepared = std::result::Result<Judged, String>;
-
+/// q of `shape`, and k, v of `len_k` rows, `heads_kv` heads, v of width `dim_v`.
 fn inputs(
     shape: [usize; 4],
     len_k: usize,
@@ -276,25 +175,160 @@ fn inputs(
     ])
 }
 
-/// The linear method's judgement of `inputs`.
-fn judge_linear(causal: bool, inputs: [Tensor<f32>; 3]) -> Prepared {
-    let attention = Attention::new(Method::linear()).causal(causal);
+/// Sides of a window: keys visible before and after each query, `None` unbounded.
+type Sides = (Option<usize>, Option<usize>);
+
+/// Which peer's arithmetic sets the 16-bit tolerances.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// PyTorch's linear attention (causal or not).
+    Linear(bool),
+    /// SDPA over the keys these sides (the causal mask applied) leave visible.
+    Exact(Sides),
+}
+
+impl Peer {
+    fn tolerance<P: Precision>(self, inputs: [&Tensor<f32>; 3], exact: &[f64]) -> f64 {
+        peer_tolerance::<P>(match self {
+            Peer::Linear(causal) => peer_error::<P>(causal, inputs, exact),
+            Peer::Exact(sides) => exact_peer_error::<P>(sides, inputs, exact),
+        })
+    }
+}
+
+/// One case: the attention, its inputs, the f64 reference's output and the tolerances
+/// for f32, bf16 and f16, computed on every core before the GPU runs (the reference is
+/// written to be obviously right, not fast).
+struct Judged {
+    attention: Attention,
+    inputs: [Tensor<f32>; 3],
+    exact: Vec<f64>,
+    tolerances: [f64; 3],
+}
+
+type Prepared = std::result::Result<Judged, String>;
+
+fn judge(attention: Attention, peer: Peer, inputs: Result<[Tensor<f32>; 3]>) -> Prepared {
+    let inputs = inputs.map_err(|e| e.to_string())?;
     let [q, k, v] = &inputs;
     let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast())
         .map_err(|e| e.to_string())?
         .into_vec();
     let tolerances = [
-        tolerance::<f32>(causal, [q, k, v], &exact),
-        tolerance::<bf16>(causal, [q, k, v], &exact),
-        tolerance::<f16>(causal, [q, k, v], &exact),
+        F32_TOLERANCE,
+        peer.tolerance::<bf16>([q, k, v], &exact),
+        peer.tolerance::<f16>([q, k, v], &exact),
     ];
     Ok(Judged {
+        attention,
         inputs,
         exact,
         tolerances,
     })
 }
 
+impl Judged {
+    fn inputs(&self) -> [&Tensor<f32>; 3] {
+        let [q, k, v] = &self.inputs;
+        [q, k, v]
+    }
+
+    /// The case's description in a check line, in precision `P`.
+    fn describe<P: Precision>(&self) -> String {
+        let [q, k, v] = self.inputs();
+        format!(
+            "{} {:<6} {} q{:?} k len {} kv heads {} dv {}",
+            self.attention.method().name(),
+            if self.attention.is_causal() {
+                "causal"
+            } else {
+                "full"
+            },
+            P::LABEL,
+            q.shape(),
+            k.seq_len(),
+            k.heads(),
+            v.head_dim()
+        )
+    }
+
+    /// One forward call on the GPU in `P` against the reference.
+    fn check<P: Precision>(&self, gpu: &Gpu, tolerance: f64) -> Result<bool> {
+        let [q, k, v] = self.inputs();
+        let upload = |x| GpuTensor::<P>::upload(gpu, x);
+        let out = self
+            .attention
+            .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
+            .download()?;
+        let error = relative_error(&as_f64(&out), &self.exact);
+        Ok(report(&self.describe::<P>(), error, tolerance))
+    }
+
+    /// Failed checks of the forward call in f32, bf16 and f16.
+    fn check_every_precision(&self, gpu: &Gpu) -> Result<usize> {
+        let [f32_ok, bf16_ok, f16_ok] = [
+            self.check::<f32>(gpu, self.tolerances[0])?,
+            self.check::<bf16>(gpu, self.tolerances[1])?,
+            self.check::<f16>(gpu, self.tolerances[2])?,
+        ];
+        Ok([f32_ok, bf16_ok, f16_ok].iter().filter(|&&ok| !ok).count())
+    }
+
+    /// `prompt` tokens through prefill, the rest one decode step at a time, in `P`,
+    /// against the reference's one causal call over all of them.
+    fn check_decode<P: Precision>(&self, gpu: &Gpu, prompt: usize, tolerance: f64) -> Result<bool> {
+        let [q, k, v] = self.inputs();
+        let [batch, len, _, dim_k] = q.shape();
+        let part = |x: &Tensor<f32>, range| -> Result<GpuTensor<P>> {
+            Ok(GpuTensor::upload(gpu, &x.slice_seq(range)?)?)
+        };
+        let mut state = GpuLinearState::zeros(gpu, batch, k.heads(), dim_k, v.head_dim())?;
+        let mut pieces = vec![
+            self.attention
+                .prefill_cuda(
+                    gpu,
+                    &part(q, 0..prompt)?,
+                    &part(k, 0..prompt)?,
+                    &part(v, 0..prompt)?,
+                    &mut state,
+                )?
+                .download()?,
+        ];
+        for t in prompt..len {
+            let step = self.attention.decode_step_cuda(
+                gpu,
+                &part(q, t..t + 1)?,
+                &part(k, t..t + 1)?,
+                &part(v, t..t + 1)?,
+                &mut state,
+            )?;
+            pieces.push(step.download()?);
+        }
+        // The pieces back in [B, T, H, D] order.
+        let row = q.heads() * v.head_dim();
+        let mut out = Vec::with_capacity(self.exact.len());
+        for b in 0..batch {
+            for piece in &pieces {
+                let rows = piece.seq_len();
+                out.extend(
+                    piece.as_slice()[b * rows * row..(b + 1) * rows * row]
+                        .iter()
+                        .map(|&x| x as f64),
+                );
+            }
+        }
+        let what = format!(
+            "prefill {prompt} + decode {}: {}",
+            len - prompt,
+            self.describe::<P>()
+        );
+        Ok(report(&what, relative_error(&out, &self.exact), tolerance))
+    }
+}
+
+/// The error PyTorch's SDPA makes in `P` (its FlashAttention kernel): scores and
+/// their softmax in f32 from inputs in `P`, the probabilities rounded to `P` before they
+/// multiply V, the output rounded to `P`. Emulated in f64; the issue allows twice this.
 fn exact_peer_error<P: Precision>(
     (left, right): Sides,
     [q, k, v]: [&Tensor<f32>; 3],
@@ -340,36 +374,6 @@ fn exact_peer_error<P: Precision>(
     relative_error(&out, exact)
 }
 
-/// Exact attention (`window` with the given sides; both `None` is plain softmax) on
-/// the GPU in `P` against the f64 reference.
-fn check_exact<P: Precision>(
-    gpu: &Gpu,
-    causal: bool,
-    (left, right): Sides,
-    [q, k, v]: [&Tensor<f32>; 3],
-    (exact, tolerance): (&[f64], f64),
-) -> Result<bool> {
-    let attention = exact_attention(causal, (left, right));
-    let upload = |x| GpuTensor::<P>::upload(gpu, x);
-    let out = attention
-        .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
-        .download()?;
-    let what = format!(
-        "{} {:<6} {} q{:?} k len {} kv heads {}",
-        attention.method().name(),
-        if causal { "causal" } else { "full" },
-        P::LABEL,
-        q.shape(),
-        k.seq_len(),
-        k.heads(),
-    );
-    Ok(report(
-        &what,
-        relative_error(&as_f64(&out), exact),
-        tolerance,
-    ))
-}
-
 /// `window` with these sides, or plain softmax when both are unbounded.
 fn exact_attention(causal: bool, (left, right): Sides) -> Attention {
     let method = if left.is_none() && right.is_none() {
@@ -380,79 +384,26 @@ fn exact_attention(causal: bool, (left, right): Sides) -> Attention {
     Attention::new(method).causal(causal)
 }
 
-fn judge_exact(causal: bool, (left, right): Sides, inputs: [Tensor<f32>; 3]) -> Prepared {
-    let attention = exact_attention(causal, (left, right));
-    let [q, k, v] = &inputs;
-    let exact = reference::forward(&attention, &q.cast(), &k.cast(), &v.cast())
-        .map_err(|e| e.to_string())?
-        .into_vec();
-    let sides = (left, if causal { Some(0) } else { right });
-    let tolerances = [
-        1e-4,
-        peer_tolerance::<bf16>(exact_peer_error::<bf16>(sides, [q, k, v], &exact)),
-        peer_tolerance::<f16>(exact_peer_error::<f16>(sides, [q, k, v], &exact)),
-    ];
-    Ok(Judged {
-        inputs,
-        exact,
-        tolerances,
-    })
+/// Every case on the reference first (in parallel), then each on the GPU in turn.
+fn judge_all<C: Sync>(
+    cases: &[C],
+    judge_one: impl Fn(usize, &C) -> Prepared + Sync,
+) -> Vec<Prepared> {
+    cases
+        .par_iter()
+        .enumerate()
+        .map(|(index, case)| judge_one(index, case))
+        .collect()
 }
 
-/// Sides of a window: keys visible before and after each query, `None` unbounded.
-type Sides = (Option<usize>, Option<usize>);
 /// q's shape, the keys' length, kv heads, causal, window sides.
 type ExactCase = ([usize; 4], usize, usize, bool, Sides);
 
-fn exact_checks(gpu: &Gpu) -> Result<usize> {
-    let mut failures = 0;
-    // Query and key lengths off the tile (and unequal, without a causal mask), GQA and
-    // MQA, windows narrower than a tile and wider than several.
-    let cases: [ExactCase; 10] = [
-        ([2, 77, 4, 64], 77, 2, false, (None, None)),
-        ([2, 77, 4, 64], 77, 2, true, (None, None)),
-        ([1, 200, 2, 128], 333, 1, false, (None, None)),
-        ([1, 300, 3, 128], 300, 3, true, (None, None)),
-        ([1, 1000, 2, 64], 1000, 2, true, (None, None)),
-        ([1, 500, 4, 128], 500, 2, false, (Some(40), Some(7))),
-        ([1, 700, 2, 64], 700, 1, true, (Some(150), None)),
-        ([2, 130, 2, 128], 130, 2, false, (Some(0), Some(0))),
-        // Head dims the tensor cores do not take: the general kernel.
-        ([2, 90, 4, 48], 90, 2, true, (None, None)),
-        ([1, 260, 2, 96], 260, 1, false, (Some(30), None)),
-    ];
-    let judged: Vec<Prepared> = cases
-        .par_iter()
-        .enumerate()
-        .map(|(index, &(shape, len_k, heads_kv, causal, sides))| {
-            let seed = 200 + 3 * index as u64;
-            let inputs =
-                inputs(shape, len_k, heads_kv, shape[3], seed).map_err(|e| e.to_string())?;
-            judge_exact(causal, sides, inputs)
-        })
-        .collect();
-    for ((_, _, _, causal, sides), judged) in cases.into_iter().zip(judged) {
-        let Judged {
-            inputs: [q, k, v],
-            exact,
-            tolerances,
-        } = judged?;
-        let inputs = [&q, &k, &v];
-        let passed = [
-            check_exact::<f32>(gpu, causal, sides, inputs, (&exact, tolerances[0]))?,
-            check_exact::<bf16>(gpu, causal, sides, inputs, (&exact, tolerances[1]))?,
-            check_exact::<f16>(gpu, causal, sides, inputs, (&exact, tolerances[2]))?,
-        ];
-        failures += passed.iter().filter(|&&ok| !ok).count();
-    }
-    Ok(failures)
-}
-
 fn checks(gpu: &Gpu) -> Result<usize> {
     let mut failures = 0;
-    // Lengths off the chunk, GQA and MQA, head dims off the tensor-core tile, value dims
-    // wider than one value block, one token, and lengths split into segments.
-    let cases = [
+    // Linear: lengths off the chunk, GQA and MQA, head dims off the tensor-core tile,
+    // value dims wider than one value block, one token, and lengths split into segments.
+    let linear_cases = [
         ([2, 77, 4, 32], 4, 32),
         ([1, 130, 4, 64], 2, 64),
         ([1, 200, 2, 24], 1, 40),
@@ -462,59 +413,73 @@ fn checks(gpu: &Gpu) -> Result<usize> {
         ([1, 2000, 2, 64], 1, 64),
         ([2, 1100, 4, 128], 2, 96),
     ];
-    let judged: Vec<Prepared> = cases
-        .par_iter()
+    let both_forms: Vec<_> = linear_cases
+        .into_iter()
         .enumerate()
-        .flat_map(|(index, &(shape, heads_kv, dim_v))| {
-            [false, true].map(|causal| {
-                let seed = 3 * index as u64;
-                let inputs =
-                    inputs(shape, shape[1], heads_kv, dim_v, seed).map_err(|e| e.to_string())?;
-                judge_linear(causal, inputs)
-            })
-        })
+        .flat_map(|(index, case)| [false, true].map(|causal| (index, case, causal)))
         .collect();
-    for (judged, causal) in judged.into_iter().zip([false, true].into_iter().cycle()) {
-        let Judged {
-            inputs: [q, k, v],
-            exact,
-            tolerances,
-        } = judged?;
-        let inputs = [&q, &k, &v];
-        let passed = [
-            check_forward::<f32>(gpu, causal, inputs, (&exact, tolerances[0]))?,
-            check_forward::<bf16>(gpu, causal, inputs, (&exact, tolerances[1]))?,
-            check_forward::<f16>(gpu, causal, inputs, (&exact, tolerances[2]))?,
-        ];
-        failures += passed.iter().filter(|&&ok| !ok).count();
+    let judged = judge_all(
+        &both_forms,
+        |_, &(index, (shape, heads_kv, dim_v), causal)| {
+            let inputs = inputs(shape, shape[1], heads_kv, dim_v, 3 * index as u64);
+            let attention = Attention::new(Method::linear()).causal(causal);
+            judge(attention, Peer::Linear(causal), inputs)
+        },
+    );
+    for judged in judged {
+        failures += judged?.check_every_precision(gpu)?;
     }
+
+    // Exact: query and key lengths off the tile (and unequal, without a causal mask), GQA
+    // and MQA, windows narrower than a tile and wider than several, and head dims the
+    // tensor cores do not take (the general kernel).
+    let exact_cases: [ExactCase; 10] = [
+        ([2, 77, 4, 64], 77, 2, false, (None, None)),
+        ([2, 77, 4, 64], 77, 2, true, (None, None)),
+        ([1, 200, 2, 128], 333, 1, false, (None, None)),
+        ([1, 300, 3, 128], 300, 3, true, (None, None)),
+        ([1, 1000, 2, 64], 1000, 2, true, (None, None)),
+        ([1, 500, 4, 128], 500, 2, false, (Some(40), Some(7))),
+        ([1, 700, 2, 64], 700, 1, true, (Some(150), None)),
+        ([2, 130, 2, 128], 130, 2, false, (Some(0), Some(0))),
+        ([2, 90, 4, 48], 90, 2, true, (None, None)),
+        ([1, 260, 2, 96], 260, 1, false, (Some(30), None)),
+    ];
+    let judged = judge_all(
+        &exact_cases,
+        |index, &(shape, len_k, heads_kv, causal, sides)| {
+            let inputs = inputs(shape, len_k, heads_kv, shape[3], 200 + 3 * index as u64);
+            let (left, right) = sides;
+            let visible = (left, if causal { Some(0) } else { right });
+            judge(exact_attention(causal, sides), Peer::Exact(visible), inputs)
+        },
+    );
+    for judged in judged {
+        failures += judged?.check_every_precision(gpu)?;
+    }
+
+    // Prefill then decode, each case in one precision.
     let decode_cases = [
         ([2, 150, 4, 64], 2, 129),
         ([3, 100, 2, 128], 2, 64),
         ([1, 70, 8, 32], 1, 1),
         ([1, 1700, 2, 64], 2, 1650),
     ];
-    let judged: Vec<Prepared> = decode_cases
-        .par_iter()
-        .enumerate()
-        .map(|(index, &(shape, heads_kv, _))| {
-            let seed = 100 + 3 * index as u64;
-            let inputs =
-                inputs(shape, shape[1], heads_kv, shape[3], seed).map_err(|e| e.to_string())?;
-            judge_linear(true, inputs)
-        })
-        .collect();
+    let judged = judge_all(&decode_cases, |index, &(shape, heads_kv, _)| {
+        let inputs = inputs(shape, shape[1], heads_kv, shape[3], 100 + 3 * index as u64);
+        judge(
+            Attention::new(Method::linear()).causal(true),
+            Peer::Linear(true),
+            inputs,
+        )
+    });
     for (index, ((_, _, prompt), judged)) in decode_cases.into_iter().zip(judged).enumerate() {
-        let Judged {
-            inputs: [q, k, v],
-            exact,
-            tolerances,
-        } = judged?;
-        let inputs = [&q, &k, &v];
+        let judged = judged?;
+        let tolerance = judged.tolerances[index % 3];
         let passed = match index % 3 {
-            0 => check_decode::<f32>(gpu, prompt, inputs, (&exact, tolerances[0]))?,
-            1 => check_decode::<bf16>(gpu, prompt, inputs, (&exact, tolerances[1]))?,
-            _ => check_decode::<f16>(gpu, prompt, inputs, (&exact, tolerances[2]))?,
+            0 => judged.check_decode::<f32>(gpu, prompt, tolerance)?,
+            1 => judged.check_decode::<bf16>(gpu, prompt, tolerance)?,
+            _ => judged.check_decode::<f16>(gpu, prompt, tolerance)?,
         };
         failures += usize::from(!passed);
     }

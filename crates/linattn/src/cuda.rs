@@ -768,17 +768,15 @@ impl Attention {
                 )));
             }
         };
+        let problem = match mask {
+            Some(_) => problem,
+            None => self.linear_problem(problem)?,
+        };
         let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
         match mask {
             Some(mask) => softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?,
-            None => {
-                let problem = self.gpu_problem(q, k, v)?;
-                if problem.causal {
-                    linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?;
-                } else {
-                    linear_full(gpu, &problem, q, k, v, &mut out)?;
-                }
-            }
+            None if problem.causal => linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?,
+            None => linear_full(gpu, &problem, q, k, v, &mut out)?,
         }
         Ok(out)
     }
@@ -909,7 +907,11 @@ impl Attention {
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
     ) -> Result<Problem> {
-        let problem = self.problem(q.shape, k.shape, v.shape)?;
+        self.linear_problem(self.problem(q.shape, k.shape, v.shape)?)
+    }
+
+    /// `problem` (checked as on the CPU) if the linear kernels take it.
+    fn linear_problem(&self, problem: Problem) -> Result<Problem> {
         if !matches!(self.method, Method::Linear(_)) {
             return Err(Error::Unsupported(format!(
                 "{} has no recurrent form on the GPU (linear does)",
@@ -968,10 +970,11 @@ fn linear_causal<T: GpuElement>(
     );
     // The sums of every segment but the last, stored apart, give each segment its start.
     let (segment_states, segment_sums) = if segments > 1 {
-        let per_head = problem.batch * problem.heads_kv * segments * problem.dim_qk;
+        let summed = segments - 1;
+        let per_head = problem.batch * problem.heads_kv * summed * problem.dim_qk;
         let mut kv: CudaSlice<f32> = gpu.alloc(per_head * problem.dim_v)?;
         let mut sums: CudaSlice<f32> = gpu.alloc(per_head)?;
-        let config = plan.config(Pass::State, segments, problem.heads_kv)?;
+        let config = plan.config(Pass::State, summed, problem.heads_kv)?;
         key_sums(gpu, &plan, [k, v], config, span, true, [&mut kv, &mut sums])?;
         (Some(kv), Some(sums))
     } else {
@@ -1017,7 +1020,7 @@ fn linear_causal<T: GpuElement>(
     unsafe { launch(args, config, &name) }
 }
 
-/// `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` over spans of `span` rows (`linear_full_state`):
+/// `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` over the spans of `span` rows that `config`'s grid covers:
 /// each span's sums stored apart when `per_span` (the causal form's segments), else
 /// added into one zeroed state per head (the non-causal form's first pass).
 fn key_sums<T: GpuElement>(

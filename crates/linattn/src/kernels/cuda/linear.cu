@@ -259,8 +259,9 @@ template <typename T> __device__ void state_to_operand(ChunkSmem<T>& s) {
 // to j <= i, O = scores V + phi(Q) S, den = row sums + phi(Q) z, then S += phi(K)^T V.
 //
 // With several segments (span rows each; grid z = batch x segments) a block starts at its
-// segment from the state before it: state_in plus the segments' own sums, which
-// full_state wrote per segment (segment_states [B, H_kv, segments, D_k, D_v]).
+// segment from the state before it: state_in plus the own sums of the segments before it,
+// which full_state wrote for every segment but the last (segment_states
+// [B, H_kv, segments - 1, D_k, D_v]).
 template <typename T>
 __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, T* __restrict__ out, Shape sh, float eps,
@@ -275,7 +276,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     const int g = h / (sh.heads_q / sh.heads_kv);
     const int col0 = vb * s.dvp;
     const size_t state_at = (static_cast<size_t>(b) * sh.heads_kv + g) * sh.dim_k;
-    const size_t segment_at = (static_cast<size_t>(b) * sh.heads_kv + g) * segments;
+    const size_t segment_at = (static_cast<size_t>(b) * sh.heads_kv + g) * (segments - 1);
 
     for (int idx = threadIdx.x; idx < s.dkp * s.dvp; idx += blockDim.x) {
         const int r = idx / s.dvp, c = idx % s.dvp;
@@ -367,10 +368,10 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     }
 }
 
-// S and z over spans of the sequence. Grid: (value block, kv head, batch x span). With
-// per_span each span's sums are stored apart ([B, H_kv, spans, ...], for the segments of
-// the causal form); otherwise they are added into one state per head (zeroed by the host),
-// the non-causal form's first pass.
+// S and z over the first spans of the sequence. Grid: (value block, kv head, batch x
+// spans). With per_span each span's sums are stored apart ([B, H_kv, spans, ...], for the
+// segments of the causal form, whose last segment needs none); otherwise they are added
+// into one state per head (zeroed by the host), the non-causal form's first pass.
 template <typename T>
 __device__ void full_state(const T* __restrict__ k, const T* __restrict__ v, Shape sh, int span,
                            float* state, float* k_sum, bool per_span) {
@@ -378,7 +379,7 @@ __device__ void full_state(const T* __restrict__ k, const T* __restrict__ v, Sha
     ChunkSmem<T> s(sh.dim_k, sh.value_block);
     s.carve(smem);
     const int vb = blockIdx.x, g = blockIdx.y;
-    const int spans = (sh.len + span - 1) / span;
+    const int spans = gridDim.z / sh.batch;
     const int b = blockIdx.z / spans, which = blockIdx.z % spans, first = which * span;
     const int last = min(sh.len, first + span);
     const int col0 = vb * s.dvp;
@@ -743,7 +744,7 @@ __device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (thr
 
 // Causal forward. Grid: (segment, query head, batch); a segment of `span` rows starts
 // from state_in plus the per-segment sums of the segments before it (segment_states
-// [B, H_kv, segments, D, D] from state_pass), as the WMMA kernel does.
+// [B, H_kv, segments - 1, D, D] from state_pass), as the WMMA kernel does.
 template <typename T, int D>
 __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                T* __restrict__ out, Shape sh, float eps, const float* state_in,
@@ -771,12 +772,12 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             const size_t at = static_cast<size_t>(state_feature(j, e)) * D + state_column(e);
             float x = state_in ? state_in[head_kv * D * D + at] : 0.f;
             for (int before = 0; before < segment; ++before)
-                x += segment_states[(head_kv * segments + before) * D * D + at];
+                x += segment_states[(head_kv * (segments - 1) + before) * D * D + at];
             st[j][e] = x;
         }
     for (int d = threadIdx.x; d < D; d += THREADS) {
         float x = k_sum_in ? k_sum_in[head_kv * D + d] : 0.f;
-        for (int before = 0; before < segment; ++before) x += segment_sums[(head_kv * segments + before) * D + d];
+        for (int before = 0; before < segment; ++before) x += segment_sums[(head_kv * (segments - 1) + before) * D + d];
         z[d] = x;
         z_chunk[d] = 0.f;
     }
@@ -897,7 +898,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     }
 }
 
-// S and z over spans of the sequence, as full_state but on the tensor cores. Grid:
+// S and z over the first spans of the sequence, as full_state but on the tensor cores. Grid:
 // (span, kv head, batch).
 template <typename T, int D>
 __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Shape sh, int span,

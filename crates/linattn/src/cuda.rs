@@ -47,12 +47,16 @@ const GENERAL_EXACT_KEYS: usize = 32;
 const GENERAL_EXACT_MAX_DIM: usize = 256;
 /// Tokens per chunk in the kernels (`CHUNK` in the source).
 const CHUNK: usize = 64;
+/// Warps of the causal tensor-core kernel that load, map and score chunks for the
+/// `D / 16` warps that own the state (`PRODUCER_WARPS` in linear.cu).
+const CAUSAL_PRODUCER_WARPS: usize = 8;
 /// Threads per block of every kernel (their `__launch_bounds__`).
 const THREADS: u32 = 256;
-/// Query heads a decode block serves at a time, and value columns per lane
-/// (`DECODE_HEADS`, `DECODE_COLS` in the source).
+/// Query heads one decode block serves at a time (`DECODE_HEADS` in the source), and the
+/// widest values each decode kernel takes: 32 lanes of 4 columns, or of 8 (`_wide`).
 const DECODE_HEADS: usize = 4;
-const DECODE_COLS: usize = 8;
+const DECODE_NARROW_DIM: usize = 128;
+const DECODE_WIDE_DIM: usize = 256;
 /// Rows each block of the non-causal passes covers: enough that the state each block
 /// loads is read once per 512 queries, few enough that every multiprocessor has work.
 const FULL_SPAN: usize = 512;
@@ -613,6 +617,18 @@ fn causal_segments(processors: usize, len: usize, blocks_per_segment: usize) -> 
     (len.div_ceil(span), span)
 }
 
+/// Pieces each segment's sums are split into for the pass that computes them: the most,
+/// up to four blocks per multiprocessor over `summed` segments, that divide its chunks
+/// evenly (the pass walks each piece's chunks in order, as the causal pass does).
+fn segment_parts(processors: usize, span: usize, summed: usize) -> usize {
+    let wanted = (4 * processors).div_ceil(summed.max(1));
+    let chunks = span / CHUNK;
+    (1..=wanted.min(chunks))
+        .rev()
+        .find(|parts| chunks % parts == 0)
+        .unwrap_or(1)
+}
+
 /// Shared memory of the chunk kernels, as `ChunkSmem::carve` lays it out.
 fn chunk_shared_bytes(dim_k: usize, value_block: usize, element: usize) -> usize {
     const PAD: usize = 8;
@@ -700,18 +716,25 @@ impl LinearPlan {
                 ) as u32,
             });
         };
-        // As the kernels carve it: double-buffered tiles of CHUNK rows (q, k, v for the
-        // causal pass, k, v for the state, q to apply it), padded by 8 elements, then the
-        // scores and the f32 row and column vectors.
+        // As the kernels carve it: tiles of CHUNK rows padded by 8 elements (a ring of
+        // three stages of q, k, v for the causal pass, two of k, v for the state, two of q
+        // to apply it), then f32 vectors: the causal pass's scores and denominators by
+        // parity, row sums per key block, key sums by parity and per producer warp; the
+        // state pass's key sums per warp; the apply pass's denominators and key sums.
         let tile = CHUNK * (dim + 8) * self.element;
-        let shared = match pass {
-            Pass::Causal => 6 * tile + CHUNK * (CHUNK + 8) * self.element + (CHUNK + 2 * dim) * 4,
-            Pass::State => 4 * tile + dim * 4,
-            Pass::Apply => 2 * tile + (CHUNK + dim) * 4,
+        let (shared, warps) = match pass {
+            Pass::Causal => (
+                9 * tile
+                    + 2 * CHUNK * (CHUNK + 8) * self.element
+                    + (2 * CHUNK + CHUNK / 16 * CHUNK + (2 + CAUSAL_PRODUCER_WARPS) * dim) * 4,
+                CAUSAL_PRODUCER_WARPS + dim / 16,
+            ),
+            Pass::State => (4 * tile + dim / 16 * dim * 4, dim / 16),
+            Pass::Apply => (2 * tile + (CHUNK + dim) * 4, dim / 16),
         };
         Ok(LaunchConfig {
             grid_dim: grid(units, heads, batch)?,
-            block_dim: (2 * dim as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         })
     }
@@ -863,10 +886,9 @@ impl Attention {
                 ),
             });
         }
-        if problem.dim_v > 32 * DECODE_COLS {
+        if problem.dim_v > DECODE_WIDE_DIM {
             return Err(Error::Unsupported(format!(
-                "decode on the GPU takes value dims up to {}, not {}",
-                32 * DECODE_COLS,
+                "decode on the GPU takes value dims up to {DECODE_WIDE_DIM}, not {}",
                 problem.dim_v
             )));
         }
@@ -883,7 +905,12 @@ impl Attention {
             shared_mem_bytes: (floats * 4) as u32,
         };
         let shape = KernelShape::of(&problem, 0)?;
-        let name = format!("linear_decode_{}", T::NAME);
+        let width = if problem.dim_v <= DECODE_NARROW_DIM {
+            ""
+        } else {
+            "wide_"
+        };
+        let name = format!("linear_decode_{width}{}", T::NAME);
         let function = gpu.kernel(&name, config.shared_mem_bytes)?;
         let mut args = gpu.stream.launch_builder(&function);
         args.arg(&q.data)
@@ -968,14 +995,28 @@ fn linear_causal<T: GpuElement>(
         problem.len_q,
         plan.value_blocks() * problem.heads_q * problem.batch,
     );
-    // The sums of every segment but the last, stored apart, give each segment its start.
+    // The sums of every segment but the last, stored apart in `parts` pieces per segment
+    // (so that this pass fills the GPU too), give each segment its start.
+    let parts = segment_parts(
+        gpu.processors,
+        span,
+        (segments - 1) * problem.batch * problem.heads_kv,
+    );
     let (segment_states, segment_sums) = if segments > 1 {
-        let summed = segments - 1;
+        let summed = (segments - 1) * parts;
         let per_head = problem.batch * problem.heads_kv * summed * problem.dim_qk;
         let mut kv: CudaSlice<f32> = gpu.alloc(per_head * problem.dim_v)?;
         let mut sums: CudaSlice<f32> = gpu.alloc(per_head)?;
         let config = plan.config(Pass::State, summed, problem.heads_kv)?;
-        key_sums(gpu, &plan, [k, v], config, span, true, [&mut kv, &mut sums])?;
+        key_sums(
+            gpu,
+            &plan,
+            [k, v],
+            config,
+            span / parts,
+            true,
+            [&mut kv, &mut sums],
+        )?;
         (Some(kv), Some(sums))
     } else {
         (None, None)
@@ -999,7 +1040,7 @@ fn linear_causal<T: GpuElement>(
         .unzip();
     let [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum] =
         [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum].map(|ptr| ptr.unwrap_or(0));
-    let span = span as i32;
+    let (span, parts) = (span as i32, parts as i32);
     let name = plan.name(Pass::Causal);
     let function = gpu.kernel(&name, config.shared_mem_bytes)?;
     let mut args = gpu.stream.launch_builder(&function);
@@ -1014,6 +1055,7 @@ fn linear_causal<T: GpuElement>(
         .arg(&kv_out)
         .arg(&k_sum_out)
         .arg(&span)
+        .arg(&parts)
         .arg(&segment_kv)
         .arg(&segment_sum);
     // SAFETY: linear_causal's arguments; states, when present, were checked.
@@ -1212,6 +1254,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn segment_parts_divide_the_span_and_fill_the_gpu() {
+        // B=4, H=16, two segments of 4096 rows: eight pieces of 512 rows, 512 blocks.
+        assert_eq!(segment_parts(132, 4096, 64), 8);
+        // 1M tokens, 16 heads, 8 segments: a piece count that divides 2048 chunks.
+        assert_eq!(segment_parts(132, 131_072, 7 * 16), 4);
+        for (span, summed) in [(640, 1), (64, 3), (1 << 14, 500), (192, 2)] {
+            let parts = segment_parts(132, span, summed);
+            assert!(
+                parts >= 1 && (span / CHUNK) % parts == 0,
+                "{span} {summed}: {parts}"
+            );
+            assert!(
+                parts == 1 || summed * parts <= 4 * 132 + summed,
+                "{span} {summed}: {parts}"
+            );
+        }
+    }
+
+    #[test]
     fn segments_cover_the_sequence_in_whole_chunks() {
         for (processors, len, blocks) in [
             (132, 8192, 128),
@@ -1311,7 +1372,11 @@ mod tests {
             for pass in [Pass::Causal, Pass::State, Pass::Apply] {
                 let config = plan.config(pass, 3, 4).unwrap();
                 assert_eq!(config.grid_dim, (3, 4, 2));
-                assert_eq!(config.block_dim.0 as usize, 2 * dim);
+                let producers = match pass {
+                    Pass::Causal => 32 * CAUSAL_PRODUCER_WARPS,
+                    _ => 0,
+                };
+                assert_eq!(config.block_dim.0 as usize, producers + 2 * dim);
                 assert!(config.shared_mem_bytes as usize <= HOPPER_OPT_IN);
             }
         }

@@ -26,6 +26,15 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) {
     return __float2half_rn(x);
 }
 
+// 2^x by ex2.approx with subnormal results flushed to 0: without .ftz the compiler
+// wraps each call in a rescaling for them (four more instructions). Every caller takes
+// 2^x for x <= 0 and adds it to sums it is far below, or multiplies by it.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <typename T> struct IsFloat { static constexpr bool value = false; };
 template <> struct IsFloat<float> { static constexpr bool value = true; };
 template <typename T> struct IsHalf { static constexpr bool value = false; };
@@ -95,22 +104,38 @@ __device__ __forceinline__ void copy_async(void* dst, const void* src, bool vali
 }
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Every group of copies but the last committed one has landed.
+__device__ __forceinline__ void wait_copies_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads: sync waits for
+// all of them, arrive counts the caller in without waiting. Shared-memory writes before
+// either are visible after the barrier completes to the threads that synced on it.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Shared rows of a D-wide tile are D + PAD elements apart: ldmatrix's eight row
 // addresses then fall in different banks.
 template <int D> __host__ __device__ constexpr int row_stride() { return D + PAD; }
 
 // Rows [t0, t0 + len) of head `head` into dst (CHUNK x D), in flight until wait_copies;
-// rows from len on are zero.
+// rows from len on are zero. A thread copies the same 16 bytes of every ROWS_PER_PASS-th
+// row, so one address is formed and then stepped.
 template <int D, int THREADS, typename T>
 __device__ void load_tile(T* dst, const T* x, int b, int t0, int len, int seq, int heads, int head) {
-    constexpr int VEC = 8, PER_ROW = D / VEC;
+    constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
+    static_assert(THREADS % PER_ROW == 0 && CHUNK % ROWS_PER_PASS == 0, "whole rows per pass");
+    const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * VEC;
+    const size_t step = static_cast<size_t>(ROWS_PER_PASS) * heads * D;
+    const T* src = x + ((static_cast<size_t>(b) * seq + t0 + r0) * heads + head) * D + c;
 #pragma unroll
-    for (int idx = threadIdx.x; idx < CHUNK * PER_ROW; idx += THREADS) {
-        const int r = idx / PER_ROW, c = (idx % PER_ROW) * VEC;
+    for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
+        const int r = r0 + pass * ROWS_PER_PASS;
         const bool valid = r < len;
-        const T* src = valid ? x + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + c : x;
-        copy_async(dst + r * row_stride<D>() + c, src, valid);
+        copy_async(dst + r * row_stride<D>() + c, valid ? src + pass * step : x, valid);
     }
 }
 

@@ -20,8 +20,12 @@ struct Shape {
     int value_block;
 };
 
-// The fast exponential (ex2.approx) is within a few ulp here: x <= 0 never overflows.
-__device__ __forceinline__ float elu_plus_one(float x) { return x > 0.f ? x + 1.f : __expf(x); }
+// exp(min(x, 0)), subnormals flushed (a phi below 2^-126 is below any rounding of the
+// sums it enters); branch-free, so the map of a row is straight-line code.
+__device__ __forceinline__ float elu_plus_one(float x) {
+    const float negative = fast_exp2(fminf(x, 0.f) * 1.4426950408889634f);
+    return x > 0.f ? x + 1.f : negative;
+}
 
 __host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
 
@@ -259,15 +263,15 @@ template <typename T> __device__ void state_to_operand(ChunkSmem<T>& s) {
 // to j <= i, O = scores V + phi(Q) S, den = row sums + phi(Q) z, then S += phi(K)^T V.
 //
 // With several segments (span rows each; grid z = batch x segments) a block starts at its
-// segment from the state before it: state_in plus the own sums of the segments before it,
-// which full_state wrote for every segment but the last (segment_states
-// [B, H_kv, segments - 1, D_k, D_v]).
+// segment from the state before it: state_in plus the sums of the `parts` spans per
+// segment before it, which full_state wrote for every segment but the last
+// (partial_states [B, H_kv, (segments - 1) parts, D_k, D_v]).
 template <typename T>
 __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, T* __restrict__ out, Shape sh, float eps,
                                const float* state_in, const float* k_sum_in, float* state_out,
-                               float* k_sum_out, int span, const float* segment_states,
-                               const float* segment_sums) {
+                               float* k_sum_out, int span, int parts, const float* partial_states,
+                               const float* partial_sums) {
     extern __shared__ __align__(128) char smem[];
     ChunkSmem<T> s(sh.dim_k, sh.value_block);
     s.carve(smem);
@@ -276,15 +280,16 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     const int g = h / (sh.heads_q / sh.heads_kv);
     const int col0 = vb * s.dvp;
     const size_t state_at = (static_cast<size_t>(b) * sh.heads_kv + g) * sh.dim_k;
-    const size_t segment_at = (static_cast<size_t>(b) * sh.heads_kv + g) * (segments - 1);
+    const int parts_before = segment * parts;
+    const size_t parts_at = (static_cast<size_t>(b) * sh.heads_kv + g) * (segments - 1) * parts;
 
     for (int idx = threadIdx.x; idx < s.dkp * s.dvp; idx += blockDim.x) {
         const int r = idx / s.dvp, c = idx % s.dvp;
         float x = 0.f;
         if (r < sh.dim_k && col0 + c < sh.dim_v) {
             if (state_in) x = state_in[(state_at + r) * sh.dim_v + col0 + c];
-            for (int before = 0; before < segment; ++before) {
-                x += segment_states[((segment_at + before) * sh.dim_k + r) * sh.dim_v + col0 + c];
+            for (int part = 0; part < parts_before; ++part) {
+                x += partial_states[((parts_at + part) * sh.dim_k + r) * sh.dim_v + col0 + c];
             }
         }
         s.state[r * s.lds + c] = x;
@@ -293,7 +298,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         float x = 0.f;
         if (d < sh.dim_k) {
             if (k_sum_in) x = k_sum_in[state_at + d];
-            for (int before = 0; before < segment; ++before) x += segment_sums[(segment_at + before) * sh.dim_k + d];
+            for (int part = 0; part < parts_before; ++part) x += partial_sums[(parts_at + part) * sh.dim_k + d];
         }
         s.k_sum[d] = x;
     }
@@ -489,15 +494,16 @@ __device__ void full_apply(const T* __restrict__ q, T* __restrict__ out, Shape s
     }
 }
 
-// Query heads one decode block serves at a time, and value columns per lane.
+// Query heads one decode block serves at a time, and rows of S a warp has in flight.
 constexpr int DECODE_HEADS = 4;
-constexpr int DECODE_COLS = 8;
+constexpr int DECODE_ROWS = 4;
 
 // One decode step for every (batch, kv head): S += phi(k) v^T, z += phi(k) in place, then
 // o = phi(q) S / (phi(q) z + eps) for each query head of the group. q and out are
 // [B, H_q, D], k and v [B, H_kv, D]. Warp w takes the rows d = w mod warps, lanes take
-// the columns, so each row of S is read once, 128 bytes at a time per warp.
-template <typename T>
+// the columns (COLS per lane: up to 32 COLS value dims), so each row of S is read once,
+// 128 bytes at a time per warp.
+template <typename T, int COLS>
 __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             T* __restrict__ out, Shape sh, float eps, float* state, float* k_sum) {
     extern __shared__ __align__(128) char smem[];
@@ -529,31 +535,45 @@ __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, co
             phi_q[idx] = elu_plus_one(to_float(q[q_row * sh.dim_k + idx]));
         }
         __syncthreads();
-        float acc[DECODE_HEADS][DECODE_COLS];
+        float acc[DECODE_HEADS][COLS];
 #pragma unroll
         for (int a = 0; a < DECODE_HEADS; ++a)
 #pragma unroll
-            for (int c = 0; c < DECODE_COLS; ++c) acc[a][c] = 0.f;
-        for (int d = warp; d < sh.dim_k; d += warps) {
-            float* row = s + static_cast<size_t>(d) * sh.dim_v;
+            for (int c = 0; c < COLS; ++c) acc[a][c] = 0.f;
+        // DECODE_ROWS rows per warp at a time, every load issued before the first use: the
+        // step is a pass over S, and its time is how many loads are in flight.
+        for (int d0 = warp; d0 < sh.dim_k; d0 += DECODE_ROWS * warps) {
+            float x[DECODE_ROWS][COLS];
 #pragma unroll
-            for (int c = 0; c < DECODE_COLS; ++c) {
-                const int col = lane + 32 * c;
-                if (col < sh.dim_v) {
-                    float x = row[col];
-                    if (h0 == 0) {
-                        x = fmaf(phi_k[d], value[col], x);
-                        row[col] = x;
+            for (int r = 0; r < DECODE_ROWS; ++r)
+#pragma unroll
+                for (int c = 0; c < COLS; ++c) {
+                    const int d = d0 + r * warps, col = lane + 32 * c;
+                    x[r][c] = d < sh.dim_k && col < sh.dim_v ? s[static_cast<size_t>(d) * sh.dim_v + col] : 0.f;
+                }
+#pragma unroll
+            for (int r = 0; r < DECODE_ROWS; ++r) {
+                const int d = d0 + r * warps;
+                if (d >= sh.dim_k) break;
+#pragma unroll
+                for (int c = 0; c < COLS; ++c) {
+                    const int col = lane + 32 * c;
+                    if (col < sh.dim_v) {
+                        if (h0 == 0) {
+                            x[r][c] = fmaf(phi_k[d], value[col], x[r][c]);
+                            s[static_cast<size_t>(d) * sh.dim_v + col] = x[r][c];
+                        }
+#pragma unroll
+                        for (int a = 0; a < DECODE_HEADS; ++a)
+                            acc[a][c] = fmaf(phi_q[a * sh.dim_k + d], x[r][c], acc[a][c]);
                     }
-#pragma unroll
-                    for (int a = 0; a < DECODE_HEADS; ++a) acc[a][c] = fmaf(phi_q[a * sh.dim_k + d], x, acc[a][c]);
                 }
             }
         }
 #pragma unroll
         for (int a = 0; a < DECODE_HEADS; ++a)
 #pragma unroll
-            for (int c = 0; c < DECODE_COLS; ++c) {
+            for (int c = 0; c < COLS; ++c) {
                 const int col = lane + 32 * c;
                 if (col < sh.dim_v) partial[(warp * DECODE_HEADS + a) * sh.dim_v + col] = acc[a][c];
             }
@@ -587,54 +607,89 @@ __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, co
 // phi(Q) S, so the state is never staged through shared memory.
 namespace mma {
 
-// phi in place on a chunk's rows, rows from len on set to 0 (so padding adds nothing to
-// scores, S or z). With DOT each row's product with z goes to dot[r]; with SUMS the
-// column sums are added into sums. Both use the values rounded to T, as the products
-// see them, so numerator and denominator agree.
-template <int D, int THREADS, bool DOT, bool SUMS, typename T>
-__device__ void map_rows(T* x, int len, const float* z, float* dot, float* sums) {
-    constexpr int VEC = 8, PER_ROW = D / VEC;
+// phi in place on the 8 elements of `packed` (rows past the chunk's length give 0, so
+// padding adds nothing to scores, S or z); `mapped` receives the values rounded to T, as
+// the products see them, so that numerator and denominator agree.
+template <typename T>
+__device__ __forceinline__ void map_vector(uint4& packed, bool valid, float (&mapped)[8]) {
+    unsigned* pairs = reinterpret_cast<unsigned*>(&packed);
+    const T* in = reinterpret_cast<const T*>(&packed);
+    // Rows past the length were zero-filled by load_tile, so phi is finite there and the
+    // product with 0 keeps this branch-free.
+    const float keep = valid ? 1.f : 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+        float lo = keep * elu_plus_one(to_float(in[e]));
+        float hi = keep * elu_plus_one(to_float(in[e + 1]));
+        pairs[e / 2] = pack<T>(lo, hi);
+        mapped[e] = lo;
+        mapped[e + 1] = hi;
+    }
+}
+
+// phi in place on a chunk's query rows, each row's product with z into dot[r]. A thread
+// takes the same 8 columns in every row it visits.
+template <int D, int THREADS, typename T>
+__device__ void map_queries(T* x, int len, const float* z, float* dot) {
+    constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
     static_assert(THREADS % PER_ROW == 0 && 32 % PER_ROW == 0, "a row's vectors lie in one warp");
-    static_assert(CHUNK * PER_ROW % THREADS == 0, "every thread takes the same number of rows");
-    const int column = (threadIdx.x % PER_ROW) * VEC;
-    float sum[VEC];
+    static_assert(CHUNK % ROWS_PER_PASS == 0, "every thread takes the same number of rows");
+    const int column = (threadIdx.x % PER_ROW) * VEC, row0 = threadIdx.x / PER_ROW;
+    float zc[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) sum[e] = 0.f;
+    for (int e = 0; e < VEC; ++e) zc[e] = z[column + e];
 #pragma unroll
-    for (int idx = threadIdx.x; idx < CHUNK * PER_ROW; idx += THREADS) {
-        const int r = idx / PER_ROW;
+    for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
+        const int r = row0 + pass * ROWS_PER_PASS;
         uint4* at = reinterpret_cast<uint4*>(x + r * row_stride<D>() + column);
         uint4 packed = *at;
-        unsigned* pairs = reinterpret_cast<unsigned*>(&packed);
-        const T* in = reinterpret_cast<const T*>(&packed);
+        float mapped[VEC];
+        map_vector<T>(packed, r < len, mapped);
+        *at = packed;
         float dot_part = 0.f;
 #pragma unroll
-        for (int e = 0; e < VEC; e += 2) {
-            float lo = r < len ? elu_plus_one(to_float(in[e])) : 0.f;
-            float hi = r < len ? elu_plus_one(to_float(in[e + 1])) : 0.f;
-            pairs[e / 2] = pack<T>(lo, hi);
-            if (DOT) dot_part += lo * z[column + e] + hi * z[column + e + 1];
-            if (SUMS) {
-                sum[e] += lo;
-                sum[e + 1] += hi;
-            }
-        }
-        *at = packed;
-        if (DOT) {
+        for (int e = 0; e < VEC; ++e) dot_part = fmaf(mapped[e], zc[e], dot_part);
 #pragma unroll
-            for (int offset = PER_ROW / 2; offset > 0; offset /= 2)
-                dot_part += __shfl_xor_sync(0xffffffffu, dot_part, offset);
-            if (column == 0) dot[r] = dot_part;
-        }
+        for (int offset = PER_ROW / 2; offset > 0; offset /= 2)
+            dot_part += __shfl_xor_sync(0xffffffffu, dot_part, offset);
+        if (column == 0) dot[r] = dot_part;
     }
-    if (SUMS) {
+}
+
+// phi in place on a chunk's key rows, the mapped values added into the thread's column
+// sums (its 8 columns, (threadIdx.x % (D / 8)) * 8 on).
+template <int D, int THREADS, typename T>
+__device__ void map_keys(T* x, int len, float (&sums)[8]) {
+    constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
+    static_assert(THREADS % PER_ROW == 0 && CHUNK % ROWS_PER_PASS == 0, "whole rows per pass");
+    const int column = (threadIdx.x % PER_ROW) * VEC, row0 = threadIdx.x / PER_ROW;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-            float s = sum[e];
+    for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
+        const int r = row0 + pass * ROWS_PER_PASS;
+        uint4* at = reinterpret_cast<uint4*>(x + r * row_stride<D>() + column);
+        uint4 packed = *at;
+        float mapped[VEC];
+        map_vector<T>(packed, r < len, mapped);
+        *at = packed;
 #pragma unroll
-            for (int offset = PER_ROW; offset < 32; offset *= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-            if (threadIdx.x % 32 < PER_ROW) atomicAdd(&sums[column + e], s);
-        }
+        for (int e = 0; e < VEC; ++e) sums[e] += mapped[e];
+    }
+}
+
+// The column sums of map_keys, reduced over each warp's rows into partials[warp][D]
+// (plain stores: shared float atomics are compare-and-swap loops on this hardware).
+template <int D>
+__device__ void store_column_sums(float (&sums)[8], float* partials) {
+    constexpr int PER_ROW = D / 8;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+#pragma unroll
+        for (int offset = PER_ROW; offset < 32; offset *= 2) sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], offset);
+    }
+    if (lane < PER_ROW) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) partials[(threadIdx.x / 32) * D + lane * 8 + e] = sums[e];
     }
 }
 
@@ -696,11 +751,11 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
     }
 }
 
-// Rows [t0, t0 + len) of the warp's value columns of out: o / (den + eps).
+// Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps).
 template <typename T, int D>
 __device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, float eps, int b, int t0,
-                           int len, int seq, int heads, int head) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+                           int len, int seq, int heads, int head, int warp) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -718,10 +773,10 @@ __device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, 
     }
 }
 
-// S^T += V^T phi(K) over the chunk for the warp's rows of S^T.
+// S^T += V^T phi(K) over the chunk for rows [16 warp, 16 warp + 16) of S^T.
 template <typename T, int D>
-__device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs, int warp) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int sk = 0; sk < CHUNK / 16; ++sk) {
         unsigned a[4];
@@ -738,165 +793,221 @@ __device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs) {
     }
 }
 
-// The S^T element a warp's accumulator (j, e) holds: (value column, key feature).
-__device__ __forceinline__ int state_column(int e) { return 16 * (threadIdx.x / 32) + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+// The S^T element accumulator (j, e) of value warp `warp` holds: (value column, key feature).
+__device__ __forceinline__ int state_column(int e, int warp) { return 16 * warp + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (threadIdx.x % 4) * 2 + e % 2; }
 
-// Causal forward. Grid: (segment, query head, batch); a segment of `span` rows starts
-// from state_in plus the per-segment sums of the segments before it (segment_states
-// [B, H_kv, segments - 1, D, D] from state_pass), as the WMMA kernel does.
+// The causal kernel's roles and buffers: a warpgroup of producers, a ring of shared
+// stages for q, k, v, and its named barriers (the producers among themselves, then per
+// buffer parity: chunk ready (producers arrive, consumers wait) and chunk consumed).
+constexpr int PRODUCER_WARPS = 8, STAGES = 3;
+// Registers per thread of each role where the block has 512 threads (D = 128): the
+// launch bound gives everyone 128, the producers need fewer, the consumers, which hold
+// S^T and the output block, more (the two sum to 256, the file's 64K over 256 threads).
+constexpr int PRODUCER_REGISTERS = 88, CONSUMER_REGISTERS = 168;
+constexpr int PRODUCERS = 1, CHUNK_READY = 2, CHUNK_FREE = 4;
+
+// The masked scores P = phi(Q) phi(K)^T (keys j <= i) of a chunk, rounded to T, into
+// scores, and the row sums of each 16-column block j (of the rounded values, as the
+// products see them) into row_parts[j][row]. The ten 16 x 16 blocks on or below the
+// diagonal are dealt round the producer warps; the blocks above it are never read.
 template <typename T, int D>
-__device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                               T* __restrict__ out, Shape sh, float eps, const float* state_in,
-                               const float* k_sum_in, float* state_out, float* k_sum_out, int span,
-                               const float* segment_states, const float* segment_sums) {
-    constexpr int WARPS = D / 16, THREADS = 32 * WARPS, LD = row_stride<D>(), LDS = CHUNK + PAD;
-    constexpr int TILE = CHUNK * LD;
-    extern __shared__ __align__(128) char smem[];
-    T* tiles = reinterpret_cast<T*>(smem);       // 2 stages x (q, k, v)
-    T* scores = tiles + 2 * 3 * TILE;             // CHUNK x LDS, masked, rounded
-    float* den = reinterpret_cast<float*>(scores + CHUNK * LDS);
-    float* z = den + CHUNK;
-    float* z_chunk = z + D;
+__device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T* ks, int warp) {
+    constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, BLOCKS = (CHUNK / 16) * (CHUNK / 16 + 1) / 2;
+    const int lane = threadIdx.x % 32;
+    for (int n = warp; n < BLOCKS; n += PRODUCER_WARPS) {
+        const int i = n >= 6 ? 3 : n >= 3 ? 2 : n >= 1 ? 1 : 0, j = n - i * (i + 1) / 2;
+        float acc[2][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4], bb[4];
+            load_matrices(a, qs + (16 * i + lane % 16) * LD + 16 * kk + (lane / 16) * 8);
+            load_matrices(bb, ks + (16 * j + lane % 8 + (lane / 16) * 8) * LD + 16 * kk + ((lane / 8) % 2) * 8);
+            product<T>(acc[0], a, bb[0], bb[1]);
+            product<T>(acc[1], a, bb[2], bb[3]);
+        }
+        const int upper = 16 * i + lane / 4, lower = upper + 8;
+        float sum_upper = 0.f, sum_lower = 0.f;
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+            const int c = 16 * j + 8 * t + (lane % 4) * 2;
+            float x0 = c <= upper ? acc[t][0] : 0.f, x1 = c + 1 <= upper ? acc[t][1] : 0.f;
+            float x2 = c <= lower ? acc[t][2] : 0.f, x3 = c + 1 <= lower ? acc[t][3] : 0.f;
+            *reinterpret_cast<unsigned*>(scores + upper * LDS + c) = pack<T>(x0, x1);
+            *reinterpret_cast<unsigned*>(scores + lower * LDS + c) = pack<T>(x2, x3);
+            sum_upper += x0 + x1;
+            sum_lower += x2 + x3;
+        }
+#pragma unroll
+        for (int offset = 1; offset < 4; offset *= 2) {
+            sum_upper += __shfl_xor_sync(0xffffffffu, sum_upper, offset);
+            sum_lower += __shfl_xor_sync(0xffffffffu, sum_lower, offset);
+        }
+        if (lane % 4 == 0) {
+            row_parts[j * CHUNK + upper] = sum_upper;
+            row_parts[j * CHUNK + lower] = sum_lower;
+        }
+    }
+}
 
-    const int segment = blockIdx.x, segments = gridDim.x, h = blockIdx.y, b = blockIdx.z;
-    const int group = sh.heads_q / sh.heads_kv, g = h / group;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
-
+// The consumer side of causal_forward: S^T of the warp's 16 value columns in registers,
+// one chunk at a time as the producers release them.
+template <typename T, int D>
+__device__ void consume_chunks(const T* tiles, const T* scores, const float* den, const float* z, T* __restrict__ out,
+                               Shape sh, float eps, const float* state_in, float* state_out,
+                               const float* partial_states, int b, int h, size_t head_kv, int first, int last,
+                               int chunks, int parts_before, int all_parts, bool writes_state) {
+    constexpr int THREADS = 32 * (PRODUCER_WARPS + D / 16);
+    constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, TILE = CHUNK * LD;
+    const int lane = threadIdx.x % 32;
+    const int value_warp = threadIdx.x / 32 - PRODUCER_WARPS;
     float st[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const size_t at = static_cast<size_t>(state_feature(j, e)) * D + state_column(e);
+            const size_t at = static_cast<size_t>(state_feature(j, e)) * D + state_column(e, value_warp);
             float x = state_in ? state_in[head_kv * D * D + at] : 0.f;
-            for (int before = 0; before < segment; ++before)
-                x += segment_states[(head_kv * (segments - 1) + before) * D * D + at];
+            for (int part = 0; part < parts_before; ++part)
+                x += partial_states[(head_kv * all_parts + part) * D * D + at];
             st[j][e] = x;
         }
-    for (int d = threadIdx.x; d < D; d += THREADS) {
-        float x = k_sum_in ? k_sum_in[head_kv * D + d] : 0.f;
-        for (int before = 0; before < segment; ++before) x += segment_sums[(head_kv * (segments - 1) + before) * D + d];
-        z[d] = x;
-        z_chunk[d] = 0.f;
-    }
-
-    const int first = segment * span, last = min(sh.len, first + span);
-    auto issue = [&](int t0, int stage) {
-        const int len = min(CHUNK, last - t0);
-        T* at = tiles + stage * 3 * TILE;
-        load_tile<D, THREADS>(at, q, b, t0, len, sh.len, sh.heads_q, h);
-        load_tile<D, THREADS>(at + TILE, k, b, t0, len, sh.len, sh.heads_kv, g);
-        load_tile<D, THREADS>(at + 2 * TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
-        commit_copies();
-    };
-    issue(first, 0);
-    int stage = 0;
-    for (int t0 = first; t0 < last; t0 += CHUNK, stage ^= 1) {
-        const int len = min(CHUNK, last - t0);
-        T* qs = tiles + stage * 3 * TILE;
-        T* ks = qs + TILE;
-        T* vs = ks + TILE;
-        wait_copies();
-        // The chunk has landed, and every warp is done with the previous one (whose
-        // stage the next loads overwrite).
-        __syncthreads();
-        if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        map_rows<D, THREADS, true, false>(qs, len, z, den, nullptr);
-        map_rows<D, THREADS, false, true>(ks, len, nullptr, nullptr, z_chunk);
-        __syncthreads();
-        for (int d = threadIdx.x; d < D; d += THREADS) {
-            z[d] += z_chunk[d];
-            z_chunk[d] = 0.f;
-        }
-
-        // Scores phi(Q) phi(K)^T, masked to keys j <= i: warp w takes row tile w % 4 and
-        // a 64 / (WARPS / 4) column slice; slices wholly above the diagonal are skipped
-        // (the products below never read them).
-        {
-            constexpr int SLICE = CHUNK / (WARPS / 4), TILES = SLICE / 8;
-            const int row0 = 16 * (warp % 4), col0 = SLICE * (warp / 4);
-            if (col0 <= row0 + 15) {
-                float acc[TILES][4];
-#pragma unroll
-                for (int j = 0; j < TILES; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    unsigned a[4];
-                    load_matrices(a, qs + (row0 + lane % 16) * LD + 16 * kk + (lane / 16) * 8);
-#pragma unroll
-                    for (int p = 0; p < TILES / 2; ++p) {
-                        unsigned bb[4];
-                        load_matrices(bb, ks + (col0 + 16 * p + lane % 8 + (lane / 16) * 8) * LD + 16 * kk +
-                                              ((lane / 8) % 2) * 8);
-                        product<T>(acc[2 * p], a, bb[0], bb[1]);
-                        product<T>(acc[2 * p + 1], a, bb[2], bb[3]);
-                    }
-                }
-                const int upper = row0 + lane / 4, lower = upper + 8;
-                float sum_upper = 0.f, sum_lower = 0.f;
-#pragma unroll
-                for (int j = 0; j < TILES; ++j) {
-                    const int c = col0 + 8 * j + (lane % 4) * 2;
-                    float x0 = c <= upper ? acc[j][0] : 0.f, x1 = c + 1 <= upper ? acc[j][1] : 0.f;
-                    float x2 = c <= lower ? acc[j][2] : 0.f, x3 = c + 1 <= lower ? acc[j][3] : 0.f;
-                    *reinterpret_cast<unsigned*>(scores + upper * LDS + c) = pack<T>(x0, x1);
-                    *reinterpret_cast<unsigned*>(scores + lower * LDS + c) = pack<T>(x2, x3);
-                    sum_upper += x0 + x1;
-                    sum_lower += x2 + x3;
-                }
-#pragma unroll
-                for (int offset = 1; offset < 4; offset *= 2) {
-                    sum_upper += __shfl_xor_sync(0xffffffffu, sum_upper, offset);
-                    sum_lower += __shfl_xor_sync(0xffffffffu, sum_lower, offset);
-                }
-                if (lane % 4 == 0) {
-                    atomicAdd(&den[upper], sum_upper);
-                    atomicAdd(&den[lower], sum_lower);
-                }
-            }
-        }
-        __syncthreads();
-
+    for (int c = 0; c < chunks; ++c) {
+        const int p = c % 2, t0 = first + c * CHUNK, len = min(CHUNK, last - t0);
+        const T* qs = tiles + (c % STAGES) * 3 * TILE;
+        const T* ks = qs + TILE;
+        const T* vs = ks + TILE;
+        const T* chunk_scores = scores + p * CHUNK * LDS;
+        named_barrier_sync(CHUNK_READY + p, THREADS);
         float o[4][2][4];
         clear(o);
-        // The state before this chunk (z already includes it: a larger bound, still a bound).
-        state_product<T, D>(o, st, qs, state_scale<T, D>(z));
+        // The state before this chunk (z through it: a larger bound, still a bound).
+        state_product<T, D>(o, st, qs, state_scale<T, D>(z + p * D));
         // Plus the masked scores times V: key tiles past the query tile are all masked.
 #pragma unroll
         for (int sk = 0; sk < CHUNK / 16; ++sk) {
             unsigned bb[4];
-            load_matrices_transposed(bb, vs + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * LD + 16 * warp +
+            load_matrices_transposed(bb, vs + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * LD + 16 * value_warp +
                                              (lane / 16) * 8);
 #pragma unroll
             for (int i = sk; i < 4; ++i) {
                 unsigned a[4];
-                load_matrices(a, scores + (16 * i + lane % 16) * LDS + 16 * sk + (lane / 16) * 8);
+                load_matrices(a, chunk_scores + (16 * i + lane % 16) * LDS + 16 * sk + (lane / 16) * 8);
                 product<T>(o[i][0], a, bb[0], bb[1]);
                 product<T>(o[i][1], a, bb[2], bb[3]);
             }
         }
-        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h);
-        absorb_chunk<T, D>(st, ks, vs);
+        store_rows<T, D>(out, o, den + p * CHUNK, eps, b, t0, len, sh.len, sh.heads_q, h, value_warp);
+        absorb_chunk<T, D>(st, ks, vs, value_warp);
+        if (c + 2 < chunks) named_barrier_arrive(CHUNK_FREE + p, THREADS);
     }
-
-    // Every query head of a group holds the same state: the first one writes it.
-    if (segment != segments - 1 || h % group != 0) return;
-    if (state_out) {
+    if (state_out && writes_state) {
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                state_out[head_kv * D * D + static_cast<size_t>(state_feature(j, e)) * D + state_column(e)] = st[j][e];
-    }
-    if (k_sum_out) {
-        __syncthreads();
-        for (int d = threadIdx.x; d < D; d += THREADS) k_sum_out[head_kv * D + d] = z[d];
+                state_out[head_kv * D * D + static_cast<size_t>(state_feature(j, e)) * D +
+                          state_column(e, value_warp)] = st[j][e];
     }
 }
+
+// Causal forward, warp-specialised. Grid: (segment, query head, batch). The producer
+// warps stream each chunk's q, k, v into a ring of STAGES shared buffers, apply phi in
+// place and form the masked scores and the denominators; one chunk behind them, each of
+// the D / 16 consumer warps owns 16 value columns of S^T in registers, forms
+// O = phi(Q) S + P V, stores it, and adds V^T phi(K) to its S^T. The two sides meet only
+// at named barriers, one pair per buffer parity, so the maps and scores of a chunk overlap
+// the products of the one before. A segment of `span` rows starts from state_in plus the
+// sums of the `parts` spans per segment before it that state_pass wrote
+// ([B, H_kv, (segments - 1) parts, D, D]).
+template <typename T, int D>
+__device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                               T* __restrict__ out, Shape sh, float eps, const float* state_in,
+                               const float* k_sum_in, float* state_out, float* k_sum_out, int span, int parts,
+                               const float* partial_states, const float* partial_sums) {
+    constexpr int CONSUMERS = D / 16, PRODUCER_THREADS = 32 * PRODUCER_WARPS;
+    constexpr int THREADS = 32 * (PRODUCER_WARPS + CONSUMERS);
+    constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, TILE = CHUNK * LD;
+    extern __shared__ __align__(128) char smem[];
+    T* tiles = reinterpret_cast<T*>(smem);                            // STAGES x (q, k, v)
+    T* scores = tiles + STAGES * 3 * TILE;                            // by parity: CHUNK x LDS
+    float* den = reinterpret_cast<float*>(scores + 2 * CHUNK * LDS);  // by parity: CHUNK
+    float* row_parts = den + 2 * CHUNK;          // CHUNK / 16 x CHUNK: row sums per key block
+    float* z = row_parts + CHUNK / 16 * CHUNK;   // by parity: key sums through the chunk
+    float* z_parts = z + 2 * D;                  // PRODUCER_WARPS x D: the chunk's, per warp
+
+    const int segment = blockIdx.x, last_segment = gridDim.x - 1, h = blockIdx.y, b = blockIdx.z;
+    const int group = sh.heads_q / sh.heads_kv, g = h / group;
+    const int warp = threadIdx.x / 32;
+    const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
+    const int parts_before = segment * parts, all_parts = last_segment * parts;
+    const int first = segment * span, last = min(sh.len, first + span);
+    const int chunks = (last - first + CHUNK - 1) / CHUNK;
+    // Only the first query head of a group writes the group's final state.
+    const bool writes_state = segment == last_segment && h % group == 0;
+
+    if (warp < PRODUCER_WARPS) {
+        if constexpr (THREADS == 512) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGISTERS));
+        for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) {
+            float x = k_sum_in ? k_sum_in[head_kv * D + d] : 0.f;
+            for (int j = 0; j < parts_before; ++j) x += partial_sums[(head_kv * all_parts + j) * D + d];
+            z[D + d] = x;  // parity 1 holds the sums before chunk 0
+        }
+        auto issue = [&](int c) {
+            const int t0 = first + c * CHUNK, len = min(CHUNK, last - t0);
+            T* at = tiles + (c % STAGES) * 3 * TILE;
+            load_tile<D, PRODUCER_THREADS>(at, q, b, t0, len, sh.len, sh.heads_q, h);
+            load_tile<D, PRODUCER_THREADS>(at + TILE, k, b, t0, len, sh.len, sh.heads_kv, g);
+            load_tile<D, PRODUCER_THREADS>(at + 2 * TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
+            commit_copies();
+        };
+        issue(0);
+        for (int c = 0; c < chunks; ++c) {
+            const int p = c % 2, len = min(CHUNK, last - first - c * CHUNK);
+            // Chunk c - 2 is consumed: its scores, sums and stage (the next chunk's) are free.
+            if (c >= 2) named_barrier_sync(CHUNK_FREE + p, THREADS);
+            if (c + 1 < chunks) {
+                issue(c + 1);
+                wait_copies_but_newest();
+            } else {
+                wait_copies();
+            }
+            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
+            T* qs = tiles + (c % STAGES) * 3 * TILE;
+            T* ks = qs + TILE;
+            float* chunk_den = den + p * CHUNK;
+            map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
+            float sums[8] = {};
+            map_keys<D, PRODUCER_THREADS>(ks, len, sums);
+            store_column_sums<D>(sums, z_parts);
+            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
+            masked_scores<T, D>(scores + p * CHUNK * LDS, row_parts, qs, ks, warp);
+            for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) {
+                float x = z[(p ^ 1) * D + d];
+#pragma unroll
+                for (int w = 0; w < PRODUCER_WARPS; ++w) x += z_parts[w * D + d];
+                z[p * D + d] = x;
+            }
+            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
+            if (threadIdx.x < CHUNK) {
+                const int r = threadIdx.x;
+                float x = chunk_den[r];
+                for (int j = 0; j <= r / 16; ++j) x += row_parts[j * CHUNK + r];
+                chunk_den[r] = x;
+            }
+            named_barrier_arrive(CHUNK_READY + p, THREADS);
+        }
+        if (k_sum_out && writes_state) {
+            // Each thread wrote these sums itself in the last chunk.
+            for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) k_sum_out[head_kv * D + d] = z[((chunks - 1) % 2) * D + d];
+        }
+    } else {
+        if constexpr (THREADS == 512) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGISTERS));
+        consume_chunks<T, D>(tiles, scores, den, z, out, sh, eps, state_in, state_out, partial_states, b, h, head_kv,
+                             first, last, chunks, parts_before, all_parts, writes_state);
+    }
+}
+
 
 // S and z over the first spans of the sequence, as full_state but on the tensor cores. Grid:
 // (span, kv head, batch).
@@ -906,7 +1017,7 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
     constexpr int WARPS = D / 16, THREADS = 32 * WARPS, TILE = CHUNK * row_stride<D>();
     extern __shared__ __align__(128) char smem[];
     T* tiles = reinterpret_cast<T*>(smem);  // 2 stages x (k, v)
-    float* z = reinterpret_cast<float*>(tiles + 2 * 2 * TILE);
+    float* z_parts = reinterpret_cast<float*>(tiles + 2 * 2 * TILE);  // WARPS x D
     const int which = blockIdx.x, spans = gridDim.x, g = blockIdx.y, b = blockIdx.z;
     const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
     float st[D / 8][4];
@@ -914,7 +1025,7 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[j][e] = 0.f;
-    for (int d = threadIdx.x; d < D; d += THREADS) z[d] = 0.f;
+    float sums[8] = {};
     const int first = which * span, last = min(sh.len, first + span);
     auto issue = [&](int t0, int stage) {
         const int len = min(CHUNK, last - t0);
@@ -930,17 +1041,18 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
         wait_copies();
         __syncthreads();
         if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        map_rows<D, THREADS, false, true>(ks, min(CHUNK, last - t0), nullptr, nullptr, z);
+        map_keys<D, THREADS>(ks, min(CHUNK, last - t0), sums);
         __syncthreads();
-        absorb_chunk<T, D>(st, ks, ks + TILE);
+        absorb_chunk<T, D>(st, ks, ks + TILE, threadIdx.x / 32);
     }
+    store_column_sums<D>(sums, z_parts);
     __syncthreads();
     const size_t at = (per_span ? head_kv * spans + which : head_kv) * D;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            float* target = &state[(at + state_feature(j, e)) * D + state_column(e)];
+            float* target = &state[(at + state_feature(j, e)) * D + state_column(e, threadIdx.x / 32)];
             if (per_span) {
                 *target = st[j][e];
             } else {
@@ -948,10 +1060,13 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
             }
         }
     for (int d = threadIdx.x; d < D; d += THREADS) {
+        float x = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) x += z_parts[w * D + d];
         if (per_span) {
-            k_sum[at + d] = z[d];
+            k_sum[at + d] = x;
         } else {
-            atomicAdd(&k_sum[at + d], z[d]);
+            atomicAdd(&k_sum[at + d], x);
         }
     }
 }
@@ -973,7 +1088,7 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-            st[j][e] = state[(head_kv * D + state_feature(j, e)) * D + state_column(e)];
+            st[j][e] = state[(head_kv * D + state_feature(j, e)) * D + state_column(e, threadIdx.x / 32)];
     for (int d = threadIdx.x; d < D; d += THREADS) z[d] = k_sum[head_kv * D + d];
     const int first = blockIdx.x * span, last = min(sh.len, first + span);
     auto issue = [&](int t0, int stage) {
@@ -990,12 +1105,12 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
         wait_copies();
         __syncthreads();
         if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        map_rows<D, THREADS, true, false>(qs, len, z, den, nullptr);
+        map_queries<D, THREADS>(qs, len, z, den);
         __syncthreads();
         float o[4][2][4];
         clear(o);
         state_product<T, D>(o, st, qs, scale);
-        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h);
+        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h, threadIdx.x / 32);
     }
 }
 
@@ -1006,9 +1121,9 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
     extern "C" __global__ void __launch_bounds__(256, 1) linear_causal_##SUFFIX(                \
         const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,              \
         const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,      \
-        int span, const float* segment_states, const float* segment_sums) {                    \
+        int span, int parts, const float* partial_states, const float* partial_sums) {         \
         linattn::causal_forward<T>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,       \
-                                   k_sum_out, span, segment_states, segment_sums);              \
+                                   k_sum_out, span, parts, partial_states, partial_sums);       \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) linear_full_state_##SUFFIX(               \
         const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,        \
@@ -1020,10 +1135,15 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
         const float* k_sum) {                                                                   \
         linattn::full_apply<T>(q, out, sh, span, eps, state, k_sum);                            \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) linear_decode_##SUFFIX(                   \
+    extern "C" __global__ void __launch_bounds__(256, 4) linear_decode_##SUFFIX(                 \
         const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps, float* state, \
         float* k_sum) {                                                                         \
-        linattn::decode_step<T>(q, k, v, out, sh, eps, state, k_sum);                           \
+        linattn::decode_step<T, 4>(q, k, v, out, sh, eps, state, k_sum);                        \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 2) linear_decode_wide_##SUFFIX(            \
+        const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps, float* state, \
+        float* k_sum) {                                                                         \
+        linattn::decode_step<T, 8>(q, k, v, out, sh, eps, state, k_sum);                        \
     }
 
 LINATTN_INSTANCES(f32, float)
@@ -1031,12 +1151,13 @@ LINATTN_INSTANCES(bf16, __nv_bfloat16)
 LINATTN_INSTANCES(f16, __half)
 
 #define LINATTN_MMA_INSTANCES(SUFFIX, T, D)                                                        \
-    extern "C" __global__ void __launch_bounds__(2 * D, 1) linear_causal_mma_##SUFFIX##_d##D(      \
-        const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,                 \
-        const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,         \
-        int span, const float* segment_states, const float* segment_sums) {                       \
+    extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)      \
+        linear_causal_mma_##SUFFIX##_d##D(                                                         \
+            const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,             \
+            const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,     \
+            int span, int parts, const float* partial_states, const float* partial_sums) {        \
         linattn::mma::causal_forward<T, D>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,  \
-                                           k_sum_out, span, segment_states, segment_sums);         \
+                                           k_sum_out, span, parts, partial_states, partial_sums);  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(2 * D) linear_state_mma_##SUFFIX##_d##D(          \
         const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,           \

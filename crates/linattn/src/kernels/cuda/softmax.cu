@@ -112,13 +112,13 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
             largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
             // A row with nothing visible yet keeps -inf; 0 as its reference keeps exp2 finite.
             const float reference = largest == minus_infinity ? 0.f : largest;
-            const float correction = exp2f(row_max[r] - reference);
+            const float correction = fast_exp2(row_max[r] - reference);
             row_max[r] = largest;
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < KEYS / 8; ++n) {
-                s[n][2 * r] = exp2f(s[n][2 * r] - reference);
-                s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - reference);
+                s[n][2 * r] = fast_exp2(s[n][2 * r] - reference);
+                s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - reference);
                 sum += s[n][2 * r] + s[n][2 * r + 1];
             }
             row_sum[r] = row_sum[r] * correction + sum;
@@ -221,7 +221,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
             if (!visible) continue;
             const float x = score * p.scale_log2;
             const float largest = fmaxf(row_max, x);
-            const float correction = exp2f(row_max - largest), weight = exp2f(x - largest);
+            const float correction = fast_exp2(row_max - largest), weight = fast_exp2(x - largest);
             row_max = largest;
             row_sum = row_sum * correction + weight;
 #pragma unroll

@@ -72,6 +72,30 @@ fn allocation_error<T>(count: usize, error: impl std::fmt::Display) -> Error {
     cuda_error(&format!("allocating {bytes} on the GPU"), error)
 }
 
+/// Lets the device's stream-ordered memory pool keep what is freed for the next
+/// allocation, as a caching allocator does. By default the pool hands it back to the
+/// driver at every synchronisation, and mapping a call's buffers again (the output, the
+/// causal form's segment sums) took longer than the kernels of a call.
+fn keep_freed_memory_pooled(context: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is the open context's; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device())
+            .result()
+            .and_then(|()| {
+                sys::cuMemPoolSetAttribute(
+                    pool.assume_init(),
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+                .result()
+            })
+    }
+    .map_err(|e| cuda_error("configuring the GPU's memory pool", e))
+}
+
 /// One GPU: its context, the stream every call runs on, and the kernels compiled for it.
 pub struct Gpu {
     context: Arc<CudaContext>,
@@ -106,6 +130,9 @@ impl Gpu {
             ));
         }
         let context = CudaContext::new(ordinal).map_err(|e| cuda_error("opening the GPU", e))?;
+        if context.has_async_alloc() {
+            keep_freed_memory_pooled(&context)?;
+        }
         let stream = context.default_stream();
         let attribute = |attribute, what: &str| {
             context
@@ -1005,8 +1032,17 @@ fn linear_causal<T: GpuElement>(
     let (segment_states, segment_sums) = if segments > 1 {
         let summed = (segments - 1) * parts;
         let per_head = problem.batch * problem.heads_kv * summed * problem.dim_qk;
-        let mut kv: CudaSlice<f32> = gpu.alloc(per_head * problem.dim_v)?;
-        let mut sums: CudaSlice<f32> = gpu.alloc(per_head)?;
+        // SAFETY: the state pass stores every element (one piece per block) before the
+        // causal pass reads them.
+        let (mut kv, mut sums) = unsafe {
+            let count = per_head * problem.dim_v;
+            let kv = gpu.stream.alloc::<f32>(count);
+            let sums = gpu.stream.alloc::<f32>(per_head);
+            (
+                kv.map_err(|e| allocation_error::<f32>(count, e))?,
+                sums.map_err(|e| allocation_error::<f32>(per_head, e))?,
+            )
+        };
         let config = plan.config(Pass::State, summed, problem.heads_kv)?;
         key_sums(
             gpu,

@@ -745,15 +745,16 @@ impl LinearPlan {
         };
         // As the kernels carve it: tiles of CHUNK rows padded by 8 elements (a ring of
         // three stages of q, k, v for the causal pass, two of k, v for the state, two of q
-        // to apply it), then f32 vectors: the causal pass's scores and denominators by
-        // parity, row sums per key block, key sums by parity and per producer warp; the
-        // state pass's key sums per warp; the apply pass's denominators and key sums.
+        // to apply it), then the causal pass's scores by parity and its f32 vectors
+        // (denominators and row sums per key block by parity, key sums by parity and per
+        // producer warp); the state pass's key sums per warp; the apply pass's
+        // denominators and key sums.
         let tile = CHUNK * (dim + 8) * self.element;
         let (shared, warps) = match pass {
             Pass::Causal => (
                 9 * tile
                     + 2 * CHUNK * (CHUNK + 8) * self.element
-                    + (2 * CHUNK + CHUNK / 16 * CHUNK + (2 + CAUSAL_PRODUCER_WARPS) * dim) * 4,
+                    + (2 * CHUNK + 2 * CHUNK / 16 * CHUNK + (2 + CAUSAL_PRODUCER_WARPS) * dim) * 4,
                 CAUSAL_PRODUCER_WARPS + dim / 16,
             ),
             Pass::State => (4 * tile + dim / 16 * dim * 4, dim / 16),

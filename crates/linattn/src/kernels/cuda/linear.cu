@@ -751,24 +751,39 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
     }
 }
 
-// Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps).
+// Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps),
+// where with row_parts a row's denominator is den plus its row sums over key blocks up to
+// its own (row_parts[j][row], from masked_scores). A quad of lanes holds one row, two columns of each 8-column tile per lane; two
+// exchanges within the quad give each lane four adjacent columns, so the row's 32 bytes
+// (one sector) leave in one 8-byte store per lane instead of two half-sector stores.
 template <typename T, int D>
-__device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, float eps, int b, int t0,
-                           int len, int seq, int heads, int head, int warp) {
-    const int lane = threadIdx.x % 32;
+__device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, const float* row_parts, float eps,
+                           int b, int t0, int len, int seq, int heads, int head, int warp) {
+    const int lane = threadIdx.x % 32, quad = lane % 4;
+    const int first = lane - quad + (2 * quad) % 4, second = first + 1;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int half_rows = 0; half_rows < 2; ++half_rows) {
             const int r = 16 * i + lane / 4 + 8 * half_rows;
-            if (r >= len) continue;
-            const float inverse = 1.f / (den[r] + eps);
-            T* row = out + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + 16 * warp + (lane % 4) * 2;
+            // Every lane takes part in the exchanges; rows past the length are not stored.
+            const int row = min(r, CHUNK - 1);
+            float sum = den[row];
+            if (row_parts) {
 #pragma unroll
-            for (int n = 0; n < 2; ++n) {
-                *reinterpret_cast<unsigned*>(row + 8 * n) =
-                    pack_value<T>(o[i][n][2 * half_rows] * inverse, o[i][n][2 * half_rows + 1] * inverse);
+                for (int j = 0; j <= i; ++j) sum += row_parts[j * CHUNK + row];
             }
+            const float inverse = 1.f / (sum + eps);
+            const unsigned left = pack_value<T>(o[i][0][2 * half_rows] * inverse, o[i][0][2 * half_rows + 1] * inverse);
+            const unsigned right = pack_value<T>(o[i][1][2 * half_rows] * inverse, o[i][1][2 * half_rows + 1] * inverse);
+            const unsigned left_first = __shfl_sync(0xffffffffu, left, first);
+            const unsigned right_first = __shfl_sync(0xffffffffu, right, first);
+            const unsigned left_second = __shfl_sync(0xffffffffu, left, second);
+            const unsigned right_second = __shfl_sync(0xffffffffu, right, second);
+            if (r >= len) continue;
+            T* at = out + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + 16 * warp + 4 * quad;
+            *reinterpret_cast<uint2*>(at) =
+                quad < 2 ? make_uint2(left_first, left_second) : make_uint2(right_first, right_second);
         }
     }
 }
@@ -853,7 +868,8 @@ __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T*
 // The consumer side of causal_forward: S^T of the warp's 16 value columns in registers,
 // one chunk at a time as the producers release them.
 template <typename T, int D>
-__device__ void consume_chunks(const T* tiles, const T* scores, const float* den, const float* z, T* __restrict__ out,
+__device__ void consume_chunks(const T* tiles, const T* scores, const float* den, const float* row_parts, const float* z,
+                               T* __restrict__ out,
                                Shape sh, float eps, const float* state_in, float* state_out,
                                const float* partial_states, int b, int h, size_t head_kv, int first, int last,
                                int chunks, int parts_before, int all_parts, bool writes_state) {
@@ -897,7 +913,8 @@ __device__ void consume_chunks(const T* tiles, const T* scores, const float* den
                 product<T>(o[i][1], a, bb[2], bb[3]);
             }
         }
-        store_rows<T, D>(out, o, den + p * CHUNK, eps, b, t0, len, sh.len, sh.heads_q, h, value_warp);
+        store_rows<T, D>(out, o, den + p * CHUNK, row_parts + p * (CHUNK / 16) * CHUNK, eps, b, t0, len, sh.len,
+                         sh.heads_q, h, value_warp);
         absorb_chunk<T, D>(st, ks, vs, value_warp);
         if (c + 2 < chunks) named_barrier_arrive(CHUNK_FREE + p, THREADS);
     }
@@ -932,8 +949,8 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     T* tiles = reinterpret_cast<T*>(smem);                            // STAGES x (q, k, v)
     T* scores = tiles + STAGES * 3 * TILE;                            // by parity: CHUNK x LDS
     float* den = reinterpret_cast<float*>(scores + 2 * CHUNK * LDS);  // by parity: CHUNK
-    float* row_parts = den + 2 * CHUNK;          // CHUNK / 16 x CHUNK: row sums per key block
-    float* z = row_parts + CHUNK / 16 * CHUNK;   // by parity: key sums through the chunk
+    float* row_parts = den + 2 * CHUNK;              // by parity: CHUNK / 16 x CHUNK row sums per key block
+    float* z = row_parts + 2 * CHUNK / 16 * CHUNK;   // by parity: key sums through the chunk
     float* z_parts = z + 2 * D;                  // PRODUCER_WARPS x D: the chunk's, per warp
 
     const int segment = blockIdx.x, last_segment = gridDim.x - 1, h = blockIdx.y, b = blockIdx.z;
@@ -981,19 +998,12 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             map_keys<D, PRODUCER_THREADS>(ks, len, sums);
             store_column_sums<D>(sums, z_parts);
             named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
-            masked_scores<T, D>(scores + p * CHUNK * LDS, row_parts, qs, ks, warp);
+            masked_scores<T, D>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
             for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) {
                 float x = z[(p ^ 1) * D + d];
 #pragma unroll
                 for (int w = 0; w < PRODUCER_WARPS; ++w) x += z_parts[w * D + d];
                 z[p * D + d] = x;
-            }
-            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
-            if (threadIdx.x < CHUNK) {
-                const int r = threadIdx.x;
-                float x = chunk_den[r];
-                for (int j = 0; j <= r / 16; ++j) x += row_parts[j * CHUNK + r];
-                chunk_den[r] = x;
             }
             named_barrier_arrive(CHUNK_READY + p, THREADS);
         }
@@ -1003,7 +1013,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         }
     } else {
         if constexpr (THREADS == 512) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGISTERS));
-        consume_chunks<T, D>(tiles, scores, den, z, out, sh, eps, state_in, state_out, partial_states, b, h, head_kv,
+        consume_chunks<T, D>(tiles, scores, den, row_parts, z, out, sh, eps, state_in, state_out, partial_states, b, h, head_kv,
                              first, last, chunks, parts_before, all_parts, writes_state);
     }
 }
@@ -1110,7 +1120,7 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
         float o[4][2][4];
         clear(o);
         state_product<T, D>(o, st, qs, scale);
-        store_rows<T, D>(out, o, den, eps, b, t0, len, sh.len, sh.heads_q, h, threadIdx.x / 32);
+        store_rows<T, D>(out, o, den, nullptr, eps, b, t0, len, sh.len, sh.heads_q, h, threadIdx.x / 32);
     }
 }
 

@@ -484,7 +484,88 @@ fn checks(gpu: &Gpu) -> Result<usize> {
         };
         failures += usize::from(!passed);
     }
+
+    // Backward: a length inside one chunk, lengths off the chunk, several segments (and
+    // their pieces), both head dims, more than one batch.
+    for (index, shape) in [
+        [2, 77, 3, 64],
+        [1, 300, 2, 128],
+        [2, 1000, 2, 64],
+        [1, 2000, 2, 128],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        failures += check_backward(gpu, shape, 400 + 5 * index as u64)?;
+    }
     Ok(failures)
+}
+
+/// The GPU backward of causal linear attention against the CPU's in f64, on the same
+/// bf16-rounded inputs and output gradient. No peer's backward is emulated here: the
+/// tolerance is four roundings of bf16 for each gradient (half the forward checks' cap;
+/// the first H100 run measured 0.25-0.71%).
+fn check_backward(gpu: &Gpu, shape: [usize; 4], seed: u64) -> Result<usize> {
+    let rounded = |x: Tensor<f32>| -> Result<Tensor<f32>> {
+        let values = x
+            .as_slice()
+            .iter()
+            .map(|&x| bf16::from_f32(x).to_f32())
+            .collect();
+        Ok(Tensor::from_vec(values, x.shape())?)
+    };
+    let [q, k, v] = inputs(shape, shape[1], shape[2], shape[3], seed)?;
+    let [q, k, v, d_out] = [
+        rounded(q)?,
+        rounded(k)?,
+        rounded(v)?,
+        rounded(random(shape, seed + 3)?)?,
+    ];
+    let attention = Attention::new(Method::linear()).causal(true);
+    let exact = attention.backward(
+        &q.cast::<f64>(),
+        &k.cast::<f64>(),
+        &v.cast::<f64>(),
+        &d_out.cast::<f64>(),
+    )?;
+    let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(gpu, x);
+    let (q, k, v, d_out) = (upload(&q)?, upload(&k)?, upload(&v)?, upload(&d_out)?);
+    let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
+    let gradients = attention.backward_cuda(gpu, &q, &k, &v, &forward, &d_out)?;
+    let tolerance = 4.0 * bf16::UNIT_ROUNDOFF;
+    let mut failures = 0;
+    for (name, gpu_gradient, exact) in [
+        ("dq", &gradients.dq, &exact.dq),
+        ("dk", &gradients.dk, &exact.dk),
+        ("dv", &gradients.dv, &exact.dv),
+    ] {
+        let error = relative_error(&as_f64(&gpu_gradient.download()?), exact.as_slice());
+        let what = format!("linear backward {name} bf16 {shape:?}");
+        failures += usize::from(!report(&what, error, tolerance));
+    }
+    Ok(failures)
+}
+
+/// Median milliseconds of a training forward and its backward (causal linear, bf16).
+fn time_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<f64> {
+    let upload =
+        |seed| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &random(shape, seed)?)?) };
+    let (q, k, v, d_out) = (upload(1)?, upload(2)?, upload(3)?, upload(4)?);
+    let attention = Attention::new(Method::linear()).causal(true);
+    let run = || -> linattn::Result<()> {
+        let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
+        attention
+            .backward_cuda(gpu, &q, &k, &v, &forward, &d_out)
+            .map(drop)
+    };
+    for _ in 0..3 {
+        run()?;
+    }
+    gpu.synchronize()?;
+    let times = (0..RUNS)
+        .map(|_| gpu.elapsed_ms(run))
+        .collect::<linattn::Result<Vec<f64>>>()?;
+    Ok(median(times))
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -632,6 +713,10 @@ fn benches(gpu: &Gpu, quick: bool) -> Result<()> {
         "bench,linear decode step,bf16 tokens f32 state,B=32 H=16 D=128,{:.1} us,floor {:.1} us (state read + written)",
         time_decode(gpu)?,
         2.0 * state_bytes / bandwidth * 1e6
+    );
+    println!(
+        "bench,linear causal forward+backward,bf16,B=4 T=8192 H=16 D=128,{:.4} ms",
+        time_forward_backward(gpu, main)?
     );
     let million = [1, 1 << 20, 16, 128];
     line(

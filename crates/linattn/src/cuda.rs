@@ -30,6 +30,11 @@ const LINEAR_SOURCE: &str = concat!(
     include_str!("kernels/cuda/common.cuh"),
     include_str!("kernels/cuda/linear.cu")
 );
+const LINEAR_BACKWARD_SOURCE: &str = concat!(
+    include_str!("kernels/cuda/common.cuh"),
+    include_str!("kernels/cuda/linear.cu"),
+    include_str!("kernels/cuda/linear_backward.cu")
+);
 const SOFTMAX_SOURCE: &str = concat!(
     include_str!("kernels/cuda/common.cuh"),
     include_str!("kernels/cuda/softmax.cu")
@@ -255,6 +260,7 @@ impl Gpu {
     fn function(&self, source: Source, name: &str) -> Result<CudaFunction> {
         let (code, file) = match source {
             Source::Linear => (LINEAR_SOURCE, "linear.cu"),
+            Source::LinearBackward => (LINEAR_BACKWARD_SOURCE, "linear_backward.cu"),
             Source::Softmax => (SOFTMAX_SOURCE, "softmax.cu"),
         };
         let mut modules = self
@@ -336,6 +342,8 @@ impl Gpu {
 #[derive(Clone, Copy)]
 enum Source {
     Linear,
+    /// The linear kernels again with the backward pass's (compiled only when asked for).
+    LinearBackward,
     Softmax,
 }
 
@@ -513,6 +521,24 @@ impl<T: GpuElement> GpuTensor<T> {
     pub fn shape(&self) -> [usize; 4] {
         self.shape
     }
+}
+
+/// What [`Attention::forward_training_cuda`] keeps for the backward pass.
+pub struct GpuForward {
+    /// The attention's output.
+    pub out: GpuTensor<half::bf16>,
+    /// Each row's denominator, `[B, T, H]`.
+    den: CudaSlice<f32>,
+}
+
+/// Gradients from [`Attention::backward_cuda`], each shaped like its input.
+pub struct GpuGradients {
+    /// ∂loss/∂q.
+    pub dq: GpuTensor<half::bf16>,
+    /// ∂loss/∂k.
+    pub dk: GpuTensor<half::bf16>,
+    /// ∂loss/∂v.
+    pub dv: GpuTensor<half::bf16>,
 }
 
 /// The recurrent state of linear attention on the GPU for every (batch, kv head):
@@ -826,7 +852,9 @@ impl Attention {
         let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
         match mask {
             Some(mask) => softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?,
-            None if problem.causal => linear_causal(gpu, &problem, q, k, v, &mut out, None, None)?,
+            None if problem.causal => {
+                linear_causal(gpu, &problem, [q, k, v], &mut out, None, None, None)?
+            }
             None => linear_full(gpu, &problem, q, k, v, &mut out)?,
         }
         Ok(out)
@@ -873,12 +901,11 @@ impl Attention {
         linear_causal(
             gpu,
             &problem,
-            q,
-            k,
-            v,
+            [q, k, v],
             &mut out,
             Some((&previous, &previous_sum)),
             Some((&mut state.kv, &mut state.k_sum)),
+            None,
         )?;
         Ok(out)
     }
@@ -954,6 +981,216 @@ impl Attention {
         Ok(out)
     }
 
+    /// Causal linear attention on the GPU as [`forward_cuda`](Self::forward_cuda), keeping
+    /// what [`backward_cuda`](Self::backward_cuda) needs: the output and each row's
+    /// denominator (4 bytes per row and head). Takes what `backward_cuda` takes.
+    ///
+    /// ```no_run
+    /// use half::bf16;
+    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 256, 2, 64], 0)?)?;
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let forward = attention.forward_training_cuda(&gpu, &x, &x, &x)?;
+    /// assert_eq!(forward.out.shape(), [1, 256, 2, 64]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn forward_training_cuda(
+        &self,
+        gpu: &Gpu,
+        q: &GpuTensor<half::bf16>,
+        k: &GpuTensor<half::bf16>,
+        v: &GpuTensor<half::bf16>,
+    ) -> Result<GpuForward> {
+        let problem = self.backward_problem(q, k, v)?;
+        let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+        let rows = problem.batch * problem.len_q * problem.heads_q;
+        // SAFETY: the causal kernel writes every row's denominator.
+        let mut den = unsafe { gpu.stream.alloc::<f32>(rows) }
+            .map_err(|e| allocation_error::<f32>(rows, e))?;
+        linear_causal(
+            gpu,
+            &problem,
+            [q, k, v],
+            &mut out,
+            None,
+            None,
+            Some(&mut den),
+        )?;
+        Ok(GpuForward { out, den })
+    }
+
+    /// Gradients of causal linear attention on the GPU: ∂loss/∂q, ∂loss/∂k, ∂loss/∂v
+    /// from ∂loss/∂out and what [`forward_training_cuda`](Self::forward_training_cuda)
+    /// kept of the same call, for bf16 heads with `D_k = D_v` in {64, 128} and as many
+    /// kv heads as query heads (other cases are refused with [`Error::Unsupported`]; the
+    /// CPU's [`Attention::backward`] takes them all). The gradients are three passes of
+    /// the causal tensor-core kernel without feature map or denominator (one causal, two
+    /// walking the sequence backwards) and prefix sums for the denominator's terms.
+    ///
+    /// ```no_run
+    /// use half::bf16;
+    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 256, 2, 64], 0)?)?;
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let forward = attention.forward_training_cuda(&gpu, &x, &x, &x)?;
+    /// let gradients = attention.backward_cuda(&gpu, &x, &x, &x, &forward, &x)?;
+    /// assert_eq!(gradients.dq.shape(), [1, 256, 2, 64]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn backward_cuda(
+        &self,
+        gpu: &Gpu,
+        q: &GpuTensor<half::bf16>,
+        k: &GpuTensor<half::bf16>,
+        v: &GpuTensor<half::bf16>,
+        forward: &GpuForward,
+        d_out: &GpuTensor<half::bf16>,
+    ) -> Result<GpuGradients> {
+        let problem = self.backward_problem(q, k, v)?;
+        for (what, shape) in [
+            ("output gradient", d_out.shape),
+            ("saved output", forward.out.shape),
+        ] {
+            if shape != problem.out_shape() {
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "the {what} has shape {shape:?} but the output has shape {:?}",
+                        problem.out_shape()
+                    ),
+                });
+            }
+        }
+        let (out, den) = (&forward.out, &forward.den);
+        let shape = problem.out_shape();
+        let rows = problem.batch * problem.len_q * problem.heads_q;
+        // SAFETY (the allocations below): each buffer is written in full by the kernel
+        // that produces it before any kernel reads it.
+        let floats = |count: usize| {
+            unsafe { gpu.stream.alloc::<f32>(count) }.map_err(|e| allocation_error::<f32>(count, e))
+        };
+        let tensor = || GpuTensor::<half::bf16>::for_output(gpu, shape);
+
+        let dim = problem.dim_qk;
+        let shape_arg = KernelShape::of(&problem, dim)?;
+        let (mut g, mut phi_q, mut phi_k) = (tensor()?, tensor()?, tensor()?);
+        let mut h = floats(rows)?;
+        const ROWS_PER_BLOCK: usize = 8;
+        let name = format!("linear_backward_prepare_bf16_d{dim}");
+        let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
+        let config = LaunchConfig {
+            grid_dim: grid(rows.div_ceil(ROWS_PER_BLOCK), 1, 1)?,
+            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let row_count = rows as i64;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&q.data)
+            .arg(&k.data)
+            .arg(&out.data)
+            .arg(&d_out.data)
+            .arg(den)
+            .arg(&mut g.data)
+            .arg(&mut h)
+            .arg(&mut phi_q.data)
+            .arg(&mut phi_k.data)
+            .arg(&row_count);
+        // SAFETY: the prepare kernel's arguments, each [B, T, H, D] or [B, T, H].
+        unsafe { launch(args, config, &name) }?;
+
+        // The first terms of dφ(q) and dφ(k) nearly cancel what the prefix sums add to
+        // them (g_i · v_j + h_i = g_i · (v_j − o_i)): they stay in f32.
+        let (mut a, mut bk) = (
+            GpuTensor::<f32>::for_output(gpu, shape)?,
+            GpuTensor::<f32>::for_output(gpu, shape)?,
+        );
+        let mut dv = tensor()?;
+        linear_plain(gpu, &problem, [&g, v, &phi_k], &mut a, false)?;
+        linear_plain(gpu, &problem, [v, &g, &phi_q], &mut bk, true)?;
+        linear_plain(gpu, &problem, [&phi_k, &phi_q, &g], &mut dv, true)?;
+
+        let chunks = problem.len_q.div_ceil(CHUNK);
+        let sums = problem.batch * problem.heads_q * chunks * dim;
+        let (mut key_sums, mut query_sums) = (floats(sums)?, floats(sums)?);
+        let per_chunk = LaunchConfig {
+            grid_dim: grid(chunks, problem.heads_q, problem.batch)?,
+            block_dim: (dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = format!("linear_backward_chunk_sums_bf16_d{dim}");
+        let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&phi_q.data)
+            .arg(&phi_k.data)
+            .arg(&h)
+            .arg(&shape_arg)
+            .arg(&mut key_sums)
+            .arg(&mut query_sums);
+        // SAFETY: the chunk-sums kernel's arguments, sized for its grid.
+        unsafe { launch(args, per_chunk, &name) }?;
+
+        let name = format!("linear_backward_scan_bf16_d{dim}");
+        let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
+        let per_head = LaunchConfig {
+            grid_dim: grid(problem.heads_q, problem.batch, 1)?,
+            block_dim: (dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let chunk_count = chunks as i32;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&shape_arg)
+            .arg(&chunk_count)
+            .arg(&mut key_sums)
+            .arg(&mut query_sums);
+        // SAFETY: the scan kernel's arguments, the sums as the chunk-sums kernel wrote them.
+        unsafe { launch(args, per_head, &name) }?;
+
+        let (mut dq, mut dk) = (tensor()?, tensor()?);
+        let name = format!("linear_backward_finish_bf16_d{dim}");
+        let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
+        let mut args = gpu.stream.launch_builder(&function);
+        args.arg(&q.data)
+            .arg(&k.data)
+            .arg(&phi_q.data)
+            .arg(&phi_k.data)
+            .arg(&h)
+            .arg(&a.data)
+            .arg(&bk.data)
+            .arg(&key_sums)
+            .arg(&query_sums)
+            .arg(&shape_arg)
+            .arg(&mut dq.data)
+            .arg(&mut dk.data);
+        // SAFETY: the finishing kernel's arguments, all [B, T, H, D], [B, T, H] or the
+        // scanned sums.
+        unsafe { launch(args, per_chunk, &name) }?;
+        Ok(GpuGradients { dq, dk, dv })
+    }
+
+    /// The problem of a training call on the GPU, and whether the backward kernels take it.
+    fn backward_problem(
+        &self,
+        q: &GpuTensor<half::bf16>,
+        k: &GpuTensor<half::bf16>,
+        v: &GpuTensor<half::bf16>,
+    ) -> Result<Problem> {
+        let problem = self.gpu_problem(q, k, v)?;
+        let supported = problem.causal
+            && problem.heads_q == problem.heads_kv
+            && problem.dim_qk == problem.dim_v
+            && matches!(problem.dim_qk, 64 | 128);
+        if !supported {
+            return Err(Error::Unsupported(format!(
+                "the GPU backward takes causal linear attention with head dims 64 or 128 (k's = \
+                 v's) and as many kv heads as query heads, not causal = {}, dims {} and {}, \
+                 {} query and {} kv heads; Attention::backward on the CPU takes it",
+                problem.causal, problem.dim_qk, problem.dim_v, problem.heads_q, problem.heads_kv
+            )));
+        }
+        Ok(problem)
+    }
+
     /// The problem of a linear call on the GPU: shapes checked as on the CPU, then what
     /// the linear kernels take (lengths of k and v equal to q's).
     fn gpu_problem<T: GpuElement>(
@@ -1006,32 +1243,45 @@ fn check_state(state: &GpuLinearState, problem: &Problem) -> Result<()> {
 type StateRef<'a> = (&'a CudaSlice<f32>, &'a CudaSlice<f32>);
 type StateMut<'a> = (&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>);
 
-#[allow(clippy::too_many_arguments)]
-fn linear_causal<T: GpuElement>(
-    gpu: &Gpu,
-    problem: &Problem,
-    q: &GpuTensor<T>,
-    k: &GpuTensor<T>,
-    v: &GpuTensor<T>,
-    out: &mut GpuTensor<T>,
-    state_in: Option<StateRef<'_>>,
-    state_out: Option<StateMut<'_>>,
-) -> Result<()> {
-    let plan = LinearPlan::new::<T>(problem)?;
-    let (segments, span) = causal_segments(
-        gpu.processors,
-        problem.len_q,
-        plan.value_blocks() * problem.heads_q * problem.batch,
-    );
-    // The sums of every segment but the last, stored apart in `parts` pieces per segment
-    // (so that this pass fills the GPU too), give each segment its start.
-    let parts = segment_parts(
-        gpu.processors,
-        span,
-        (segments - 1) * problem.batch * problem.heads_kv,
-    );
-    let (segment_states, segment_sums) = if segments > 1 {
-        let summed = (segments - 1) * parts;
+/// How the causal passes split each sequence (`causal_segments`), and the sums over every
+/// segment but the last that give each segment its start: `parts` pieces per segment,
+/// stored apart, so that this pass fills the GPU too. `state_kernel` is the state pass
+/// matching the causal kernel (mapped or plain, forwards or backwards).
+struct Segments {
+    span: usize,
+    count: usize,
+    parts: usize,
+    /// `[B, H_kv, (count - 1) parts, D_k, D_v]` and `[B, H_kv, (count - 1) parts, D_k]`.
+    sums: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+impl Segments {
+    fn of<T: GpuElement>(
+        gpu: &Gpu,
+        problem: &Problem,
+        plan: &LinearPlan,
+        [k, v]: [&GpuTensor<T>; 2],
+        state_kernel: (Source, &str),
+    ) -> Result<Self> {
+        let (count, span) = causal_segments(
+            gpu.processors,
+            problem.len_q,
+            plan.value_blocks() * problem.heads_q * problem.batch,
+        );
+        let parts = segment_parts(
+            gpu.processors,
+            span,
+            (count - 1) * problem.batch * problem.heads_kv,
+        );
+        if count == 1 {
+            return Ok(Self {
+                span,
+                count,
+                parts,
+                sums: None,
+            });
+        }
+        let summed = (count - 1) * parts;
         let per_head = problem.batch * problem.heads_kv * summed * problem.dim_qk;
         // SAFETY: the state pass stores every element (one piece per block) before the
         // causal pass reads them.
@@ -1047,18 +1297,37 @@ fn linear_causal<T: GpuElement>(
         let config = plan.config(Pass::State, summed, problem.heads_kv)?;
         key_sums(
             gpu,
-            &plan,
+            plan,
+            state_kernel,
             [k, v],
             config,
             span / parts,
             true,
             [&mut kv, &mut sums],
         )?;
-        (Some(kv), Some(sums))
-    } else {
-        (None, None)
-    };
-    let config = plan.config(Pass::Causal, segments, problem.heads_q)?;
+        Ok(Self {
+            span,
+            count,
+            parts,
+            sums: Some((kv, sums)),
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_causal<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    [q, k, v]: [&GpuTensor<T>; 3],
+    out: &mut GpuTensor<T>,
+    state_in: Option<StateRef<'_>>,
+    state_out: Option<StateMut<'_>>,
+    den_out: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    let plan = LinearPlan::new::<T>(problem)?;
+    let state_name = plan.name(Pass::State);
+    let segments = Segments::of(gpu, problem, &plan, [k, v], (Source::Linear, &state_name))?;
+    let config = plan.config(Pass::Causal, segments.count, problem.heads_q)?;
     // Absent states are null pointers, which the kernel checks; the guards order the
     // buffers' use on the stream and must outlive the launch.
     let stream = &gpu.stream;
@@ -1067,17 +1336,36 @@ fn linear_causal<T: GpuElement>(
     let (state_out, sum_out) = state_out.unzip();
     let (kv_out, _kv_out_guard) = state_out.map(|kv| kv.device_ptr_mut(stream)).unzip();
     let (k_sum_out, _k_sum_out_guard) = sum_out.map(|sum| sum.device_ptr_mut(stream)).unzip();
-    let (segment_kv, _segment_kv_guard) = segment_states
+    let (segment_kv, _segment_kv_guard) = segments
+        .sums
         .as_ref()
-        .map(|kv| kv.device_ptr(stream))
+        .map(|(kv, _)| kv.device_ptr(stream))
         .unzip();
-    let (segment_sum, _segment_sum_guard) = segment_sums
+    let (segment_sum, _segment_sum_guard) = segments
+        .sums
         .as_ref()
-        .map(|sum| sum.device_ptr(stream))
+        .map(|(_, sum)| sum.device_ptr(stream))
         .unzip();
-    let [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum] =
-        [kv_in, k_sum_in, kv_out, k_sum_out, segment_kv, segment_sum].map(|ptr| ptr.unwrap_or(0));
-    let (span, parts) = (span as i32, parts as i32);
+    let (den, _den_guard) = den_out.map(|den| den.device_ptr_mut(stream)).unzip();
+    let [
+        kv_in,
+        k_sum_in,
+        kv_out,
+        k_sum_out,
+        segment_kv,
+        segment_sum,
+        den,
+    ] = [
+        kv_in,
+        k_sum_in,
+        kv_out,
+        k_sum_out,
+        segment_kv,
+        segment_sum,
+        den,
+    ]
+    .map(|ptr| ptr.unwrap_or(0));
+    let (span, parts) = (segments.span as i32, segments.parts as i32);
     let name = plan.name(Pass::Causal);
     let function = gpu.kernel(&name, config.shared_mem_bytes)?;
     let mut args = gpu.stream.launch_builder(&function);
@@ -1094,25 +1382,77 @@ fn linear_causal<T: GpuElement>(
         .arg(&span)
         .arg(&parts)
         .arg(&segment_kv)
-        .arg(&segment_sum);
-    // SAFETY: linear_causal's arguments; states, when present, were checked.
+        .arg(&segment_sum)
+        .arg(&den);
+    // SAFETY: linear_causal's arguments; states, when present, were checked, and the
+    // denominators hold a row per query row and head.
+    unsafe { launch(args, config, &name) }
+}
+
+/// `Σ_{j ≤ i} (q_i · k_j) v_j` for every row i, or `Σ_{j ≥ i}` when `reverse`: linear
+/// attention without feature map or denominator, the terms of the backward pass, on the
+/// causal tensor-core kernel (bf16 operands, `D_k = D_v` in {64, 128}), into `out` in
+/// f32 or bf16 (the instances linear_backward.cu has).
+fn linear_plain<O: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    [q, k, v]: [&GpuTensor<half::bf16>; 3],
+    out: &mut GpuTensor<O>,
+    reverse: bool,
+) -> Result<()> {
+    let plan = LinearPlan::new::<half::bf16>(problem)?;
+    let dim = plan
+        .tensor_core_dim
+        .expect("the backward pass checked the head dims");
+    let direction = if reverse { "anticausal_" } else { "" };
+    let state_name = format!("linear_{direction}state_plain_bf16_d{dim}");
+    let segments = Segments::of(
+        gpu,
+        problem,
+        &plan,
+        [k, v],
+        (Source::LinearBackward, &state_name),
+    )?;
+    let config = plan.config(Pass::Causal, segments.count, problem.heads_q)?;
+    let stream = &gpu.stream;
+    let (segment_kv, _segment_kv_guard) = segments
+        .sums
+        .as_ref()
+        .map(|(kv, _)| kv.device_ptr(stream))
+        .unzip();
+    let segment_kv = segment_kv.unwrap_or(0);
+    let (span, parts) = (segments.span as i32, segments.parts as i32);
+    let causality = if reverse { "anticausal" } else { "causal" };
+    let name = format!("linear_{causality}_plain_bf16_{}_d{dim}", O::NAME);
+    let function = gpu.kernel_of(Source::LinearBackward, &name, config.shared_mem_bytes)?;
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&q.data)
+        .arg(&k.data)
+        .arg(&v.data)
+        .arg(&mut out.data)
+        .arg(&plan.shape)
+        .arg(&span)
+        .arg(&parts)
+        .arg(&segment_kv);
+    // SAFETY: the plain kernel's arguments; the segment sums cover its segments.
     unsafe { launch(args, config, &name) }
 }
 
 /// `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` over the spans of `span` rows that `config`'s grid covers:
 /// each span's sums stored apart when `per_span` (the causal form's segments), else
 /// added into one zeroed state per head (the non-causal form's first pass).
+#[allow(clippy::too_many_arguments)]
 fn key_sums<T: GpuElement>(
     gpu: &Gpu,
     plan: &LinearPlan,
+    (source, name): (Source, &str),
     [k, v]: [&GpuTensor<T>; 2],
     config: LaunchConfig,
     span: usize,
     per_span: bool,
     [kv, k_sum]: [&mut CudaSlice<f32>; 2],
 ) -> Result<()> {
-    let name = plan.name(Pass::State);
-    let function = gpu.kernel(&name, config.shared_mem_bytes)?;
+    let function = gpu.kernel_of(source, name, config.shared_mem_bytes)?;
     let mut args = gpu.stream.launch_builder(&function);
     let (span, per_span) = (span as i32, i32::from(per_span));
     args.arg(&k.data)
@@ -1123,7 +1463,7 @@ fn key_sums<T: GpuElement>(
         .arg(k_sum)
         .arg(&per_span);
     // SAFETY: linear_full_state's arguments; the caller sized the sums for the spans.
-    unsafe { launch(args, config, &name) }
+    unsafe { launch(args, config, name) }
 }
 
 fn linear_full<T: GpuElement>(
@@ -1147,6 +1487,7 @@ fn linear_full<T: GpuElement>(
     key_sums(
         gpu,
         &plan,
+        (Source::Linear, &plan.name(Pass::State)),
         [k, v],
         config,
         FULL_SPAN,

@@ -222,3 +222,60 @@ fn non_finite_and_out_of_range_uploads_are_refused() {
     ));
     assert!(GpuTensor::<bf16>::upload(&gpu, &x).is_ok());
 }
+
+#[test]
+fn backward_matches_the_cpu_backward_and_names_what_it_does_not_take() {
+    let Some(gpu) = gpu() else { return };
+    let attention = Attention::new(Method::linear()).causal(true);
+    // Off the chunk, several segments, both head dims.
+    for (index, shape) in [[1, 150, 2, 64], [2, 1300, 2, 128]].into_iter().enumerate() {
+        let seed = 60 + 4 * index as u64;
+        let rounded = |x: Tensor<f32>| {
+            let values = x
+                .as_slice()
+                .iter()
+                .map(|&x| bf16::from_f32(x).to_f32())
+                .collect();
+            Tensor::from_vec(values, shape).unwrap()
+        };
+        let [q, k, v, d_out] =
+            [0, 1, 2, 3].map(|i| rounded(Tensor::randn(shape, seed + i).unwrap()));
+        let exact = attention
+            .backward(&q.cast::<f64>(), &k.cast(), &v.cast(), &d_out.cast())
+            .unwrap();
+        let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(&gpu, x).unwrap();
+        let (q, k, v, d_out) = (upload(&q), upload(&k), upload(&v), upload(&d_out));
+        let forward = attention.forward_training_cuda(&gpu, &q, &k, &v).unwrap();
+        let gradients = attention
+            .backward_cuda(&gpu, &q, &k, &v, &forward, &d_out)
+            .unwrap();
+        for (gpu_gradient, exact) in [
+            (&gradients.dq, &exact.dq),
+            (&gradients.dk, &exact.dk),
+            (&gradients.dv, &exact.dv),
+        ] {
+            let error = relative_error(&gpu_gradient.download().unwrap(), exact);
+            // Four roundings of bf16 (the H100 run measured 0.25-0.71%).
+            assert!(error < 4.0 / 256.0, "{shape:?}: {error:.2e}");
+        }
+    }
+    let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 64, 4, 64], 1).unwrap()).unwrap();
+    let grouped =
+        GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 64, 2, 64], 2).unwrap()).unwrap();
+    let error = attention
+        .forward_training_cuda(&gpu, &x, &grouped, &grouped)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&error, Error::Unsupported(m) if m.contains("kv heads")),
+        "{error}"
+    );
+    let forward = attention.forward_training_cuda(&gpu, &x, &x, &x).unwrap();
+    let wrong =
+        GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 63, 4, 64], 3).unwrap()).unwrap();
+    let error = attention
+        .backward_cuda(&gpu, &x, &x, &x, &forward, &wrong)
+        .err()
+        .unwrap();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+}

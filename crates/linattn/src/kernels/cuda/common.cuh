@@ -122,15 +122,17 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 template <int D> __host__ __device__ constexpr int row_stride() { return D + PAD; }
 
 // Rows [t0, t0 + len) of head `head` into dst (CHUNK x D), in flight until wait_copies;
-// rows from len on are zero. A thread copies the same 16 bytes of every ROWS_PER_PASS-th
-// row, so one address is formed and then stepped.
-template <int D, int THREADS, typename T>
+// rows from len on are zero. With REVERSE, row t is the sequence's row seq - 1 - t (an
+// anti-causal pass walks the sequence backwards as if it were forwards). A thread copies
+// the same 16 bytes of every ROWS_PER_PASS-th row, so one address is formed and stepped.
+template <int D, int THREADS, bool REVERSE = false, typename T>
 __device__ void load_tile(T* dst, const T* x, int b, int t0, int len, int seq, int heads, int head) {
     constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
     static_assert(THREADS % PER_ROW == 0 && CHUNK % ROWS_PER_PASS == 0, "whole rows per pass");
     const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * VEC;
-    const size_t step = static_cast<size_t>(ROWS_PER_PASS) * heads * D;
-    const T* src = x + ((static_cast<size_t>(b) * seq + t0 + r0) * heads + head) * D + c;
+    const long long row = static_cast<long long>(b) * seq + (REVERSE ? seq - 1 - (t0 + r0) : t0 + r0);
+    const long long step = (REVERSE ? -1LL : 1LL) * ROWS_PER_PASS * heads * D;
+    const T* src = x + (row * heads + head) * D + c;
 #pragma unroll
     for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
         const int r = r0 + pass * ROWS_PER_PASS;

@@ -271,7 +271,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, T* __restrict__ out, Shape sh, float eps,
                                const float* state_in, const float* k_sum_in, float* state_out,
                                float* k_sum_out, int span, int parts, const float* partial_states,
-                               const float* partial_sums) {
+                               const float* partial_sums, float* den_out) {
     extern __shared__ __align__(128) char smem[];
     ChunkSmem<T> s(sh.dim_k, sh.value_block);
     s.carve(smem);
@@ -355,6 +355,10 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         __syncthreads();
         block_gemm<true, false>(s.state, s.lds, s.k, s.ldk, s.v, s.ldv, s.dkp, s.dvp, CHUNK, true);
         add_column_sums(s.k_sum, s.k, s.ldk, len, s.dkp);
+        if (den_out && vb == 0) {
+            for (int r = threadIdx.x; r < len; r += blockDim.x)
+                den_out[(static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + h] = s.den[r] + eps;
+        }
         store_outputs(out, s.out, s.ldo, s.den, eps, b, t0, len, sh.len, sh.heads_q, h, sh.dim_v, col0,
                       min(s.dvp, sh.dim_v - col0));
         __syncthreads();
@@ -753,12 +757,16 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
 
 // Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps),
 // where with row_parts a row's denominator is den plus its row sums over key blocks up to
-// its own (row_parts[j][row], from masked_scores). A quad of lanes holds one row, two columns of each 8-column tile per lane; two
+// its own (row_parts[j][row], from masked_scores), and with den_out warp 0 also stores
+// each row's denominator there ([B, T, H]). PLAIN stores o itself; REVERSE stores row t
+// as the sequence's row seq - 1 - t; an f32 `out` takes the f32 values (two 8-byte
+// stores per lane, each instruction a whole sector). Otherwise a quad of lanes holds one row, two columns of each 8-column tile per lane; two
 // exchanges within the quad give each lane four adjacent columns, so the row's 32 bytes
 // (one sector) leave in one 8-byte store per lane instead of two half-sector stores.
-template <typename T, int D>
-__device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, const float* row_parts, float eps,
-                           int b, int t0, int len, int seq, int heads, int head, int warp) {
+template <typename T, int D, bool PLAIN = false, bool REVERSE = false, typename O = T>
+__device__ void store_rows(O* out, const float (&o)[4][2][4], const float* den, const float* row_parts, float eps,
+                           int b, int t0, int len, int seq, int heads, int head, int warp,
+                           float* den_out = nullptr) {
     const int lane = threadIdx.x % 32, quad = lane % 4;
     const int first = lane - quad + (2 * quad) % 4, second = first + 1;
 #pragma unroll
@@ -768,12 +776,26 @@ __device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, 
             const int r = 16 * i + lane / 4 + 8 * half_rows;
             // Every lane takes part in the exchanges; rows past the length are not stored.
             const int row = min(r, CHUNK - 1);
-            float sum = den[row];
-            if (row_parts) {
+            float inverse = 1.f, denominator = 1.f;
+            if constexpr (!PLAIN) {
+                float sum = den[row];
+                if (row_parts) {
 #pragma unroll
-                for (int j = 0; j <= i; ++j) sum += row_parts[j * CHUNK + row];
+                    for (int j = 0; j <= i; ++j) sum += row_parts[j * CHUNK + row];
+                }
+                denominator = sum + eps;
+                inverse = 1.f / denominator;
             }
-            const float inverse = 1.f / (sum + eps);
+            const size_t at_row = static_cast<size_t>(b) * seq + (REVERSE ? seq - 1 - (t0 + r) : t0 + r);
+            if constexpr (IsFloat<O>::value) {
+                if (r >= len) continue;
+                float* at = out + (at_row * heads + head) * D + 16 * warp + 2 * quad;
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+                    *reinterpret_cast<float2*>(at + 8 * n) =
+                        make_float2(o[i][n][2 * half_rows] * inverse, o[i][n][2 * half_rows + 1] * inverse);
+                continue;
+            }
             const unsigned left = pack_value<T>(o[i][0][2 * half_rows] * inverse, o[i][0][2 * half_rows + 1] * inverse);
             const unsigned right = pack_value<T>(o[i][1][2 * half_rows] * inverse, o[i][1][2 * half_rows + 1] * inverse);
             const unsigned left_first = __shfl_sync(0xffffffffu, left, first);
@@ -781,7 +803,8 @@ __device__ void store_rows(T* out, const float (&o)[4][2][4], const float* den, 
             const unsigned left_second = __shfl_sync(0xffffffffu, left, second);
             const unsigned right_second = __shfl_sync(0xffffffffu, right, second);
             if (r >= len) continue;
-            T* at = out + ((static_cast<size_t>(b) * seq + t0 + r) * heads + head) * D + 16 * warp + 4 * quad;
+            if (den_out && warp == 0 && quad == 0) den_out[at_row * heads + head] = denominator;
+            O* at = out + (at_row * heads + head) * D + 16 * warp + 4 * quad;
             *reinterpret_cast<uint2*>(at) =
                 quad < 2 ? make_uint2(left_first, left_second) : make_uint2(right_first, right_second);
         }
@@ -867,12 +890,11 @@ __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T*
 
 // The consumer side of causal_forward: S^T of the warp's 16 value columns in registers,
 // one chunk at a time as the producers release them.
-template <typename T, int D>
+template <typename T, int D, bool PLAIN, bool REVERSE, typename O>
 __device__ void consume_chunks(const T* tiles, const T* scores, const float* den, const float* row_parts, const float* z,
-                               T* __restrict__ out,
-                               Shape sh, float eps, const float* state_in, float* state_out,
-                               const float* partial_states, int b, int h, size_t head_kv, int first, int last,
-                               int chunks, int parts_before, int all_parts, bool writes_state) {
+                               O* __restrict__ out, Shape sh, float eps, const float* state_in, float* state_out,
+                               const float* partial_states, float* den_out, int b, int h, size_t head_kv, int first,
+                               int last, int chunks, int parts_before, int all_parts, bool writes_state) {
     constexpr int THREADS = 32 * (PRODUCER_WARPS + D / 16);
     constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, TILE = CHUNK * LD;
     const int lane = threadIdx.x % 32;
@@ -898,7 +920,7 @@ __device__ void consume_chunks(const T* tiles, const T* scores, const float* den
         float o[4][2][4];
         clear(o);
         // The state before this chunk (z through it: a larger bound, still a bound).
-        state_product<T, D>(o, st, qs, state_scale<T, D>(z + p * D));
+        state_product<T, D>(o, st, qs, PLAIN ? 1.f : state_scale<T, D>(z + p * D));
         // Plus the masked scores times V: key tiles past the query tile are all masked.
 #pragma unroll
         for (int sk = 0; sk < CHUNK / 16; ++sk) {
@@ -913,8 +935,8 @@ __device__ void consume_chunks(const T* tiles, const T* scores, const float* den
                 product<T>(o[i][1], a, bb[2], bb[3]);
             }
         }
-        store_rows<T, D>(out, o, den + p * CHUNK, row_parts + p * (CHUNK / 16) * CHUNK, eps, b, t0, len, sh.len,
-                         sh.heads_q, h, value_warp);
+        store_rows<T, D, PLAIN, REVERSE, O>(out, o, den + p * CHUNK, row_parts + p * (CHUNK / 16) * CHUNK, eps, b, t0,
+                                         len, sh.len, sh.heads_q, h, value_warp, den_out);
         absorb_chunk<T, D>(st, ks, vs, value_warp);
         if (c + 2 < chunks) named_barrier_arrive(CHUNK_FREE + p, THREADS);
     }
@@ -936,12 +958,18 @@ __device__ void consume_chunks(const T* tiles, const T* scores, const float* den
 // at named barriers, one pair per buffer parity, so the maps and scores of a chunk overlap
 // the products of the one before. A segment of `span` rows starts from state_in plus the
 // sums of the `parts` spans per segment before it that state_pass wrote
-// ([B, H_kv, (segments - 1) parts, D, D]).
-template <typename T, int D>
+// ([B, H_kv, (segments - 1) parts, D, D]); den_out, when given, receives each row's
+// denominator.
+//
+// PLAIN computes sum_{j <= i} (q_i . k_j) v_j itself: no feature map, no denominator
+// (the terms of the backward pass), into an output of type O. REVERSE walks the sequence
+// from its end, which makes the sum run over j >= i.
+template <typename T, int D, bool PLAIN = false, bool REVERSE = false, typename O = T>
 __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                               T* __restrict__ out, Shape sh, float eps, const float* state_in,
+                               O* __restrict__ out, Shape sh, float eps, const float* state_in,
                                const float* k_sum_in, float* state_out, float* k_sum_out, int span, int parts,
-                               const float* partial_states, const float* partial_sums) {
+                               const float* partial_states, const float* partial_sums, float* den_out) {
+    static_assert(!PLAIN || !IsHalf<T>::value, "without the key sums' bound an f16 state could overflow");
     constexpr int CONSUMERS = D / 16, PRODUCER_THREADS = 32 * PRODUCER_WARPS;
     constexpr int THREADS = 32 * (PRODUCER_WARPS + CONSUMERS);
     constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, TILE = CHUNK * LD;
@@ -965,7 +993,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
 
     if (warp < PRODUCER_WARPS) {
         if constexpr (THREADS == 512) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGISTERS));
-        for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) {
+        for (int d = threadIdx.x; !PLAIN && d < D; d += PRODUCER_THREADS) {
             float x = k_sum_in ? k_sum_in[head_kv * D + d] : 0.f;
             for (int j = 0; j < parts_before; ++j) x += partial_sums[(head_kv * all_parts + j) * D + d];
             z[D + d] = x;  // parity 1 holds the sums before chunk 0
@@ -973,9 +1001,9 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         auto issue = [&](int c) {
             const int t0 = first + c * CHUNK, len = min(CHUNK, last - t0);
             T* at = tiles + (c % STAGES) * 3 * TILE;
-            load_tile<D, PRODUCER_THREADS>(at, q, b, t0, len, sh.len, sh.heads_q, h);
-            load_tile<D, PRODUCER_THREADS>(at + TILE, k, b, t0, len, sh.len, sh.heads_kv, g);
-            load_tile<D, PRODUCER_THREADS>(at + 2 * TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
+            load_tile<D, PRODUCER_THREADS, REVERSE>(at, q, b, t0, len, sh.len, sh.heads_q, h);
+            load_tile<D, PRODUCER_THREADS, REVERSE>(at + TILE, k, b, t0, len, sh.len, sh.heads_kv, g);
+            load_tile<D, PRODUCER_THREADS, REVERSE>(at + 2 * TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
             commit_copies();
         };
         issue(0);
@@ -993,13 +1021,15 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             T* qs = tiles + (c % STAGES) * 3 * TILE;
             T* ks = qs + TILE;
             float* chunk_den = den + p * CHUNK;
-            map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
-            float sums[8] = {};
-            map_keys<D, PRODUCER_THREADS>(ks, len, sums);
-            store_column_sums<D>(sums, z_parts);
-            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
+            if constexpr (!PLAIN) {
+                map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
+                float sums[8] = {};
+                map_keys<D, PRODUCER_THREADS>(ks, len, sums);
+                store_column_sums<D>(sums, z_parts);
+                named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
+            }
             masked_scores<T, D>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
-            for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) {
+            for (int d = threadIdx.x; !PLAIN && d < D; d += PRODUCER_THREADS) {
                 float x = z[(p ^ 1) * D + d];
 #pragma unroll
                 for (int w = 0; w < PRODUCER_WARPS; ++w) x += z_parts[w * D + d];
@@ -1013,15 +1043,17 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
         }
     } else {
         if constexpr (THREADS == 512) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGISTERS));
-        consume_chunks<T, D>(tiles, scores, den, row_parts, z, out, sh, eps, state_in, state_out, partial_states, b, h, head_kv,
-                             first, last, chunks, parts_before, all_parts, writes_state);
+        consume_chunks<T, D, PLAIN, REVERSE, O>(tiles, scores, den, row_parts, z, out, sh, eps, state_in, state_out,
+                                             partial_states, den_out, b, h, head_kv, first, last, chunks, parts_before,
+                                             all_parts, writes_state);
     }
 }
 
 
 // S and z over the first spans of the sequence, as full_state but on the tensor cores. Grid:
-// (span, kv head, batch).
-template <typename T, int D>
+// (span, kv head, batch). PLAIN and REVERSE as in causal_forward (S = sum k_j v_j^T over
+// the spans, z unused).
+template <typename T, int D, bool PLAIN = false, bool REVERSE = false>
 __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Shape sh, int span,
                            float* state, float* k_sum, bool per_span) {
     constexpr int WARPS = D / 16, THREADS = 32 * WARPS, TILE = CHUNK * row_stride<D>();
@@ -1040,8 +1072,8 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
     auto issue = [&](int t0, int stage) {
         const int len = min(CHUNK, last - t0);
         T* at = tiles + stage * 2 * TILE;
-        load_tile<D, THREADS>(at, k, b, t0, len, sh.len, sh.heads_kv, g);
-        load_tile<D, THREADS>(at + TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
+        load_tile<D, THREADS, REVERSE>(at, k, b, t0, len, sh.len, sh.heads_kv, g);
+        load_tile<D, THREADS, REVERSE>(at + TILE, v, b, t0, len, sh.len, sh.heads_kv, g);
         commit_copies();
     };
     issue(first, 0);
@@ -1051,7 +1083,7 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
         wait_copies();
         __syncthreads();
         if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        map_keys<D, THREADS>(ks, min(CHUNK, last - t0), sums);
+        if constexpr (!PLAIN) map_keys<D, THREADS>(ks, min(CHUNK, last - t0), sums);
         __syncthreads();
         absorb_chunk<T, D>(st, ks, ks + TILE, threadIdx.x / 32);
     }
@@ -1131,9 +1163,11 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
     extern "C" __global__ void __launch_bounds__(256, 1) linear_causal_##SUFFIX(                \
         const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,              \
         const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,      \
-        int span, int parts, const float* partial_states, const float* partial_sums) {         \
+        int span, int parts, const float* partial_states, const float* partial_sums,           \
+        float* den_out) {                                                                       \
         linattn::causal_forward<T>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,       \
-                                   k_sum_out, span, parts, partial_states, partial_sums);       \
+                                   k_sum_out, span, parts, partial_states, partial_sums,        \
+                                   den_out);                                                    \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) linear_full_state_##SUFFIX(               \
         const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,        \
@@ -1165,9 +1199,11 @@ LINATTN_INSTANCES(f16, __half)
         linear_causal_mma_##SUFFIX##_d##D(                                                         \
             const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,             \
             const float* state_in, const float* k_sum_in, float* state_out, float* k_sum_out,     \
-            int span, int parts, const float* partial_states, const float* partial_sums) {        \
+            int span, int parts, const float* partial_states, const float* partial_sums,          \
+            float* den_out) {                                                                      \
         linattn::mma::causal_forward<T, D>(q, k, v, out, sh, eps, state_in, k_sum_in, state_out,  \
-                                           k_sum_out, span, parts, partial_states, partial_sums);  \
+                                           k_sum_out, span, parts, partial_states, partial_sums,   \
+                                           den_out);                                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(2 * D) linear_state_mma_##SUFFIX##_d##D(          \
         const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,           \

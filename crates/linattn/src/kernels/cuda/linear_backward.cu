@@ -1,0 +1,170 @@
+// Backward of causal linear attention (bf16, D_k = D_v in {64, 128}, as many kv heads as
+// query heads), compiled after linear.cu. With phi = elu + 1, o_i = n_i / d_i,
+// n_i = sum_{j <= i} (phi(q_i) . phi(k_j)) v_j, d_i = sum_{j <= i} phi(q_i) . phi(k_j) + eps,
+// and g_i = do_i / d_i, h_i = -(do_i . o_i) / d_i:
+//
+//   dphi(q_i) = sum_{j <= i} (g_i . v_j) phi(k_j)  +  h_i sum_{j <= i} phi(k_j)
+//   dphi(k_j) = sum_{i >= j} (v_j . g_i) phi(q_i)  +  sum_{i >= j} h_i phi(q_i)
+//   dv_j      = sum_{i >= j} (phi(k_j) . phi(q_i)) g_i
+//
+// The first term of each is linear attention without map or denominator (causal for
+// dphi(q), anti-causal for the others): the tensor-core causal kernel, PLAIN and, for the
+// anti-causal ones, REVERSE. The second terms are prefix and suffix sums over the sequence,
+// taken per chunk (chunk_sums, then scan_chunk_sums over the chunks) and finished row by
+// row in finish_gradients, which also applies phi'(x) = (x > 0 ? 1 : e^x).
+
+namespace linattn {
+namespace backward {
+
+using T = __nv_bfloat16;
+
+// One warp per row (b, t, h) of D values: g = do / d (rounded to T, an operand of the
+// passes), h = -(do . o) / d, phi(q) and phi(k) rounded to T as the forward pass used them.
+template <int D>
+__device__ void prepare(const T* q, const T* k, const T* out, const T* d_out, const float* den, T* g, float* h,
+                        T* phi_q, T* phi_k, long long rows) {
+    constexpr int PER_LANE = D / 32;
+    const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const float inverse = 1.f / den[row];
+    float dot = 0.f;
+#pragma unroll
+    for (int e = 0; e < PER_LANE; ++e) {
+        const long long at = row * D + lane + 32 * e;
+        const float gradient = to_float(d_out[at]);
+        dot = fmaf(gradient, to_float(out[at]), dot);
+        g[at] = from_float<T>(gradient * inverse);
+        phi_q[at] = from_float<T>(elu_plus_one(to_float(q[at])));
+        phi_k[at] = from_float<T>(elu_plus_one(to_float(k[at])));
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (lane == 0) h[row] = -dot * inverse;
+}
+
+// Per (chunk, head, batch), thread d: the chunk's sums of phi(k)[., d] and of
+// h . phi(q)[., d], into [B, H, chunks, D].
+template <int D>
+__device__ void chunk_sums(const T* __restrict__ phi_q, const T* __restrict__ phi_k, const float* __restrict__ h,
+                           Shape sh, float* key_sums, float* weighted_query_sums) {
+    const int c = blockIdx.x, chunks = gridDim.x, head = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
+    const int t0 = c * CHUNK, len = min(CHUNK, sh.len - t0);
+    float keys = 0.f, queries = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < len; ++r) {
+        const size_t row = (static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head;
+        keys += to_float(phi_k[row * D + d]);
+        queries = fmaf(h[row], to_float(phi_q[row * D + d]), queries);
+    }
+    const size_t at = ((static_cast<size_t>(b) * sh.heads_q + head) * chunks + c) * D + d;
+    key_sums[at] = keys;
+    weighted_query_sums[at] = queries;
+}
+
+// Per (head, batch), thread d: the key sums become the sums of the chunks before each
+// chunk, the weighted query sums those of the chunks after it.
+template <int D>
+__device__ void scan_chunk_sums(Shape sh, int chunks, float* key_sums, float* weighted_query_sums) {
+    const size_t at = (static_cast<size_t>(blockIdx.y) * sh.heads_q + blockIdx.x) * chunks * D + threadIdx.x;
+    float before = 0.f;
+    for (int c = 0; c < chunks; ++c) {
+        const float own = key_sums[at + static_cast<size_t>(c) * D];
+        key_sums[at + static_cast<size_t>(c) * D] = before;
+        before += own;
+    }
+    float after = 0.f;
+    for (int c = chunks - 1; c >= 0; --c) {
+        const float own = weighted_query_sums[at + static_cast<size_t>(c) * D];
+        weighted_query_sums[at + static_cast<size_t>(c) * D] = after;
+        after += own;
+    }
+}
+
+__device__ __forceinline__ float elu_plus_one_slope(float x) { return x > 0.f ? 1.f : __expf(x); }
+
+// Per (chunk, head, batch), thread d: dq = (a + h z) phi'(q) with z the sums of phi(k)
+// through the row, and dk = (bk + s) phi'(k) with s the sums of h phi(q) from the row on
+// (a and bk the PLAIN passes' outputs, kept in f32: each nearly cancels the sum added to
+// it, as g_i . v_j + h_i = g_i . (v_j - o_i)).
+template <int D>
+__device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ phi_q,
+                                 const T* __restrict__ phi_k, const float* __restrict__ h, const float* __restrict__ a,
+                                 const float* __restrict__ bk, const float* key_sums, const float* weighted_query_sums,
+                                 Shape sh, T* __restrict__ dq, T* __restrict__ dk) {
+    const int c = blockIdx.x, chunks = gridDim.x, head = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
+    const int t0 = c * CHUNK, len = min(CHUNK, sh.len - t0);
+    const size_t at = ((static_cast<size_t>(b) * sh.heads_q + head) * chunks + c) * D + d;
+    float z = key_sums[at];
+#pragma unroll 8
+    for (int r = 0; r < len; ++r) {
+        const size_t row = ((static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head) * D + d;
+        z += to_float(phi_k[row]);
+        const float gradient = a[row] + h[row / D] * z;
+        dq[row] = from_float<T>(gradient * elu_plus_one_slope(to_float(q[row])));
+    }
+    float s = weighted_query_sums[at];
+#pragma unroll 8
+    for (int r = len - 1; r >= 0; --r) {
+        const size_t row = ((static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head) * D + d;
+        s = fmaf(h[row / D], to_float(phi_q[row]), s);
+        dk[row] = from_float<T>((bk[row] + s) * elu_plus_one_slope(to_float(k[row])));
+    }
+}
+
+}  // namespace backward
+}  // namespace linattn
+
+// The plain passes (bf16 operands; NAME_d<D> is linear_<NAME>_d<D>, its output of type O).
+#define LINATTN_PLAIN_INSTANCE(D, NAME, REVERSE, O)                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)           \
+        linear_##NAME##_d##D(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
+                             O* out, linattn::Shape sh, int span, int parts,                             \
+                             const float* partial_states) {                                              \
+        linattn::mma::causal_forward<__nv_bfloat16, D, true, REVERSE, O>(                                \
+            q, k, v, out, sh, 0.f, nullptr, nullptr, nullptr, nullptr, span, parts, partial_states,      \
+            nullptr, nullptr);                                                                           \
+    }
+
+#define LINATTN_BACKWARD_INSTANCES(D)                                                                   \
+    LINATTN_PLAIN_INSTANCE(D, causal_plain_bf16_f32, false, float)                                      \
+    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_f32, true, float)                                   \
+    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_bf16, true, __nv_bfloat16)                          \
+    extern "C" __global__ void __launch_bounds__(2 * D) linear_state_plain_bf16_d##D(                   \
+        const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
+        float* k_sum, int per_span) {                                                                   \
+        linattn::mma::state_pass<__nv_bfloat16, D, true, false>(k, v, sh, span, state, k_sum,           \
+                                                                per_span != 0);                         \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(2 * D) linear_anticausal_state_plain_bf16_d##D(        \
+        const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
+        float* k_sum, int per_span) {                                                                   \
+        linattn::mma::state_pass<__nv_bfloat16, D, true, true>(k, v, sh, span, state, k_sum,            \
+                                                               per_span != 0);                          \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) linear_backward_prepare_bf16_d##D(                \
+        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* out,                       \
+        const __nv_bfloat16* d_out, const float* den, __nv_bfloat16* g, float* h,                       \
+        __nv_bfloat16* phi_q, __nv_bfloat16* phi_k, long long rows) {                                   \
+        linattn::backward::prepare<D>(q, k, out, d_out, den, g, h, phi_q, phi_k, rows);                 \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(D) linear_backward_chunk_sums_bf16_d##D(               \
+        const __nv_bfloat16* phi_q, const __nv_bfloat16* phi_k, const float* h, linattn::Shape sh,      \
+        float* key_sums, float* weighted_query_sums) {                                                  \
+        linattn::backward::chunk_sums<D>(phi_q, phi_k, h, sh, key_sums, weighted_query_sums);           \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(D) linear_backward_scan_bf16_d##D(                     \
+        linattn::Shape sh, int chunks, float* key_sums, float* weighted_query_sums) {                   \
+        linattn::backward::scan_chunk_sums<D>(sh, chunks, key_sums, weighted_query_sums);               \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(D) linear_backward_finish_bf16_d##D(                   \
+        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* phi_q,                     \
+        const __nv_bfloat16* phi_k, const float* h, const float* a, const float* bk,                    \
+        const float* key_sums, const float* weighted_query_sums, linattn::Shape sh,                     \
+        __nv_bfloat16* dq, __nv_bfloat16* dk) {                                                         \
+        linattn::backward::finish_gradients<D>(q, k, phi_q, phi_k, h, a, bk, key_sums,                  \
+                                               weighted_query_sums, sh, dq, dk);                        \
+    }
+
+LINATTN_BACKWARD_INSTANCES(64)
+LINATTN_BACKWARD_INSTANCES(128)

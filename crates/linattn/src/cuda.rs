@@ -1401,9 +1401,9 @@ fn linear_plain<O: GpuElement>(
     reverse: bool,
 ) -> Result<()> {
     let plan = LinearPlan::new::<half::bf16>(problem)?;
-    let dim = plan
-        .tensor_core_dim
-        .expect("the backward pass checked the head dims");
+    let dim = plan.tensor_core_dim.ok_or_else(|| {
+        Error::Unsupported("the plain passes take bf16 head dims of 64 or 128".into())
+    })?;
     let direction = if reverse { "anticausal_" } else { "" };
     let state_name = format!("linear_{direction}state_plain_bf16_d{dim}");
     let segments = Segments::of(

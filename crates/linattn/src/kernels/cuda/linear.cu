@@ -757,12 +757,13 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
 
 // Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps),
 // where with row_parts a row's denominator is den plus its row sums over key blocks up to
-// its own (row_parts[j][row], from masked_scores), and with den_out warp 0 also stores
-// each row's denominator there ([B, T, H]). PLAIN stores o itself; REVERSE stores row t
+// its own (row_parts[j][row], from masked_scores), and with den_out (16-bit outputs) warp 0
+// also stores each row's denominator there ([B, T, H]). PLAIN stores o itself; REVERSE stores row t
 // as the sequence's row seq - 1 - t; an f32 `out` takes the f32 values (two 8-byte
-// stores per lane, each instruction a whole sector). Otherwise a quad of lanes holds one row, two columns of each 8-column tile per lane; two
-// exchanges within the quad give each lane four adjacent columns, so the row's 32 bytes
-// (one sector) leave in one 8-byte store per lane instead of two half-sector stores.
+// stores per lane, each instruction a whole sector). Otherwise a quad of lanes holds one
+// row, two columns of each 8-column tile per lane; two exchanges within the quad give
+// each lane four adjacent columns, so the row's 32 bytes (one sector) leave in one 8-byte
+// store per lane instead of two half-sector stores.
 template <typename T, int D, bool PLAIN = false, bool REVERSE = false, typename O = T>
 __device__ void store_rows(O* out, const float (&o)[4][2][4], const float* den, const float* row_parts, float eps,
                            int b, int t0, int len, int seq, int heads, int head, int warp,

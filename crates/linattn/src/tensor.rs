@@ -368,24 +368,6 @@ impl<'a, T: Element> HeadsMut<'a, T> {
         // SAFETY: in bounds by the assertion; disjointness is the caller's promise.
         unsafe { MatMut::from_raw(self.ptr.add(offset), len, dim, heads * dim, 1) }
     }
-
-    /// Writes `source` (`[row][head][dim]`, as [`Tensor::gather`] reads) to rows `rows`
-    /// of heads `heads` in batch `b`, in memory order.
-    ///
-    /// # Safety
-    /// No other live view may cover these rows of these heads.
-    pub unsafe fn scatter(&self, b: usize, rows: Range<usize>, heads: Range<usize>, source: &[T]) {
-        let [batch, seq, all_heads, dim] = self.shape;
-        assert!(b < batch && rows.end <= seq && heads.end <= all_heads);
-        let width = heads.len() * dim;
-        assert!(source.len() >= rows.len() * width);
-        for (i, t) in rows.enumerate() {
-            let offset = ((b * seq + t) * all_heads + heads.start) * dim;
-            // SAFETY: in bounds by the assertions; exclusive by the caller's promise.
-            let row = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), width) };
-            crate::kernels::cpu::simd::copy(row, &source[i * width..(i + 1) * width]);
-        }
-    }
 }
 
 /// `count` zeros. Large buffers ask the kernel for transparent huge pages before their
@@ -418,17 +400,6 @@ pub(crate) fn block_head<T: Copy>(
     dim: usize,
 ) -> MatRef<'_, T> {
     MatRef::strided(&block[head * dim..], rows, dim, heads * dim, 1)
-}
-
-/// The mutable counterpart of [`block_head`].
-pub(crate) fn block_head_mut<T: Copy>(
-    block: &mut [T],
-    rows: usize,
-    heads: usize,
-    head: usize,
-    dim: usize,
-) -> MatMut<'_, T> {
-    MatMut::strided(&mut block[head * dim..], rows, dim, heads * dim)
 }
 
 /// Multi-index of a flat row-major position.

@@ -7,7 +7,7 @@ use super::{
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
 use crate::kernels::cpu::simd;
-use crate::tensor::{Element, Tensor, block_head, block_head_mut};
+use crate::tensor::{Element, Tensor, block_head};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -96,7 +96,7 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     out: &mut Tensor<T>,
     heads: Range<usize>,
 ) -> bool {
-    let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
+    let (m, d) = (fmap.features(), problem.dim_qk);
     let kv_heads = kv_heads_of(problem, &heads);
     let (states, keys_finite) = key_states(problem, fmap, k, v, &kv_heads);
     let state_of = |b: usize, h: usize| {
@@ -118,27 +118,30 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
         || {
             (
                 vec![T::zero(); width * FULL_BLOCK * d],
-                vec![T::zero(); width * FULL_BLOCK * dim_v],
                 vec![T::zero(); FULL_BLOCK * m],
                 vec![T::zero(); FULL_BLOCK],
             )
         },
-        |(queries, outputs, features, den), &(b, start)| {
+        |(queries, features, den), &(b, start)| {
             let len = FULL_BLOCK.min(problem.len_q - start);
-            let queries_finite = q.gather(b, start..start + len, heads.clone(), queries);
+            let mut finite = q.gather(b, start..start + len, heads.clone(), queries);
             for (slot, h) in heads.clone().enumerate() {
                 let query_rows = block_head(queries, len, width, slot, d);
                 fmap.queries(query_rows, start, features);
                 let phi = MatRef::contiguous(features, len, m);
-                let mut rows = block_head_mut(outputs, len, width, slot, dim_v);
+                // The products land in the output tensor itself: no block buffer to copy
+                // out afterwards.
+                // SAFETY: each (b, start) block of rows is one task, and a task's heads
+                // are distinct.
+                let mut rows = unsafe { out_heads.block(b, h, start, len) };
                 numerators(phi, state_of(b, h), uniform, rows.rb(), den);
                 for (i, &den) in den[..len].iter().enumerate() {
-                    simd::scale(rows.row_mut(i), T::one() / normalizer.divisor(den));
+                    let row = rows.row_mut(i);
+                    simd::scale(row, T::one() / normalizer.divisor(den));
+                    finite &= simd::all_finite(row);
                 }
             }
-            // SAFETY: each (b, start) block of rows is one task.
-            unsafe { out_heads.scatter(b, start..start + len, heads.clone(), outputs) };
-            queries_finite && simd::all_finite(&outputs[..len * width * dim_v])
+            finite
         },
     );
     keys_finite && rows_finite.all(|finite| finite)

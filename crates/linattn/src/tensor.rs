@@ -332,6 +332,27 @@ impl<T: Element> Tensor<T> {
         crate::kernels::cpu::simd::all_finite(&dst[..len * width])
     }
 
+    /// Rows `rows` of heads `heads` in batch `b` as [`gather`](Self::gather) lays them out,
+    /// and whether they are finite: read in place when `heads` are all the heads (the
+    /// rows are then one contiguous piece already), else copied into `scratch`.
+    pub(crate) fn rows_of<'s>(
+        &'s self,
+        b: usize,
+        rows: Range<usize>,
+        heads: Range<usize>,
+        scratch: &'s mut [T],
+    ) -> (&'s [T], bool) {
+        let [_, seq, all_heads, dim] = self.shape;
+        if heads.len() == all_heads {
+            let piece = &self.data
+                [(b * seq + rows.start) * all_heads * dim..(b * seq + rows.end) * all_heads * dim];
+            (piece, crate::kernels::cpu::simd::all_finite(piece))
+        } else {
+            let finite = self.gather(b, rows, heads, scratch);
+            (scratch, finite)
+        }
+    }
+
     /// Shared write access to the heads of this tensor, for tasks that each fill a
     /// disjoint block of rows.
     pub(crate) fn heads_mut(&mut self) -> HeadsMut<'_, T> {

@@ -55,11 +55,14 @@ fn key_states<T: Element, F: FeatureMap<T>>(
             let end = ((part + 1) * span).min(problem.len_k);
             for start in (part * span..end).step_by(FULL_BLOCK) {
                 let len = FULL_BLOCK.min(end - start);
-                finite &= k.gather(b, start..start + len, heads.clone(), &mut keys);
-                finite &= v.gather(b, start..start + len, heads.clone(), &mut values);
+                let (key_block, keys_finite) =
+                    k.rows_of(b, start..start + len, heads.clone(), &mut keys);
+                let (value_block, values_finite) =
+                    v.rows_of(b, start..start + len, heads.clone(), &mut values);
+                finite &= keys_finite && values_finite;
                 for (slot, state) in states.iter_mut().enumerate() {
-                    let key_rows = block_head(&keys, len, heads.len(), slot, d);
-                    let value_rows = block_head(&values, len, heads.len(), slot, dim_v);
+                    let key_rows = block_head(key_block, len, heads.len(), slot, d);
+                    let value_rows = block_head(value_block, len, heads.len(), slot, dim_v);
                     fmap.keys(key_rows, start, &mut features, &mut log_scale);
                     state.absorb(start, &mut features, &log_scale, value_rows);
                 }
@@ -124,9 +127,10 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
         },
         |(queries, features, den), &(b, start)| {
             let len = FULL_BLOCK.min(problem.len_q - start);
-            let mut finite = q.gather(b, start..start + len, heads.clone(), queries);
+            let (query_block, mut finite) =
+                q.rows_of(b, start..start + len, heads.clone(), queries);
             for (slot, h) in heads.clone().enumerate() {
-                let query_rows = block_head(queries, len, width, slot, d);
+                let query_rows = block_head(query_block, len, width, slot, d);
                 fmap.queries(query_rows, start, features);
                 let phi = MatRef::contiguous(features, len, m);
                 // The products land in the output tensor itself: no block buffer to copy

@@ -597,7 +597,6 @@ __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, co
     }
 }
 
-
 // ---------------------------------------------------------------------------------------
 // Tensor-core kernels for 16-bit inputs with D_k = D_v = D in {64, 128}: mma.sync
 // m16n8k16 with the operands in registers (fragments loaded by ldmatrix), cp.async loads
@@ -1049,7 +1048,6 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
                                              all_parts, writes_state);
     }
 }
-
 
 // S and z over the first spans of the sequence, as full_state but on the tensor cores. Grid:
 // (span, kv head, batch). PLAIN and REVERSE as in causal_forward (S = sum k_j v_j^T over

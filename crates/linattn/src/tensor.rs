@@ -334,13 +334,15 @@ impl<T: Element> Tensor<T> {
 
     /// Rows `rows` of heads `heads` in batch `b` as [`gather`](Self::gather) lays them out,
     /// and whether they are finite: read in place when `heads` are all the heads (the
-    /// rows are then one contiguous piece already), else copied into `scratch`.
+    /// rows are then one contiguous piece already), else copied into `scratch`, which
+    /// grows to the size needed only then (a fresh buffer per call would cost its page
+    /// faults and zeroing every time).
     pub(crate) fn rows_of<'s>(
         &'s self,
         b: usize,
         rows: Range<usize>,
         heads: Range<usize>,
-        scratch: &'s mut [T],
+        scratch: &'s mut Vec<T>,
     ) -> (&'s [T], bool) {
         let [_, seq, all_heads, dim] = self.shape;
         if heads.len() == all_heads {
@@ -348,8 +350,12 @@ impl<T: Element> Tensor<T> {
                 [(b * seq + rows.start) * all_heads * dim..(b * seq + rows.end) * all_heads * dim];
             (piece, crate::kernels::cpu::simd::all_finite(piece))
         } else {
+            let needed = rows.len() * heads.len() * dim;
+            if scratch.len() < needed {
+                scratch.resize(needed, T::zero());
+            }
             let finite = self.gather(b, rows, heads, scratch);
-            (scratch, finite)
+            (&scratch[..needed], finite)
         }
     }
 

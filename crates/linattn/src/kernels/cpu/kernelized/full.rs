@@ -48,8 +48,7 @@ fn key_states<T: Element, F: FeatureMap<T>>(
         .map(|&(b, part)| {
             let mut finite = true;
             let mut states = vec![LinearState::new(m, dim_v, stabilised); heads.len()];
-            let mut keys = vec![T::zero(); heads.len() * FULL_BLOCK * d];
-            let mut values = vec![T::zero(); heads.len() * FULL_BLOCK * dim_v];
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
             let mut features = vec![T::zero(); FULL_BLOCK * m];
             let mut log_scale = vec![T::zero(); FULL_BLOCK];
             let end = ((part + 1) * span).min(problem.len_k);
@@ -120,7 +119,7 @@ pub(crate) fn full<T: Element, F: FeatureMap<T>>(
     let rows_finite = blocks.par_iter().map_init(
         || {
             (
-                vec![T::zero(); width * FULL_BLOCK * d],
+                Vec::new(),
                 vec![T::zero(); FULL_BLOCK * m],
                 vec![T::zero(); FULL_BLOCK],
             )

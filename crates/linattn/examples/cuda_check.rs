@@ -552,25 +552,25 @@ fn time_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<f64> {
         |seed| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &random(shape, seed)?)?) };
     let (q, k, v, d_out) = (upload(1)?, upload(2)?, upload(3)?, upload(4)?);
     let attention = Attention::new(Method::linear()).causal(true);
-    let run = || -> linattn::Result<()> {
+    median_ms(gpu, || {
         let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
         attention
             .backward_cuda(gpu, &q, &k, &v, &forward, &d_out)
             .map(drop)
-    };
+    })
+}
+
+/// Median milliseconds of `run` on the GPU over RUNS runs, after three to warm up.
+fn median_ms(gpu: &Gpu, mut run: impl FnMut() -> linattn::Result<()>) -> Result<f64> {
     for _ in 0..3 {
         run()?;
     }
     gpu.synchronize()?;
-    let times = (0..RUNS)
-        .map(|_| gpu.elapsed_ms(run))
+    let mut times = (0..RUNS)
+        .map(|_| gpu.elapsed_ms(&mut run))
         .collect::<linattn::Result<Vec<f64>>>()?;
-    Ok(median(times))
-}
-
-fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    Ok(times[times.len() / 2])
 }
 
 /// Median milliseconds of one forward call on random inputs of `shape` in `P`
@@ -602,15 +602,7 @@ fn time_method<P: Precision>(
         upload([b, t, heads_kv, d], 3)?,
     );
     let attention = Attention::new(method).causal(causal);
-    let run = || attention.forward_cuda(gpu, &q, &k, &v).map(drop);
-    for _ in 0..3 {
-        run()?;
-    }
-    gpu.synchronize()?;
-    let times = (0..RUNS)
-        .map(|_| gpu.elapsed_ms(run))
-        .collect::<linattn::Result<Vec<f64>>>()?;
-    Ok(median(times))
+    median_ms(gpu, || attention.forward_cuda(gpu, &q, &k, &v).map(drop))
 }
 
 /// Median microseconds of one decode step, B=32 H=16 D=128, bf16 tokens, f32 state.
@@ -620,19 +612,13 @@ fn time_decode(gpu: &Gpu) -> Result<f64> {
     let mut state = GpuLinearState::zeros(gpu, batch, heads, dim, dim)?;
     let attention = Attention::new(Method::linear()).causal(true);
     const STEPS: usize = 50;
-    let mut steps = || -> linattn::Result<()> {
+    let ms = median_ms(gpu, || {
         for _ in 0..STEPS {
             attention.decode_step_cuda(gpu, &token, &token, &token, &mut state)?;
         }
         Ok(())
-    };
-    steps()?;
-    gpu.synchronize()?;
-    let mut times = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
-        times.push(gpu.elapsed_ms(&mut steps)? * 1e3 / STEPS as f64);
-    }
-    Ok(median(times))
+    })?;
+    Ok(ms * 1e3 / STEPS as f64)
 }
 
 fn benches(gpu: &Gpu, quick: bool) -> Result<()> {

@@ -630,17 +630,14 @@ __device__ __forceinline__ void map_vector(uint4& packed, bool valid, float (&ma
     }
 }
 
-// phi in place on a chunk's query rows, each row's product with z into dot[r]. A thread
-// takes the same 8 columns in every row it visits.
-template <int D, int THREADS, typename T>
-__device__ void map_queries(T* x, int len, const float* z, float* dot) {
+// phi in place on a chunk's rows, then on_row(r, column, mapped) with the 8 values a
+// thread mapped in row r. A thread takes the same 8 columns in every row it visits.
+template <int D, int THREADS, typename T, typename OnRow>
+__device__ __forceinline__ void map_rows(T* x, int len, OnRow&& on_row) {
     constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
     static_assert(THREADS % PER_ROW == 0 && 32 % PER_ROW == 0, "a row's vectors lie in one warp");
     static_assert(CHUNK % ROWS_PER_PASS == 0, "every thread takes the same number of rows");
     const int column = (threadIdx.x % PER_ROW) * VEC, row0 = threadIdx.x / PER_ROW;
-    float zc[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) zc[e] = z[column + e];
 #pragma unroll
     for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
         const int r = row0 + pass * ROWS_PER_PASS;
@@ -649,34 +646,37 @@ __device__ void map_queries(T* x, int len, const float* z, float* dot) {
         float mapped[VEC];
         map_vector<T>(packed, r < len, mapped);
         *at = packed;
+        on_row(r, column, mapped);
+    }
+}
+
+// phi in place on a chunk's query rows, each row's product with z into dot[r].
+template <int D, int THREADS, typename T>
+__device__ void map_queries(T* x, int len, const float* z, float* dot) {
+    constexpr int PER_ROW = D / 8;
+    const int column = (threadIdx.x % PER_ROW) * 8;
+    float zc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) zc[e] = z[column + e];
+    map_rows<D, THREADS>(x, len, [&](int r, int column, const float (&mapped)[8]) {
         float dot_part = 0.f;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) dot_part = fmaf(mapped[e], zc[e], dot_part);
+        for (int e = 0; e < 8; ++e) dot_part = fmaf(mapped[e], zc[e], dot_part);
 #pragma unroll
         for (int offset = PER_ROW / 2; offset > 0; offset /= 2)
             dot_part += __shfl_xor_sync(0xffffffffu, dot_part, offset);
         if (column == 0) dot[r] = dot_part;
-    }
+    });
 }
 
 // phi in place on a chunk's key rows, the mapped values added into the thread's column
 // sums (its 8 columns, (threadIdx.x % (D / 8)) * 8 on).
 template <int D, int THREADS, typename T>
 __device__ void map_keys(T* x, int len, float (&sums)[8]) {
-    constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
-    static_assert(THREADS % PER_ROW == 0 && CHUNK % ROWS_PER_PASS == 0, "whole rows per pass");
-    const int column = (threadIdx.x % PER_ROW) * VEC, row0 = threadIdx.x / PER_ROW;
+    map_rows<D, THREADS>(x, len, [&](int, int, const float (&mapped)[8]) {
 #pragma unroll
-    for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
-        const int r = row0 + pass * ROWS_PER_PASS;
-        uint4* at = reinterpret_cast<uint4*>(x + r * row_stride<D>() + column);
-        uint4 packed = *at;
-        float mapped[VEC];
-        map_vector<T>(packed, r < len, mapped);
-        *at = packed;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) sums[e] += mapped[e];
-    }
+        for (int e = 0; e < 8; ++e) sums[e] += mapped[e];
+    });
 }
 
 // The column sums of map_keys, reduced over each warp's rows into partials[warp][D]
@@ -847,9 +847,9 @@ constexpr int PRODUCERS = 1, CHUNK_READY = 2, CHUNK_FREE = 4;
 
 // The masked scores P = phi(Q) phi(K)^T (keys j <= i) of a chunk, rounded to T, into
 // scores, and the row sums of each 16-column block j (of the rounded values, as the
-// products see them) into row_parts[j][row]. The ten 16 x 16 blocks on or below the
-// diagonal are dealt round the producer warps; the blocks above it are never read.
-template <typename T, int D>
+// products see them) into row_parts[j][row] with ROW_SUMS. The ten 16 x 16 blocks on or
+// below the diagonal are dealt round the producer warps; the blocks above it are never read.
+template <typename T, int D, bool ROW_SUMS>
 __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T* ks, int warp) {
     constexpr int LD = row_stride<D>(), LDS = CHUNK + PAD, BLOCKS = (CHUNK / 16) * (CHUNK / 16 + 1) / 2;
     const int lane = threadIdx.x % 32;
@@ -876,14 +876,16 @@ __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T*
             sum_upper += x0 + x1;
             sum_lower += x2 + x3;
         }
+        if constexpr (ROW_SUMS) {
 #pragma unroll
-        for (int offset = 1; offset < 4; offset *= 2) {
-            sum_upper += __shfl_xor_sync(0xffffffffu, sum_upper, offset);
-            sum_lower += __shfl_xor_sync(0xffffffffu, sum_lower, offset);
-        }
-        if (lane % 4 == 0) {
-            row_parts[j * CHUNK + upper] = sum_upper;
-            row_parts[j * CHUNK + lower] = sum_lower;
+            for (int offset = 1; offset < 4; offset *= 2) {
+                sum_upper += __shfl_xor_sync(0xffffffffu, sum_upper, offset);
+                sum_lower += __shfl_xor_sync(0xffffffffu, sum_lower, offset);
+            }
+            if (lane % 4 == 0) {
+                row_parts[j * CHUNK + upper] = sum_upper;
+                row_parts[j * CHUNK + lower] = sum_lower;
+            }
         }
     }
 }
@@ -1028,7 +1030,8 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
                 store_column_sums<D>(sums, z_parts);
                 named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
             }
-            masked_scores<T, D>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
+            // The plain passes have no denominator: no row sums.
+            masked_scores<T, D, !PLAIN>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
             for (int d = threadIdx.x; !PLAIN && d < D; d += PRODUCER_THREADS) {
                 float x = z[(p ^ 1) * D + d];
 #pragma unroll

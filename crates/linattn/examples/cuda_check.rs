@@ -4,8 +4,8 @@
 //!
 //! `cuda_check [--quick] [--bench] [--profile]`: `--quick` runs the checks and the main
 //! causal timing only; `--bench` the timings only (while iterating on a kernel that the
-//! checks have passed); `--profile` runs the main causal kernel a few times and nothing
-//! else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
+//! checks have passed); `--profile` runs the main causal kernel a few times, then one
+//! forward and backward, and nothing else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
 
 use half::{bf16, f16};
 use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         for _ in 0..3 {
             time_forward::<bf16>(&gpu, shape, 16, true)?;
         }
+        profile_forward_backward(&gpu, shape)?;
         return Ok(());
     }
     let failures = if flag("--bench") { 0 } else { checks(&gpu)? };
@@ -548,9 +549,7 @@ fn check_backward(gpu: &Gpu, shape: [usize; 4], seed: u64) -> Result<usize> {
 
 /// Median milliseconds of a training forward and its backward (causal linear, bf16).
 fn time_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<f64> {
-    let upload =
-        |seed| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &random(shape, seed)?)?) };
-    let (q, k, v, d_out) = (upload(1)?, upload(2)?, upload(3)?, upload(4)?);
+    let [q, k, v, d_out] = training_inputs(gpu, shape)?;
     let attention = Attention::new(Method::linear()).causal(true);
     median_ms(gpu, || {
         let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
@@ -558,6 +557,23 @@ fn time_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<f64> {
             .backward_cuda(gpu, &q, &k, &v, &forward, &d_out)
             .map(drop)
     })
+}
+
+/// Random q, k, v and output gradient of `shape` on the GPU in bf16.
+fn training_inputs(gpu: &Gpu, shape: [usize; 4]) -> Result<[GpuTensor<bf16>; 4]> {
+    let upload =
+        |seed| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &random(shape, seed)?)?) };
+    Ok([upload(1)?, upload(2)?, upload(3)?, upload(4)?])
+}
+
+/// One forward and backward call, for a profiler to take apart.
+fn profile_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<()> {
+    let [q, k, v, d_out] = training_inputs(gpu, shape)?;
+    let attention = Attention::new(Method::linear()).causal(true);
+    let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
+    attention.backward_cuda(gpu, &q, &k, &v, &forward, &d_out)?;
+    gpu.synchronize()?;
+    Ok(())
 }
 
 /// Median milliseconds of `run` on the GPU over RUNS runs, after three to warm up.

@@ -1076,12 +1076,13 @@ impl Attention {
         let shape_arg = KernelShape::of(&problem, dim)?;
         let (mut g, mut phi_q, mut phi_k) = (tensor()?, tensor()?, tensor()?);
         let mut h = floats(rows)?;
-        const ROWS_PER_BLOCK: usize = 8;
+        // The prepare kernel gives each row dim/4 threads of 256 per block.
+        const THREADS: usize = 256;
         let name = format!("linear_backward_prepare_bf16_d{dim}");
         let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
         let config = LaunchConfig {
-            grid_dim: grid(rows.div_ceil(ROWS_PER_BLOCK), 1, 1)?,
-            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+            grid_dim: grid((rows * dim / 4).div_ceil(THREADS), 1, 1)?,
+            block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let row_count = rows as i64;
@@ -1152,8 +1153,6 @@ impl Attention {
         let mut args = gpu.stream.launch_builder(&function);
         args.arg(&q.data)
             .arg(&k.data)
-            .arg(&phi_q.data)
-            .arg(&phi_k.data)
             .arg(&h)
             .arg(&a.data)
             .arg(&bk.data)
@@ -1162,9 +1161,13 @@ impl Attention {
             .arg(&shape_arg)
             .arg(&mut dq.data)
             .arg(&mut dk.data);
+        let two_columns_per_thread = LaunchConfig {
+            block_dim: (dim as u32 / 2, 1, 1),
+            ..per_chunk
+        };
         // SAFETY: the finishing kernel's arguments, all [B, T, H, D], [B, T, H] or the
         // scanned sums.
-        unsafe { launch(args, per_chunk, &name) }?;
+        unsafe { launch(args, two_columns_per_thread, &name) }?;
         Ok(GpuGradients { dq, dk, dv })
     }
 

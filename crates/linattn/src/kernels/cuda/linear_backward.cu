@@ -18,29 +18,60 @@ namespace backward {
 
 using T = __nv_bfloat16;
 
-// One warp per row (b, t, h) of D values: g = do / d (rounded to T, an operand of the
-// passes), h = -(do . o) / d, phi(q) and phi(k) rounded to T as the forward pass used them.
+// Four consecutive values, moved as one 8-byte access: a warp then reads or writes whole
+// rows per instruction, which the element-wise kernels below need to come near the
+// copy bandwidth.
+struct Four {
+    float x[4];
+};
+
+__device__ __forceinline__ Four load_four(const T* p) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    return {{lo.x, lo.y, hi.x, hi.y}};
+}
+
+__device__ __forceinline__ void store_four(T* p, const Four& v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x[0], v.x[1]);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(v.x[2], v.x[3]);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const unsigned*>(&lo);
+    raw.y = *reinterpret_cast<const unsigned*>(&hi);
+    *reinterpret_cast<uint2*>(p) = raw;
+}
+
+// D/4 lanes per row (b, t, h), four values each: g = do / d (rounded to T, an operand of
+// the passes), h = -(do . o) / d, phi(q) and phi(k) rounded to T as the forward pass used
+// them.
 template <int D>
-__device__ void prepare(const T* q, const T* k, const T* out, const T* d_out, const float* den, T* g, float* h,
-                        T* phi_q, T* phi_k, long long rows) {
-    constexpr int PER_LANE = D / 32;
-    const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
+__device__ void prepare(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ out,
+                        const T* __restrict__ d_out, const float* __restrict__ den, T* __restrict__ g,
+                        float* __restrict__ h, T* __restrict__ phi_q, T* __restrict__ phi_k, long long rows) {
+    constexpr int LANES_PER_ROW = D / 4;
     const int lane = threadIdx.x % 32;
-    const float inverse = 1.f / den[row];
-    float dot = 0.f;
+    const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / LANES_PER_ROW;
+    const bool live = row < rows;
+    float dot = 0.f, inverse = 0.f;
+    if (live) {
+        inverse = 1.f / den[row];
+        const long long at = row * D + (lane % LANES_PER_ROW) * 4;
+        const Four gradient = load_four(d_out + at), output = load_four(out + at);
+        Four scaled, mapped_q = load_four(q + at), mapped_k = load_four(k + at);
 #pragma unroll
-    for (int e = 0; e < PER_LANE; ++e) {
-        const long long at = row * D + lane + 32 * e;
-        const float gradient = to_float(d_out[at]);
-        dot = fmaf(gradient, to_float(out[at]), dot);
-        g[at] = from_float<T>(gradient * inverse);
-        phi_q[at] = from_float<T>(elu_plus_one(to_float(q[at])));
-        phi_k[at] = from_float<T>(elu_plus_one(to_float(k[at])));
+        for (int e = 0; e < 4; ++e) {
+            dot = fmaf(gradient.x[e], output.x[e], dot);
+            scaled.x[e] = gradient.x[e] * inverse;
+            mapped_q.x[e] = elu_plus_one(mapped_q.x[e]);
+            mapped_k.x[e] = elu_plus_one(mapped_k.x[e]);
+        }
+        store_four(g + at, scaled);
+        store_four(phi_q + at, mapped_q);
+        store_four(phi_k + at, mapped_k);
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    if (lane == 0) h[row] = -dot * inverse;
+    for (int offset = LANES_PER_ROW / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (live && lane % LANES_PER_ROW == 0) h[row] = -dot * inverse;
 }
 
 // Per (chunk, head, batch), thread d: the chunk's sums of phi(k)[., d] and of
@@ -83,32 +114,48 @@ __device__ void scan_chunk_sums(Shape sh, int chunks, float* key_sums, float* we
 
 __device__ __forceinline__ float elu_plus_one_slope(float x) { return x > 0.f ? 1.f : __expf(x); }
 
-// Per (chunk, head, batch), thread d: dq = (a + h z) phi'(q) with z the sums of phi(k)
-// through the row, and dk = (bk + s) phi'(k) with s the sums of h phi(q) from the row on
-// (a and bk the PLAIN passes' outputs, kept in f32: each nearly cancels the sum added to
-// it, as g_i . v_j + h_i = g_i . (v_j - o_i)).
+// phi(x) rounded to T, as the passes and the chunk sums saw it.
+__device__ __forceinline__ float rounded_phi(float x) { return to_float(from_float<T>(elu_plus_one(x))); }
+
+// Per (chunk, head, batch), thread d/2 for columns d and d + 1 (4- and 8-byte accesses):
+// dq = (a + h z) phi'(q) with z the sums of phi(k) through the row, and dk = (bk + s)
+// phi'(k) with s the sums of h phi(q) from the row on (a and bk the PLAIN passes'
+// outputs, kept in f32: each nearly cancels the sum added to it, as g_i . v_j + h_i =
+// g_i . (v_j - o_i)). phi is recomputed from q and k, which are read for phi' anyway.
 template <int D>
-__device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ phi_q,
-                                 const T* __restrict__ phi_k, const float* __restrict__ h, const float* __restrict__ a,
-                                 const float* __restrict__ bk, const float* key_sums, const float* weighted_query_sums,
-                                 Shape sh, T* __restrict__ dq, T* __restrict__ dk) {
-    const int c = blockIdx.x, chunks = gridDim.x, head = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
+__device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ h,
+                                 const float* __restrict__ a, const float* __restrict__ bk, const float* key_sums,
+                                 const float* weighted_query_sums, Shape sh, T* __restrict__ dq,
+                                 T* __restrict__ dk) {
+    const int c = blockIdx.x, chunks = gridDim.x, head = blockIdx.y, b = blockIdx.z, d = 2 * threadIdx.x;
     const int t0 = c * CHUNK, len = min(CHUNK, sh.len - t0);
     const size_t at = ((static_cast<size_t>(b) * sh.heads_q + head) * chunks + c) * D + d;
-    float z = key_sums[at];
+    const auto pair = [](const T* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); };
+    const auto put = [](T* p, float x, float y) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y); };
+    float2 z = *reinterpret_cast<const float2*>(key_sums + at);
 #pragma unroll 8
     for (int r = 0; r < len; ++r) {
-        const size_t row = ((static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head) * D + d;
-        z += to_float(phi_k[row]);
-        const float gradient = a[row] + h[row / D] * z;
-        dq[row] = from_float<T>(gradient * elu_plus_one_slope(to_float(q[row])));
+        const size_t row = (static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head;
+        const size_t e = row * D + d;
+        const float2 key = pair(k + e), query = pair(q + e);
+        const float2 first = *reinterpret_cast<const float2*>(a + e);
+        const float weight = h[row];
+        z.x += rounded_phi(key.x);
+        z.y += rounded_phi(key.y);
+        put(dq + e, fmaf(weight, z.x, first.x) * elu_plus_one_slope(query.x),
+            fmaf(weight, z.y, first.y) * elu_plus_one_slope(query.y));
     }
-    float s = weighted_query_sums[at];
+    float2 s = *reinterpret_cast<const float2*>(weighted_query_sums + at);
 #pragma unroll 8
     for (int r = len - 1; r >= 0; --r) {
-        const size_t row = ((static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head) * D + d;
-        s = fmaf(h[row / D], to_float(phi_q[row]), s);
-        dk[row] = from_float<T>((bk[row] + s) * elu_plus_one_slope(to_float(k[row])));
+        const size_t row = (static_cast<size_t>(b) * sh.len + t0 + r) * sh.heads_q + head;
+        const size_t e = row * D + d;
+        const float2 key = pair(k + e), query = pair(q + e);
+        const float2 first = *reinterpret_cast<const float2*>(bk + e);
+        const float weight = h[row];
+        s.x = fmaf(weight, rounded_phi(query.x), s.x);
+        s.y = fmaf(weight, rounded_phi(query.y), s.y);
+        put(dk + e, (first.x + s.x) * elu_plus_one_slope(key.x), (first.y + s.y) * elu_plus_one_slope(key.y));
     }
 }
 
@@ -157,13 +204,12 @@ __device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ 
         linattn::Shape sh, int chunks, float* key_sums, float* weighted_query_sums) {                   \
         linattn::backward::scan_chunk_sums<D>(sh, chunks, key_sums, weighted_query_sums);               \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(D) linear_backward_finish_bf16_d##D(                   \
-        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* phi_q,                     \
-        const __nv_bfloat16* phi_k, const float* h, const float* a, const float* bk,                    \
+    extern "C" __global__ void __launch_bounds__(D / 2) linear_backward_finish_bf16_d##D(               \
+        const __nv_bfloat16* q, const __nv_bfloat16* k, const float* h, const float* a, const float* bk, \
         const float* key_sums, const float* weighted_query_sums, linattn::Shape sh,                     \
         __nv_bfloat16* dq, __nv_bfloat16* dk) {                                                         \
-        linattn::backward::finish_gradients<D>(q, k, phi_q, phi_k, h, a, bk, key_sums,                  \
-                                               weighted_query_sums, sh, dq, dk);                        \
+        linattn::backward::finish_gradients<D>(q, k, h, a, bk, key_sums, weighted_query_sums, sh, dq,   \
+                                               dk);                                                     \
     }
 
 LINATTN_BACKWARD_INSTANCES(64)

@@ -149,7 +149,7 @@ impl DecodeArgs {
 
 /// Runs `linattn decode`.
 pub fn decode(args: &DecodeArgs) -> Result<(), CliError> {
-    if args.heads % args.kv_heads() != 0 {
+    if !args.heads.is_multiple_of(args.kv_heads()) {
         return Err(CliError::Usage(format!(
             "--heads {} is not a multiple of --kv-heads {}: each key/value head serves an equal group of query heads",
             args.heads,

@@ -67,7 +67,7 @@ impl Problem {
                 q[3], k[3]
             ));
         }
-        if q[2] % k[2] != 0 {
+        if !q[2].is_multiple_of(k[2]) {
             return Err(Error::HeadMismatch {
                 q_heads: q[2],
                 kv_heads: k[2],

@@ -678,7 +678,7 @@ fn segment_parts(processors: usize, span: usize, summed: usize) -> usize {
     let chunks = span / CHUNK;
     (1..=wanted.min(chunks))
         .rev()
-        .find(|parts| chunks % parts == 0)
+        .find(|parts| chunks.is_multiple_of(*parts))
         .unwrap_or(1)
 }
 
@@ -1643,7 +1643,7 @@ mod tests {
         for (span, summed) in [(640, 1), (64, 3), (1 << 14, 500), (192, 2)] {
             let parts = segment_parts(132, span, summed);
             assert!(
-                parts >= 1 && (span / CHUNK) % parts == 0,
+                parts >= 1 && (span / CHUNK).is_multiple_of(parts),
                 "{span} {summed}: {parts}"
             );
             assert!(

@@ -147,6 +147,38 @@ fn non_finite_inputs_are_located() {
 }
 
 #[test]
+fn non_finite_inputs_are_located_on_the_fused_linear_path() {
+    // Widths of 64 in f32 take the fused AVX-512 kernels where the machine has them.
+    let shape = [2, 70, 2, 64];
+    for (bad, tensor) in [
+        (f32::NAN, "q"),
+        (f32::NEG_INFINITY, "k"),
+        (f32::NAN, "k"),
+        (f32::INFINITY, "v"),
+    ] {
+        let mut inputs = [zeros(shape), zeros(shape), zeros(shape)];
+        let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
+        // [1, 69, 0, 63]: the last row of the second batch.
+        inputs[which].as_mut_slice()[((70 + 69) * 2) * 64 + 63] = bad;
+        let err = Attention::new(Method::linear())
+            .forward(&inputs[0], &inputs[1], &inputs[2])
+            .unwrap_err();
+        match err {
+            Error::NonFinite {
+                tensor: t, index, ..
+            } => {
+                assert_eq!(
+                    (t, index),
+                    (tensor, vec![1, 69, 0, 63]),
+                    "{bad} in {tensor}"
+                );
+            }
+            other => panic!("{bad} in {tensor}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn overflowing_scores_are_an_error_not_a_nan_output() {
     // Linear attention of huge values: φ(k)ᵀv overflows f32.
     let huge = Tensor::from_vec(vec![3e30f32; 2 * 4], [1, 2, 1, 4]).unwrap();

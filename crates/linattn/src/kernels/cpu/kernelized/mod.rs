@@ -242,6 +242,8 @@ pub(crate) fn numerators<T: Element>(
 const FULL_BLOCK: usize = 256;
 
 mod chunked;
+#[cfg(target_arch = "x86_64")]
+mod elu_avx512;
 mod full;
 mod parallel;
 
@@ -277,6 +279,30 @@ pub(crate) struct Kernel<T> {
 }
 
 impl<T: Element> Kernel<T> {
+    /// The non-causal form: the fused AVX-512 kernels where they apply, else the general
+    /// blocked form. Returns whether every input and output was finite.
+    fn full(
+        &self,
+        problem: &Problem,
+        [q, k, v]: [&Tensor<T>; 3],
+        out: &mut Tensor<T>,
+        heads: Range<usize>,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.map, KernelMap::EluPlusOne(_)) && elu_avx512::applies(problem, &heads) {
+            use std::any::Any;
+            fn as_f32<T: Element>(x: &Tensor<T>) -> Option<&Tensor<f32>> {
+                (x as &dyn Any).downcast_ref()
+            }
+            if let (Some(q), Some(k), Some(v)) = (as_f32(q), as_f32(k), as_f32(v))
+                && let Some(out) = (out as &mut dyn Any).downcast_mut::<Tensor<f32>>()
+            {
+                return elu_avx512::forward(problem, self.normalizer, [q, k, v], out);
+            }
+        }
+        full::full(problem, &self.map, self.normalizer, q, k, v, out, heads)
+    }
+
     /// Attention for the query heads in `heads`: chunked (or parallel) when causal,
     /// through one state per head otherwise.
     pub fn forward(
@@ -303,7 +329,7 @@ impl<T: Element> Kernel<T> {
                 heads,
             )
         } else {
-            let finite = full::full(problem, &self.map, self.normalizer, q, k, v, out, heads);
+            let finite = self.full(problem, [q, k, v], out, heads);
             KernelPass {
                 states: Vec::new(),
                 finite: Some(finite),

@@ -10,7 +10,6 @@
 
 use super::{LinearState, Normalizer};
 use crate::attention::Problem;
-use crate::kernels::cpu::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -203,6 +202,18 @@ fn elu_plus_one16(x: __m512, poison: &mut __m512) -> __m512 {
     _mm512_mask_blend_ps(positive, exp, _mm512_add_ps(x, _mm512_set1_ps(1.0)))
 }
 
+/// `poison` plus x·0 for every x of `xs` (a multiple of 16 long).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn check_finite(xs: &[f32], mut poison: __m512) -> __m512 {
+    for piece in xs.chunks_exact(16) {
+        // SAFETY: 16 values.
+        let x = unsafe { _mm512_loadu_ps(piece.as_ptr()) };
+        poison = _mm512_fmadd_ps(x, _mm512_setzero_ps(), poison);
+    }
+    poison
+}
+
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn clean(poison: __m512) -> bool {
@@ -226,8 +237,11 @@ unsafe fn absorb_rows(
     let heads = states.len();
     let (row_k, row_v) = (heads * d, heads * dim_v);
     let mut features = vec![0.0f32; KEY_BLOCK * d];
+    // One head's values of the block, side by side: in place its rows lie a whole token
+    // apart, so that they fall into a few L1 sets and every feature tile would reread
+    // them from L2.
+    let mut head_values = vec![0.0f32; KEY_BLOCK * dim_v];
     let mut poison = _mm512_setzero_ps();
-    let mut finite = true;
     let mut start = rows.start;
     while start < rows.end {
         let len = KEY_BLOCK.min(rows.end - start);
@@ -261,7 +275,11 @@ unsafe fn absorb_rows(
                     }
                 }
             }
-            let block_values = &values[start * row_v + g * dim_v..];
+            for (i, row) in head_values.chunks_exact_mut(dim_v).take(len).enumerate() {
+                row.copy_from_slice(&values[(start + i) * row_v + g * dim_v..][..dim_v]);
+            }
+            // Checked while the copy is in cache.
+            poison = check_finite(&head_values[..len * dim_v], poison);
             for column in (0..dim_v).step_by(WIDTH) {
                 let mut first = 0;
                 while first < d {
@@ -270,8 +288,7 @@ unsafe fn absorb_rows(
                         features: &features,
                         d,
                         first,
-                        values: block_values,
-                        row_v,
+                        values: &head_values,
                         column,
                         len,
                     };
@@ -292,11 +309,9 @@ unsafe fn absorb_rows(
             }
             state.count += len;
         }
-        // Checked while the block is still in cache.
-        finite &= simd::all_finite(&values[start * row_v..(start + len) * row_v]);
         start += len;
     }
-    finite && clean(poison)
+    clean(poison)
 }
 
 /// `count` features (rows of the state) × 64 value columns, over the rows of one key block.
@@ -305,7 +320,6 @@ struct FeatureTile<'a> {
     d: usize,
     first: usize,
     values: &'a [f32],
-    row_v: usize,
     column: usize,
     len: usize,
 }
@@ -331,7 +345,7 @@ impl FeatureTile<'_> {
             }
         }
         for i in 0..self.len {
-            let value_row = &self.values[i * self.row_v + self.column..][..WIDTH];
+            let value_row = &self.values[i * dim_v + self.column..][..WIDTH];
             // SAFETY: 64 values.
             let v =
                 unsafe { [0, 16, 32, 48].map(|j| _mm512_loadu_ps(value_row[j..j + 16].as_ptr())) };

@@ -5,11 +5,11 @@
 //! `cuda_check [--quick] [--bench] [--profile]`: `--quick` runs the checks and the main
 //! causal timing only; `--bench` the timings only (while iterating on a kernel that the
 //! checks have passed); `--profile` runs the main causal kernel a few times, then one
-//! forward and backward, and nothing else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
+//! forward and backward and one performer forward, and nothing else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
 
 use half::{bf16, f16};
 use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
-use linattn::{Attention, Method, Tensor, Window, reference};
+use linattn::{Attention, Method, Performer, Tensor, Window, reference};
 use rayon::prelude::*;
 
 /// Timed runs after the warm-up; the median is reported.
@@ -30,6 +30,9 @@ fn main() -> Result<()> {
             time_forward::<bf16>(&gpu, shape, 16, true)?;
         }
         profile_forward_backward(&gpu, shape)?;
+        let [q, k, v, _] = training_inputs(&gpu, shape)?;
+        Attention::new(Method::Performer(Performer::default())).forward_cuda(&gpu, &q, &k, &v)?;
+        gpu.synchronize()?;
         return Ok(());
     }
     let failures = if flag("--bench") { 0 } else { checks(&gpu)? };
@@ -139,6 +142,87 @@ fn peer_error<P: Precision>(causal: bool, [q, k, v]: [&Tensor<f32>; 3], exact: &
     relative_error(&out, exact)
 }
 
+/// The error performer-pytorch makes in `P` (non-causal): its `softmax_kernel` with ω,
+/// x·d^(-1/4), the projection, |x'|²/2, the shifted exponent and the features each
+/// rounded to `P`, then `linear_attention` rounding the key sums, the context kᵀv, the
+/// inverse denominators and the output; products accumulate in f32 or better. Emulated
+/// in f64 with those roundings.
+fn performer_peer_error<P: Precision>(
+    features: usize,
+    seed: u64,
+    [q, k, v]: [&Tensor<f32>; 3],
+    exact: &[f64],
+) -> f64 {
+    let [batch, len, heads, dim] = q.shape();
+    let (heads_kv, dim_v) = (k.heads(), v.head_dim());
+    let group = heads / heads_kv;
+    let omega: Vec<f64> = linattn::orthogonal_random_features(features, dim, seed)
+        .into_iter()
+        .map(P::round)
+        .collect();
+    let normalizer = (dim as f64).powf(-0.25);
+    let ratio = (features as f64).powf(-0.5);
+    // Projections and half norms of one row of x.
+    let project = |row: &[f64]| -> (Vec<f64>, f64) {
+        let scaled: Vec<f64> = row.iter().map(|&x| P::round(x * normalizer)).collect();
+        let projection = omega
+            .chunks_exact(dim)
+            .map(|w| P::round(w.iter().zip(&scaled).map(|(a, b)| a * b).sum()))
+            .collect();
+        let squares: f64 = row.iter().map(|&x| P::round(x * x)).sum();
+        let diag = P::round(P::round(P::round(squares) / 2.0) * normalizer * normalizer);
+        (projection, diag)
+    };
+    let feature = |p: f64, diag: f64, top: f64| {
+        let shifted = P::round(P::round(p - diag) - top);
+        P::round(ratio * P::round(P::round(shifted.exp()) + 1e-4))
+    };
+    let row = |x: &Tensor<f32>, b, t, h| -> Vec<f64> {
+        (0..x.head_dim())
+            .map(|i| P::round(x.at(b, t, h, i) as f64))
+            .collect()
+    };
+    let mut out = vec![0.0; batch * len * heads * dim_v];
+    for b in 0..batch {
+        for g in 0..heads_kv {
+            let projected: Vec<(Vec<f64>, f64)> =
+                (0..len).map(|t| project(&row(k, b, t, g))).collect();
+            let top = projected
+                .iter()
+                .flat_map(|(p, _)| p.iter().copied())
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mut context = vec![0.0; features * dim_v];
+            let mut sums = vec![0.0; features];
+            for (t, (p, diag)) in projected.iter().enumerate() {
+                let values = row(v, b, t, g);
+                for f in 0..features {
+                    let phi = feature(p[f], *diag, top);
+                    sums[f] += phi;
+                    for (c, value) in values.iter().enumerate() {
+                        context[f * dim_v + c] += phi * value;
+                    }
+                }
+            }
+            let context: Vec<f64> = context.into_iter().map(P::round).collect();
+            let sums: Vec<f64> = sums.into_iter().map(P::round).collect();
+            for h in (g * group)..((g + 1) * group) {
+                for t in 0..len {
+                    let (p, diag) = project(&row(q, b, t, h));
+                    let top = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let phi: Vec<f64> = p.iter().map(|&x| feature(x, diag, top)).collect();
+                    let inverse =
+                        P::round(1.0 / P::round(phi.iter().zip(&sums).map(|(a, b)| a * b).sum()));
+                    for c in 0..dim_v {
+                        let num: f64 = (0..features).map(|f| phi[f] * context[f * dim_v + c]).sum();
+                        out[((b * len + t) * heads + h) * dim_v + c] = P::round(num * inverse);
+                    }
+                }
+            }
+        }
+    }
+    relative_error(&out, exact)
+}
+
 /// One check line; returns whether it passed.
 fn report(what: &str, error: f64, tolerance: f64) -> bool {
     let ok = error.is_finite() && error <= tolerance;
@@ -187,6 +271,8 @@ enum Peer {
     Linear(bool),
     /// SDPA over the keys these sides (the causal mask applied) leave visible.
     Exact(Sides),
+    /// performer-pytorch's non-causal FAVOR+ with these features drawn from this seed.
+    Performer { features: usize, seed: u64 },
 }
 
 impl Peer {
@@ -194,6 +280,9 @@ impl Peer {
         peer_tolerance::<P>(match self {
             Peer::Linear(causal) => peer_error::<P>(causal, inputs, exact),
             Peer::Exact(sides) => exact_peer_error::<P>(sides, inputs, exact),
+            Peer::Performer { features, seed } => {
+                performer_peer_error::<P>(features, seed, inputs, exact)
+            }
         })
     }
 }
@@ -460,6 +549,28 @@ fn checks(gpu: &Gpu) -> Result<usize> {
         failures += judged?.check_every_precision(gpu)?;
     }
 
+    // Performer, non-causal: feature counts from one tile to the most the kernels hold,
+    // GQA, value dims off and wider than a value block, lengths split into spans.
+    let performer_cases = [
+        ([2, 77, 4, 64], 2, 64, 256),
+        ([1, 600, 2, 128], 1, 96, 128),
+        ([1, 1500, 2, 32], 2, 32, 64),
+        ([2, 130, 3, 16], 3, 40, 16),
+    ];
+    let judged = judge_all(
+        &performer_cases,
+        |index, &(shape, heads_kv, dim_v, features)| {
+            let inputs = inputs(shape, shape[1], heads_kv, dim_v, 400 + 3 * index as u64);
+            let seed = index as u64;
+            let method = Method::Performer(Performer::new(features, seed));
+            let peer = Peer::Performer { features, seed };
+            judge(Attention::new(method), peer, inputs)
+        },
+    );
+    for judged in judged {
+        failures += judged?.check_every_precision(gpu)?;
+    }
+
     // Prefill then decode, each case in one precision.
     let decode_cases = [
         ([2, 150, 4, 64], 2, 129),
@@ -710,6 +821,20 @@ fn benches(gpu: &Gpu, quick: bool) -> Result<()> {
             4.0 * b * h * d * pairs / (ms * 1e-3) / 1e12
         );
     }
+    // Performer, 256 features: projections of q and k (once per value block) and the
+    // two products with the state, 2 B H T (2 · value blocks · D + 2 D_v) m flops.
+    let ms = time_method::<bf16>(
+        gpu,
+        Method::Performer(Performer::default()),
+        main,
+        16,
+        false,
+    )?;
+    let [b, t, h, d] = main.map(|x| x as f64);
+    println!(
+        "bench,performer full 256 features,bf16,B=4 T=8192 H=16 D=128,{ms:.4} ms,{:.0} TFLOP/s",
+        2.0 * b * h * t * (2.0 * 2.0 * d + 2.0 * d) * 256.0 / (ms * 1e-3) / 1e12
+    );
     let state_bytes = 32.0 * 16.0 * (128.0 * 128.0 + 128.0) * 4.0;
     println!(
         "bench,linear decode step,bf16 tokens f32 state,B=32 H=16 D=128,{:.1} us,floor {:.1} us (state read + written)",

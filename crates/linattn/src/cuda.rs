@@ -35,6 +35,12 @@ const LINEAR_BACKWARD_SOURCE: &str = concat!(
     include_str!("kernels/cuda/linear.cu"),
     include_str!("kernels/cuda/linear_backward.cu")
 );
+const PERFORMER_SOURCE: &str = concat!(
+    "#define LINATTN_HELPERS_ONLY\n",
+    include_str!("kernels/cuda/common.cuh"),
+    include_str!("kernels/cuda/linear.cu"),
+    include_str!("kernels/cuda/performer.cu")
+);
 const SOFTMAX_SOURCE: &str = concat!(
     include_str!("kernels/cuda/common.cuh"),
     include_str!("kernels/cuda/softmax.cu")
@@ -261,6 +267,7 @@ impl Gpu {
         let (code, file) = match source {
             Source::Linear => (LINEAR_SOURCE, "linear.cu"),
             Source::LinearBackward => (LINEAR_BACKWARD_SOURCE, "linear_backward.cu"),
+            Source::Performer => (PERFORMER_SOURCE, "performer.cu"),
             Source::Softmax => (SOFTMAX_SOURCE, "softmax.cu"),
         };
         let mut modules = self
@@ -344,6 +351,8 @@ enum Source {
     Linear,
     /// The linear kernels again with the backward pass's (compiled only when asked for).
     LinearBackward,
+    /// FAVOR+ kernels, built on the linear kernels' helpers.
+    Performer,
     Softmax,
 }
 
@@ -829,6 +838,9 @@ impl Attention {
         v: &GpuTensor<T>,
     ) -> Result<GpuTensor<T>> {
         let problem = self.problem(q.shape, k.shape, v.shape)?;
+        if let Method::Performer(performer) = &self.method {
+            return performer_full(gpu, &problem, performer, [q, k, v]);
+        }
         let exact = |scale, left, right| ExactMask { scale, left, right };
         let mask = match &self.method {
             Method::Linear(_) => None,
@@ -840,7 +852,7 @@ impl Attention {
             )),
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{} does not run on the GPU yet (linear, softmax and window do)",
+                    "{} does not run on the GPU yet (linear, performer, softmax and window do)",
                     other.name()
                 )));
             }
@@ -1511,6 +1523,171 @@ fn linear_full<T: GpuElement>(
         .arg(&state.k_sum);
     // SAFETY: the apply kernel's arguments and the state the first pass filled.
     unsafe { launch(args, config, &name) }
+}
+
+/// Most random features and widest heads the FAVOR+ kernels hold (`MAX_FEATURES` in
+/// performer.cu; the projection's rows in shared memory).
+const PERFORMER_MAX_FEATURES: usize = 256;
+const PERFORMER_MAX_DIM: usize = 128;
+/// Threads per block of the FAVOR+ kernels.
+const PERFORMER_THREADS: u32 = 256;
+
+/// Bytes of `counts` arrays of the given element sizes carved as performer.cu's `Carver`
+/// does (each rounded up to 128 bytes).
+fn carved_bytes(arrays: &[(usize, usize)]) -> Result<u32> {
+    let bytes: usize = arrays
+        .iter()
+        .map(|&(count, size)| (count * size).div_ceil(128) * 128)
+        .sum();
+    u32::try_from(bytes).map_err(|_| Error::Unsupported("shared memory beyond 4 GiB".into()))
+}
+
+/// Non-causal Performer (FAVOR+) on the GPU: the key pass per span, the merge of the
+/// spans, the query pass, each mapping its rows itself.
+fn performer_full<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    performer: &crate::Performer,
+    [q, k, v]: [&GpuTensor<T>; 3],
+) -> Result<GpuTensor<T>> {
+    if problem.causal {
+        return Err(Error::Unsupported(
+            "performer's causal form does not run on the GPU yet (its non-causal form does)".into(),
+        ));
+    }
+    if problem.len_q != problem.len_k {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "on the GPU q and k must have the same length, not {} and {}",
+                problem.len_q, problem.len_k
+            ),
+        });
+    }
+    let (dim, features, dim_v) = (problem.dim_qk, performer.num_features(), problem.dim_v);
+    if !dim.is_multiple_of(16)
+        || dim > PERFORMER_MAX_DIM
+        || !features.is_multiple_of(16)
+        || features > PERFORMER_MAX_FEATURES
+    {
+        return Err(Error::Unsupported(format!(
+            "performer on the GPU takes head dims and feature counts that are multiples of 16, \
+             up to {PERFORMER_MAX_DIM} and {PERFORMER_MAX_FEATURES}, not {dim} and {features}"
+        )));
+    }
+    // x' = x d^(-1/4) folded into omega, rounded once to the inputs' type.
+    let scale = (dim as f64).powf(-0.25);
+    let omega: Vec<T> = performer
+        .omega(dim)?
+        .iter()
+        .map(|&w| T::from_f32((w * scale) as f32))
+        .collect();
+    let omega = gpu
+        .stream
+        .clone_htod(&omega)
+        .map_err(|e| cuda_error("copying omega to the GPU", e))?;
+    let (element, pad) = (size_of::<T>(), 8);
+    let block = value_block(dim_v);
+    let shape = KernelShape::of(problem, block)?;
+    let (batch, heads_kv) = (problem.batch, problem.heads_kv);
+    let spans = problem.len_k.div_ceil(FULL_SPAN);
+    let head_spans = batch * heads_kv * spans;
+    let mut states = gpu.alloc::<f32>(head_spans * features * dim_v)?;
+    let mut k_sums = gpu.alloc::<f32>(head_spans * features)?;
+    let mut v_sums = gpu.alloc::<f32>(head_spans * dim_v)?;
+    let mut maxima = gpu.alloc::<f32>(head_spans)?;
+    let ratio = (features as f32).powf(-0.5);
+    let (features_arg, span) = (features as i32, FULL_SPAN as i32);
+
+    let shared = carved_bytes(&[
+        (CHUNK * (dim + pad), element),
+        (CHUNK * (features + pad), 4),
+        (CHUNK * (block + pad), element),
+        (features * (block + pad), 4),
+        (features, 4),
+        (block, 4),
+        (CHUNK, 4),
+        (32, 4),
+    ])?;
+    let name = format!("performer_keys_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Performer, &name, shared)?;
+    let config = LaunchConfig {
+        grid_dim: grid(dim_v.div_ceil(block), heads_kv, batch * spans)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&k.data)
+        .arg(&v.data)
+        .arg(&omega)
+        .arg(&shape)
+        .arg(&features_arg)
+        .arg(&span)
+        .arg(&ratio)
+        .arg(&mut states)
+        .arg(&mut k_sums)
+        .arg(&mut v_sums)
+        .arg(&mut maxima);
+    // SAFETY: the key pass's arguments; the span sums sized for its grid.
+    unsafe { launch(args, config, &name) }?;
+
+    let mut state = gpu.alloc::<f32>(batch * heads_kv * features * dim_v)?;
+    let mut k_sum = gpu.alloc::<f32>(batch * heads_kv * features)?;
+    let function = gpu.kernel_of(Source::Performer, "performer_merge", 0)?;
+    let config = LaunchConfig {
+        grid_dim: grid(heads_kv, batch, 1)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (span_count, constant) = (
+        spans as i32,
+        ratio * crate::feature_map::FAVOR_EPSILON as f32,
+    );
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&shape)
+        .arg(&features_arg)
+        .arg(&span_count)
+        .arg(&constant)
+        .arg(&states)
+        .arg(&k_sums)
+        .arg(&v_sums)
+        .arg(&maxima)
+        .arg(&mut state)
+        .arg(&mut k_sum);
+    // SAFETY: the merge's arguments, the span sums the key pass wrote.
+    unsafe { launch(args, config, "performer_merge") }?;
+
+    let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+    let shared = carved_bytes(&[
+        (CHUNK * (dim + pad), element),
+        (CHUNK * (features + pad), 4),
+        (features * (block + pad), element),
+        (CHUNK * (block + pad), 4),
+        (features, 4),
+        (CHUNK, 4),
+        (CHUNK, 4),
+    ])?;
+    let name = format!("performer_apply_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Performer, &name, shared)?;
+    let config = LaunchConfig {
+        grid_dim: grid(dim_v.div_ceil(block), problem.heads_q, batch * spans)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let eps = crate::feature_map::FAVOR_EPSILON as f32;
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&q.data)
+        .arg(&omega)
+        .arg(&mut out.data)
+        .arg(&shape)
+        .arg(&features_arg)
+        .arg(&span)
+        .arg(&ratio)
+        .arg(&eps)
+        .arg(&state)
+        .arg(&k_sum);
+    // SAFETY: the query pass's arguments and the merged state.
+    unsafe { launch(args, config, &name) }?;
+    Ok(out)
 }
 
 /// Which keys exact attention sees, and its scale, as the CPU method says.

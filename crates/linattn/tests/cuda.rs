@@ -5,7 +5,7 @@
 
 use half::bf16;
 use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
-use linattn::{Attention, Cosformer, Error, Method, Tensor, Window, reference};
+use linattn::{Attention, Cosformer, Error, Method, Performer, Tensor, Window, reference};
 
 /// The GPU, or `None` after saying why the test is skipped.
 fn gpu() -> Option<Gpu> {
@@ -37,13 +37,21 @@ fn error_on_gpu<T: GpuElement>(
     [q, k, v]: [&Tensor<f32>; 3],
 ) -> f64 {
     let exact = reference::forward(attention, &q.cast(), &k.cast(), &v.cast()).unwrap();
+    relative_error(&output_on_gpu::<T>(gpu, attention, [q, k, v]), &exact)
+}
+
+/// The output of `attention` on the GPU with inputs in `T`.
+fn output_on_gpu<T: GpuElement>(
+    gpu: &Gpu,
+    attention: &Attention,
+    [q, k, v]: [&Tensor<f32>; 3],
+) -> Tensor<f32> {
     let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x).unwrap();
-    let out = attention
+    attention
         .forward_cuda(gpu, &upload(q), &upload(k), &upload(v))
         .unwrap()
         .download()
-        .unwrap();
-    relative_error(&out, &exact)
+        .unwrap()
 }
 
 #[test]
@@ -73,6 +81,43 @@ fn f32_forward_matches_the_reference_full_and_causal() {
             let error = error_on_gpu::<f32>(&gpu, &attention, [&q, &k, &v]);
             assert!(error < 1e-4, "{shape:?} causal {causal}: {error:e}");
         }
+    }
+}
+
+#[test]
+fn performer_matches_the_reference_and_refuses_what_it_does_not_take() {
+    let Some(gpu) = gpu() else { return };
+    // Keys split into spans (merged at a common stabiliser), GQA, a value dim off the
+    // value block; f32 and bf16 inputs against one f64 reference (the reference forms
+    // the whole attention matrix: kept small).
+    let (shape, heads_kv, dim_v) = ([1, 600, 2, 64], 1, 40);
+    let [b, t, _, d] = shape;
+    let q = Tensor::<f32>::randn(shape, 7).unwrap();
+    let k = Tensor::<f32>::randn([b, t, heads_kv, d], 8).unwrap();
+    let v = Tensor::<f32>::randn([b, t, heads_kv, dim_v], 9).unwrap();
+    let performer = Attention::new(Method::Performer(Performer::new(64, 5)));
+    let exact = reference::forward(&performer, &q.cast(), &k.cast(), &v.cast()).unwrap();
+    let f32_error = relative_error(
+        &output_on_gpu::<f32>(&gpu, &performer, [&q, &k, &v]),
+        &exact,
+    );
+    assert!(f32_error < 1e-4, "f32: {f32_error:e}");
+    // bf16: within eight roundings of the inputs' type.
+    let bf16_error = relative_error(
+        &output_on_gpu::<bf16>(&gpu, &performer, [&q, &k, &v]),
+        &exact,
+    );
+    assert!(bf16_error < 8.0 / 256.0, "bf16: {bf16_error:e}");
+    let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 8, 2, 24], 0).unwrap()).unwrap();
+    for attention in [
+        performer.clone().causal(true),
+        // Head dims off the tensor-core tile.
+        Attention::new(Method::Performer(Performer::new(64, 0))),
+    ] {
+        assert!(matches!(
+            attention.forward_cuda(&gpu, &x, &x, &x),
+            Err(Error::Unsupported(_))
+        ));
     }
 }
 

@@ -1161,6 +1161,9 @@ __device__ void apply_state(const T* __restrict__ q, T* __restrict__ out, Shape 
 }  // namespace mma
 }  // namespace linattn
 
+// Sources that only borrow the helpers above (performer.cu) define LINATTN_HELPERS_ONLY:
+// NVRTC then compiles none of these kernels for them.
+#ifndef LINATTN_HELPERS_ONLY
 #define LINATTN_INSTANCES(SUFFIX, T)                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1) linear_causal_##SUFFIX(                \
         const T* q, const T* k, const T* v, T* out, linattn::Shape sh, float eps,              \
@@ -1222,3 +1225,4 @@ LINATTN_MMA_INSTANCES(bf16, __nv_bfloat16, 64)
 LINATTN_MMA_INSTANCES(bf16, __nv_bfloat16, 128)
 LINATTN_MMA_INSTANCES(f16, __half, 64)
 LINATTN_MMA_INSTANCES(f16, __half, 128)
+#endif  // LINATTN_HELPERS_ONLY

@@ -10,7 +10,7 @@ use clap::ValueEnum;
 pub enum Device {
     /// The CPU, every method.
     Cpu,
-    /// The first NVIDIA GPU, through CUDA (linear, softmax and window so far).
+    /// The first NVIDIA GPU, through CUDA (linear, performer, softmax and window so far).
     Cuda,
 }
 

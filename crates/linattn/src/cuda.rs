@@ -815,9 +815,10 @@ fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
 
 impl Attention {
     /// [`Attention::forward`] on the GPU, for tensors already there. Runs `linear`
-    /// attention (full, and causal in the chunked form) and exact attention (`softmax`,
-    /// `window`: full, causal or windowed, head dims up to 256); other methods are
-    /// [`Error::Unsupported`] on the GPU for now.
+    /// attention (full, and causal in the chunked form), non-causal `performer` (head
+    /// dims multiples of 16 up to 128, up to 256 features) and exact attention
+    /// (`softmax`, `window`: full, causal or windowed, head dims up to 256); other
+    /// methods and forms are [`Error::Unsupported`] on the GPU for now.
     ///
     /// ```no_run
     /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};

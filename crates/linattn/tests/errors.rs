@@ -105,6 +105,25 @@ fn zero_sized_dimensions_are_refused() {
     }
 }
 
+/// Where `attention` says the non-finite input is, for zero inputs of `shape` with `bad`
+/// at `at` in `tensor` ("q", "k" or "v"); any other outcome is returned as it came.
+fn locate_bad_input(
+    attention: &Attention,
+    shape: [usize; 4],
+    tensor: &str,
+    at: [usize; 4],
+    bad: f32,
+) -> Result<(&'static str, Vec<usize>), linattn::Result<Tensor<f32>>> {
+    let mut inputs = [zeros(shape), zeros(shape), zeros(shape)];
+    let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
+    let [_, seq, heads, dim] = shape;
+    inputs[which].as_mut_slice()[((at[0] * seq + at[1]) * heads + at[2]) * dim + at[3]] = bad;
+    match attention.forward(&inputs[0], &inputs[1], &inputs[2]) {
+        Err(Error::NonFinite { tensor, index, .. }) => Ok((tensor, index)),
+        other => Err(other),
+    }
+}
+
 #[test]
 fn non_finite_inputs_are_located() {
     // Exact methods scan inputs first; the kernelized ones check them as they read.
@@ -116,65 +135,39 @@ fn non_finite_inputs_are_located() {
         Method::Window(Window::new(Some(1), None)),
     ];
     for (method, causal) in methods.iter().flat_map(|m| [(m, false), (m, true)]) {
+        let attention = Attention::new(method.clone()).causal(causal);
         for (bad, tensor) in [
             (f32::NAN, "q"),
             (f32::INFINITY, "k"),
             (f32::NEG_INFINITY, "v"),
         ] {
-            let mut inputs = [
-                zeros([1, 5, 2, 3]),
-                zeros([1, 5, 2, 3]),
-                zeros([1, 5, 2, 3]),
-            ];
-            let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
-            // [0, 3, 1, 2] in a [1, 5, 2, 3] tensor.
-            inputs[which].as_mut_slice()[3 * 6 + 3 + 2] = bad;
-            let err = Attention::new(method.clone())
-                .causal(causal)
-                .forward(&inputs[0], &inputs[1], &inputs[2])
-                .unwrap_err();
-            match err {
-                Error::NonFinite {
-                    tensor: t, index, ..
-                } => {
-                    assert_eq!(t, tensor, "{method:?}");
-                    assert_eq!(index, vec![0, 3, 1, 2], "{method:?}");
-                }
-                other => panic!("{method:?} causal={causal}: {other:?}"),
-            }
+            let found = locate_bad_input(&attention, [1, 5, 2, 3], tensor, [0, 3, 1, 2], bad);
+            assert_eq!(
+                found.unwrap(),
+                (tensor, vec![0, 3, 1, 2]),
+                "{method:?} causal={causal}"
+            );
         }
     }
 }
 
 #[test]
 fn non_finite_inputs_are_located_on_the_fused_linear_path() {
-    // Widths of 64 in f32 take the fused AVX-512 kernels where the machine has them.
-    let shape = [2, 70, 2, 64];
+    // Widths of 64 in f32 take the fused AVX-512 kernels where the machine has them; the
+    // last row of the second batch.
+    let attention = Attention::new(Method::linear());
     for (bad, tensor) in [
         (f32::NAN, "q"),
         (f32::NEG_INFINITY, "k"),
         (f32::NAN, "k"),
         (f32::INFINITY, "v"),
     ] {
-        let mut inputs = [zeros(shape), zeros(shape), zeros(shape)];
-        let which = ["q", "k", "v"].iter().position(|&t| t == tensor).unwrap();
-        // [1, 69, 0, 63]: the last row of the second batch.
-        inputs[which].as_mut_slice()[((70 + 69) * 2) * 64 + 63] = bad;
-        let err = Attention::new(Method::linear())
-            .forward(&inputs[0], &inputs[1], &inputs[2])
-            .unwrap_err();
-        match err {
-            Error::NonFinite {
-                tensor: t, index, ..
-            } => {
-                assert_eq!(
-                    (t, index),
-                    (tensor, vec![1, 69, 0, 63]),
-                    "{bad} in {tensor}"
-                );
-            }
-            other => panic!("{bad} in {tensor}: {other:?}"),
-        }
+        let found = locate_bad_input(&attention, [2, 70, 2, 64], tensor, [1, 69, 0, 63], bad);
+        assert_eq!(
+            found.unwrap(),
+            (tensor, vec![1, 69, 0, 63]),
+            "{bad} in {tensor}"
+        );
     }
 }
 

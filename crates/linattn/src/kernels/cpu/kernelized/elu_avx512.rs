@@ -8,7 +8,7 @@
 //! overlap. Taken only where it applies (f32, elu + 1, every head in one call, feature and
 //! value widths multiples of 64, AVX-512 present); everything else goes the general way.
 
-use super::{LinearState, Normalizer};
+use super::{LinearState, Normalizer, merge_parts};
 use crate::attention::Problem;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -114,22 +114,10 @@ fn key_states(
             (states, finite)
         })
         .collect();
-    let finite = partial.iter().all(|(_, finite)| *finite);
-    let mut states: Vec<LinearState<f32>> = Vec::with_capacity(problem.batch * heads);
-    for (index, (part_states, _)) in partial.into_iter().enumerate() {
-        if index % parts == 0 {
-            states.extend(part_states);
-        } else {
-            let first = states.len() - heads;
-            for (state, other) in states[first..].iter_mut().zip(part_states) {
-                state.merge(other);
-            }
-        }
-    }
-    (states, finite)
+    merge_parts(partial, parts)
 }
 
-/// Walks `cursor` through `lines` one cache line per call, asking for each ahead of use.
+/// Walks through a slice one cache line per call, asking for each line ahead of its use.
 struct Prefetcher {
     next: *const u8,
     end: *const u8,
@@ -148,10 +136,9 @@ impl Prefetcher {
     fn step(&mut self) {
         if self.next < self.end {
             // SAFETY: a prefetch is a hint; the address lies inside the slice.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8);
-                self.next = self.next.add(64);
-            }
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8) };
+            // The last step may pass the end by less than a line: never dereferenced.
+            self.next = self.next.wrapping_add(64);
         }
     }
 }
@@ -214,6 +201,7 @@ fn check_finite(xs: &[f32], mut poison: __m512) -> __m512 {
     poison
 }
 
+/// Whether no NaN reached `poison`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn clean(poison: __m512) -> bool {
@@ -297,11 +285,11 @@ unsafe fn absorb_rows(
                     unsafe {
                         match count {
                             6 => tile.absorb::<6>(state_rows, dim_v, &mut ahead),
-                            5 => tile.absorb::<5>(state_rows, dim_v, &mut ahead),
                             4 => tile.absorb::<4>(state_rows, dim_v, &mut ahead),
-                            3 => tile.absorb::<3>(state_rows, dim_v, &mut ahead),
                             2 => tile.absorb::<2>(state_rows, dim_v, &mut ahead),
-                            _ => tile.absorb::<1>(state_rows, dim_v, &mut ahead),
+                            _ => {
+                                unreachable!("widths are multiples of 64: tiles of 6, then 4 or 2")
+                            }
                         }
                     }
                     first += count;
@@ -314,7 +302,8 @@ unsafe fn absorb_rows(
     clean(poison)
 }
 
-/// `count` features (rows of the state) × 64 value columns, over the rows of one key block.
+/// Features `first..` (rows of the state) × 64 value columns, over the rows of one key
+/// block.
 struct FeatureTile<'a> {
     features: &'a [f32],
     d: usize,

@@ -2,7 +2,8 @@
 //! by every query; and its backward, which needs one more pair of sums over the queries.
 
 use super::{
-    FULL_BLOCK, FeatureMap, LinearState, Normalizer, add_assign, dot, numerators, scale_rows,
+    FULL_BLOCK, FeatureMap, LinearState, Normalizer, add_assign, dot, merge_parts, numerators,
+    scale_rows,
 };
 use crate::attention::Problem;
 use crate::kernels::cpu::matmul::{MatMut, MatRef, matmul};
@@ -69,19 +70,7 @@ fn key_states<T: Element, F: FeatureMap<T>>(
             (states, finite)
         })
         .collect();
-    let finite = partial.iter().all(|(_, finite)| *finite);
-    let mut states: Vec<LinearState<T>> = Vec::with_capacity(problem.batch * heads.len());
-    for (index, (part_states, _)) in partial.into_iter().enumerate() {
-        if index % parts == 0 {
-            states.extend(part_states);
-        } else {
-            let batch_states = states.len() - heads.len();
-            for (state, other) in states[batch_states..].iter_mut().zip(part_states) {
-                state.merge(other);
-            }
-        }
-    }
-    (states, finite)
+    merge_parts(partial, parts)
 }
 
 /// Non-causal kernelized attention for the query heads in `heads`. Each task takes a

@@ -187,6 +187,28 @@ impl<T: Element> LinearState<T> {
     }
 }
 
+/// One state per (batch, head) from the states of each batch's `parts` consecutive
+/// pieces of the sequence (`partial` batch-major, a state per head in each), and whether
+/// every piece was finite.
+fn merge_parts<T: Element>(
+    partial: Vec<(Vec<LinearState<T>>, bool)>,
+    parts: usize,
+) -> (Vec<LinearState<T>>, bool) {
+    let finite = partial.iter().all(|(_, finite)| *finite);
+    let mut states: Vec<LinearState<T>> = Vec::new();
+    for (index, (part_states, _)) in partial.into_iter().enumerate() {
+        if index % parts == 0 {
+            states.extend(part_states);
+        } else {
+            let batch_states = states.len() - part_states.len();
+            for (state, other) in states[batch_states..].iter_mut().zip(part_states) {
+                state.merge(other);
+            }
+        }
+    }
+    (states, finite)
+}
+
 #[inline]
 fn add_assign<T: Element>(acc: &mut [T], x: &[T]) {
     acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b);

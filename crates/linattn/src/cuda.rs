@@ -693,21 +693,34 @@ fn segment_parts(processors: usize, span: usize, summed: usize) -> usize {
 
 /// Shared memory of the chunk kernels, as `ChunkSmem::carve` lays it out.
 fn chunk_shared_bytes(dim_k: usize, value_block: usize, element: usize) -> usize {
-    const PAD: usize = 8;
-    let aligned = |bytes: usize| bytes.div_ceil(128) * 128;
     let (dkp, dvp) = (round16(dim_k), value_block);
     let (ldk, ldv, ldc, lds, ldo) = (dkp + PAD, dvp + PAD, CHUNK + PAD, dvp + PAD, dvp + PAD);
-    let mut bytes = aligned(CHUNK * ldk * element) * 2
-        + aligned(CHUNK * ldv * element)
-        + aligned(CHUNK * ldc * 4)
-        + aligned(dkp * lds * 4)
-        + aligned(CHUNK * ldo * 4)
-        + aligned(dkp * 4)
-        + aligned(CHUNK * 4);
+    let mut arrays = vec![
+        (CHUNK * ldk, element),
+        (CHUNK * ldk, element),
+        (CHUNK * ldv, element),
+        (CHUNK * ldc, 4),
+        (dkp * lds, 4),
+        (CHUNK * ldo, 4),
+        (dkp, 4),
+        (CHUNK, 4),
+    ];
     if element != 4 {
-        bytes += aligned(CHUNK * ldc * element) + aligned(dkp * lds * element);
+        arrays.extend([(CHUNK * ldc, element), (dkp * lds, element)]);
     }
-    bytes
+    carved_bytes(&arrays)
+}
+
+/// Padding of shared-memory rows (`PAD` in common.cuh).
+const PAD: usize = 8;
+
+/// Bytes of arrays of `(count, element size)` carved one after another as the kernels'
+/// `Carver` does (each rounded up to 128 bytes).
+fn carved_bytes(arrays: &[(usize, usize)]) -> usize {
+    arrays
+        .iter()
+        .map(|&(count, size)| (count * size).div_ceil(128) * 128)
+        .sum()
 }
 
 /// The three passes of linear attention on the GPU.
@@ -784,11 +797,11 @@ impl LinearPlan {
         // (denominators and row sums per key block by parity, key sums by parity and per
         // producer warp); the state pass's key sums per warp; the apply pass's
         // denominators and key sums.
-        let tile = CHUNK * (dim + 8) * self.element;
+        let tile = CHUNK * (dim + PAD) * self.element;
         let (shared, warps) = match pass {
             Pass::Causal => (
                 9 * tile
-                    + 2 * CHUNK * (CHUNK + 8) * self.element
+                    + 2 * CHUNK * (CHUNK + PAD) * self.element
                     + (2 * CHUNK + 2 * CHUNK / 16 * CHUNK + (2 + CAUSAL_PRODUCER_WARPS) * dim) * 4,
                 CAUSAL_PRODUCER_WARPS + dim / 16,
             ),
@@ -1533,14 +1546,10 @@ const PERFORMER_MAX_DIM: usize = 128;
 /// Threads per block of the FAVOR+ kernels.
 const PERFORMER_THREADS: u32 = 256;
 
-/// Bytes of `counts` arrays of the given element sizes carved as performer.cu's `Carver`
-/// does (each rounded up to 128 bytes).
-fn carved_bytes(arrays: &[(usize, usize)]) -> Result<u32> {
-    let bytes: usize = arrays
-        .iter()
-        .map(|&(count, size)| (count * size).div_ceil(128) * 128)
-        .sum();
-    u32::try_from(bytes).map_err(|_| Error::Unsupported("shared memory beyond 4 GiB".into()))
+/// [`carved_bytes`] as a launch's dynamic shared memory.
+fn shared_bytes(arrays: &[(usize, usize)]) -> Result<u32> {
+    u32::try_from(carved_bytes(arrays))
+        .map_err(|_| Error::Unsupported("shared memory beyond 4 GiB".into()))
 }
 
 /// Non-causal Performer (FAVOR+) on the GPU: the key pass per span, the merge of the
@@ -1586,7 +1595,7 @@ fn performer_full<T: GpuElement>(
         .stream
         .clone_htod(&omega)
         .map_err(|e| cuda_error("copying omega to the GPU", e))?;
-    let (element, pad) = (size_of::<T>(), 8);
+    let element = size_of::<T>();
     let block = value_block(dim_v);
     let shape = KernelShape::of(problem, block)?;
     let (batch, heads_kv) = (problem.batch, problem.heads_kv);
@@ -1599,11 +1608,11 @@ fn performer_full<T: GpuElement>(
     let ratio = (features as f32).powf(-0.5);
     let (features_arg, span) = (features as i32, FULL_SPAN as i32);
 
-    let shared = carved_bytes(&[
-        (CHUNK * (dim + pad), element),
-        (CHUNK * (features + pad), 4),
-        (CHUNK * (block + pad), element),
-        (features * (block + pad), 4),
+    let shared = shared_bytes(&[
+        (CHUNK * (dim + PAD), element),
+        (CHUNK * (features + PAD), 4),
+        (CHUNK * (block + PAD), element),
+        (features * (block + PAD), 4),
         (features, 4),
         (block, 4),
         (CHUNK, 4),
@@ -1658,11 +1667,11 @@ fn performer_full<T: GpuElement>(
     unsafe { launch(args, config, "performer_merge") }?;
 
     let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
-    let shared = carved_bytes(&[
-        (CHUNK * (dim + pad), element),
-        (CHUNK * (features + pad), 4),
-        (features * (block + pad), element),
-        (CHUNK * (block + pad), 4),
+    let shared = shared_bytes(&[
+        (CHUNK * (dim + PAD), element),
+        (CHUNK * (features + PAD), 4),
+        (features * (block + PAD), element),
+        (CHUNK * (block + PAD), 4),
         (features, 4),
         (CHUNK, 4),
         (CHUNK, 4),

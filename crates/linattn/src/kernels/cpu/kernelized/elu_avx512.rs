@@ -10,6 +10,7 @@
 
 use super::{LinearState, Normalizer, merge_parts};
 use crate::attention::Problem;
+use crate::kernels::cpu::simd;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -189,18 +190,6 @@ fn elu_plus_one16(x: __m512, poison: &mut __m512) -> __m512 {
     _mm512_mask_blend_ps(positive, exp, _mm512_add_ps(x, _mm512_set1_ps(1.0)))
 }
 
-/// `poison` plus x·0 for every x of `xs` (a multiple of 16 long).
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn check_finite(xs: &[f32], mut poison: __m512) -> __m512 {
-    for piece in xs.chunks_exact(16) {
-        // SAFETY: 16 values.
-        let x = unsafe { _mm512_loadu_ps(piece.as_ptr()) };
-        poison = _mm512_fmadd_ps(x, _mm512_setzero_ps(), poison);
-    }
-    poison
-}
-
 /// Whether no NaN reached `poison`.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -230,6 +219,7 @@ unsafe fn absorb_rows(
     // them from L2.
     let mut head_values = vec![0.0f32; KEY_BLOCK * dim_v];
     let mut poison = _mm512_setzero_ps();
+    let mut finite = true;
     let mut start = rows.start;
     while start < rows.end {
         let len = KEY_BLOCK.min(rows.end - start);
@@ -267,7 +257,7 @@ unsafe fn absorb_rows(
                 row.copy_from_slice(&values[(start + i) * row_v + g * dim_v..][..dim_v]);
             }
             // Checked while the copy is in cache.
-            poison = check_finite(&head_values[..len * dim_v], poison);
+            finite &= simd::all_finite(&head_values[..len * dim_v]);
             for column in (0..dim_v).step_by(WIDTH) {
                 let mut first = 0;
                 while first < d {
@@ -299,7 +289,7 @@ unsafe fn absorb_rows(
         }
         start += len;
     }
-    clean(poison)
+    finite && clean(poison)
 }
 
 /// Features `first..` (rows of the state) × 64 value columns, over the rows of one key

@@ -181,10 +181,8 @@ mod enabled {
             for _ in 0..2 {
                 attention.forward_cuda(gpu, &q, &k, &v)?;
             }
-            let mut times = Vec::with_capacity(RUNS);
-            for _ in 0..RUNS {
-                times.push(gpu.elapsed_ms(|| attention.forward_cuda(gpu, &q, &k, &v).map(drop))?);
-            }
+            let mut times =
+                gpu.elapsed_runs_ms(RUNS, || attention.forward_cuda(gpu, &q, &k, &v).map(drop))?;
             times.sort_by(f64::total_cmp);
             let median = Duration::from_secs_f64(times[RUNS / 2] * 1e-3);
             let elements: usize = [q.shape(), k.shape(), v.shape(), q.shape()]

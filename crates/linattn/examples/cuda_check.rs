@@ -2,18 +2,24 @@
 //! kernel against the f64 reference on awkward shapes, then the timings of issue 5's
 //! shapes against the copy bandwidth measured in the same process.
 //!
-//! `cuda_check [--quick] [--bench] [--profile]`: `--quick` runs the checks and the main
-//! causal timing only; `--bench` the timings only (while iterating on a kernel that the
-//! checks have passed); `--profile` runs the main causal kernel a few times, then one
+//! `cuda_check [--quick] [--bench] [--profile] [--sync-each]`: `--quick` runs the checks
+//! and the main causal timing only; `--bench` the timings only (while iterating on a
+//! kernel that the checks have passed); `--sync-each` times as before 2026-11-24 (see
+//! `SYNC_EACH_RUN`); `--profile` runs the main causal kernel a few times, then one
 //! forward and backward and one performer forward, and nothing else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
 
 use half::{bf16, f16};
 use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
 use linattn::{Attention, Method, Performer, Tensor, Window, reference};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Timed runs after the warm-up; the median is reported.
 const RUNS: usize = 20;
+/// `--sync-each`: time each run on its own, waiting for it before issuing the next, as
+/// this program did before 2026-11-24 (the host's time to issue a call then counts), so
+/// that new figures can be set beside the old ones.
+static SYNC_EACH_RUN: AtomicBool = AtomicBool::new(false);
 /// The linear method's epsilon in the denominator (as in the library).
 const EPSILON: f64 = 1e-6;
 
@@ -22,6 +28,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 fn main() -> Result<()> {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| arguments.iter().any(|a| a == name);
+    SYNC_EACH_RUN.store(flag("--sync-each"), Ordering::Relaxed);
     let gpu = Gpu::open(0)?;
     println!("device {}", gpu.name());
     if flag("--profile") {
@@ -687,15 +694,20 @@ fn profile_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<()> {
     Ok(())
 }
 
-/// Median milliseconds of `run` on the GPU over RUNS runs, after three to warm up.
+/// Median milliseconds of `run` on the GPU over RUNS runs, after three to warm up, timed
+/// as the peers' `do_bench` times them (`Gpu::elapsed_runs_ms`).
 fn median_ms(gpu: &Gpu, mut run: impl FnMut() -> linattn::Result<()>) -> Result<f64> {
     for _ in 0..3 {
         run()?;
     }
     gpu.synchronize()?;
-    let mut times = (0..RUNS)
-        .map(|_| gpu.elapsed_ms(&mut run))
-        .collect::<linattn::Result<Vec<f64>>>()?;
+    let mut times = if SYNC_EACH_RUN.load(Ordering::Relaxed) {
+        (0..RUNS)
+            .map(|_| gpu.elapsed_ms(&mut run))
+            .collect::<linattn::Result<Vec<f64>>>()?
+    } else {
+        gpu.elapsed_runs_ms(RUNS, run)?
+    };
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }

@@ -27,8 +27,8 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) {
 }
 
 // 2^x by ex2.approx with subnormal results flushed to 0: without .ftz the compiler
-// wraps each call in a rescaling for them (four more instructions). Every caller takes
-// 2^x for x <= 0 and adds it to sums it is far below, or multiplies by it.
+// wraps each call in a rescaling for them (four more instructions). Every caller adds
+// 2^x to sums it is far below, multiplies by it, or discards it (x > 0 in elu + 1).
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -46,18 +46,36 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// Four 8x8 matrices of 16-bit elements; lane l gives the address of row l % 8 of
-// matrix l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) + {0, 1} of
-// each; with .trans, rows 2 (l % 4) + {0, 1} of column l / 4.
-__device__ __forceinline__ void load_matrices(unsigned (&r)[4], const void* p) {
+// Four 8x8 matrices of 16-bit elements; lane l gives the (shared-space) address of row
+// l % 8 of matrix l / 8. Without .trans lane l receives row l / 4, columns 2 (l % 4) +
+// {0, 1} of each; with .trans, rows 2 (l % 4) + {0, 1} of column l / 4. Hot loops pass
+// a lane's base address plus a constant, which ptxas folds into the instruction: from a
+// pointer, each address costs two integer instructions per use.
+__device__ __forceinline__ void load_matrices(unsigned (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p)));
+                 : "r"(address));
 }
-__device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], const void* p) {
+__device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p)));
+                 : "r"(address));
+}
+__device__ __forceinline__ void load_matrices(unsigned (&r)[4], const void* p) { load_matrices(r, shared_address(p)); }
+__device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], const void* p) {
+    load_matrices_transposed(r, shared_address(p));
+}
+
+__device__ __forceinline__ float load_shared(unsigned address) {
+    float x;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(address));
+    return x;
+}
+
+// The shared-space byte address of element (row, column) of a 16-bit tile whose rows
+// are LD elements apart.
+template <int LD> __device__ __forceinline__ unsigned element_address(const void* tile, int row, int column) {
+    return shared_address(tile) + 2u * static_cast<unsigned>(row * LD + column);
 }
 
 // c += a b for a 16x16 (row-major fragment) and b 16x8 (column-major fragment).
@@ -81,20 +99,34 @@ __device__ __forceinline__ void product<__half>(float (&c)[4], const unsigned (&
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The two elements of an operand register as floats. bf16 is the upper half of an f32,
+// so a shift and a mask convert it (the compiler's own conversion spends a third
+// instruction moving the upper element down first).
+template <typename T> __device__ __forceinline__ void unpack(unsigned bits, float& lo, float& hi);
+template <> __device__ __forceinline__ void unpack<__nv_bfloat16>(unsigned bits, float& lo, float& hi) {
+    lo = __uint_as_float(bits << 16);
+    hi = __uint_as_float(bits & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void unpack<__half>(unsigned bits, float& lo, float& hi) {
+    const __half2 pair = *reinterpret_cast<const __half2*>(&bits);
+    lo = __low2float(pair);
+    hi = __high2float(pair);
+}
+
 // Two floats rounded to T and packed as an operand register; lo and hi become the
 // rounded values.
 template <typename T> __device__ __forceinline__ unsigned pack(float& lo, float& hi);
 template <> __device__ __forceinline__ unsigned pack<__nv_bfloat16>(float& lo, float& hi) {
-    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    lo = __low2float(pair);
-    hi = __high2float(pair);
-    return *reinterpret_cast<unsigned*>(&pair);
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    const unsigned bits = *reinterpret_cast<const unsigned*>(&pair);
+    unpack<__nv_bfloat16>(bits, lo, hi);
+    return bits;
 }
 template <> __device__ __forceinline__ unsigned pack<__half>(float& lo, float& hi) {
-    __half2 pair = __floats2half2_rn(lo, hi);
-    lo = __low2float(pair);
-    hi = __high2float(pair);
-    return *reinterpret_cast<unsigned*>(&pair);
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    const unsigned bits = *reinterpret_cast<const unsigned*>(&pair);
+    unpack<__half>(bits, lo, hi);
+    return bits;
 }
 template <typename T> __device__ __forceinline__ unsigned pack_value(float lo, float hi) { return pack<T>(lo, hi); }
 

@@ -20,10 +20,11 @@ struct Shape {
     int value_block;
 };
 
-// exp(min(x, 0)), subnormals flushed (a phi below 2^-126 is below any rounding of the
-// sums it enters); branch-free, so the map of a row is straight-line code.
+// elu(x) + 1, subnormals flushed (a phi below 2^-126 is below any rounding of the sums it
+// enters). The exponential is taken for every x and discarded where x > 0 (it may be
+// inf there): a select is cheaper than clamping its argument.
 __device__ __forceinline__ float elu_plus_one(float x) {
-    const float negative = fast_exp2(fminf(x, 0.f) * 1.4426950408889634f);
+    const float negative = fast_exp2(x * 1.4426950408889634f);
     return x > 0.f ? x + 1.f : negative;
 }
 
@@ -610,70 +611,101 @@ __device__ void decode_step(const T* __restrict__ q, const T* __restrict__ k, co
 // phi(Q) S, so the state is never staged through shared memory.
 namespace mma {
 
-// phi in place on the 8 elements of `packed` (rows past the chunk's length give 0, so
-// padding adds nothing to scores, S or z); `mapped` receives the values rounded to T, as
-// the products see them, so that numerator and denominator agree.
-template <typename T>
+// phi in place on the 8 elements of `packed`; `mapped` receives the values rounded to T,
+// as the products see them, so that numerator and denominator agree. Rows past the
+// chunk's length (zero-filled by load_tile, and phi(0) = 1) map to 0 so that padding adds
+// nothing to scores, S or z; a FULL chunk has none and skips that select.
+template <bool FULL, typename T>
 __device__ __forceinline__ void map_vector(uint4& packed, bool valid, float (&mapped)[8]) {
     unsigned* pairs = reinterpret_cast<unsigned*>(&packed);
-    const T* in = reinterpret_cast<const T*>(&packed);
-    // Rows past the length were zero-filled by load_tile, so phi is finite there and the
-    // product with 0 keeps this branch-free.
-    const float keep = valid ? 1.f : 0.f;
 #pragma unroll
     for (int e = 0; e < 8; e += 2) {
-        float lo = keep * elu_plus_one(to_float(in[e]));
-        float hi = keep * elu_plus_one(to_float(in[e + 1]));
+        float lo, hi;
+        unpack<T>(pairs[e / 2], lo, hi);
+        lo = elu_plus_one(lo);
+        hi = elu_plus_one(hi);
+        if (!FULL && !valid) lo = hi = 0.f;
         pairs[e / 2] = pack<T>(lo, hi);
         mapped[e] = lo;
         mapped[e + 1] = hi;
     }
 }
 
-// phi in place on a chunk's rows, then on_row(r, column, mapped) with the 8 values a
-// thread mapped in row r. A thread takes the same 8 columns in every row it visits.
-template <int D, int THREADS, typename T, typename OnRow>
-__device__ __forceinline__ void map_rows(T* x, int len, OnRow&& on_row) {
-    constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW;
+// phi in place on a chunk's rows, then on_row(pass, mapped) with the 8 values a thread
+// mapped in row row0 + pass * ROWS_PER_PASS (MapLayout). A thread takes the same 8
+// columns in every row it visits. Every row's load is issued before the first is mapped:
+// one row at a time, the map waited on each load in turn.
+template <int D, int THREADS> struct MapLayout {
+    static constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW,
+                         PASSES = CHUNK / ROWS_PER_PASS;
     static_assert(THREADS % PER_ROW == 0 && 32 % PER_ROW == 0, "a row's vectors lie in one warp");
     static_assert(CHUNK % ROWS_PER_PASS == 0, "every thread takes the same number of rows");
-    const int column = (threadIdx.x % PER_ROW) * VEC, row0 = threadIdx.x / PER_ROW;
+    __device__ static int column() { return (threadIdx.x % PER_ROW) * VEC; }
+    __device__ static int row0() { return threadIdx.x / PER_ROW; }
+};
+
+template <bool FULL, int D, int THREADS, typename T, typename OnRow>
+__device__ __forceinline__ void map_passes(T* x, int len, OnRow& on_row) {
+    using L = MapLayout<D, THREADS>;
+    uint4 packed[L::PASSES];
 #pragma unroll
-    for (int pass = 0; pass < CHUNK / ROWS_PER_PASS; ++pass) {
-        const int r = row0 + pass * ROWS_PER_PASS;
-        uint4* at = reinterpret_cast<uint4*>(x + r * row_stride<D>() + column);
-        uint4 packed = *at;
-        float mapped[VEC];
-        map_vector<T>(packed, r < len, mapped);
-        *at = packed;
-        on_row(r, column, mapped);
+    for (int pass = 0; pass < L::PASSES; ++pass)
+        packed[pass] = *reinterpret_cast<const uint4*>(x + (L::row0() + pass * L::ROWS_PER_PASS) * row_stride<D>() +
+                                                       L::column());
+#pragma unroll
+    for (int pass = 0; pass < L::PASSES; ++pass) {
+        const int r = L::row0() + pass * L::ROWS_PER_PASS;
+        float mapped[L::VEC];
+        map_vector<FULL, T>(packed[pass], r < len, mapped);
+        *reinterpret_cast<uint4*>(x + r * row_stride<D>() + L::column()) = packed[pass];
+        on_row(pass, mapped);
     }
 }
 
-// phi in place on a chunk's query rows, each row's product with z into dot[r].
+template <int D, int THREADS, typename T, typename OnRow>
+__device__ __forceinline__ void map_rows(T* x, int len, OnRow&& on_row) {
+    if (len == CHUNK) {
+        map_passes<true, D, THREADS>(x, len, on_row);
+    } else {
+        map_passes<false, D, THREADS>(x, len, on_row);
+    }
+}
+
+// phi in place on a chunk's query rows, each row's product with z into dot[r]. The
+// rows' partial products are reduced across their lanes together, so the exchanges of
+// one row wait behind those of the others rather than each in turn.
 template <int D, int THREADS, typename T>
 __device__ void map_queries(T* x, int len, const float* z, float* dot) {
-    constexpr int PER_ROW = D / 8;
-    const int column = (threadIdx.x % PER_ROW) * 8;
-    float zc[8];
+    using L = MapLayout<D, THREADS>;
+    float zc[L::VEC];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) zc[e] = z[column + e];
-    map_rows<D, THREADS>(x, len, [&](int r, int column, const float (&mapped)[8]) {
-        float dot_part = 0.f;
+    for (int e = 0; e < L::VEC; ++e) zc[e] = z[L::column() + e];
+    float parts[L::PASSES];
+    map_rows<D, THREADS>(x, len, [&](int pass, const float (&mapped)[L::VEC]) {
+        // Two chains of four rather than one of eight.
+        float even = 0.f, odd = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot_part = fmaf(mapped[e], zc[e], dot_part);
-#pragma unroll
-        for (int offset = PER_ROW / 2; offset > 0; offset /= 2)
-            dot_part += __shfl_xor_sync(0xffffffffu, dot_part, offset);
-        if (column == 0) dot[r] = dot_part;
+        for (int e = 0; e < L::VEC; e += 2) {
+            even = fmaf(mapped[e], zc[e], even);
+            odd = fmaf(mapped[e + 1], zc[e + 1], odd);
+        }
+        parts[pass] = even + odd;
     });
+#pragma unroll
+    for (int offset = L::PER_ROW / 2; offset > 0; offset /= 2)
+#pragma unroll
+        for (int pass = 0; pass < L::PASSES; ++pass) parts[pass] += __shfl_xor_sync(0xffffffffu, parts[pass], offset);
+    if (L::column() == 0) {
+#pragma unroll
+        for (int pass = 0; pass < L::PASSES; ++pass) dot[L::row0() + pass * L::ROWS_PER_PASS] = parts[pass];
+    }
 }
 
 // phi in place on a chunk's key rows, the mapped values added into the thread's column
 // sums (its 8 columns, (threadIdx.x % (D / 8)) * 8 on).
 template <int D, int THREADS, typename T>
 __device__ void map_keys(T* x, int len, float (&sums)[8]) {
-    map_rows<D, THREADS>(x, len, [&](int, int, const float (&mapped)[8]) {
+    map_rows<D, THREADS>(x, len, [&](int, const float (&mapped)[8]) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) sums[e] += mapped[e];
     });
@@ -726,7 +758,9 @@ __device__ __forceinline__ void clear(float (&o)[4][2][4]) {
 // (columns 16w + 8n..), the B operand built from the S^T accumulators st.
 template <typename T, int D>
 __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], const T* qs, float scale) {
+    constexpr int LD = row_stride<D>();
     const int lane = threadIdx.x % 32;
+    const unsigned rows = element_address<LD>(qs, lane % 16, (lane / 16) * 8);
     const float inverse = 1.f / scale;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -739,7 +773,7 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             unsigned a[4];
-            load_matrices(a, qs + (16 * i + lane % 16) * row_stride<D>() + 16 * kk + (lane / 16) * 8);
+            load_matrices(a, rows + 2u * (16 * i * LD + 16 * kk));
             product<T>(o[i][0], a, b00, b01);
             product<T>(o[i][1], a, b10, b11);
         }
@@ -754,6 +788,13 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
     }
 }
 
+// 1 / x to within an ulp or two, in one instruction (1.f / x takes nine for IEEE rounding).
+__device__ __forceinline__ float reciprocal(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Rows [t0, t0 + len) of value columns [16 warp, 16 warp + 16) of out: o / (den + eps),
 // where with row_parts a row's denominator is den plus its row sums over key blocks up to
 // its own (row_parts[j][row], from masked_scores), and with den_out (16-bit outputs) warp 0
@@ -762,51 +803,63 @@ __device__ void state_product(float (&o)[4][2][4], const float (&st)[D / 8][4], 
 // stores per lane, each instruction a whole sector). Otherwise a quad of lanes holds one
 // row, two columns of each 8-column tile per lane; two exchanges within the quad give
 // each lane four adjacent columns, so the row's 32 bytes (one sector) leave in one 8-byte
-// store per lane instead of two half-sector stores.
+// store per lane instead of two half-sector stores. A lane's rows are 8 apart: one
+// address, stepped.
 template <typename T, int D, bool PLAIN = false, bool REVERSE = false, typename O = T>
 __device__ void store_rows(O* out, const float (&o)[4][2][4], const float* den, const float* row_parts, float eps,
                            int b, int t0, int len, int seq, int heads, int head, int warp,
                            float* den_out = nullptr) {
     const int lane = threadIdx.x % 32, quad = lane % 4;
+    const bool full = len == CHUNK;
+    // The sequence row (of all B x T) of the lane's first row, and the distance of 8 rows
+    // in out's elements.
+    const long long direction = REVERSE ? -1 : 1;
+    const long long lane_row =
+        static_cast<long long>(b) * seq + (REVERSE ? seq - 1 - t0 : t0) + direction * (lane / 4);
+    const long long step = direction * 8 * heads * D;
+    O* at = out + (lane_row * heads + head) * D + 16 * warp + (IsFloat<O>::value ? 2 : 4) * quad;
+    const bool stores_den = den_out && warp == 0 && quad == 0;
     const int first = lane - quad + (2 * quad) % 4, second = first + 1;
+    // Addresses of the lane's first row in den and row_parts (shared memory), in bytes.
+    const unsigned den_row = shared_address(den) + 4 * (lane / 4);
+    const unsigned parts_row = row_parts ? shared_address(row_parts) + 4 * (lane / 4) : 0u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int half_rows = 0; half_rows < 2; ++half_rows) {
+        for (int half_rows = 0; half_rows < 2; ++half_rows, at += step) {
             const int r = 16 * i + lane / 4 + 8 * half_rows;
-            // Every lane takes part in the exchanges; rows past the length are not stored.
-            const int row = min(r, CHUNK - 1);
+            const bool stored = full || r < len;
             float inverse = 1.f, denominator = 1.f;
             if constexpr (!PLAIN) {
-                float sum = den[row];
+                const int offset = 4 * (r - lane / 4);
+                float sum = load_shared(den_row + offset);
                 if (row_parts) {
 #pragma unroll
-                    for (int j = 0; j <= i; ++j) sum += row_parts[j * CHUNK + row];
+                    for (int j = 0; j <= i; ++j) sum += load_shared(parts_row + 4 * j * CHUNK + offset);
                 }
                 denominator = sum + eps;
-                inverse = 1.f / denominator;
+                inverse = reciprocal(denominator);
             }
-            const size_t at_row = static_cast<size_t>(b) * seq + (REVERSE ? seq - 1 - (t0 + r) : t0 + r);
+            const float* left = o[i][0] + 2 * half_rows;
+            const float* right = o[i][1] + 2 * half_rows;
             if constexpr (IsFloat<O>::value) {
-                if (r >= len) continue;
-                float* at = out + (at_row * heads + head) * D + 16 * warp + 2 * quad;
-#pragma unroll
-                for (int n = 0; n < 2; ++n)
-                    *reinterpret_cast<float2*>(at + 8 * n) =
-                        make_float2(o[i][n][2 * half_rows] * inverse, o[i][n][2 * half_rows + 1] * inverse);
+                if (stored) {
+                    *reinterpret_cast<float2*>(at) = make_float2(left[0] * inverse, left[1] * inverse);
+                    *reinterpret_cast<float2*>(at + 8) = make_float2(right[0] * inverse, right[1] * inverse);
+                }
                 continue;
             }
-            const unsigned left = pack_value<T>(o[i][0][2 * half_rows] * inverse, o[i][0][2 * half_rows + 1] * inverse);
-            const unsigned right = pack_value<T>(o[i][1][2 * half_rows] * inverse, o[i][1][2 * half_rows + 1] * inverse);
-            const unsigned left_first = __shfl_sync(0xffffffffu, left, first);
-            const unsigned right_first = __shfl_sync(0xffffffffu, right, first);
-            const unsigned left_second = __shfl_sync(0xffffffffu, left, second);
-            const unsigned right_second = __shfl_sync(0xffffffffu, right, second);
-            if (r >= len) continue;
-            if (den_out && warp == 0 && quad == 0) den_out[at_row * heads + head] = denominator;
-            O* at = out + (at_row * heads + head) * D + 16 * warp + 4 * quad;
-            *reinterpret_cast<uint2*>(at) =
-                quad < 2 ? make_uint2(left_first, left_second) : make_uint2(right_first, right_second);
+            const unsigned left_pair = pack_value<T>(left[0] * inverse, left[1] * inverse);
+            const unsigned right_pair = pack_value<T>(right[0] * inverse, right[1] * inverse);
+            const unsigned left_first = __shfl_sync(0xffffffffu, left_pair, first);
+            const unsigned right_first = __shfl_sync(0xffffffffu, right_pair, first);
+            const unsigned left_second = __shfl_sync(0xffffffffu, left_pair, second);
+            const unsigned right_second = __shfl_sync(0xffffffffu, right_pair, second);
+            if (stored) {
+                if (stores_den) den_out[lane_row * heads + head + (r - lane / 4) * direction * heads] = denominator;
+                *reinterpret_cast<uint2*>(at) =
+                    quad < 2 ? make_uint2(left_first, left_second) : make_uint2(right_first, right_second);
+            }
         }
     }
 }
@@ -814,17 +867,18 @@ __device__ void store_rows(O* out, const float (&o)[4][2][4], const float* den, 
 // S^T += V^T phi(K) over the chunk for rows [16 warp, 16 warp + 16) of S^T.
 template <typename T, int D>
 __device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs, int warp) {
+    constexpr int LD = row_stride<D>();
     const int lane = threadIdx.x % 32;
+    const unsigned value_rows = element_address<LD>(vs, lane % 8 + (lane / 16) * 8, 16 * warp + ((lane / 8) % 2) * 8);
+    const unsigned key_rows = element_address<LD>(ks, lane % 8 + ((lane / 8) % 2) * 8, (lane / 16) * 8);
 #pragma unroll
     for (int sk = 0; sk < CHUNK / 16; ++sk) {
         unsigned a[4];
-        load_matrices_transposed(
-            a, vs + (16 * sk + lane % 8 + (lane / 16) * 8) * row_stride<D>() + 16 * warp + ((lane / 8) % 2) * 8);
+        load_matrices_transposed(a, value_rows + 2u * 16 * sk * LD);
 #pragma unroll
         for (int p = 0; p < D / 16; ++p) {
             unsigned bb[4];
-            load_matrices_transposed(
-                bb, ks + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * row_stride<D>() + 16 * p + (lane / 16) * 8);
+            load_matrices_transposed(bb, key_rows + 2u * (16 * sk * LD + 16 * p));
             product<T>(st[2 * p], a, bb[0], bb[1]);
             product<T>(st[2 * p + 1], a, bb[2], bb[3]);
         }
@@ -856,11 +910,13 @@ __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T*
     for (int n = warp; n < BLOCKS; n += PRODUCER_WARPS) {
         const int i = n >= 6 ? 3 : n >= 3 ? 2 : n >= 1 ? 1 : 0, j = n - i * (i + 1) / 2;
         float acc[2][4] = {};
+        const unsigned query_rows = element_address<LD>(qs, 16 * i + lane % 16, (lane / 16) * 8);
+        const unsigned key_rows = element_address<LD>(ks, 16 * j + lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4], bb[4];
-            load_matrices(a, qs + (16 * i + lane % 16) * LD + 16 * kk + (lane / 16) * 8);
-            load_matrices(bb, ks + (16 * j + lane % 8 + (lane / 16) * 8) * LD + 16 * kk + ((lane / 8) % 2) * 8);
+            load_matrices(a, query_rows + 2u * 16 * kk);
+            load_matrices(bb, key_rows + 2u * 16 * kk);
             product<T>(acc[0], a, bb[0], bb[1]);
             product<T>(acc[1], a, bb[2], bb[3]);
         }
@@ -886,6 +942,71 @@ __device__ void masked_scores(T* scores, float* row_parts, const T* qs, const T*
                 row_parts[j * CHUNK + upper] = sum_upper;
                 row_parts[j * CHUNK + lower] = sum_lower;
             }
+        }
+    }
+}
+
+// den[r] = phi(q_r) . z (the key sums before the chunk) for the chunk's rows, on the
+// tensor cores: z enters as two bf16 columns, its rounding and the rest (z minus it), so
+// the product keeps ~16 bits of z, while phi(q) enters rounded, as the products see it.
+// One 16-row tile per warp, on warps that form a single score block (the two with two
+// set the pace), in place of a dot product per element in the map and its reduction
+// across lanes. bf16 only: f16 cannot hold z over long sequences.
+template <typename T, int D>
+__device__ void state_denominators(float* den, const float* z, const T* qs, int warp) {
+    constexpr int LD = row_stride<D>(), TILES = CHUNK / 16, FIRST = PRODUCER_WARPS - TILES;
+    static_assert(FIRST >= TILES * (TILES + 1) / 2 - PRODUCER_WARPS, "only warps with one score block take a tile");
+    const int tile = warp - FIRST;
+    if (tile < 0) return;
+    const int lane = threadIdx.x % 32, column = lane / 4;
+    const unsigned query_rows = element_address<LD>(qs, 16 * tile + lane % 16, (lane / 16) * 8);
+    float acc[4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        // B (features x 8 columns): lane l holds features 2 (l % 4) + {0, 1} (and 8 on) of
+        // column l / 4: column 0 is z rounded, column 1 the rest, the others zero.
+        unsigned b[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float2 x = *reinterpret_cast<const float2*>(z + 16 * kk + 8 * half + 2 * (lane % 4));
+            float first = x.x, second = x.y;
+            const unsigned rounded = pack<T>(first, second);
+            const unsigned rest = pack_value<T>(x.x - first, x.y - second);
+            b[half] = column == 0 ? rounded : column == 1 ? rest : 0u;
+        }
+        unsigned a[4];
+        load_matrices(a, query_rows + 2u * 16 * kk);
+        product<T>(acc, a, b[0], b[1]);
+    }
+    if (lane % 4 == 0) {
+        den[16 * tile + lane / 4] = acc[0] + acc[1];
+        den[16 * tile + lane / 4 + 8] = acc[2] + acc[3];
+    }
+}
+
+// z = z_before + the column sums of the chunk's mapped keys, phi(K)^T times a column of
+// ones on the tensor cores: the rounded values the products see, summed in f32, with
+// 16 features per producer warp (in place of an add per element in the map and a
+// reduction across the warps).
+template <typename T, int D>
+__device__ void add_key_sums(float* z, const float* z_before, const T* ks, int warp) {
+    constexpr int LD = row_stride<D>();
+    const int lane = threadIdx.x % 32;
+    const unsigned ones = pack_value<T>(1.f, 1.f);
+    for (int tile = warp; tile < D / 16; tile += PRODUCER_WARPS) {
+        const unsigned key_rows = element_address<LD>(ks, lane % 8 + (lane / 16) * 8, 16 * tile + ((lane / 8) % 2) * 8);
+        float sums[4] = {};
+#pragma unroll
+        for (int sk = 0; sk < CHUNK / 16; ++sk) {
+            unsigned a[4];
+            load_matrices_transposed(a, key_rows + 2u * 16 * sk * LD);
+            product<T>(sums, a, ones, ones);
+        }
+        // Every column of the product holds the sums: lane l has features l / 4 and l / 4 + 8.
+        if (lane % 4 == 0) {
+            const int d = 16 * tile + lane / 4;
+            z[d] = z_before[d] + sums[0];
+            z[d + 8] = z_before[d + 8] + sums[2];
         }
     }
 }
@@ -924,15 +1045,17 @@ __device__ void consume_chunks(const T* tiles, const T* scores, const float* den
         // The state before this chunk (z through it: a larger bound, still a bound).
         state_product<T, D>(o, st, qs, PLAIN ? 1.f : state_scale<T, D>(z + p * D));
         // Plus the masked scores times V: key tiles past the query tile are all masked.
+        const unsigned value_rows =
+            element_address<LD>(vs, lane % 8 + ((lane / 8) % 2) * 8, 16 * value_warp + (lane / 16) * 8);
+        const unsigned score_rows = element_address<LDS>(chunk_scores, lane % 16, (lane / 16) * 8);
 #pragma unroll
         for (int sk = 0; sk < CHUNK / 16; ++sk) {
             unsigned bb[4];
-            load_matrices_transposed(bb, vs + (16 * sk + lane % 8 + ((lane / 8) % 2) * 8) * LD + 16 * value_warp +
-                                             (lane / 16) * 8);
+            load_matrices_transposed(bb, value_rows + 2u * 16 * sk * LD);
 #pragma unroll
             for (int i = sk; i < 4; ++i) {
                 unsigned a[4];
-                load_matrices(a, chunk_scores + (16 * i + lane % 16) * LDS + 16 * sk + (lane / 16) * 8);
+                load_matrices(a, score_rows + 2u * (16 * i * LDS + 16 * sk));
                 product<T>(o[i][0], a, bb[0], bb[1]);
                 product<T>(o[i][1], a, bb[2], bb[3]);
             }
@@ -981,7 +1104,6 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
     float* den = reinterpret_cast<float*>(scores + 2 * CHUNK * LDS);  // by parity: CHUNK
     float* row_parts = den + 2 * CHUNK;              // by parity: CHUNK / 16 x CHUNK row sums per key block
     float* z = row_parts + 2 * CHUNK / 16 * CHUNK;   // by parity: key sums through the chunk
-    float* z_parts = z + 2 * D;                  // PRODUCER_WARPS x D: the chunk's, per warp
 
     const int segment = blockIdx.x, last_segment = gridDim.x - 1, h = blockIdx.y, b = blockIdx.z;
     const int group = sh.heads_q / sh.heads_kv, g = h / group;
@@ -1023,25 +1145,28 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             T* qs = tiles + (c % STAGES) * 3 * TILE;
             T* ks = qs + TILE;
             float* chunk_den = den + p * CHUNK;
-            if constexpr (!PLAIN) {
+            // The keys' sums come from add_key_sums and (bf16) the queries' products with
+            // z from state_denominators, on the tensor cores.
+            const auto map_only = [](int, const float (&)[8]) {};
+            if constexpr (IsHalf<T>::value && !PLAIN) {
                 map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
-                float sums[8] = {};
-                map_keys<D, PRODUCER_THREADS>(ks, len, sums);
-                store_column_sums<D>(sums, z_parts);
+            } else if constexpr (!PLAIN) {
+                map_rows<D, PRODUCER_THREADS>(qs, len, map_only);
+            }
+            if constexpr (!PLAIN) {
+                map_rows<D, PRODUCER_THREADS>(ks, len, map_only);
                 named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
             }
             // The plain passes have no denominator: no row sums.
             masked_scores<T, D, !PLAIN>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
-            for (int d = threadIdx.x; !PLAIN && d < D; d += PRODUCER_THREADS) {
-                float x = z[(p ^ 1) * D + d];
-#pragma unroll
-                for (int w = 0; w < PRODUCER_WARPS; ++w) x += z_parts[w * D + d];
-                z[p * D + d] = x;
+            if constexpr (!PLAIN) {
+                if constexpr (!IsHalf<T>::value) state_denominators<T, D>(chunk_den, z + (p ^ 1) * D, qs, warp);
+                add_key_sums<T, D>(z + p * D, z + (p ^ 1) * D, ks, warp);
             }
             named_barrier_arrive(CHUNK_READY + p, THREADS);
         }
         if (k_sum_out && writes_state) {
-            // Each thread wrote these sums itself in the last chunk.
+            named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
             for (int d = threadIdx.x; d < D; d += PRODUCER_THREADS) k_sum_out[head_kv * D + d] = z[((chunks - 1) % 2) * D + d];
         }
     } else {

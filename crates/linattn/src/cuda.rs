@@ -728,8 +728,8 @@ fn causal_segments(processors: usize, len: usize, blocks_per_segment: usize) -> 
 /// that divide its chunks evenly (the pass walks each piece's chunks in order, as the
 /// causal pass does) while the `summed` segments' pieces all run at once on the
 /// `resident` blocks the GPU holds. A second, partial wave costs a whole piece's time
-/// again: on an H100 at B=4, T=8192 (two segments), eight pieces (512 blocks, 396
-/// resident) took 66 µs and four 56 µs.
+/// again: on an H100 at B=4, T=8192 (two segments), eight pieces (512 blocks, 264
+/// resident: two per multiprocessor, as their registers allow) took 66 µs, four 56 µs.
 fn segment_parts(resident: usize, span: usize, summed: usize) -> usize {
     let wanted = (resident / summed.max(1)).max(1);
     let chunks = span / CHUNK;
@@ -842,8 +842,8 @@ impl LinearPlan {
         // As the kernels carve it: tiles of CHUNK rows padded by 8 elements (a ring of
         // three stages of q, k, v for the causal pass, two of k, v for the state, two of q
         // to apply it), then the causal pass's scores by parity and its f32 vectors
-        // (denominators, row sums per key block and key sums, each by parity); the state
-        // pass's key sums per warp; the apply pass's
+        // (denominators, row sums per key block and key sums, each by parity); the apply
+        // pass's
         // denominators and key sums.
         let tile = CHUNK * (dim + PAD) * self.element;
         let (shared, warps) = match pass {
@@ -853,7 +853,7 @@ impl LinearPlan {
                     + (2 * CHUNK + 2 * CHUNK / 16 * CHUNK + 2 * dim) * 4,
                 CAUSAL_PRODUCER_WARPS + dim / 16,
             ),
-            Pass::State => (4 * tile + dim / 16 * dim * 4, dim / 16),
+            Pass::State => (4 * tile, dim / 16),
             Pass::Apply => (2 * tile + (CHUNK + dim) * 4, dim / 16),
         };
         Ok(LaunchConfig {
@@ -1881,19 +1881,21 @@ mod tests {
 
     #[test]
     fn segment_parts_divide_the_span_and_fill_the_gpu() {
-        // H100 (three state blocks per multiprocessor), B=4, H=16, two segments of 4096
-        // rows: six pieces would fit, four divide the 64 chunks (256 blocks).
-        assert_eq!(segment_parts(396, 4096, 64), 4);
-        // 1M tokens, 16 heads, 8 segments: three would fit, two divide 2048 chunks.
-        assert_eq!(segment_parts(396, 131_072, 7 * 16), 2);
+        // H100 (two state blocks per multiprocessor), B=4, H=16, two segments of 4096
+        // rows: four pieces (256 blocks) fit and divide the 64 chunks.
+        assert_eq!(segment_parts(264, 4096, 64), 4);
+        // 1M tokens, 16 heads, 8 segments: two pieces fit and divide 2048 chunks.
+        assert_eq!(segment_parts(264, 131_072, 7 * 16), 2);
+        // Six would fit; 96 chunks divide into six.
+        assert_eq!(segment_parts(396, 96 * CHUNK, 64), 6);
         for (span, summed) in [(640, 1), (64, 3), (1 << 14, 500), (192, 2)] {
-            let parts = segment_parts(396, span, summed);
+            let parts = segment_parts(264, span, summed);
             assert!(
                 parts >= 1 && (span / CHUNK).is_multiple_of(parts),
                 "{span} {summed}: {parts}"
             );
             assert!(
-                parts == 1 || summed * parts <= 396,
+                parts == 1 || summed * parts <= 264,
                 "{span} {summed}: {parts}"
             );
         }

@@ -701,33 +701,6 @@ __device__ void map_queries(T* x, int len, const float* z, float* dot) {
     }
 }
 
-// phi in place on a chunk's key rows, the mapped values added into the thread's column
-// sums (its 8 columns, (threadIdx.x % (D / 8)) * 8 on).
-template <int D, int THREADS, typename T>
-__device__ void map_keys(T* x, int len, float (&sums)[8]) {
-    map_rows<D, THREADS>(x, len, [&](int, const float (&mapped)[8]) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sums[e] += mapped[e];
-    });
-}
-
-// The column sums of map_keys, reduced over each warp's rows into partials[warp][D]
-// (plain stores: shared float atomics are compare-and-swap loops on this hardware).
-template <int D>
-__device__ void store_column_sums(float (&sums)[8], float* partials) {
-    constexpr int PER_ROW = D / 8;
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-#pragma unroll
-        for (int offset = PER_ROW; offset < 32; offset *= 2) sums[e] += __shfl_xor_sync(0xffffffffu, sums[e], offset);
-    }
-    if (lane < PER_ROW) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) partials[(threadIdx.x / 32) * D + lane * 8 + e] = sums[e];
-    }
-}
-
 // The state's operand scale: f16 would overflow on S (up to z_d max|v|) over long
 // sequences, so S / max(1, max z) is what is rounded, and the product scaled back in f32.
 // bf16 has f32's range and needs none.
@@ -984,25 +957,32 @@ __device__ void state_denominators(float* den, const float* z, const T* qs, int 
     }
 }
 
-// z = z_before + the column sums of the chunk's mapped keys, phi(K)^T times a column of
-// ones on the tensor cores: the rounded values the products see, summed in f32, with
-// 16 features per producer warp (in place of an add per element in the map and a
-// reduction across the warps).
+// sums += the column sums of features [16 tile, 16 tile + 16) of a chunk's mapped keys:
+// phi(K)^T times a column of ones on the tensor cores, the rounded values the products
+// see summed in f32 (in place of an add per element in the map and a reduction across
+// the warps). Every column of the product holds the sums: lane l has features l / 4
+// (sums[0]) and l / 4 + 8 (sums[2]).
 template <typename T, int D>
-__device__ void add_key_sums(float* z, const float* z_before, const T* ks, int warp) {
+__device__ __forceinline__ void add_key_sums(float (&sums)[4], const T* ks, int tile) {
     constexpr int LD = row_stride<D>();
     const int lane = threadIdx.x % 32;
     const unsigned ones = pack_value<T>(1.f, 1.f);
-    for (int tile = warp; tile < D / 16; tile += PRODUCER_WARPS) {
-        const unsigned key_rows = element_address<LD>(ks, lane % 8 + (lane / 16) * 8, 16 * tile + ((lane / 8) % 2) * 8);
-        float sums[4] = {};
+    const unsigned key_rows = element_address<LD>(ks, lane % 8 + (lane / 16) * 8, 16 * tile + ((lane / 8) % 2) * 8);
 #pragma unroll
-        for (int sk = 0; sk < CHUNK / 16; ++sk) {
-            unsigned a[4];
-            load_matrices_transposed(a, key_rows + 2u * 16 * sk * LD);
-            product<T>(sums, a, ones, ones);
-        }
-        // Every column of the product holds the sums: lane l has features l / 4 and l / 4 + 8.
+    for (int sk = 0; sk < CHUNK / 16; ++sk) {
+        unsigned a[4];
+        load_matrices_transposed(a, key_rows + 2u * 16 * sk * LD);
+        product<T>(sums, a, ones, ones);
+    }
+}
+
+// z = z_before + the chunk's key sums, 16 features per producer warp.
+template <typename T, int D>
+__device__ void advance_key_sums(float* z, const float* z_before, const T* ks, int warp) {
+    const int lane = threadIdx.x % 32;
+    for (int tile = warp; tile < D / 16; tile += PRODUCER_WARPS) {
+        float sums[4] = {};
+        add_key_sums<T, D>(sums, ks, tile);
         if (lane % 4 == 0) {
             const int d = 16 * tile + lane / 4;
             z[d] = z_before[d] + sums[0];
@@ -1145,7 +1125,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             T* qs = tiles + (c % STAGES) * 3 * TILE;
             T* ks = qs + TILE;
             float* chunk_den = den + p * CHUNK;
-            // The keys' sums come from add_key_sums and (bf16) the queries' products with
+            // The keys' sums come from advance_key_sums and (bf16) the queries' products with
             // z from state_denominators, on the tensor cores.
             const auto map_only = [](int, const float (&)[8]) {};
             if constexpr (IsHalf<T>::value && !PLAIN) {
@@ -1161,7 +1141,7 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             masked_scores<T, D, !PLAIN>(scores + p * CHUNK * LDS, row_parts + p * (CHUNK / 16) * CHUNK, qs, ks, warp);
             if constexpr (!PLAIN) {
                 if constexpr (!IsHalf<T>::value) state_denominators<T, D>(chunk_den, z + (p ^ 1) * D, qs, warp);
-                add_key_sums<T, D>(z + p * D, z + (p ^ 1) * D, ks, warp);
+                advance_key_sums<T, D>(z + p * D, z + (p ^ 1) * D, ks, warp);
             }
             named_barrier_arrive(CHUNK_READY + p, THREADS);
         }
@@ -1186,15 +1166,14 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
     constexpr int WARPS = D / 16, THREADS = 32 * WARPS, TILE = CHUNK * row_stride<D>();
     extern __shared__ __align__(128) char smem[];
     T* tiles = reinterpret_cast<T*>(smem);  // 2 stages x (k, v)
-    float* z_parts = reinterpret_cast<float*>(tiles + 2 * 2 * TILE);  // WARPS x D
-    const int which = blockIdx.x, spans = gridDim.x, g = blockIdx.y, b = blockIdx.z;
+    const int which = blockIdx.x, spans = gridDim.x, g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32;
     const size_t head_kv = static_cast<size_t>(b) * sh.heads_kv + g;
     float st[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[j][e] = 0.f;
-    float sums[8] = {};
+    float sums[4] = {};  // features 16 warp + lane / 4 (+ 8), add_key_sums' layout
     const int first = which * span, last = min(sh.len, first + span);
     auto issue = [&](int t0, int stage) {
         const int len = min(CHUNK, last - t0);
@@ -1210,32 +1189,31 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
         wait_copies();
         __syncthreads();
         if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        if constexpr (!PLAIN) map_keys<D, THREADS>(ks, min(CHUNK, last - t0), sums);
+        if constexpr (!PLAIN) map_rows<D, THREADS>(ks, min(CHUNK, last - t0), [](int, const float (&)[8]) {});
         __syncthreads();
-        absorb_chunk<T, D>(st, ks, ks + TILE, threadIdx.x / 32);
+        if constexpr (!PLAIN) add_key_sums<T, D>(sums, ks, warp);
+        absorb_chunk<T, D>(st, ks, ks + TILE, warp);
     }
-    store_column_sums<D>(sums, z_parts);
-    __syncthreads();
     const size_t at = (per_span ? head_kv * spans + which : head_kv) * D;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            float* target = &state[(at + state_feature(j, e)) * D + state_column(e, threadIdx.x / 32)];
+            float* target = &state[(at + state_feature(j, e)) * D + state_column(e, warp)];
             if (per_span) {
                 *target = st[j][e];
             } else {
                 atomicAdd(target, st[j][e]);
             }
         }
-    for (int d = threadIdx.x; d < D; d += THREADS) {
-        float x = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) x += z_parts[w * D + d];
+    if (threadIdx.x % 4 == 0) {
+        const int d = 16 * warp + (threadIdx.x % 32) / 4;
         if (per_span) {
-            k_sum[at + d] = x;
+            k_sum[at + d] = sums[0];
+            k_sum[at + d + 8] = sums[2];
         } else {
-            atomicAdd(&k_sum[at + d], x);
+            atomicAdd(&k_sum[at + d], sums[0]);
+            atomicAdd(&k_sum[at + d + 8], sums[2]);
         }
     }
 }
@@ -1324,6 +1302,8 @@ LINATTN_INSTANCES(f32, float)
 LINATTN_INSTANCES(bf16, __nv_bfloat16)
 LINATTN_INSTANCES(f16, __half)
 
+// The state passes ask for two blocks per multiprocessor (at most 128 registers at
+// D = 128: left free, ptxas took 129 and a multiprocessor held one block).
 #define LINATTN_MMA_INSTANCES(SUFFIX, T, D)                                                        \
     extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)      \
         linear_causal_mma_##SUFFIX##_d##D(                                                         \
@@ -1335,7 +1315,7 @@ LINATTN_INSTANCES(f16, __half)
                                            k_sum_out, span, parts, partial_states, partial_sums,   \
                                            den_out);                                               \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(2 * D) linear_state_mma_##SUFFIX##_d##D(          \
+    extern "C" __global__ void __launch_bounds__(2 * D, 2) linear_state_mma_##SUFFIX##_d##D(       \
         const T* k, const T* v, linattn::Shape sh, int span, float* state, float* k_sum,           \
         int per_span) {                                                                            \
         linattn::mma::state_pass<T, D>(k, v, sh, span, state, k_sum, per_span != 0);               \

@@ -177,13 +177,13 @@ __device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ 
     LINATTN_PLAIN_INSTANCE(D, causal_plain_bf16_f32, false, float)                                      \
     LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_f32, true, float)                                   \
     LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_bf16, true, __nv_bfloat16)                          \
-    extern "C" __global__ void __launch_bounds__(2 * D) linear_state_plain_bf16_d##D(                   \
+    extern "C" __global__ void __launch_bounds__(2 * D, 2) linear_state_plain_bf16_d##D(                \
         const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
         float* k_sum, int per_span) {                                                                   \
         linattn::mma::state_pass<__nv_bfloat16, D, true, false>(k, v, sh, span, state, k_sum,           \
                                                                 per_span != 0);                         \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(2 * D) linear_anticausal_state_plain_bf16_d##D(        \
+    extern "C" __global__ void __launch_bounds__(2 * D, 2) linear_anticausal_state_plain_bf16_d##D(     \
         const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
         float* k_sum, int per_span) {                                                                   \
         linattn::mma::state_pass<__nv_bfloat16, D, true, true>(k, v, sh, span, state, k_sum,            \

@@ -3,7 +3,8 @@
 # benchmarks (examples/cuda_check.rs), tests/cuda.rs, the command line's --device cuda
 # paths (gpu_cli_check.sh), with LINATTN_NCU=1 an ncu profile of the causal kernels, then
 # the peers (PyTorch SDPA, flash-linear-attention) through ../shared/anchors/gpu_anchors.py,
-# in the same command on the same device. Plan about 8 minutes with one peer shape.
+# in the same command on the same device, and last a table of ratios (bench/ratios.py).
+# Plan about 8 minutes with one peer shape.
 #
 # The GPU machine has no Rust toolchain and no network. Prepare DIR here:
 #   cargo build --release --example cuda_check -p linattn --features cuda
@@ -47,3 +48,5 @@ echo "--- linattn"
 grep -E "^(device|ceiling|bench|checks)" "$log/linattn.txt"
 echo "--- peers"
 grep -E "^(device|ceiling|bench)" "$log/peers.txt" | grep -E "ceiling|B=4,T=8192|B=32|131072|linear" || true
+echo "--- ratios (peer ms / linattn ms, same run)"
+python3 "$(dirname "$0")/ratios.py" "$log/linattn.txt" "$log/peers.txt"

@@ -843,8 +843,7 @@ impl LinearPlan {
         // three stages of q, k, v for the causal pass, two of k, v for the state, two of q
         // to apply it), then the causal pass's scores by parity and its f32 vectors
         // (denominators, row sums per key block and key sums, each by parity); the apply
-        // pass's
-        // denominators and key sums.
+        // pass's denominators and key sums.
         let tile = CHUNK * (dim + PAD) * self.element;
         let (shared, warps) = match pass {
             Pass::Causal => (

@@ -66,6 +66,8 @@ __device__ __forceinline__ void load_matrices_transposed(unsigned (&r)[4], const
     load_matrices_transposed(r, shared_address(p));
 }
 
+// A float from shared memory at a shared-space byte address, for the same reason as
+// load_matrices takes one; volatile, like the barriers, so it is not moved across them.
 __device__ __forceinline__ float load_shared(unsigned address) {
     float x;
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(address));

@@ -631,10 +631,8 @@ __device__ __forceinline__ void map_vector(uint4& packed, bool valid, float (&ma
     }
 }
 
-// phi in place on a chunk's rows, then on_row(pass, mapped) with the 8 values a thread
-// mapped in row row0 + pass * ROWS_PER_PASS (MapLayout). A thread takes the same 8
-// columns in every row it visits. Every row's load is issued before the first is mapped:
-// one row at a time, the map waited on each load in turn.
+// How the map deals a chunk's rows to THREADS threads: a thread takes the same 8 columns,
+// from column() on, of rows row0() + pass * ROWS_PER_PASS for each of the PASSES passes.
 template <int D, int THREADS> struct MapLayout {
     static constexpr int VEC = 8, PER_ROW = D / VEC, ROWS_PER_PASS = THREADS / PER_ROW,
                          PASSES = CHUNK / ROWS_PER_PASS;
@@ -662,6 +660,10 @@ __device__ __forceinline__ void map_passes(T* x, int len, OnRow& on_row) {
     }
 }
 
+// phi in place on a chunk's rows, then on_row(pass, mapped) with the 8 values a thread
+// mapped in its row of that pass (MapLayout). Every row's load is issued before the first
+// is mapped (one row at a time, the map waited on each load in turn); full chunks skip
+// the select that zeroes the padding rows.
 template <int D, int THREADS, typename T, typename OnRow>
 __device__ __forceinline__ void map_rows(T* x, int len, OnRow&& on_row) {
     if (len == CHUNK) {
@@ -1303,7 +1305,7 @@ LINATTN_INSTANCES(bf16, __nv_bfloat16)
 LINATTN_INSTANCES(f16, __half)
 
 // The state passes ask for two blocks per multiprocessor (at most 128 registers at
-// D = 128: left free, ptxas took 129 and a multiprocessor held one block).
+// D = 128: left free, ptxas took 129, which leaves room for only one).
 #define LINATTN_MMA_INSTANCES(SUFFIX, T, D)                                                        \
     extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)      \
         linear_causal_mma_##SUFFIX##_d##D(                                                         \

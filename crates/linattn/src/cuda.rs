@@ -241,16 +241,16 @@ impl Gpu {
     ) -> Result<Vec<f64>> {
         const FLUSH_BYTES: usize = 256 << 20;
         let mut flush: CudaSlice<u8> = self.alloc(FLUSH_BYTES)?;
+        let record = || {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_error("recording an event", e))
+        };
         let mut events = Vec::with_capacity(runs);
         for _ in 0..runs {
             self.stream
                 .memset_zeros(&mut flush)
                 .map_err(|e| cuda_error("flushing the L2 cache", e))?;
-            let record = || {
-                self.stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| cuda_error("recording an event", e))
-            };
             let start = record()?;
             work()?;
             events.push((start, record()?));

@@ -673,6 +673,11 @@ __device__ __forceinline__ void map_rows(T* x, int len, OnRow&& on_row) {
     }
 }
 
+// phi in place on a chunk's rows, nothing else.
+template <int D, int THREADS, typename T> __device__ void map_in_place(T* x, int len) {
+    map_rows<D, THREADS>(x, len, [](int, const float (&)[8]) {});
+}
+
 // phi in place on a chunk's query rows, each row's product with z into dot[r]. The
 // rows' partial products are reduced across their lanes together, so the exchanges of
 // one row wait behind those of the others rather than each in turn.
@@ -1129,14 +1134,13 @@ __device__ void causal_forward(const T* __restrict__ q, const T* __restrict__ k,
             float* chunk_den = den + p * CHUNK;
             // The keys' sums come from advance_key_sums and (bf16) the queries' products with
             // z from state_denominators, on the tensor cores.
-            const auto map_only = [](int, const float (&)[8]) {};
-            if constexpr (IsHalf<T>::value && !PLAIN) {
-                map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
-            } else if constexpr (!PLAIN) {
-                map_rows<D, PRODUCER_THREADS>(qs, len, map_only);
-            }
             if constexpr (!PLAIN) {
-                map_rows<D, PRODUCER_THREADS>(ks, len, map_only);
+                if constexpr (IsHalf<T>::value) {
+                    map_queries<D, PRODUCER_THREADS>(qs, len, z + (p ^ 1) * D, chunk_den);
+                } else {
+                    map_in_place<D, PRODUCER_THREADS>(qs, len);
+                }
+                map_in_place<D, PRODUCER_THREADS>(ks, len);
                 named_barrier_sync(PRODUCERS, PRODUCER_THREADS);
             }
             // The plain passes have no denominator: no row sums.
@@ -1191,7 +1195,7 @@ __device__ void state_pass(const T* __restrict__ k, const T* __restrict__ v, Sha
         wait_copies();
         __syncthreads();
         if (t0 + CHUNK < last) issue(t0 + CHUNK, stage ^ 1);
-        if constexpr (!PLAIN) map_rows<D, THREADS>(ks, min(CHUNK, last - t0), [](int, const float (&)[8]) {});
+        if constexpr (!PLAIN) map_in_place<D, THREADS>(ks, min(CHUNK, last - t0));
         __syncthreads();
         if constexpr (!PLAIN) add_key_sums<T, D>(sums, ks, warp);
         absorb_chunk<T, D>(st, ks, ks + TILE, warp);

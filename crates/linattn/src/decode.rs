@@ -5,6 +5,7 @@
 
 use crate::attention::{Attention, Method, Problem};
 use crate::error::{Error, Result};
+use crate::hybrid::{GlobalHeads, Hybrid};
 use crate::kernels::cpu::kernelized::{FeatureMap, Kernel, LinearState};
 use crate::linear::CausalForm;
 use crate::memory;
@@ -191,6 +192,65 @@ impl<T: Element> Sequence<T> {
     }
 }
 
+/// A decoder without its sequences: what [`Decoder::plan`] decided.
+struct DecoderPlan<T> {
+    attention: Attention,
+    layout: Layout,
+    scale: T,
+    kernel: Option<Kernel<T>>,
+}
+
+impl<T: Element> DecoderPlan<T> {
+    /// The empty state of one kv head, if the decoder has kernelized heads.
+    fn empty_state(&self) -> Option<LinearState<T>> {
+        let kernel = self.kernel.as_ref()?;
+        let (m, stabilised) = (kernel.map.features(), kernel.map.stabiliser().is_some());
+        Some(LinearState::new(m, self.layout.dim_v, stabilised))
+    }
+
+    /// Elements of one sequence's states (kv, key sums, value sums and log-scale per kv
+    /// head), without allocating them.
+    fn state_elements(&self) -> u128 {
+        let Some(kernel) = &self.kernel else { return 0 };
+        let (m, dim_v) = (kernel.map.features() as u128, self.layout.dim_v as u128);
+        let v_sum = if kernel.map.stabiliser().is_some() {
+            dim_v
+        } else {
+            0
+        };
+        self.layout.heads_kv as u128 * (m * dim_v + m + v_sum + 1)
+    }
+
+    fn ensure_state_fits(&self, batch: usize) -> Result<()> {
+        let bytes = batch as u128 * self.state_elements() * size_of::<T>() as u128;
+        memory::ensure_fits(
+            &format!("the states of a decoder of {batch} sequences"),
+            bytes,
+            self.attention.limit(),
+        )
+    }
+
+    fn allocate(self, batch: usize) -> Decoder<T> {
+        let states = match self.empty_state() {
+            Some(state) => vec![state; self.layout.heads_kv],
+            None => Vec::new(),
+        };
+        let sequence = Sequence {
+            position: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+            states,
+        };
+        Decoder {
+            attention: self.attention,
+            layout: self.layout,
+            scale: self.scale,
+            kernel: self.kernel,
+            sequences: vec![sequence; batch],
+        }
+    }
+}
+
 impl Attention {
     /// A decoder for `batch` empty sequences with the given head counts and sizes.
     ///
@@ -258,13 +318,34 @@ impl<T: Element> Decoder<T> {
         dim_qk: usize,
         dim_v: usize,
     ) -> Result<Self> {
+        let plan = Self::plan(attention, batch, heads_q, heads_kv, dim_qk, dim_v, None)?;
+        plan.ensure_state_fits(batch)?;
+        Ok(plan.allocate(batch))
+    }
+
+    /// Everything a decoder of these sizes needs but its sequences; fails when the
+    /// sizes do not fit the method or its one-token workspace (Performer's ω, say)
+    /// exceeds the memory limit, before anything of that size is allocated. With
+    /// `stored`, the bytes a saved state has left for its sequences: sizes whose states
+    /// could not be in them are refused before the kernel is built.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        attention: &Attention,
+        batch: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        dim_qk: usize,
+        dim_v: usize,
+        stored: Option<usize>,
+    ) -> Result<DecoderPlan<T>> {
         let attention = attention.clone().causal(true);
         let one = |heads, dim| [batch, 1, heads, dim];
-        attention.output_shape(
+        let (q, k, v) = (
             one(heads_q, dim_qk),
             one(heads_kv, dim_qk),
             one(heads_kv, dim_v),
-        )?;
+        );
+        attention.output_shape(q, k, v)?;
         let (split, scale, capacity, kernel) = match attention.method() {
             Method::Softmax(m) => (heads_q, resolve_scale(m.scale, dim_qk)?, None, None),
             Method::Window(w) => (
@@ -294,29 +375,54 @@ impl<T: Element> Decoder<T> {
             split,
             capacity,
         };
-        let kernel = match kernel {
-            Some(()) if split < heads_q => Some(kernel_of(&attention, &layout)?),
-            _ => None,
+        let kernelized = kernel.is_some() && split < heads_q;
+        // Bounds every size before any arithmetic on them or allocation of them: a step's
+        // tensors, and (kernelized heads) a d × d_v state per kv head and sequence.
+        let element = size_of::<T>() as u128;
+        let wide = |dims: &[usize]| dims.iter().fold(element, |a, &x| a * x as u128);
+        let tokens = wide(&[batch, heads_q, dim_qk])
+            + wide(&[batch, heads_kv, dim_qk])
+            + wide(&[batch, heads_kv, dim_v]);
+        let states = if kernelized {
+            wide(&[batch, heads_kv, dim_qk, dim_v])
+        } else {
+            0
         };
-        let states = match &kernel {
-            Some(kernel) => {
-                let (m, stabilised) = (kernel.map.features(), kernel.map.stabiliser().is_some());
-                vec![LinearState::new(m, dim_v, stabilised); heads_kv]
+        let what = format!(
+            "a decoder of {batch} sequences with {heads_q} query and {heads_kv} kv heads \
+             of {dim_qk} and {dim_v} dims"
+        );
+        memory::ensure_fits(&what, tokens + states, attention.limit())?;
+        if let Some(stored) = stored
+            && kernelized
+        {
+            // Each kv head's m × d_v sums are saved in full.
+            let features = state_features(attention.method(), dim_qk);
+            let saved = wide(&[batch, heads_kv, features, dim_v]);
+            if saved > stored as u128 {
+                return Err(Error::InvalidState(format!(
+                    "its sizes need {} of states but {stored} bytes are left",
+                    crate::ByteSize(saved)
+                )));
             }
-            None => Vec::new(),
+        }
+        let workspace = attention.workspace_bytes(q, k, v, size_of::<T>())?;
+        memory::ensure_fits(&what, workspace, attention.limit())?;
+        let kernel = if kernelized {
+            let kernel = kernel_of::<T>(&attention, &layout)?;
+            debug_assert_eq!(
+                kernel.map.features(),
+                state_features(attention.method(), dim_qk)
+            );
+            Some(kernel)
+        } else {
+            None
         };
-        let sequence = Sequence {
-            position: 0,
-            keys: Vec::new(),
-            values: Vec::new(),
-            states,
-        };
-        Ok(Self {
+        Ok(DecoderPlan {
             attention,
             layout,
             scale: T::of_f64(scale),
             kernel,
-            sequences: vec![sequence; batch],
         })
     }
 
@@ -421,6 +527,20 @@ impl<T: Element> Decoder<T> {
     }
 }
 
+/// Features m of the kernelized heads' states (each m × d_v), known before their kernel
+/// is built (drawing Performer's ω is the costly part of building it).
+fn state_features(method: &Method, dim_qk: usize) -> usize {
+    match method {
+        Method::Performer(p)
+        | Method::Hybrid(Hybrid {
+            global: GlobalHeads::Performer(p),
+            ..
+        }) => p.num_features(),
+        Method::Cosformer(_) => 2 * dim_qk,
+        _ => dim_qk,
+    }
+}
+
 /// The kernel of the non-exact heads of `attention`, for a decoder's sizes.
 fn kernel_of<T: Element>(attention: &Attention, layout: &Layout) -> Result<Kernel<T>> {
     let len = match attention.method() {
@@ -448,6 +568,9 @@ fn kernel_of<T: Element>(attention: &Attention, layout: &Layout) -> Result<Kerne
 /// Leads every saved decoder state, with the format's version.
 const STATE_MAGIC: &[u8; 8] = b"LINATTN\0";
 const STATE_VERSION: u32 = 1;
+/// Positions past this are corrupt: no sequence is 2⁴⁸ tokens long, and a decoder must
+/// be able to count on from its position.
+const MAX_POSITION: usize = 1 << 48;
 
 impl<T: Element> Decoder<T> {
     /// The decoder's state as bytes (little-endian), to restore with
@@ -527,12 +650,42 @@ impl<T: Element> Decoder<T> {
         let [heads_q, heads_kv, dim_qk, dim_v, _, _] = [0; 6].map(|_| reader.u64());
         let (heads_q, heads_kv, dim_qk, dim_v) = (heads_q?, heads_kv?, dim_qk?, dim_v?);
         let batch = reader.length(8)?;
-        let mut decoder = Self::empty(attention, batch, heads_q, heads_kv, dim_qk, dim_v)
-            .map_err(|e| Error::InvalidState(format!("its sizes do not fit the method: {e}")))?;
+        let stored = Some(reader.bytes.len());
+        let plan = Self::plan(attention, batch, heads_q, heads_kv, dim_qk, dim_v, stored).map_err(
+            |e| match e {
+                Error::InvalidState(_) => e,
+                other => Error::InvalidState(format!("its sizes do not fit the method: {other}")),
+            },
+        )?;
+        let mut decoder = plan.allocate(batch);
+        let layout = decoder.layout;
         for sequence in &mut decoder.sequences {
             sequence.position = reader.u64()?;
+            if sequence.position > MAX_POSITION {
+                return Err(Error::InvalidState(format!(
+                    "position {} is past any sequence",
+                    sequence.position
+                )));
+            }
             sequence.keys = reader.floats()?;
             sequence.values = reader.floats()?;
+            let cached = if layout.split > 0 {
+                layout
+                    .capacity
+                    .map_or(sequence.position, |c| sequence.position.min(c))
+            } else {
+                0
+            };
+            let expected = |dim: usize| (cached as u128) * (layout.heads_kv * dim) as u128;
+            if sequence.keys.len() as u128 != expected(layout.dim_qk)
+                || sequence.values.len() as u128 != expected(layout.dim_v)
+            {
+                return Err(Error::InvalidState(format!(
+                    "a cache of {} keys and {} values does not hold {cached} tokens",
+                    sequence.keys.len(),
+                    sequence.values.len()
+                )));
+            }
             for state in &mut sequence.states {
                 let expected = (state.kv.len(), state.k_sum.len(), state.v_sum.len());
                 state.kv = reader.floats()?;
@@ -544,6 +697,22 @@ impl<T: Element> Decoder<T> {
                 if (state.kv.len(), state.k_sum.len(), state.v_sum.len()) != expected {
                     return Err(Error::InvalidState("a state of the wrong size".into()));
                 }
+                // −∞ is the stabiliser's value before the first key; nothing else may be
+                // non-finite.
+                let log_scale_ok = state.log_scale.is_finite()
+                    || (state.log_scale == T::neg_infinity() && state.count == 0);
+                let sums = [&state.kv, &state.k_sum, &state.v_sum];
+                if !log_scale_ok || sums.iter().any(|xs| xs.iter().any(|x| !x.is_finite())) {
+                    return Err(Error::InvalidState("a state holds NaN or infinity".into()));
+                }
+            }
+            if [&sequence.keys, &sequence.values]
+                .iter()
+                .any(|xs| xs.iter().any(|x| !x.is_finite()))
+            {
+                return Err(Error::InvalidState(
+                    "the cache holds NaN or infinity".into(),
+                ));
             }
         }
         if !reader.bytes.is_empty() {

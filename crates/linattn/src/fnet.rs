@@ -26,6 +26,13 @@ pub struct Fnet;
 
 /// Rows of FFTs handed to one task at a time.
 const ROWS_PER_TASK: usize = 16;
+/// Complex values a rustfft plan of n points holds, per point: twiddles at each level,
+/// and for prime n Bluestein's inner transform of up to 4n points with its own
+/// twiddles and Rader's of n − 1; 16 bounds them with margin (the workspace test runs
+/// prime, power-of-two and mixed-radix lengths).
+const PLAN_POINTS: u128 = 16;
+/// The planner's own tables and caches, independent of the lengths.
+const PLANNER_BYTES: u128 = 64 << 10;
 
 impl Fnet {
     pub(crate) fn validate(&self, problem: &Problem) -> Result<()> {
@@ -48,12 +55,13 @@ impl Fnet {
     }
 
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
-        // Two complex planes of one batch (before and after the transpose) plus scratch.
-        let plane = (problem.len_k * problem.heads_kv * problem.dim_v) as u128;
-        let scratch = rayon::current_num_threads() as u128
-            * 2
-            * problem.len_k.max(problem.heads_kv * problem.dim_v) as u128;
-        (2 * plane + scratch) * 2 * element as u128
+        // Two complex planes of one batch (before and after the transpose), each thread's
+        // scratch, and the two plans with the planner's cache.
+        let lengths = [problem.len_k, problem.heads_kv * problem.dim_v].map(|n| n as u128);
+        let plane = lengths[0] * lengths[1];
+        let scratch = rayon::current_num_threads() as u128 * 2 * lengths[0].max(lengths[1]);
+        let plans = lengths.iter().map(|&n| PLAN_POINTS * n).sum::<u128>();
+        (2 * plane + scratch + plans) * 2 * element as u128 + PLANNER_BYTES
     }
 
     pub(crate) fn forward<T: Element>(&self, v: &Tensor<T>, out: &mut Tensor<T>) {

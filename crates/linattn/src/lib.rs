@@ -65,6 +65,7 @@ pub use hybrid::{GlobalHeads, Hybrid};
 pub use linear::{CausalForm, DEFAULT_CHUNK, Linear};
 pub use linformer::{Linformer, Projections};
 pub use memory::available_bytes as available_memory;
+pub use memory::total_bytes as total_memory;
 pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
 pub use softmax::{Softmax, SoftmaxAlgorithm};
 pub use tensor::{Element, Tensor};

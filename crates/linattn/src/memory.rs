@@ -24,6 +24,24 @@ pub fn available_bytes() -> u128 {
     }
 }
 
+/// Bytes of memory the machine has in all (MemTotal on Linux).
+///
+/// ```
+/// assert!(linattn::total_memory() >= linattn::available_memory());
+/// ```
+pub fn total_bytes() -> u128 {
+    match sysinfo::System::new() {
+        Ok(mut system) => {
+            system.refresh_memory();
+            match system.total_memory() {
+                0 => UNKNOWN_AVAILABLE,
+                total => total as u128,
+            }
+        }
+        Err(_) => UNKNOWN_AVAILABLE,
+    }
+}
+
 /// Fails with [`Error::OutOfMemory`] when `needed` bytes exceed `limit` (or, without one,
 /// the memory available now).
 pub(crate) fn ensure_fits(what: &str, needed: u128, limit: Option<u128>) -> Result<()> {

@@ -143,8 +143,19 @@ impl Performer {
         Ok(())
     }
 
+    /// ω in f64 and in the element type, and while it is drawn, one d × d block.
+    fn omega_bytes(&self, dim: usize, element: usize) -> u128 {
+        let dim = dim as u128;
+        let omega = self.num_features() as u128 * dim * (element as u128 + 8);
+        let block = match self.features {
+            RandomFeatures::Drawn { .. } => dim * dim * 8,
+            RandomFeatures::Given { .. } => 0,
+        };
+        omega + block
+    }
+
     pub(crate) fn workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
-        let omega = (self.num_features() * problem.dim_qk) as u128 * (element as u128 + 8);
+        let omega = self.omega_bytes(problem.dim_qk, element);
         omega
             + kernelized::workspace_bytes(
                 problem,
@@ -156,7 +167,7 @@ impl Performer {
     }
 
     pub(crate) fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
-        let omega = (self.num_features() * problem.dim_qk) as u128 * (element as u128 + 8);
+        let omega = self.omega_bytes(problem.dim_qk, element);
         omega
             + kernelized::backward_workspace_bytes(
                 problem,

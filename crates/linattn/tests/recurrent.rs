@@ -249,3 +249,100 @@ fn bad_saved_state_and_bad_steps_are_errors() {
         })
     ));
 }
+
+/// Restores `bytes` and, when that succeeds, steps the decoder once: neither may panic,
+/// abort or allocate past the attention's memory limit, whatever the bytes.
+fn restore_and_step(attention: &Attention, bytes: &[u8], token: &[Tensor<f32>; 3]) {
+    if let Ok(mut decoder) = Decoder::<f32>::from_bytes(attention, bytes) {
+        let _ = decoder.step(&token[0], &token[1], &token[2]);
+    }
+}
+
+/// A small generator for the fuzzing below (xorshift: the test needs no statistics).
+struct Bytes(u64);
+
+impl Bytes {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn saved_state_reader_survives_every_mutation() {
+    let shape = Shape::new(2, 6, 4, 2, 3, 2);
+    let [q, k, v] = shape.inputs::<f32>(11);
+    let token = [&q, &k, &v].map(|x| x.slice_seq(0..1).unwrap());
+    let mut rng = Bytes(0x9e37_79b9_7f4a_7c15);
+    for method in decodable_methods() {
+        // Performer's ω is drawn in d × d blocks: a corrupt d must not cost minutes.
+        let attention = Attention::new(method.clone())
+            .causal(true)
+            .memory_limit(64 << 20);
+        let (_, decoder) = attention.prefill(&q, &k, &v).unwrap();
+        let valid = decoder.to_bytes();
+        // Every byte set to values that make lengths huge, zero, or off by a little.
+        for position in 0..valid.len() {
+            for value in [0x00, 0x01, 0x7f, 0x80, 0xff, valid[position] ^ 0x04] {
+                let mut bytes = valid.clone();
+                bytes[position] = value;
+                restore_and_step(&attention, &bytes, &token);
+            }
+        }
+        // Several bytes at once, truncations and extensions.
+        for _ in 0..2000 {
+            let mut bytes = valid.clone();
+            for _ in 0..1 + rng.below(8) {
+                let at = rng.below(bytes.len());
+                bytes[at] = rng.next() as u8;
+            }
+            match rng.below(3) {
+                0 => bytes.truncate(rng.below(bytes.len() + 1)),
+                1 => bytes.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+                _ => {}
+            }
+            restore_and_step(&attention, &bytes, &token);
+        }
+        // A valid header, then noise; and noise alone.
+        let header = 8 + 4 + 1 + 8 + format!("{method:?}").len();
+        for _ in 0..500 {
+            let noise = (0..rng.below(300)).map(|_| rng.next() as u8);
+            let bytes: Vec<u8> = valid[..header].iter().copied().chain(noise).collect();
+            restore_and_step(&attention, &bytes, &token);
+            let noise: Vec<u8> = (0..rng.below(300)).map(|_| rng.next() as u8).collect();
+            restore_and_step(&attention, &noise, &token);
+        }
+    }
+}
+
+#[test]
+fn saved_state_with_huge_sizes_is_refused_without_allocating() {
+    // The default memory policy (what the machine has): sizes read from the bytes must be
+    // checked against the bytes present before anything of their size is allocated.
+    let attention = Attention::new(Method::linear()).causal(true);
+    let x = Tensor::<f32>::randn([1, 5, 2, 4], 0).unwrap();
+    let (_, decoder) = attention.prefill(&x, &x, &x).unwrap();
+    let valid = decoder.to_bytes();
+    let sizes = 8 + 4 + 1 + 8 + format!("{:?}", attention.method()).len();
+    // heads_kv, dim_qk, dim_v (fields 1 to 3 after heads_q): each in turn, then the last
+    // two together, set to sizes whose states would need tens of gigabytes.
+    for fields in [[1].as_slice(), &[2], &[3], &[2, 3]] {
+        let mut bytes = valid.clone();
+        for field in fields {
+            let at = sizes + 8 * field;
+            bytes[at..at + 8].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        }
+        assert!(
+            matches!(
+                Decoder::<f32>::from_bytes(&attention, &bytes),
+                Err(Error::InvalidState(_))
+            ),
+            "fields {fields:?}"
+        );
+    }
+}

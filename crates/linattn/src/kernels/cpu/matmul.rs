@@ -223,21 +223,38 @@ pub(crate) fn matmul<T: Element>(
     }
 }
 
-/// Upper bound of the packing buffers `gemm` allocates for one product of each of
-/// `shapes` (m, n, k), taking the largest: it packs at most a k × n panel of the right
-/// operand (n rounded up to its register tile) and, for short left operands only (m at
-/// most twice its row block, itself at most a few hundred rows), a k × m panel of the left.
+/// Upper bound of the memory `gemm` allocates on one thread for one product of each of
+/// `shapes` (m, n, k), taking the largest. Read off gemm-common 0.19's `gemm_basic_generic`
+/// and `kernel_params`: a packed k × nc panel of the right operand (nc is n rounded up to
+/// the register tile, or 128 tiles when the L3 cache is unknown), a prepacked k × m panel
+/// of the left one when m is at most twice its row block (at most 8 register tiles), each
+/// cache-line aligned; and once per thread, kept for the thread's life, a buffer the size
+/// of the L2 cache as gemm reads it from the system (so it differs between machines).
 pub(crate) fn packing_bytes(element: usize, shapes: &[(usize, usize, usize)]) -> u128 {
-    const TILE_SLACK: u128 = 64;
-    const SHORT_LHS_ROWS: u128 = 1024;
-    shapes
+    // The widest register tiles of any target gemm 0.19 dispatches to (AVX-512 f32: 4
+    // vectors of 16 lanes by 6 columns), with margin.
+    const MAX_TILE_ROWS: u128 = 64;
+    const MAX_TILE_COLS: u128 = 16;
+    const ALIGNMENT_SLACK: u128 = 1024;
+    let caches = &*gemm_common::cache::CACHE_INFO;
+    let panel_cols = |n: u128| {
+        let rounded = n + MAX_TILE_COLS;
+        if caches[2].cache_bytes == 0 {
+            rounded.max(128 * MAX_TILE_COLS)
+        } else {
+            rounded
+        }
+    };
+    let per_product = shapes
         .iter()
         .map(|&(m, n, k)| {
             let (m, n, k) = (m as u128, n as u128, k as u128);
-            k * (n + TILE_SLACK + m.min(SHORT_LHS_ROWS) + TILE_SLACK) * element as u128
+            let prepacked_rows = m.min(2 * 8 * MAX_TILE_ROWS) + MAX_TILE_ROWS;
+            k * (panel_cols(n) + prepacked_rows) * element as u128 + ALIGNMENT_SLACK
         })
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    per_product + caches[1].cache_bytes as u128 + ALIGNMENT_SLACK
 }
 
 #[cfg(test)]

@@ -261,7 +261,8 @@ async function start() {
   const info = await api("/api/info");
   methodNames = info.methods.map((m) => m.name);
   $("machine").textContent = `Measured here on ${info.device}: ${info.threads} threads, copy ${(info.copy_bytes_per_s / 1e9).toFixed(1)} GB/s, `
-    + `f32 matmul ${(info.matmul_flops_per_s / 1e9).toFixed(0)} GFLOP/s. Every number on this page is measured on this machine by linattn.`;
+    + `f32 matmul ${(info.matmul_flops_per_s / 1e9).toFixed(0)} GFLOP/s. Every number on this page is measured on this machine by linattn; `
+    + `a case may take ${info.case_seconds} s and hold ${formatBytes(info.memory_budget_bytes)} before it is stopped.`;
   const box = $("methods");
   const theory = $("theory").querySelector("tbody");
   for (const m of info.methods) {

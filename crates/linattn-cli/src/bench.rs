@@ -71,17 +71,19 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1024,2048,4096,8192,16384,32768,65536"
+        default_value = "1024,2048,4096,8192,16384,32768,65536",
+        value_parser = positive,
+        allow_hyphen_values = true
     )]
     seq: Vec<usize>,
     /// Batch size
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive, allow_hyphen_values = true)]
     batch: usize,
     /// Heads of q, k and v
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive, allow_hyphen_values = true)]
     heads: usize,
     /// Head dimension
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive, allow_hyphen_values = true)]
     dim: usize,
     /// Causal attention (methods without a causal form are skipped)
     #[arg(long)]
@@ -99,7 +101,7 @@ pub struct BenchArgs {
     memory_limit: Option<u64>,
     /// Skips a case whose time, predicted from the method's last measured length and its
     /// cost, exceeds this many seconds (exact softmax at 1M tokens would take hours)
-    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0, value_parser = positive_seconds, allow_hyphen_values = true)]
     max_seconds: f64,
     /// Also write the charts (time, extra memory, error against sequence length) as SVG
     /// files into this directory
@@ -226,8 +228,64 @@ impl BenchArgs {
     }
 }
 
+/// A count that must be at least 1 (clap value parser): a length, batch, heads or dim.
+pub fn positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number of at least 1")),
+    }
+}
+
+/// A time limit in seconds: finite and above zero (clap value parser).
+pub fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{text:?} is not a number of seconds above 0")),
+    }
+}
+
+impl BenchArgs {
+    /// Refuses, before anything is measured, what `run` would refuse: options no method
+    /// accepts (a chunk or feature count of 0, more local heads than heads), and a
+    /// `--plot` directory that cannot be written. A method that has no form for the
+    /// sweep (no causal form, say) is not an error: its cases are skipped with the reason.
+    fn validate(&self) -> Result<(), CliError> {
+        if let Some(local) = self.settings.local_heads
+            && local > self.heads
+        {
+            return Err(CliError::Usage(format!(
+                "--local-heads {local} is more than the {} heads",
+                self.heads
+            )));
+        }
+        for &seq in &self.seq {
+            let shape = [self.batch, seq, self.heads, self.dim];
+            for method in self.methods() {
+                match self
+                    .attention(self.method(method, seq))
+                    .output_shape(shape, shape, shape)
+                {
+                    Ok(_) | Err(linattn::Error::CausalUnsupported { .. }) => {}
+                    Err(error) => {
+                        return Err(CliError::Usage(format!(
+                            "{} at seq {seq}: {error}",
+                            method.name()
+                        )));
+                    }
+                }
+            }
+        }
+        if let Some(dir) = &self.plot {
+            crate::plot::prepare_directory(dir)?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs `linattn bench`.
 pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
+    args.validate()?;
     let (mut records, ceilings, gpu_header) = if args.device == Device::Cuda {
         let (records, header) = gpu_sweep(args)?;
         (records, None, Some(header))
@@ -241,9 +299,6 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
         (records, Some(ceilings), None)
     };
     report::fit_exponents(&mut records);
-    if let Some(dir) = &args.plot {
-        crate::plot::write_charts(&records, dir)?;
-    }
     let mut stdout = io::stdout().lock();
     if args.json {
         if let Some(ceilings) = ceilings {
@@ -251,12 +306,24 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
                 .iter_mut()
                 .for_each(|r| r.ceilings = Some(ceilings.into()));
         }
-        return report::write_json(&records, stdout).map_err(CliError::Stdout);
+        report::write_json(&records, &mut stdout).map_err(CliError::Stdout)?;
+    } else {
+        gpu_header
+            .map_or(Ok(()), |header| writeln!(stdout, "{header}"))
+            .and_then(|()| report::write_table(&records, ceilings, &mut stdout))
+            .map_err(CliError::Stdout)?;
     }
-    gpu_header
-        .map_or(Ok(()), |header| writeln!(stdout, "{header}"))
-        .and_then(|()| report::write_table(&records, ceilings, stdout))
-        .map_err(CliError::Stdout)
+    drop(stdout);
+    // After the table: a chart that cannot be written loses the charts, not the figures.
+    if let Some(dir) = &args.plot {
+        crate::plot::write_charts(&records, dir)?;
+    }
+    if records.iter().all(|record| record.skipped.is_some()) {
+        return Err(CliError::Usage(
+            "every case was skipped (the reasons are in the table); nothing was measured".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Every (seq, method) case, in order; a case that fails becomes a skipped record so

@@ -269,14 +269,49 @@ fn decode_method<T: Element>(
     let (prompt_output, mut decoder) = attention.prefill(q, k, v)?;
     let prefill = start.elapsed();
     drop(prompt_output);
+    let mut progress = Progress::new();
     let steps = (0..args.tokens)
-        .map(|index| timed_step(&mut decoder, args, index))
+        .map(|index| {
+            progress.report(|| format!("step {}/{}", index + 1, args.tokens));
+            timed_step(&mut decoder, args, index)
+        })
         .collect::<linattn::Result<_>>()?;
     Ok(Trace {
         prefill,
         steps,
         bytes_per_token: decoder.memory().bytes_per_token,
     })
+}
+
+/// Lines on stderr while a long decode runs: none in its first second, then one a
+/// second (on a terminal and in a log alike).
+struct Progress {
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: None,
+        }
+    }
+
+    /// Prints `line()` if a second has passed since the start or the last line.
+    fn report(&mut self, line: impl FnOnce() -> String) {
+        let since = self.last.unwrap_or(self.start);
+        if since.elapsed() >= Self::EVERY {
+            eprint!(
+                "\n  {} ({:.0} s) ",
+                line(),
+                self.start.elapsed().as_secs_f64()
+            );
+            self.last = Some(Instant::now());
+        }
+    }
 }
 
 /// The random prompt every method prefills: q, k and v of `--prompt-len` positions.

@@ -46,6 +46,9 @@ enum Command {
     Decode(decode::DecodeArgs),
     /// Serve a local page that measures the methods as the sequence grows
     Explore(explore::ExploreArgs),
+    /// Measures the cases `explore` hands it on stdin (its child processes)
+    #[command(hide = true)]
+    ExploreWorker,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(args),
         Command::Decode(args) => decode::decode(args),
         Command::Explore(args) => explore::explore(args),
+        Command::ExploreWorker => explore::worker::work(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

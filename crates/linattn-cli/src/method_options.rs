@@ -207,6 +207,14 @@ impl MethodOptions {
     }
 
     /// The configured method for inputs of `dims`; reads ω, E and F where given.
+    /// The files these options read (ω, Linformer's E and F).
+    pub fn input_files(&self) -> impl Iterator<Item = &Path> {
+        [&self.omega, &self.proj_k, &self.proj_v]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+    }
+
     pub fn method(&self, name: MethodName, dims: InputDims) -> Result<Method, CliError> {
         self.reject_foreign(&[name])?;
         self.configure(name, dims, Fallbacks::default())

@@ -20,10 +20,7 @@ const CHARTS: [(&str, &str, Quantity); 3] = [
 
 /// Writes `time.svg`, `memory.svg` and `error.svg` into `dir` (created if missing).
 pub fn write_charts(records: &[Record], dir: &Path) -> Result<(), CliError> {
-    std::fs::create_dir_all(dir).map_err(|source| CliError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    prepare_directory(dir)?;
     for (file, label, value) in CHARTS {
         let path = dir.join(file);
         chart(records, &path, label, value).map_err(|error| CliError::Write {
@@ -32,6 +29,17 @@ pub fn write_charts(records: &[Record], dir: &Path) -> Result<(), CliError> {
         })?;
     }
     Ok(())
+}
+
+/// Creates `dir` if needed and checks that a file can be written there, so that a
+/// sweep of many minutes does not end in a chart it cannot save.
+pub fn prepare_directory(dir: &Path) -> Result<(), CliError> {
+    let write_error = |source| CliError::Write {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(write_error)?;
+    tempfile::tempfile_in(dir).map(drop).map_err(write_error)
 }
 
 /// The (label, points) of each method and causality, positive values only (log axes).

@@ -57,19 +57,12 @@ pub struct RunArgs {
     options: MethodOptions,
 }
 
-/// What `--grad-out` and `--grads-prefix` ask for together.
-struct GradientRequest<'a> {
-    /// The output gradient's file.
-    d_out: &'a Path,
-    /// What the gradients' file names start with.
-    prefix: &'a Path,
-}
-
 impl RunArgs {
-    /// The backward pass asked for, if any; one flag without the other is a usage error.
-    fn gradient_request(&self) -> Result<Option<GradientRequest<'_>>, CliError> {
+    /// The output gradient's file when the backward pass is asked for; one of
+    /// `--grad-out` and `--grads-prefix` without the other is a usage error.
+    fn gradient_request(&self) -> Result<Option<&Path>, CliError> {
         match (&self.grad_out, &self.grads_prefix) {
-            (Some(d_out), Some(prefix)) => Ok(Some(GradientRequest { d_out, prefix })),
+            (Some(d_out), Some(_)) => Ok(Some(d_out)),
             (None, None) => Ok(None),
             (Some(_), None) => Err(CliError::Usage(
                 "--grad-out needs --grads-prefix PATH, where dq.npy, dk.npy and dv.npy are written"
@@ -159,14 +152,14 @@ impl<T: Float> Tensors<T> {
 /// Runs `linattn run`.
 pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let gradients = args.gradient_request()?;
+    // Before any reading or computing: every destination is known and writable, and
+    // none of them is an input.
+    let mut outputs = npy::Outputs::create(&args.destinations(), &args.input_files())?;
     let inputs = Inputs::new(
         npy::read(&args.q)?,
         npy::read(&args.k)?,
         npy::read(&args.v)?,
-        gradients
-            .as_ref()
-            .map(|request| npy::read(request.d_out))
-            .transpose()?,
+        gradients.map(npy::read).transpose()?,
     )?;
     let method = args.options.method(args.method, inputs.dims())?;
     let mut attention = Attention::new(method).causal(args.causal);
@@ -177,63 +170,85 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         if gradients.is_some() {
             return Err(gpu::refuse_on_gpu("--grad-out"));
         }
-        return match &inputs {
+        match &inputs {
             Inputs::F32(t) => {
                 let output = gpu::forward(&attention, [&t.q, &t.k, &t.v], args.gpu_dtype)?;
-                npy::write(&args.out, &output)
+                outputs.write(0, &output)?;
             }
             Inputs::F64(t) => {
                 let (q, k, v) = (t.q.cast(), t.k.cast(), t.v.cast());
                 let output = gpu::forward(&attention, [&q, &k, &v], args.gpu_dtype)?;
-                npy::write(&args.out, &output.cast::<f64>())
+                outputs.write(0, &output.cast::<f64>())?;
             }
-        };
+        }
+    } else {
+        match &inputs {
+            Inputs::F32(tensors) => compute(&attention, tensors, &mut outputs)?,
+            Inputs::F64(tensors) => compute(&attention, tensors, &mut outputs)?,
+        }
     }
-    let grads_prefix = gradients.map(|request| request.prefix);
-    match &inputs {
-        Inputs::F32(tensors) => compute(&attention, tensors, &args.out, grads_prefix),
-        Inputs::F64(tensors) => compute(&attention, tensors, &args.out, grads_prefix),
+    outputs.commit()
+}
+
+impl RunArgs {
+    /// Every file the command writes, in order: the output, then dq, dk, dv (and
+    /// Linformer's dE, dF) under the gradients' prefix.
+    fn destinations(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.out.clone()];
+        if let Some(prefix) = &self.grads_prefix {
+            let mut names = vec!["dq", "dk", "dv"];
+            if self.method == MethodName::Linformer {
+                names.extend(["dE", "dF"]);
+            }
+            paths.extend(names.into_iter().map(|name| prefixed(prefix, name)));
+        }
+        paths
+    }
+
+    /// Every file the command reads.
+    fn input_files(&self) -> Vec<&Path> {
+        let mut files = vec![self.q.as_path(), self.k.as_path(), self.v.as_path()];
+        files.extend(self.grad_out.as_deref());
+        files.extend(self.options.input_files());
+        files
     }
 }
 
+/// Computes the output (and with an output gradient, the gradients) and writes them in
+/// the order of [`RunArgs::destinations`].
 fn compute<T: Float>(
     attention: &Attention,
     tensors: &Tensors<T>,
-    out: &Path,
-    grads_prefix: Option<&Path>,
+    outputs: &mut npy::Outputs,
 ) -> Result<(), CliError> {
     let Tensors { q, k, v, d_out } = tensors;
     let output = attention.forward(q, k, v)?;
-    // Before anything is written: a refused backward pass leaves no files behind.
-    let gradients = d_out
-        .as_ref()
-        .map(|d_out| attention.backward(q, k, v, d_out))
-        .transpose()?;
-    npy::write(out, &output)?;
-    match gradients.zip(grads_prefix) {
-        Some((gradients, prefix)) => write_gradients(attention.method(), &gradients, prefix),
-        None => Ok(()),
+    outputs.write(0, &output)?;
+    drop(output);
+    if let Some(d_out) = d_out {
+        let gradients = attention.backward(q, k, v, d_out)?;
+        write_gradients(attention.method(), &gradients, outputs)?;
     }
+    Ok(())
 }
 
 /// Writes dq, dk, dv in the inputs' precision and Linformer's dE, dF as float64
-/// `[max_len, k]`, each to `prefix` followed by its name.
+/// `[max_len, k]`, as outputs 1 to 5.
 fn write_gradients<T: Float>(
     method: &Method,
     gradients: &Gradients<T>,
-    prefix: &Path,
+    outputs: &mut npy::Outputs,
 ) -> Result<(), CliError> {
-    for (name, gradient) in [
-        ("dq", &gradients.dq),
-        ("dk", &gradients.dk),
-        ("dv", &gradients.dv),
-    ] {
-        npy::write(&prefixed(prefix, name), gradient)?;
+    for (index, gradient) in [&gradients.dq, &gradients.dk, &gradients.dv]
+        .into_iter()
+        .enumerate()
+    {
+        outputs.write(1 + index, gradient)?;
     }
     if let (Some((d_e, d_f)), Method::Linformer(linformer)) = (&gradients.projections, method) {
         let shape = [linformer.max_len, linformer.k];
-        npy::write_array(&prefixed(prefix, "dE"), &shape, d_e)?;
-        npy::write_array(&prefixed(prefix, "dF"), &shape, d_f)?;
+        outputs.write_array(4, &shape, d_e)?;
+        outputs.write_array(5, &shape, d_f)?;
     }
     Ok(())
 }

@@ -1,15 +1,20 @@
 //! The decoding panel: per-token latency and state memory against the context length,
-//! measured by `linattn decode` itself (run as a child process of this binary, alone on
-//! the cores like every measurement of the page).
+//! measured by `linattn decode` itself (run as a watched child process of this binary,
+//! alone on the cores like every measurement of the page).
 
+use super::supervise::{self, CancelOnDrop, Ended};
 use super::{ApiError, Body, Shared, check_range};
 use crate::decode::RECURRENT_METHODS;
 use crate::method_options::MethodName;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use linattn::ByteSize;
 use serde::Deserialize;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +39,7 @@ impl DecodeRequest {
                 recurrent.join(", ")
             ));
         }
+        super::no_duplicates(self.methods.iter().map(String::as_str))?;
         check_range("methods", self.methods.len(), 1, recurrent.len())?;
         check_range("prompt_len", self.prompt_len, 1, 1 << 16)?;
         check_range("tokens", self.tokens, 1, 4096)?;
@@ -41,7 +47,7 @@ impl DecodeRequest {
         check_range("dim", self.dim, 1, 256)
     }
 
-    fn arguments(&self) -> Vec<String> {
+    fn arguments(&self, memory_budget: u64) -> Vec<String> {
         let mut args = vec!["decode".to_string(), "--json".to_string()];
         for (flag, value) in [
             ("--method", self.methods.join(",")),
@@ -49,6 +55,7 @@ impl DecodeRequest {
             ("--tokens", self.tokens.to_string()),
             ("--heads", self.heads.to_string()),
             ("--dim", self.dim.to_string()),
+            ("--memory-limit", memory_budget.to_string()),
         ] {
             args.extend([flag.to_string(), value]);
         }
@@ -56,25 +63,58 @@ impl DecodeRequest {
     }
 }
 
+/// Runs `linattn decode` as a watched child: stopped past the server's time limit or
+/// memory budget, and as soon as the client goes away (axum drops this future, and with
+/// it the guard that cancels the child).
 pub async fn decode(State(app): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let request: DecodeRequest = super::parse(body)?;
     request
         .validate()
         .map_err(|message| ApiError(StatusCode::UNPROCESSABLE_ENTITY, message))?;
     let failed = |message: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, message);
-    let output = tokio::task::spawn_blocking(move || {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancel));
+    let limits = app.limits;
+    let (ended, stdout) = tokio::task::spawn_blocking(move || {
         let _alone = app.jobs.measuring();
-        let exe = std::env::current_exe()?;
-        Command::new(exe).args(request.arguments()).output()
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(request.arguments(limits.memory_budget));
+        let watch = supervise::Limits {
+            cancel: &cancel,
+            memory_budget: limits.memory_budget,
+        };
+        let mut stdout = String::new();
+        let time_limit = Some(Duration::from_secs_f64(limits.case_seconds));
+        let ended = supervise::run(command, &[], &watch, time_limit, |line| {
+            stdout.push_str(line);
+            None
+        });
+        Ok::<_, std::io::Error>((ended, stdout))
     })
     .await
     .map_err(|e| failed(e.to_string()))?
     .map_err(|e| failed(format!("cannot run linattn decode: {e}")))?;
-    if !output.status.success() {
-        let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, message));
+    let refused = |message: String| Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, message));
+    match ended {
+        Ended::Exited { success: true, .. } => {}
+        Ended::Exited { stderr, .. } => return refused(stderr),
+        Ended::TimedOut(limit) => {
+            return refused(format!(
+                "stopped after {} s, the server's time limit (--case-seconds)",
+                limit.as_secs_f64()
+            ));
+        }
+        Ended::OverBudget(held) => {
+            return refused(format!(
+                "stopped holding {}, over the server's memory budget of {}",
+                ByteSize(held as u128),
+                ByteSize(limits.memory_budget as u128)
+            ));
+        }
+        Ended::Cancelled => return Err(failed("the decoding run was cancelled".into())),
+        Ended::Failed(message) => return Err(failed(message)),
     }
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+    let report: serde_json::Value = serde_json::from_str(&stdout)
         .map_err(|e| failed(format!("linattn decode printed no JSON: {e}")))?;
     Ok(axum::Json(report).into_response())
 }

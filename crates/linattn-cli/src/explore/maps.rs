@@ -63,6 +63,7 @@ pub async fn maps(State(app): State<Shared>, body: Body) -> Result<Response, Api
     check_range("seq", request.seq, 2, MAX_MAP_SEQ).map_err(invalid)?;
     check_range("dim", request.dim, 1, 256).map_err(invalid)?;
     check_range("methods", request.methods.len(), 1, 9).map_err(invalid)?;
+    super::no_duplicates(request.methods.iter().map(|m| m.name())).map_err(invalid)?;
     check_range("features", request.features, 1, 4096).map_err(invalid)?;
     check_range("window", request.window, 1, MAX_MAP_SEQ).map_err(invalid)?;
     check_range("k_proj", request.k_proj, 1, 4096).map_err(invalid)?;

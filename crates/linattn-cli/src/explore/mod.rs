@@ -7,9 +7,12 @@
 //! a JSON error and runs one measurement at a time (see [`jobs`]).
 
 mod decoding;
+mod guard;
 mod jobs;
 mod maps;
+mod supervise;
 mod uploads;
+pub mod worker;
 
 use crate::bench::{BenchMethod, MethodSettings};
 use crate::error::CliError;
@@ -47,6 +50,52 @@ pub struct ExploreArgs {
     /// Where the measurements run
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// Most memory the measurements may hold at once (a case over it is stopped), in
+    /// bytes or with a unit (500M, 8G) [default: half of this machine's memory]
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    memory_budget: Option<u64>,
+    /// Longest a case (or a decoding run) may take before it is stopped, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0, value_parser = crate::bench::positive_seconds)]
+    case_seconds: f64,
+}
+
+/// What the server allows one measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Seconds a case may run.
+    pub case_seconds: f64,
+    /// Bytes a measuring process may hold.
+    pub memory_budget: u64,
+}
+
+/// The default memory budget: this fraction of the machine's memory, so that a sweep
+/// never takes the machine from its other programs.
+const DEFAULT_BUDGET_FRACTION: f64 = 0.5;
+
+/// `12345`, `500M`, `8G`, `1.5GiB` (units of 1024) as bytes (clap value parser).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?}: use K, M, G or T")),
+    };
+    match number.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 1.0 => Ok((x * scale as f64) as u64),
+        _ => Err(format!("{text:?} is not a number of bytes (at least 1)")),
+    }
 }
 
 /// A sweep the page asks for: these methods at lengths min_seq, 2·min_seq, ... up to
@@ -129,15 +178,10 @@ impl MeasureRequest {
         Ok(())
     }
 
-    /// Checks every field against its bounds and the memory the largest inputs need.
-    fn validate(&self) -> Result<(), String> {
-        let mut seen = Vec::new();
-        for method in &self.methods {
-            if seen.contains(method) {
-                return Err(format!("method {} is listed twice", method.name()));
-            }
-            seen.push(*method);
-        }
+    /// Checks every field against its bounds, and the memory the largest inputs need
+    /// against the server's `budget`.
+    fn validate(&self, budget: u64) -> Result<(), String> {
+        no_duplicates(self.methods.iter().map(|m| m.name()))?;
         check_range(
             "methods",
             self.methods.len(),
@@ -153,16 +197,15 @@ impl MeasureRequest {
         check_range("k_proj", self.k_proj, 1, 4096)?;
         check_range("window", self.window, 1, MAX_SEQ)?;
         let input_bytes = 3 * self.max_seq as u128 * self.heads as u128 * self.dim as u128 * 4;
-        let available = linattn::available_memory();
-        if input_bytes * 2 > available {
+        if input_bytes * 2 > budget as u128 {
             return Err(format!(
                 "inputs of {} tokens x {} heads x {} dims need {} (and as much again for \
-                 output and scratch), but {} is available",
+                 output and scratch), but the server's memory budget is {}",
                 self.max_seq,
                 self.heads,
                 self.dim,
                 ByteSize(input_bytes),
-                ByteSize(available)
+                ByteSize(budget as u128)
             ));
         }
         Ok(())
@@ -195,6 +238,18 @@ impl MeasureRequest {
             self.heads, self.dim, self.causal, self.features, self.k_proj, self.window
         )
     }
+}
+
+/// Refuses a list of methods that names one twice.
+fn no_duplicates<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for name in names {
+        if seen.contains(&name) {
+            return Err(format!("method {name} is listed twice"));
+        }
+        seen.push(name);
+    }
+    Ok(())
 }
 
 fn check_range(name: &str, value: usize, low: usize, high: usize) -> Result<(), String> {
@@ -273,6 +328,7 @@ struct App {
     device: String,
     jobs: Arc<Jobs>,
     ceilings: Ceilings,
+    limits: ServerLimits,
     uploads: std::sync::Mutex<uploads::Uploads>,
 }
 
@@ -287,7 +343,7 @@ impl App {
 type Shared = Arc<App>;
 
 /// An error answer: a status and a JSON body `{"error": message}`.
-struct ApiError(StatusCode, String);
+pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -319,8 +375,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, ApiError> {
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("malformed request: {e}")))
 }
 
-/// The routes of the page and its API.
-fn router(app: Shared) -> Router {
+/// The routes of the page and its API, behind the guard that refuses requests from
+/// other sites.
+fn router(app: Shared, bound: SocketAddr) -> Router {
     Router::new()
         .route(
             "/",
@@ -350,7 +407,17 @@ fn router(app: Shared) -> Router {
             axum::routing::put(uploads::put).layer(DefaultBodyLimit::max(uploads::MAX_UPLOAD)),
         )
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed here"),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            bound,
+            guard::same_site_only,
+        ))
         .with_state(app)
 }
 
@@ -372,6 +439,9 @@ async fn info(State(app): State<Shared>) -> Response {
     axum::Json(serde_json::json!({
         "device": app.device,
         "threads": threads(),
+        "memory_budget_bytes": app.limits.memory_budget,
+        "case_seconds": app.limits.case_seconds,
+        "max_queued": jobs::MAX_QUEUED,
         "max_seq": MAX_SEQ,
         "copy_bytes_per_s": app.ceilings.copy_bytes_per_second,
         "matmul_flops_per_s": app.ceilings.matmul_flops_per_second,
@@ -387,13 +457,37 @@ fn threads() -> usize {
 async fn submit(State(app): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let mut request: MeasureRequest = parse(body)?;
     let invalid = |message| ApiError(StatusCode::UNPROCESSABLE_ENTITY, message);
-    request.attach(&app.uploads()).map_err(invalid)?;
-    request.validate().map_err(invalid)?;
-    let view = app.jobs.submit(request);
+    let attached = request.attach(&app.uploads());
+    attached.map_err(invalid)?;
+    request
+        .validate(app.limits.memory_budget)
+        .map_err(invalid)?;
+    let view = app.jobs.submit(request).map_err(|jobs::QueueFull| {
+        ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} sweeps are already waiting; cancel one or wait for them",
+                jobs::MAX_QUEUED
+            ),
+        )
+    })?;
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
-async fn job(State(app): State<Shared>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+/// A job's id from the path, or a JSON 400 saying what is wrong with it.
+type JobId = Result<Path<u64>, axum::extract::rejection::PathRejection>;
+
+fn job_id(id: JobId) -> Result<u64, ApiError> {
+    id.map(|Path(id)| id).map_err(|rejection| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("a job id is a number: {}", rejection.body_text()),
+        )
+    })
+}
+
+async fn job(State(app): State<Shared>, id: JobId) -> Result<Response, ApiError> {
+    let id = job_id(id)?;
     let view = app
         .jobs
         .view(id)
@@ -401,7 +495,8 @@ async fn job(State(app): State<Shared>, Path(id): Path<u64>) -> Result<Response,
     Ok(axum::Json(view).into_response())
 }
 
-async fn cancel(State(app): State<Shared>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+async fn cancel(State(app): State<Shared>, id: JobId) -> Result<Response, ApiError> {
+    let id = job_id(id)?;
     let view = app
         .jobs
         .cancel(id)
@@ -424,10 +519,22 @@ pub fn explore(args: &ExploreArgs) -> Result<(), CliError> {
     let device = gpu
         .as_ref()
         .map_or("cpu".to_string(), |gpu| format!("cuda ({})", gpu.name()));
+    let limits = ServerLimits {
+        case_seconds: args.case_seconds,
+        memory_budget: args
+            .memory_budget
+            .unwrap_or_else(|| (linattn::total_memory() as f64 * DEFAULT_BUDGET_FRACTION) as u64),
+    };
+    eprintln!(
+        "explore: a case may take {} s and hold {} (--case-seconds, --memory-budget)",
+        limits.case_seconds,
+        ByteSize(limits.memory_budget as u128)
+    );
     let app = Arc::new(App {
         device,
-        jobs: Jobs::start(ceilings, gpu),
+        jobs: Jobs::start(ceilings, limits, gpu),
         ceilings,
+        limits,
         uploads: Default::default(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -447,7 +554,7 @@ pub fn explore(args: &ExploreArgs) -> Result<(), CliError> {
             eprintln!("explore: listening on {bound}, reachable from the network");
         }
         println!("linattn explore: open http://{bound}/ (Ctrl-C stops)");
-        axum::serve(listener, router(app))
+        axum::serve(listener, router(app, bound))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })

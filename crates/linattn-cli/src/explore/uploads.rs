@@ -9,18 +9,24 @@ use axum::response::{IntoResponse, Response};
 use linattn::Tensor;
 use serde::Serialize;
 use std::sync::Arc;
+use tempfile::TempPath;
 
 /// Largest upload: one tensor of 64M float32 values.
 pub const MAX_UPLOAD: usize = 256 << 20;
 
 /// q, k and v from elsewhere than the random generator, with a label that changes on
 /// every upload (so cached measurements of earlier inputs are not taken for these).
+/// Shared by every request that uses them, never copied; freed (and their files
+/// removed) when the last request using them ends after they were replaced or deleted.
 #[derive(Debug)]
 pub struct Uploaded {
     pub label: String,
-    pub q: Tensor<f32>,
-    pub k: Tensor<f32>,
-    pub v: Tensor<f32>,
+    pub q: Arc<Tensor<f32>>,
+    pub k: Arc<Tensor<f32>>,
+    pub v: Arc<Tensor<f32>>,
+    /// The same tensors as float32 .npy files, for the measuring child processes
+    /// (`None` for the bundled model inputs, which they have themselves).
+    pub files: Option<[Arc<TempPath>; 3]>,
 }
 
 impl Uploaded {
@@ -34,18 +40,39 @@ impl Uploaded {
     }
 }
 
+/// One uploaded tensor, in memory and on disk.
+struct Upload {
+    tensor: Arc<Tensor<f32>>,
+    file: Arc<TempPath>,
+}
+
 /// What has been uploaded so far.
 #[derive(Default)]
 pub struct Uploads {
     generation: u64,
-    tensors: [Option<Tensor<f32>>; 3],
+    tensors: [Option<Upload>; 3],
 }
 
 const ROLES: [&str; 3] = ["q", "k", "v"];
 
 impl Uploads {
-    /// The three tensors, if all are here and fit together.
+    /// The three tensors, if all are here and fit together (sharing them, not copying).
     pub fn complete(&self) -> Result<Arc<Uploaded>, String> {
+        self.problem()?;
+        let [Some(q), Some(k), Some(v)] = &self.tensors else {
+            unreachable!("problem() found all three")
+        };
+        Ok(Arc::new(Uploaded {
+            label: format!("upload {}", self.generation),
+            q: Arc::clone(&q.tensor),
+            k: Arc::clone(&k.tensor),
+            v: Arc::clone(&v.tensor),
+            files: Some([&q.file, &k.file, &v.file].map(Arc::clone)),
+        }))
+    }
+
+    /// Why the uploads cannot be used yet, if they cannot.
+    fn problem(&self) -> Result<(), String> {
         let [Some(q), Some(k), Some(v)] = &self.tensors else {
             let missing: Vec<&str> = ROLES
                 .iter()
@@ -55,9 +82,9 @@ impl Uploads {
                 .collect();
             return Err(format!("upload {} first", missing.join(", ")));
         };
-        let [bq, tq, hq, dq] = q.shape();
-        let [bk, tk, hk, dk] = k.shape();
-        let [bv, tv, hv, _] = v.shape();
+        let [bq, tq, hq, dq] = q.tensor.shape();
+        let [bk, tk, hk, dk] = k.tensor.shape();
+        let [bv, tv, hv, _] = v.tensor.shape();
         let fits = bq == bk
             && bk == bv
             && tq == tk
@@ -70,17 +97,12 @@ impl Uploads {
             return Err(format!(
                 "q {:?}, k {:?} and v {:?} do not fit together: batch and length must agree, \
                  k and v share heads (a divisor of q's) and q and k share head_dim",
-                q.shape(),
-                k.shape(),
-                v.shape()
+                q.tensor.shape(),
+                k.tensor.shape(),
+                v.tensor.shape()
             ));
         }
-        Ok(Arc::new(Uploaded {
-            label: format!("upload {}", self.generation),
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-        }))
+        Ok(())
     }
 }
 
@@ -94,14 +116,14 @@ struct UploadsView {
 }
 
 fn view(uploads: &Uploads) -> Response {
-    let shape = |i: usize| uploads.tensors[i].as_ref().map(Tensor::shape);
-    let complete = uploads.complete();
+    let shape = |i: usize| uploads.tensors[i].as_ref().map(|u| u.tensor.shape());
+    let problem = uploads.problem();
     axum::Json(UploadsView {
         q: shape(0),
         k: shape(1),
         v: shape(2),
-        ready: complete.is_ok(),
-        problem: complete.err(),
+        ready: problem.is_ok(),
+        problem: problem.err(),
     })
     .into_response()
 }
@@ -143,10 +165,31 @@ pub async fn put(
     if let Some((index, value)) = tensor.first_non_finite() {
         return Err(invalid(format!("{name} holds {value} at {index:?}")));
     }
+    let file = save(&tensor).map_err(|e| {
+        ApiError(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("cannot save {name} for the measurements: {e}"),
+        )
+    })?;
+    let upload = Upload {
+        tensor: Arc::new(tensor),
+        file: Arc::new(file),
+    };
     let mut uploads = app.uploads();
-    uploads.tensors[slot] = Some(tensor);
+    uploads.tensors[slot] = Some(upload);
     uploads.generation += 1;
     Ok(view(&uploads))
+}
+
+/// `tensor` as a float32 .npy file in the system's temporary directory, removed when
+/// the returned path is dropped.
+fn save(tensor: &Tensor<f32>) -> std::io::Result<TempPath> {
+    let mut file = tempfile::Builder::new()
+        .prefix("linattn-upload-")
+        .suffix(".npy")
+        .tempfile()?;
+    npy::write_to(file.as_file_mut(), &tensor.shape(), tensor.as_slice())?;
+    Ok(file.into_temp_path())
 }
 
 /// q, k and v of a real model on real text, inside the binary: see
@@ -164,9 +207,10 @@ pub fn model_inputs() -> Arc<Uploaded> {
     Arc::clone(INPUTS.get_or_init(|| {
         Arc::new(Uploaded {
             label: "all-MiniLM-L6-v2 layer 2".into(),
-            q: tensor(include_bytes!("../../assets/minilm/q.npy"), "q.npy"),
-            k: tensor(include_bytes!("../../assets/minilm/k.npy"), "k.npy"),
-            v: tensor(include_bytes!("../../assets/minilm/v.npy"), "v.npy"),
+            q: Arc::new(tensor(include_bytes!("../../assets/minilm/q.npy"), "q.npy")),
+            k: Arc::new(tensor(include_bytes!("../../assets/minilm/k.npy"), "k.npy")),
+            v: Arc::new(tensor(include_bytes!("../../assets/minilm/v.npy"), "v.npy")),
+            files: None,
         })
     }))
 }

@@ -384,30 +384,116 @@ fn decode<T, const N: usize>(
     Ok(values)
 }
 
-/// Writes `tensor` to `path` as a C-order .npy array of its own precision.
-pub fn write<T: Float>(path: &Path, tensor: &Tensor<T>) -> Result<(), CliError> {
-    write_array(path, &tensor.shape(), tensor.as_slice())
+/// Output files written all or none: each destination gets a temporary file beside it
+/// when the outputs are declared (so a missing or read-only directory fails before any
+/// work), and [`Outputs::commit`] renames them into place once every one is complete.
+/// Until then no existing file is touched, and dropping uncommitted outputs removes the
+/// temporary files.
+pub struct Outputs {
+    files: Vec<(PathBuf, tempfile::NamedTempFile)>,
 }
 
-/// Writes `values`, row-major of `shape`, to `path` as a C-order .npy array.
-pub fn write_array<T: npyz::AutoSerialize + Copy>(
-    path: &Path,
+impl Outputs {
+    /// Temporary files for `destinations`; refuses a destination that names one of
+    /// `inputs` or another destination (the same file by any path).
+    pub fn create(destinations: &[PathBuf], inputs: &[&Path]) -> Result<Self, CliError> {
+        let inputs: Vec<PathBuf> = inputs.iter().filter_map(|p| identity(p)).collect();
+        let mut seen: Vec<PathBuf> = Vec::new();
+        let mut files = Vec::new();
+        for path in destinations {
+            let write_error = |source| CliError::Write {
+                path: path.clone(),
+                source,
+            };
+            let directory = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            let same = identity(path);
+            if same.as_ref().is_some_and(|p| inputs.contains(p)) {
+                return Err(CliError::Usage(format!(
+                    "{} is also an input; write the output elsewhere",
+                    path.display()
+                )));
+            }
+            if same.as_ref().is_some_and(|p| seen.contains(p)) {
+                return Err(CliError::Usage(format!(
+                    "{} would be written twice",
+                    path.display()
+                )));
+            }
+            seen.extend(same);
+            let file = tempfile::Builder::new()
+                .prefix(".linattn-")
+                .suffix(".npy.partial")
+                .tempfile_in(directory)
+                .map_err(write_error)?;
+            files.push((path.clone(), file));
+        }
+        Ok(Self { files })
+    }
+
+    /// Writes `tensor` as the `index`-th destination's array, in its own precision.
+    pub fn write<T: Float>(&mut self, index: usize, tensor: &Tensor<T>) -> Result<(), CliError> {
+        self.write_array(index, &tensor.shape(), tensor.as_slice())
+    }
+
+    /// Writes `values`, row-major of `shape`, as the `index`-th destination's C-order
+    /// array.
+    pub fn write_array<T: npyz::AutoSerialize + Copy>(
+        &mut self,
+        index: usize,
+        shape: &[usize],
+        values: &[T],
+    ) -> Result<(), CliError> {
+        let (path, file) = &mut self.files[index];
+        write_to(file.as_file_mut(), shape, values)
+            .and_then(|()| file.as_file().sync_all())
+            .map_err(|source| CliError::Write {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// Renames every temporary file to its destination.
+    pub fn commit(self) -> Result<(), CliError> {
+        for (path, file) in self.files {
+            file.persist(&path).map_err(|e| CliError::Write {
+                path: path.clone(),
+                source: e.error,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `values`, row-major of `shape`, to `out` as a C-order .npy array.
+pub fn write_to<T: npyz::AutoSerialize + Copy>(
+    out: impl io::Write,
     shape: &[usize],
     values: &[T],
-) -> Result<(), CliError> {
-    let write_error = |source| CliError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::create(path).map_err(write_error)?;
+) -> io::Result<()> {
     let shape: Vec<u64> = shape.iter().map(|&dim| dim as u64).collect();
     let mut writer = npyz::WriteOptions::new()
         .default_dtype()
         .shape(&shape)
-        .writer(BufWriter::new(file))
-        .begin_nd()
-        .map_err(write_error)?;
-    writer.extend(values.iter().copied()).map_err(write_error)?;
+        .writer(BufWriter::new(out))
+        .begin_nd()?;
+    writer.extend(values.iter().copied())?;
     // finish() flushes the buffer; dropping the writer would swallow a write error.
-    writer.finish().map_err(write_error)
+    writer.finish()
+}
+
+/// The file `path` names, whatever the path's spelling: its canonical form, or for a
+/// file that does not exist yet its directory's canonical form and its name.
+fn identity(path: &Path) -> Option<PathBuf> {
+    if let Ok(canonical) = path.canonicalize() {
+        return Some(canonical);
+    }
+    let name = path.file_name()?;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    Some(directory.canonicalize().ok()?.join(name))
 }

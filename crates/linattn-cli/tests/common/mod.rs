@@ -1,9 +1,14 @@
 //! Helpers shared by the tests of `linattn explore`.
 #![allow(dead_code)] // each test binary uses its own part
 
+use linattn::{Element, Tensor};
+use npyz::WriterBuilder;
 use serde_json::Value;
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `linattn explore`, stopped when dropped.
@@ -14,8 +19,17 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_linattn"))
-            .args(["explore", "--port", "0"])
+        Self::start_with(&[], None)
+    }
+
+    /// A server with more arguments, and its temporary files (uploads) in `tmpdir`.
+    pub fn start_with(args: &[&str], tmpdir: Option<&std::path::Path>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_linattn"));
+        command.args(["explore", "--port", "0"]).args(args);
+        if let Some(dir) = tmpdir {
+            command.env("TMPDIR", dir);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -31,6 +45,41 @@ impl Server {
             .trim_end_matches('/')
             .to_string();
         Self { child, url }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `host:port` of the server.
+    pub fn address(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Sends a request as written: `head` is its request line and headers (no final line
+    /// break), `body` its body. Returns the status and the body of the answer.
+    pub fn raw(&self, head: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.address()).unwrap();
+        write!(
+            stream,
+            "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body)
+            .to_string();
+        (status, body)
     }
 
     fn agent() -> ureq::Agent {
@@ -105,4 +154,69 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A directory of its own for one test's files, removed afterwards.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("linattn-cli-{}-{test}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `tensor` with npyz as `name` and returns its path.
+    pub fn tensor<T: Element + npyz::AutoSerialize>(
+        &self,
+        name: &str,
+        tensor: &Tensor<T>,
+    ) -> PathBuf {
+        self.array(name, &tensor.shape(), tensor.as_slice())
+    }
+
+    /// Writes a C-order array with npyz as `name` and returns its path.
+    pub fn array<T: npyz::AutoSerialize + Copy>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        data: &[T],
+    ) -> PathBuf {
+        let path = self.path(name);
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let mut writer = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape)
+            .writer(File::create(&path).unwrap())
+            .begin_nd()
+            .unwrap();
+        writer.extend(data.iter().copied()).unwrap();
+        writer.finish().unwrap();
+        path
+    }
+
+    /// Writes raw bytes as `name`, for files npyz would not write.
+    pub fn bytes(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Best effort: a leftover temp directory is not worth failing a test over.
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn linattn<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_linattn"))
+        .args(args)
+        .output()
+        .unwrap()
 }

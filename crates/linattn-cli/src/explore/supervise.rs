@@ -83,7 +83,6 @@ pub fn run(
                 if let Some(new_limit) = on_line(&line) {
                     limit = Some((Instant::now(), new_limit));
                 }
-                continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = child.0.wait();

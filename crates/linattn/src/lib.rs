@@ -20,7 +20,7 @@
 //!
 //! Tensors are `[batch, seq, heads, head_dim]` (FlashAttention's layout); k and v may
 //! have fewer heads than q (GQA/MQA). Every fast path is tested against the f64
-//! definitions in [`reference`].
+//! definitions in [`reference`](mod@reference).
 //!
 //! ```
 //! use linattn::{Attention, Method, Performer, Tensor};

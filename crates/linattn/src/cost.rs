@@ -1,9 +1,9 @@
 //! What a call must cost at least, and what this machine can do: the floor a measured
 //! time is read against.
 
-use crate::attention::{Attention, Method, Problem};
-use crate::error::Result;
-use crate::hybrid::GlobalHeads;
+use crate::attention::Attention;
+use crate::base::{Problem, Result};
+use crate::methods::AttentionMethod;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
@@ -145,62 +145,8 @@ impl Attention {
             .map(|s| s.iter().product::<usize>())
             .sum();
         Ok(Cost {
-            flops: flops(self.method(), &problem),
+            flops: self.method().flops(&problem),
             bytes: (elements * element_bytes) as f64,
         })
-    }
-}
-
-/// Query–key pairs that interact: all of them, or the causal triangle.
-fn pairs(problem: &Problem, left: Option<usize>, right: Option<usize>) -> f64 {
-    let right = if problem.causal { Some(0) } else { right };
-    (0..problem.len_q)
-        .map(|i| {
-            let lo = left.map_or(0, |l| i.saturating_sub(l));
-            let hi = right.map_or(problem.len_k, |r| (i + r + 1).min(problem.len_k));
-            hi.saturating_sub(lo) as f64
-        })
-        .sum()
-}
-
-/// Arithmetic of the method on `problem`: products only, the elementwise work is small
-/// beside them (or, for exact attention, counted as the products are).
-fn flops(method: &Method, problem: &Problem) -> f64 {
-    let p = problem;
-    let (heads, d, dv) = (
-        p.batch as f64 * p.heads_q as f64,
-        p.dim_qk as f64,
-        p.dim_v as f64,
-    );
-    let tokens = heads * p.len_q as f64;
-    // Kernelized with m features: each key adds a rank-one m × d_v update, each query
-    // reads m × d_v (the recurrent form's count, the least any form can do).
-    let kernelized = |m: f64| 4.0 * tokens * m * dv;
-    let exact = |left, right| 2.0 * heads * pairs(p, left, right) * (d + dv);
-    let favor = |m: f64| kernelized(m) + 2.0 * 2.0 * tokens * d * m;
-    match method {
-        Method::Softmax(_) => exact(None, None),
-        Method::Window(w) => exact(w.left, w.right),
-        Method::Linear(_) => kernelized(d),
-        Method::Cosformer(_) => kernelized(2.0 * d),
-        Method::Performer(m) => favor(m.num_features() as f64),
-        Method::Linformer(l) => {
-            let kp = l.k as f64;
-            let projections = 2.0 * (p.batch * p.heads_kv) as f64 * p.len_k as f64 * kp * (d + dv);
-            projections + 2.0 * tokens * kp * (d + dv)
-        }
-        Method::Fnet(_) => {
-            // A real 2-D FFT of n points: about 2.5 n log₂ n.
-            let n = (p.len_k * p.heads_kv * p.dim_v) as f64;
-            2.5 * p.batch as f64 * n * n.log2()
-        }
-        Method::Hybrid(h) => {
-            let local = h.local_heads as f64 / p.heads_q as f64;
-            let global = match &h.global {
-                GlobalHeads::Linear(_) => kernelized(d),
-                GlobalHeads::Performer(m) => favor(m.num_features() as f64),
-            };
-            local * exact(h.window.left, h.window.right) + (1.0 - local) * global
-        }
     }
 }

@@ -3,14 +3,11 @@
 //! sliding window a ring buffer of its last keys and values, and exact softmax the
 //! growing KV cache it is measured against.
 
-use crate::attention::{Attention, Method, Problem};
-use crate::error::{Error, Result};
-use crate::hybrid::{GlobalHeads, Hybrid};
-use crate::kernels::cpu::kernelized::{FeatureMap, Kernel, LinearState};
-use crate::linear::CausalForm;
-use crate::memory;
-use crate::softmax::resolve_scale;
-use crate::tensor::{Element, Tensor};
+use crate::attention::Attention;
+use crate::base::memory;
+use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
+use crate::engine::{FeatureMap, Kernel, LinearState};
+use crate::methods::AttentionMethod;
 use rayon::prelude::*;
 
 /// How a [`Decoder`]'s memory behaves as the sequences grow.
@@ -62,6 +59,8 @@ struct Layout {
     split: usize,
     /// Keys the exact heads keep (`None`: all of them).
     capacity: Option<usize>,
+    /// Tokens past which the method cannot continue (cosFormer's fixed M).
+    max_len: Option<usize>,
 }
 
 impl Layout {
@@ -345,59 +344,46 @@ impl<T: Element> Decoder<T> {
             one(heads_kv, dim_qk),
             one(heads_kv, dim_v),
         );
-        attention.output_shape(q, k, v)?;
-        let (split, scale, capacity, kernel) = match attention.method() {
-            Method::Softmax(m) => (heads_q, resolve_scale(m.scale, dim_qk)?, None, None),
-            Method::Window(w) => (
-                heads_q,
-                resolve_scale(w.scale, dim_qk)?,
-                w.left.map(|l| l + 1),
-                None,
-            ),
-            Method::Hybrid(h) => {
-                let window = &h.window;
-                let scale = resolve_scale(window.scale, dim_qk)?;
-                (h.local_heads, scale, window.left.map(|l| l + 1), Some(()))
-            }
-            Method::Cosformer(c) if c.max_len.is_none() => {
-                return Err(Error::InvalidConfig(
-                    "cosformer decoding needs a fixed max_len (M): every weight depends on it"
-                        .into(),
-                ));
-            }
-            _ => (0, 1.0, None, Some(())),
+        // Bounds every size before any arithmetic on them or allocation of them (the
+        // sizes may come from a saved state): a step's tensors first, then (kernelized
+        // heads) a d × d_v state per kv head and sequence.
+        let element = size_of::<T>() as u128;
+        let wide = |dims: &[usize]| {
+            dims.iter()
+                .fold(element, |a, &x| a.saturating_mul(x as u128))
         };
+        let what = format!(
+            "a decoder of {batch} sequences with {heads_q} query and {heads_kv} kv heads \
+             of {dim_qk} and {dim_v} dims"
+        );
+        let tokens = wide(&[batch, heads_q, dim_qk])
+            .saturating_add(wide(&[batch, heads_kv, dim_qk]))
+            .saturating_add(wide(&[batch, heads_kv, dim_v]));
+        memory::ensure_fits(&what, tokens, attention.limit())?;
+        attention.output_shape(q, k, v)?;
+        let recurrent = attention.method().recurrent(heads_q, dim_qk)?;
+        let split = recurrent.exact_heads;
         let layout = Layout {
             heads_q,
             heads_kv,
             dim_qk,
             dim_v,
             split,
-            capacity,
+            capacity: recurrent.capacity,
+            max_len: recurrent.max_len,
         };
-        let kernelized = kernel.is_some() && split < heads_q;
-        // Bounds every size before any arithmetic on them or allocation of them: a step's
-        // tensors, and (kernelized heads) a d × d_v state per kv head and sequence.
-        let element = size_of::<T>() as u128;
-        let wide = |dims: &[usize]| dims.iter().fold(element, |a, &x| a * x as u128);
-        let tokens = wide(&[batch, heads_q, dim_qk])
-            + wide(&[batch, heads_kv, dim_qk])
-            + wide(&[batch, heads_kv, dim_v]);
+        let kernelized = recurrent.state_features.is_some() && split < heads_q;
         let states = if kernelized {
             wide(&[batch, heads_kv, dim_qk, dim_v])
         } else {
             0
         };
-        let what = format!(
-            "a decoder of {batch} sequences with {heads_q} query and {heads_kv} kv heads \
-             of {dim_qk} and {dim_v} dims"
-        );
-        memory::ensure_fits(&what, tokens + states, attention.limit())?;
+        memory::ensure_fits(&what, tokens.saturating_add(states), attention.limit())?;
         if let Some(stored) = stored
             && kernelized
         {
             // Each kv head's m × d_v sums are saved in full.
-            let features = state_features(attention.method(), dim_qk);
+            let features = recurrent.state_features.unwrap_or(0);
             let saved = wide(&[batch, heads_kv, features, dim_v]);
             if saved > stored as u128 {
                 return Err(Error::InvalidState(format!(
@@ -410,10 +396,7 @@ impl<T: Element> Decoder<T> {
         memory::ensure_fits(&what, workspace, attention.limit())?;
         let kernel = if kernelized {
             let kernel = kernel_of::<T>(&attention, &layout)?;
-            debug_assert_eq!(
-                kernel.map.features(),
-                state_features(attention.method(), dim_qk)
-            );
+            debug_assert_eq!(Some(kernel.map.features()), recurrent.state_features);
             Some(kernel)
         } else {
             None
@@ -421,7 +404,7 @@ impl<T: Element> Decoder<T> {
         Ok(DecoderPlan {
             attention,
             layout,
-            scale: T::of_f64(scale),
+            scale: T::of_f64(recurrent.scale),
             kernel,
         })
     }
@@ -477,20 +460,18 @@ impl<T: Element> Decoder<T> {
                 });
             }
         }
-        if let Method::Cosformer(c) = self.attention.method() {
-            let max_len = c.max_len.expect("checked when the decoder was made");
-            if let Some(position) = self
+        if let Some(max_len) = layout.max_len
+            && let Some(position) = self
                 .sequences
                 .iter()
                 .map(|s| s.position)
                 .find(|&p| p >= max_len)
-            {
-                return Err(Error::SequenceTooLong {
-                    method: "cosformer",
-                    len: position + 1,
-                    max_len,
-                });
-            }
+        {
+            return Err(Error::SequenceTooLong {
+                method: self.attention.method().name(),
+                len: position + 1,
+                max_len,
+            });
         }
         let growth = self.memory().bytes_per_token as u128;
         let out_bytes = (batch * layout.heads_q * layout.dim_v * size_of::<T>()) as u128;
@@ -527,42 +508,20 @@ impl<T: Element> Decoder<T> {
     }
 }
 
-/// Features m of the kernelized heads' states (each m × d_v), known before their kernel
-/// is built (drawing Performer's ω is the costly part of building it).
-fn state_features(method: &Method, dim_qk: usize) -> usize {
-    match method {
-        Method::Performer(p)
-        | Method::Hybrid(Hybrid {
-            global: GlobalHeads::Performer(p),
-            ..
-        }) => p.num_features(),
-        Method::Cosformer(_) => 2 * dim_qk,
-        _ => dim_qk,
-    }
-}
-
 /// The kernel of the non-exact heads of `attention`, for a decoder's sizes.
 fn kernel_of<T: Element>(attention: &Attention, layout: &Layout) -> Result<Kernel<T>> {
-    let len = match attention.method() {
-        Method::Cosformer(c) => c.max_len.unwrap_or(1),
-        _ => 1,
-    };
     let problem = Problem::new(
-        [1, len, layout.heads_q, layout.dim_qk],
-        [1, len, layout.heads_kv, layout.dim_qk],
-        [1, len, layout.heads_kv, layout.dim_v],
+        [1, 1, layout.heads_q, layout.dim_qk],
+        [1, 1, layout.heads_kv, layout.dim_qk],
+        [1, 1, layout.heads_kv, layout.dim_v],
         true,
     )?;
-    match attention.method() {
-        Method::Linear(m) => Ok(m.kernel(&problem)),
-        Method::Performer(m) => m.kernel(&problem),
-        Method::Cosformer(m) => Ok(m.kernel(&problem)),
-        Method::Hybrid(h) => h.global.kernel(&problem),
-        other => Err(Error::InvalidConfig(format!(
+    attention.method().kernel(&problem)?.ok_or_else(|| {
+        Error::InvalidConfig(format!(
             "{} has no kernelized heads",
-            other.name()
-        ))),
-    }
+            attention.method().name()
+        ))
+    })
 }
 
 /// Leads every saved decoder state, with the format's version.

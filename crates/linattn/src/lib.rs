@@ -34,39 +34,26 @@
 //! ```
 
 mod attention;
-mod cosformer;
+mod backend;
+mod base;
 mod cost;
+mod engine;
+mod methods;
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub use backend::cuda;
 mod decode;
-mod error;
-mod feature_map;
-mod fnet;
-mod hybrid;
-mod kernels;
-mod linear;
-mod linformer;
-mod memory;
-mod performer;
 pub mod reference;
-mod softmax;
-mod tensor;
 mod varlen;
-mod window;
 
-pub use attention::{Attention, Gradients, Method};
-pub use cosformer::Cosformer;
+pub use attention::{Attention, Gradients};
+pub use base::memory::available_bytes as available_memory;
+pub use base::memory::total_bytes as total_memory;
+pub use base::{ByteSize, CausalForm, DEFAULT_CHUNK, Element, Error, Result, Tensor};
 pub use cost::{Ceilings, Cost};
 pub use decode::{Decoder, DecoderMemory};
-pub use error::{ByteSize, Error, Result};
-pub use feature_map::{linformer_projections, orthogonal_random_features};
-pub use fnet::Fnet;
-pub use hybrid::{GlobalHeads, Hybrid};
-pub use linear::{CausalForm, DEFAULT_CHUNK, Linear};
-pub use linformer::{Linformer, Projections};
-pub use memory::available_bytes as available_memory;
-pub use memory::total_bytes as total_memory;
-pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
-pub use softmax::{Softmax, SoftmaxAlgorithm};
-pub use tensor::{Element, Tensor};
-pub use window::Window;
+pub use engine::feature_map::orthogonal_random_features;
+pub use methods::{
+    Cosformer, DEFAULT_FEATURES, Device, Fnet, Forms, GlobalHeads, Hybrid, Linear, Linformer,
+    Method, MethodInfo, OptionInfo, Performer, Projections, RandomFeatures, Softmax,
+    SoftmaxAlgorithm, Window, catalogue, linformer_projections,
+};

@@ -3,8 +3,8 @@
 //! convention), so that no padding is stored or computed.
 
 use crate::attention::{Attention, Gradients};
-use crate::error::{Error, Result};
-use crate::tensor::{Element, Tensor};
+use crate::base::{Element, Tensor};
+use crate::base::{Error, Result};
 use rayon::prelude::*;
 
 impl Attention {

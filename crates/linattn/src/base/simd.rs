@@ -1,0 +1,219 @@
+//! The elementwise loops of the kernels (exponentials, maxima, sums), compiled for
+//! AVX-512 and AVX2 besides the baseline and dispatched at run time, so that one portable
+//! binary still runs them on the widest vectors the machine has. Reductions keep
+//! `LANES` partial results so that the compiler may vectorise them.
+
+use crate::base::Element;
+use multiversion::multiversion;
+
+/// Partial sums kept by the reductions: a whole AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// `x ← eˣ⁻ˢʰⁱᶠᵗ` for every element; returns their sum.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn exp_shifted<T: Element>(xs: &mut [T], shift: T) -> T {
+    let mut partial = [T::zero(); LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (acc, x) in partial.iter_mut().zip(chunk) {
+            *x = (*x - shift).fast_exp();
+            *acc += *x;
+        }
+    }
+    let mut sum = T::zero();
+    for x in chunks.into_remainder() {
+        *x = (*x - shift).fast_exp();
+        sum += *x;
+    }
+    partial.iter().fold(sum, |a, &b| a + b)
+}
+
+/// `x ← scale·(eˣ⁻ˢʰⁱᶠᵗ + offset)` for every element (FAVOR+'s features).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn exp_affine<T: Element>(xs: &mut [T], shift: T, scale: T, offset: T) {
+    for x in xs {
+        *x = scale * ((*x - shift).fast_exp() + offset);
+    }
+}
+
+/// The largest element (−∞ for none).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn max<T: Element>(xs: &[T]) -> T {
+    let mut partial = [T::neg_infinity(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (acc, &x) in partial.iter_mut().zip(chunk) {
+            *acc = if x > *acc { x } else { *acc };
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(T::neg_infinity(), T::max);
+    partial.iter().copied().fold(rest, T::max)
+}
+
+/// Σ xᵢ.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn sum<T: Element>(xs: &[T]) -> T {
+    let mut partial = [T::zero(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (acc, &x) in partial.iter_mut().zip(chunk) {
+            *acc += x;
+        }
+    }
+    let rest = chunks.remainder().iter().fold(T::zero(), |a, &b| a + b);
+    partial.iter().fold(rest, |a, &b| a + b)
+}
+
+/// Σ aᵢ bᵢ.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn dot<T: Element>(a: &[T], b: &[T]) -> T {
+    let mut partial = [T::zero(); LANES];
+    let (mut a_chunks, mut b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (ca, cb) in (&mut a_chunks).zip(&mut b_chunks) {
+        for ((acc, &x), &y) in partial.iter_mut().zip(ca).zip(cb) {
+            *acc += x * y;
+        }
+    }
+    let rest = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+    partial.iter().fold(rest, |a, &b| a + b)
+}
+
+/// `x ← x·s`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn scale<T: Element>(xs: &mut [T], s: T) {
+    for x in xs {
+        *x *= s;
+    }
+}
+
+/// `acc ← acc + a·x`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn add_scaled<T: Element>(acc: &mut [T], x: &[T], a: T) {
+    for (acc, &x) in acc.iter_mut().zip(x) {
+        *acc += a * x;
+    }
+}
+
+/// `out ← elu(x) + 1`, which is x + 1 for x > 0 and eˣ otherwise.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn elu_plus_one<T: Element>(xs: &[T], out: &mut [T]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        let exp = x.min(T::zero()).fast_exp();
+        *o = if x > T::zero() { x + T::one() } else { exp };
+    }
+}
+
+/// `dst ← src` in register-sized pieces: for the row copies of gathers, where a call to
+/// `memmove` (which picks `rep movsb` at these sizes) proved several times slower.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn copy<T: Element>(dst: &mut [T], src: &[T]) {
+    let mut pieces = dst.chunks_exact_mut(LANES);
+    let mut sources = src.chunks_exact(LANES);
+    for (d, s) in (&mut pieces).zip(&mut sources) {
+        let piece: [T; LANES] = s.try_into().expect("a whole piece");
+        d.copy_from_slice(&piece);
+    }
+    for (d, &s) in pieces.into_remainder().iter_mut().zip(sources.remainder()) {
+        *d = s;
+    }
+}
+
+/// Whether every element is finite.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn all_finite<T: Element>(xs: &[T]) -> bool {
+    // x·0 is 0 for finite x and NaN otherwise; NaN poisons the sum.
+    let mut partial = [T::zero(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (acc, &x) in partial.iter_mut().zip(chunk) {
+            *acc += x * T::zero();
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(T::zero(), |a, &x| a + x * T::zero());
+    partial.iter().fold(rest, |a, &b| a + b) == T::zero()
+}
+
+/// Asks for the cache lines of `xs` ahead of use: rows of one head lie a whole token
+/// apart, a pattern the hardware prefetchers do not follow.
+#[inline(always)]
+pub(crate) fn prefetch<T>(xs: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(xs);
+        let start = xs.as_ptr() as *const i8;
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint; the address lies inside `xs`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    start.add(offset),
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_everywhere_it_is_used() {
+        let mut worst32 = 0.0f64;
+        let mut worst64 = 0.0f64;
+        for i in 0..=400_000 {
+            let x = -87.0 + 175.0 * i as f64 / 400_000.0;
+            let exact = x.exp();
+            worst32 =
+                worst32.max(((x as f32).fast_exp() as f64 - (x as f32 as f64).exp()).abs() / exact);
+            let y = -700.0 + 1400.0 * i as f64 / 400_000.0;
+            worst64 = worst64.max((y.fast_exp() - y.exp()).abs() / y.exp());
+        }
+        assert!(worst32 < 3.0 * f32::EPSILON as f64, "f32: {worst32:e}");
+        assert!(worst64 < 4.0 * f64::EPSILON, "f64: {worst64:e}");
+        assert_eq!(f32::NEG_INFINITY.fast_exp(), 0.0);
+        assert_eq!((-100.0f32).fast_exp(), 0.0);
+        assert_eq!(f64::NEG_INFINITY.fast_exp(), 0.0);
+    }
+
+    #[test]
+    fn reductions_match_their_definitions_on_every_length() {
+        for len in [0, 1, 15, 16, 17, 100] {
+            let xs: Vec<f64> = (0..len).map(|i| ((i * 37) % 11) as f64 - 5.0).collect();
+            let ys: Vec<f64> = (0..len).map(|i| (i % 3) as f64).collect();
+            assert_eq!(sum(&xs), xs.iter().sum::<f64>());
+            assert_eq!(
+                max(&xs),
+                xs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+            );
+            assert_eq!(
+                dot(&xs, &ys),
+                xs.iter().zip(&ys).map(|(a, b)| a * b).sum::<f64>()
+            );
+            assert!(all_finite(&xs));
+            let mut with_nan = xs.clone();
+            if len > 0 {
+                with_nan[len - 1] = f64::NAN;
+                assert!(!all_finite(&with_nan));
+                with_nan[len - 1] = f64::INFINITY;
+                assert!(!all_finite(&with_nan));
+            }
+            let mut exps = xs.clone();
+            let total = exp_shifted(&mut exps, 1.0);
+            for (e, x) in exps.iter().zip(&xs) {
+                assert!((e - (x - 1.0).exp()).abs() < 1e-15 * e);
+            }
+            assert!((total - exps.iter().sum::<f64>()).abs() < 1e-12 * total.max(1.0));
+        }
+    }
+}

@@ -1,7 +1,0 @@
-//! CPU kernels: SIMD matrix products through `gemm`, parallel over batch × heads ×
-//! blocks with rayon.
-
-pub(crate) mod exact;
-pub(crate) mod kernelized;
-pub(crate) mod matmul;
-pub(crate) mod simd;

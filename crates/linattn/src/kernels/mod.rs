@@ -1,3 +1,0 @@
-//! Fast paths, by backend.
-
-pub(crate) mod cpu;

@@ -33,24 +33,21 @@
 //! # Ok::<(), linattn::Error>(())
 //! ```
 
-mod attention;
+mod api;
 mod backend;
 mod base;
-mod cost;
 mod engine;
 mod methods;
 #[cfg(feature = "cuda")]
 pub use backend::cuda;
-mod decode;
-pub mod reference;
-mod varlen;
 
-pub use attention::{Attention, Gradients};
+pub use api::attention::{Attention, Gradients};
+pub use api::cost::{Ceilings, Cost};
+pub use api::decode::{Decoder, DecoderMemory};
+pub use api::reference;
 pub use base::memory::available_bytes as available_memory;
 pub use base::memory::total_bytes as total_memory;
 pub use base::{ByteSize, CausalForm, DEFAULT_CHUNK, Element, Error, Result, Tensor};
-pub use cost::{Ceilings, Cost};
-pub use decode::{Decoder, DecoderMemory};
 pub use engine::feature_map::orthogonal_random_features;
 pub use methods::{
     Cosformer, DEFAULT_FEATURES, Device, Fnet, Forms, GlobalHeads, Hybrid, Linear, Linformer,

@@ -15,7 +15,7 @@
 //! # Ok::<(), linattn::Error>(())
 //! ```
 
-use crate::attention::Attention;
+use crate::api::attention::Attention;
 use crate::base::Problem;
 use crate::base::Tensor;
 use crate::base::{Error, Result};

@@ -3,7 +3,7 @@
 //! sliding window a ring buffer of its last keys and values, and exact softmax the
 //! growing KV cache it is measured against.
 
-use crate::attention::Attention;
+use crate::api::attention::Attention;
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::{FeatureMap, Kernel, LinearState};

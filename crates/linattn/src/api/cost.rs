@@ -1,7 +1,7 @@
 //! What a call must cost at least, and what this machine can do: the floor a measured
 //! time is read against.
 
-use crate::attention::Attention;
+use crate::api::attention::Attention;
 use crate::base::{Problem, Result};
 use crate::methods::AttentionMethod;
 use gemm::Parallelism;

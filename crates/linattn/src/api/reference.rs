@@ -13,7 +13,7 @@
 //! }
 //! ```
 
-use crate::attention::Attention;
+use crate::api::attention::Attention;
 use crate::base::{Result, Tensor};
 use crate::methods::AttentionMethod;
 

@@ -2,7 +2,7 @@
 //! batch of one, delimited by cumulative offsets (`cu_seqlens`, FlashAttention's
 //! convention), so that no padding is stored or computed.
 
-use crate::attention::{Attention, Gradients};
+use crate::api::attention::{Attention, Gradients};
 use crate::base::{Element, Tensor};
 use crate::base::{Error, Result};
 use rayon::prelude::*;

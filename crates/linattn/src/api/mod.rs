@@ -1,0 +1,9 @@
+//! The public API on top: [`Attention`](attention::Attention) for one call, the
+//! [`Decoder`](decode::Decoder) for token-by-token generation, packed variable-length
+//! batches, costs and ceilings, and the f64 reference.
+
+pub(crate) mod attention;
+pub(crate) mod cost;
+pub(crate) mod decode;
+pub mod reference;
+pub(crate) mod varlen;

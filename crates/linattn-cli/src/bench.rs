@@ -5,13 +5,13 @@ use crate::dtype::Dtype;
 use crate::error::CliError;
 use crate::gpu::{self, Device, GpuDtype};
 use crate::measure::measure;
+use crate::method_options::{MethodName, method_name_parser};
 use crate::report::{self, Case, Record};
 use crate::window_span::{WindowSpan, parse_window};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use linattn::{
-    Attention, Ceilings, Cosformer, DEFAULT_CHUNK, DEFAULT_FEATURES, Element, Fnet, GlobalHeads,
-    Hybrid, Linear, Linformer, Method, Performer, Softmax, SoftmaxAlgorithm, Tensor,
+    Attention, Ceilings, DEFAULT_CHUNK, DEFAULT_FEATURES, Element, Method, MethodOptions, Tensor,
 };
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -19,54 +19,12 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The methods `bench` measures, as `--methods` spells them.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum BenchMethod {
-    /// Exact softmax, tiled.
-    Softmax,
-    /// Exact softmax with the whole score matrix in memory.
-    SoftmaxNaive,
-    /// Exact softmax over a sliding window.
-    Window,
-    /// Linear Transformer.
-    Linear,
-    /// Performer.
-    Performer,
-    /// cosFormer.
-    Cosformer,
-    /// Linformer.
-    Linformer,
-    /// FNet.
-    Fnet,
-    /// Window heads beside linear heads.
-    Hybrid,
-}
-
-impl BenchMethod {
-    pub fn name(self) -> &'static str {
-        match self {
-            BenchMethod::Softmax => "softmax",
-            BenchMethod::SoftmaxNaive => "softmax-naive",
-            BenchMethod::Window => "window",
-            BenchMethod::Linear => "linear",
-            BenchMethod::Performer => "performer",
-            BenchMethod::Cosformer => "cosformer",
-            BenchMethod::Linformer => "linformer",
-            BenchMethod::Fnet => "fnet",
-            BenchMethod::Hybrid => "hybrid",
-        }
-    }
-}
-
 /// Arguments of `linattn bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Methods to measure, comma-separated [default: all]
-    #[arg(long, value_enum, value_delimiter = ',')]
-    methods: Option<Vec<BenchMethod>>,
+    #[arg(long, value_delimiter = ',', value_parser = method_name_parser())]
+    methods: Option<Vec<MethodName>>,
     /// Sequence lengths, comma-separated
     #[arg(
         long,
@@ -161,52 +119,44 @@ impl MethodSettings {
         }
     }
 
-    /// `method` at sequence length `seq` with `heads` heads.
-    pub fn method(&self, method: BenchMethod, seq: usize, heads: usize) -> Method {
-        let chunk = self.chunk;
-        match method {
-            BenchMethod::Softmax => Method::softmax(),
-            BenchMethod::SoftmaxNaive => Method::Softmax(Softmax {
-                algorithm: SoftmaxAlgorithm::Naive,
-                ..Softmax::default()
-            }),
-            BenchMethod::Window => Method::Window(self.window.window(None)),
-            BenchMethod::Linear => Method::Linear(Linear { chunk }),
-            BenchMethod::Performer => Method::Performer(Performer {
-                chunk,
-                ..Performer::new(self.features, METHOD_SEED)
-            }),
-            BenchMethod::Cosformer => Method::Cosformer(Cosformer {
-                chunk,
-                ..Cosformer::default()
-            }),
-            BenchMethod::Linformer => {
-                Method::Linformer(Linformer::new(seq, self.k_proj, METHOD_SEED))
+    /// `method` at sequence length `seq` with `heads` heads of `dim` dims.
+    pub fn method(&self, method: MethodName, seq: usize, dim: usize, heads: usize) -> Method {
+        let mut options = MethodOptions::new(dim, seq);
+        let takes = |name: &str| method.info().options.iter().any(|o| o.name == name);
+        let values = [
+            ("features", self.features.to_string()),
+            ("k-proj", self.k_proj.to_string()),
+            ("window", self.window.to_string()),
+            (
+                "local-heads",
+                self.local_heads.unwrap_or(heads / 2).to_string(),
+            ),
+            ("chunk", self.chunk.to_string()),
+            ("seed", METHOD_SEED.to_string()),
+        ];
+        for (name, value) in values {
+            if takes(name) {
+                options.set(name, value);
             }
-            BenchMethod::Fnet => Method::Fnet(Fnet),
-            BenchMethod::Hybrid => Method::Hybrid(Hybrid {
-                local_heads: self.local_heads.unwrap_or(heads / 2),
-                window: self.window.window(None),
-                global: GlobalHeads::Linear(Linear { chunk }),
-            }),
         }
+        // The settings are typed and give every option a method requires.
+        Method::from_options(method.name(), &options)
+            .expect("the settings give every method what it needs")
     }
 }
 
 impl BenchArgs {
     /// The methods asked for, every one when `--methods` is left out.
-    fn methods(&self) -> Vec<BenchMethod> {
-        self.methods
-            .clone()
-            .unwrap_or_else(|| BenchMethod::value_variants().to_vec())
+    fn methods(&self) -> Vec<MethodName> {
+        self.methods.clone().unwrap_or_else(MethodName::all)
     }
 
-    fn method(&self, method: BenchMethod, seq: usize) -> Method {
-        self.settings.method(method, seq, self.heads)
+    fn method(&self, method: MethodName, seq: usize) -> Method {
+        self.settings.method(method, seq, self.dim, self.heads)
     }
 
     /// The point of the sweep `method` at `seq` with elements of type `dtype`.
-    fn case(&self, method: BenchMethod, seq: usize, dtype: &'static str) -> Case {
+    fn case(&self, method: MethodName, seq: usize, dtype: &'static str) -> Case {
         Case {
             method: method.name(),
             causal: self.causal,
@@ -332,11 +282,11 @@ fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
     let methods = args.methods();
     let mut records = Vec::new();
     // Per method: the flops and seconds of its last measured length.
-    let mut last_measured: HashMap<BenchMethod, (f64, f64)> = HashMap::new();
+    let mut last_measured: HashMap<MethodName, (f64, f64)> = HashMap::new();
     let progress = progress_bar(args.seq.len() * methods.len());
     let log = |line: String| progress.suspend(|| eprintln!("{line}"));
     for &seq in &args.seq {
-        let case = |method: BenchMethod| args.case(method, seq, T::NAME);
+        let case = |method: MethodName| args.case(method, seq, T::NAME);
         let [q, k, v] = match random_inputs::<T>([args.batch, seq, args.heads, args.dim]) {
             Ok(inputs) => inputs,
             Err(error) => {
@@ -424,7 +374,7 @@ fn gpu_sweep(args: &BenchArgs) -> Result<(Vec<Record>, String), CliError> {
     let gpu = gpu::Bench::open()?;
     let mut records = Vec::new();
     for &seq in &args.seq {
-        let case = |method: BenchMethod| args.case(method, seq, args.gpu_dtype.name());
+        let case = |method: MethodName| args.case(method, seq, args.gpu_dtype.name());
         let [q, k, v] = random_inputs::<f32>([args.batch, seq, args.heads, args.dim])?;
         let exact = OnceCell::new();
         for method in args.methods() {

@@ -7,7 +7,7 @@ use crate::decode_report::{DecodeReport, MethodTrace, Settings, Step};
 use crate::dtype::Dtype;
 use crate::error::CliError;
 use crate::gpu::{self, Device, GpuDtype};
-use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions};
+use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions, method_name_parser};
 use crate::window_span::WindowSpan;
 use clap::Args;
 use clap::builder::RangedU64ValueParser;
@@ -15,15 +15,11 @@ use linattn::{Attention, Decoder, Element, Method, Tensor};
 use std::io;
 use std::time::{Duration, Instant};
 
-/// The methods that have a causal, recurrent form, compared when `--method` is left out.
-pub const RECURRENT_METHODS: [MethodName; 6] = [
-    MethodName::Softmax,
-    MethodName::Window,
-    MethodName::Linear,
-    MethodName::Performer,
-    MethodName::Cosformer,
-    MethodName::Hybrid,
-];
+/// The methods that decode token by token on the CPU, compared when `--method` is left
+/// out.
+pub fn recurrent_methods() -> Vec<MethodName> {
+    MethodName::methods_where(|info| info.cpu.recurrent)
+}
 
 /// Rows the table has when `--every` is left out (plus the last step's).
 const DEFAULT_ROWS: usize = 10;
@@ -41,9 +37,9 @@ const PROMPT_SEEDS: [u64; 3] = [1, 2, 3];
 #[derive(Debug, Args)]
 #[command(after_help = DECODE_DEFAULTS)]
 pub struct DecodeArgs {
-    /// Methods to compare, comma-separated [default: softmax, window, linear, performer,
-    /// cosformer, hybrid]
-    #[arg(long, value_enum, value_delimiter = ',')]
+    /// Methods to compare, comma-separated [default: every method with a recurrent
+    /// form]
+    #[arg(long, value_delimiter = ',', value_parser = method_name_parser())]
     method: Option<Vec<MethodName>>,
     /// Tokens of the random prompt, prefilled in one causal call
     #[arg(long, value_name = "P", default_value_t = 1024, value_parser = at_least_one())]
@@ -117,10 +113,7 @@ impl DecodeArgs {
 
     /// The methods to compare, named and configured.
     fn methods(&self) -> Result<Vec<(MethodName, Method)>, CliError> {
-        let names = self
-            .method
-            .clone()
-            .unwrap_or_else(|| RECURRENT_METHODS.to_vec());
+        let names = self.method.clone().unwrap_or_else(recurrent_methods);
         let dims = InputDims {
             head_dim: self.dim,
             key_len: self.final_context(),
@@ -228,7 +221,7 @@ fn compare_on_gpu(
     let mut traces = Vec::new();
     for (name, method) in methods {
         let name = name.name();
-        if !matches!(method, Method::Linear(_)) {
+        if !method.info().cuda.recurrent {
             traces.push(MethodTrace::skipped(
                 name,
                 format!("{name} does not run on the GPU yet"),

@@ -1,50 +1,85 @@
-//! The options of `linattn run` that choose a method and configure it, and their
-//! translation into a [`linattn::Method`].
+//! The options that choose methods and configure them. The names are the library's
+//! catalogue's; the flags become the library's named options, which each method reads
+//! for itself, so a new method needs nothing here.
 
 use crate::error::CliError;
 use crate::npy;
 use crate::window_span::{WindowSpan, parse_window};
 use clap::{Args, ValueEnum};
-use linattn::{
-    Cosformer, DEFAULT_CHUNK, DEFAULT_FEATURES, Fnet, GlobalHeads, Hybrid, Linear, Linformer,
-    Method, Performer, Softmax, SoftmaxAlgorithm,
-};
+use linattn::{Method, MethodInfo, find_method};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::{Path, PathBuf};
 
-/// The methods `run` computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MethodName {
-    /// Exact softmax attention.
-    Softmax,
-    /// Exact softmax over a sliding window.
-    Window,
-    /// Linear Transformer (elu + 1 features).
-    Linear,
-    /// Performer (FAVOR+ random features).
-    Performer,
-    /// cosFormer (ReLU features, cosine reweighting).
-    Cosformer,
-    /// Linformer (keys and values projected along the sequence).
-    Linformer,
-    /// FNet (real part of a 2-D DFT of v).
-    Fnet,
-    /// Window heads beside linear or performer heads.
-    Hybrid,
-}
+/// A method of the catalogue, or one of its variants, by the name the command line and
+/// the explorer use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MethodName(&'static str);
 
 impl MethodName {
-    /// The name as `--method` spells it.
+    /// The name.
     pub fn name(self) -> &'static str {
-        match self {
-            MethodName::Softmax => "softmax",
-            MethodName::Window => "window",
-            MethodName::Linear => "linear",
-            MethodName::Performer => "performer",
-            MethodName::Cosformer => "cosformer",
-            MethodName::Linformer => "linformer",
-            MethodName::Fnet => "fnet",
-            MethodName::Hybrid => "hybrid",
-        }
+        self.0
+    }
+
+    /// The catalogue entry of the method (of a variant: of its method).
+    pub fn info(self) -> &'static MethodInfo {
+        find_method(self.0)
+            .expect("names come from the catalogue")
+            .0
+    }
+
+    /// Every method (no variants) whose catalogue entry `keep` accepts.
+    pub fn methods_where(keep: impl Fn(&MethodInfo) -> bool) -> Vec<MethodName> {
+        linattn::catalogue()
+            .iter()
+            .filter(|info| keep(info))
+            .map(|info| MethodName(info.name))
+            .collect()
+    }
+
+    /// Every method and variant, in the catalogue's order.
+    pub fn all() -> Vec<MethodName> {
+        linattn::catalogue()
+            .iter()
+            .flat_map(|info| std::iter::once(info.name).chain(info.variants.iter().map(|v| v.name)))
+            .map(MethodName)
+            .collect()
+    }
+}
+
+impl std::str::FromStr for MethodName {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Self::all()
+            .into_iter()
+            .find(|m| m.0 == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::all().iter().map(|m| m.0).collect();
+                format!("no method {text:?}; choose from {}", names.join(", "))
+            })
+    }
+}
+
+/// clap's value parser of a method name (clap shows the catalogue's names as choices).
+pub fn method_name_parser() -> impl clap::builder::TypedValueParser<Value = MethodName> {
+    use clap::builder::TypedValueParser;
+    let names: Vec<&'static str> = MethodName::all().iter().map(|m| m.0).collect();
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|name: String| name.parse::<MethodName>().expect("a possible value"))
+}
+
+impl Serialize for MethodName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MethodName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -55,6 +90,16 @@ pub enum Algorithm {
     Tiled,
     /// The whole score matrix, O(n²) memory.
     Naive,
+}
+
+impl Algorithm {
+    /// The name as `--algorithm` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Algorithm::Tiled => "tiled",
+            Algorithm::Naive => "naive",
+        }
+    }
 }
 
 /// The method of hybrid's global heads.
@@ -76,7 +121,8 @@ impl GlobalKind {
     }
 }
 
-/// Options of the methods; each method accepts only its own.
+/// Options of the methods; each method accepts only its own (`linattn::catalogue` says
+/// which).
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Method options")]
 pub struct MethodOptions {
@@ -120,6 +166,18 @@ pub struct MethodOptions {
     /// hybrid: method of the other heads [default: linear]
     #[arg(long, value_enum)]
     global: Option<GlobalKind>,
+    /// Any method's option by the library's name (see `linattn::catalogue`), for options
+    /// without a flag of their own; repeatable
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_option)]
+    option: Vec<(String, String)>,
+}
+
+/// `NAME=VALUE` (clap value parser).
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 /// What the method needs to know about the inputs to check and draw its options.
@@ -147,229 +205,128 @@ pub struct Fallbacks {
 }
 
 impl MethodOptions {
-    /// The flags given on the command line.
-    fn given(&self) -> Vec<&'static str> {
-        [
-            ("--scale", self.scale.is_some()),
-            ("--algorithm", self.algorithm.is_some()),
-            ("--window", self.window.is_some()),
-            ("--chunk", self.chunk.is_some()),
-            ("--omega", self.omega.is_some()),
-            ("--features", self.features.is_some()),
-            ("--seed", self.seed.is_some()),
-            ("--proj-k", self.proj_k.is_some()),
-            ("--proj-v", self.proj_v.is_some()),
-            ("--k-proj", self.k_proj.is_some()),
-            ("--max-len", self.max_len.is_some()),
-            ("--local-heads", self.local_heads.is_some()),
-            ("--global", self.global.is_some()),
+    /// The options given, by the library's names, as text.
+    fn given(&self) -> Vec<(String, String)> {
+        let mut given: Vec<(String, String)> = [
+            ("scale", self.scale.map(|s| s.to_string())),
+            ("algorithm", self.algorithm.map(|a| a.name().to_string())),
+            ("window", self.window.map(|w| w.to_string())),
+            ("chunk", self.chunk.map(|c| c.to_string())),
+            ("features", self.features.map(|f| f.to_string())),
+            ("seed", self.seed.map(|s| s.to_string())),
+            ("k-proj", self.k_proj.map(|k| k.to_string())),
+            ("max-len", self.max_len.map(|m| m.to_string())),
+            ("local-heads", self.local_heads.map(|l| l.to_string())),
+            ("global", self.global.map(|g| g.name().to_string())),
         ]
         .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
+        .filter_map(|(name, value)| Some((name.to_string(), value?)))
+        .collect();
+        given.extend(self.option.iter().cloned());
+        for (name, path) in self.matrix_files() {
+            given.push((name.to_string(), path.display().to_string()));
+        }
+        given
+    }
+
+    /// The matrix options given as files, by the library's names.
+    fn matrix_files(&self) -> Vec<(&'static str, &Path)> {
+        [
+            ("omega", &self.omega),
+            ("proj-k", &self.proj_k),
+            ("proj-v", &self.proj_v),
+        ]
+        .into_iter()
+        .filter_map(|(name, path)| Some((name, path.as_deref()?)))
         .collect()
     }
 
-    /// Fails on a flag that none of `methods` takes: a typo'd method name should not
-    /// quietly compute something else.
-    fn reject_foreign(&self, methods: &[MethodName]) -> Result<(), CliError> {
-        let global = self.global.unwrap_or(GlobalKind::Linear);
-        let accepts =
-            |method: MethodName, flag: &str| accepted_flags(method, global).contains(&flag);
-        let Some(flag) = self
-            .given()
-            .into_iter()
-            .find(|flag| !methods.iter().any(|&method| accepts(method, flag)))
-        else {
-            return Ok(());
-        };
-        let describe = |method: MethodName| match method {
-            MethodName::Hybrid => format!("hybrid with --global {}", global.name()),
-            _ => method.name().to_string(),
-        };
-        Err(CliError::Usage(match methods {
-            [method] => {
-                let accepted = accepted_flags(*method, global);
-                let takes = if accepted.is_empty() {
-                    "no options".to_string()
-                } else {
-                    accepted.join(", ")
-                };
-                format!(
-                    "{flag} does not apply to {}, which takes {takes}",
-                    describe(*method)
-                )
-            }
-            _ => {
-                let names: Vec<String> = methods.iter().map(|&m| describe(m)).collect();
-                format!("{flag} applies to none of {}", names.join(", "))
-            }
-        }))
-    }
-
-    /// The configured method for inputs of `dims`; reads ω, E and F where given.
     /// The files these options read (ω, Linformer's E and F).
     pub fn input_files(&self) -> impl Iterator<Item = &Path> {
-        [&self.omega, &self.proj_k, &self.proj_v]
-            .into_iter()
-            .flatten()
-            .map(PathBuf::as_path)
+        self.matrix_files().into_iter().map(|(_, path)| path)
     }
 
+    /// The library's options for inputs of `dims`, keeping those `info`'s method takes
+    /// (all of them when `None`), with the command's `fallbacks`.
+    fn library(
+        &self,
+        dims: InputDims,
+        info: Option<&MethodInfo>,
+        fallbacks: Fallbacks,
+    ) -> Result<linattn::MethodOptions, CliError> {
+        let takes = |name: &str| info.is_none_or(|i| i.options.iter().any(|o| o.name == name));
+        let mut options = linattn::MethodOptions::new(dims.head_dim, dims.key_len);
+        for (name, value) in self.given() {
+            if takes(&name) && !self.matrix_files().iter().any(|(m, _)| *m == name) {
+                options.set(&name, value);
+            }
+        }
+        for (name, path) in self.matrix_files() {
+            if takes(name) {
+                let (values, shape) = read_matrix(path, name)?;
+                options.set_matrix(name, values, shape);
+            }
+        }
+        let fallback_values = [
+            ("window", fallbacks.window.map(|w| w.to_string())),
+            ("local-heads", fallbacks.local_heads.map(|l| l.to_string())),
+            ("k-proj", fallbacks.k_proj.map(|k| k.to_string())),
+            (
+                "max-len",
+                fallbacks.cosformer_max_len.map(|m| m.to_string()),
+            ),
+        ];
+        for (name, value) in fallback_values {
+            // The fixed M is cosFormer's; Linformer's max_len follows its keys.
+            let applies = name != "max-len" || info.is_some_and(|i| i.name == "cosformer");
+            if let Some(value) = value
+                && applies
+            {
+                options.fallback(name, value);
+            }
+        }
+        Ok(options)
+    }
+
+    /// The configured method called `name` for inputs of `dims`; reads ω, E and F where
+    /// given. An option the method does not take is an error.
     pub fn method(&self, name: MethodName, dims: InputDims) -> Result<Method, CliError> {
-        self.reject_foreign(&[name])?;
-        self.configure(name, dims, Fallbacks::default())
+        let options = self.library(dims, None, Fallbacks::default())?;
+        Ok(Method::from_options(name.name(), &options)?)
     }
 
     /// Each of `names` configured for inputs of `dims`, with `fallbacks` for the options
-    /// left out; a flag is accepted when at least one of the methods takes it.
+    /// left out; an option is accepted when at least one of the methods takes it.
     pub fn methods(
         &self,
         names: &[MethodName],
         dims: InputDims,
         fallbacks: Fallbacks,
     ) -> Result<Vec<Method>, CliError> {
-        self.reject_foreign(names)?;
-        names
-            .iter()
-            .map(|&name| self.configure(name, dims, fallbacks))
-            .collect()
-    }
-
-    fn configure(
-        &self,
-        name: MethodName,
-        dims: InputDims,
-        fallbacks: Fallbacks,
-    ) -> Result<Method, CliError> {
-        let chunk = self.chunk.unwrap_or(DEFAULT_CHUNK);
-        let window = || {
-            self.window.or(fallbacks.window).ok_or_else(|| {
-                CliError::Usage(format!(
-                    "{} needs --window L,R (keys before and after each query, -1 for unbounded)",
-                    name.name()
-                ))
-            })
-        };
-        Ok(match name {
-            MethodName::Softmax => Method::Softmax(Softmax {
-                scale: self.scale,
-                algorithm: match self.algorithm.unwrap_or(Algorithm::Tiled) {
-                    Algorithm::Tiled => SoftmaxAlgorithm::Tiled,
-                    Algorithm::Naive => SoftmaxAlgorithm::Naive,
-                },
-            }),
-            MethodName::Window => Method::Window(window()?.window(self.scale)),
-            MethodName::Linear => Method::Linear(Linear { chunk }),
-            MethodName::Performer => Method::Performer(self.performer(chunk, dims)?),
-            MethodName::Cosformer => Method::Cosformer(Cosformer {
-                chunk,
-                max_len: self.max_len.or(fallbacks.cosformer_max_len),
-            }),
-            MethodName::Linformer => Method::Linformer(self.linformer(dims, fallbacks)?),
-            MethodName::Fnet => Method::Fnet(Fnet),
-            MethodName::Hybrid => Method::Hybrid(Hybrid {
-                local_heads: self
-                    .local_heads
-                    .or(fallbacks.local_heads)
-                    .ok_or_else(|| CliError::Usage("hybrid needs --local-heads N".into()))?,
-                window: window()?.window(self.scale),
-                global: match self.global.unwrap_or(GlobalKind::Linear) {
-                    GlobalKind::Linear => GlobalHeads::Linear(Linear { chunk }),
-                    GlobalKind::Performer => GlobalHeads::Performer(self.performer(chunk, dims)?),
-                },
-            }),
-        })
-    }
-
-    fn performer(&self, chunk: usize, dims: InputDims) -> Result<Performer, CliError> {
-        let Some(path) = &self.omega else {
-            return Ok(Performer {
-                chunk,
-                ..Performer::new(
-                    self.features.unwrap_or(DEFAULT_FEATURES),
-                    self.seed.unwrap_or(0),
-                )
-            });
-        };
-        let (omega, [features, dim]) = read_matrix(path, "omega", "2-D [features, head_dim]")?;
-        if dim != dims.head_dim {
+        if let Some((flag, _)) = self.given().into_iter().find(|(flag, _)| {
+            !names
+                .iter()
+                .any(|m| m.info().options.iter().any(|o| o.name == flag.as_str()))
+        }) {
+            let names: Vec<&str> = names.iter().map(|m| m.name()).collect();
             return Err(CliError::Usage(format!(
-                "{} has shape [{features}, {dim}], but q's head_dim is {}; omega must be [features, head_dim]",
-                path.display(),
-                dims.head_dim
+                "--{flag} applies to none of {}",
+                names.join(", ")
             )));
         }
-        Ok(Performer {
-            chunk,
-            ..Performer::with_omega(omega, features)
-        })
-    }
-
-    fn linformer(&self, dims: InputDims, fallbacks: Fallbacks) -> Result<Linformer, CliError> {
-        if let (Some(e_path), Some(f_path)) = (&self.proj_k, &self.proj_v) {
-            let (e, e_shape) = read_matrix(e_path, "E", "2-D [max_len, k]")?;
-            let (f, f_shape) = read_matrix(f_path, "F", "2-D [max_len, k]")?;
-            if e_shape != f_shape {
-                return Err(CliError::Usage(format!(
-                    "E ({}) has shape {e_shape:?} but F ({}) has shape {f_shape:?}; they must match",
-                    e_path.display(),
-                    f_path.display()
-                )));
-            }
-            let [max_len, k] = e_shape;
-            return Ok(Linformer::with_projections(e, f, max_len, k));
-        }
-        let k = self.k_proj.or(fallbacks.k_proj).ok_or_else(|| {
-            CliError::Usage(
-                "linformer needs --k-proj K (drawn projections) or --proj-k E.npy --proj-v F.npy"
-                    .into(),
-            )
-        })?;
-        Ok(Linformer::new(
-            self.max_len.unwrap_or(dims.key_len),
-            k,
-            self.seed.unwrap_or(0),
-        ))
-    }
-}
-
-/// The flags `method` takes (hybrid's depend on its global heads).
-fn accepted_flags(method: MethodName, global: GlobalKind) -> &'static [&'static str] {
-    match (method, global) {
-        (MethodName::Softmax, _) => &["--scale", "--algorithm"],
-        (MethodName::Window, _) => &["--window", "--scale"],
-        (MethodName::Linear, _) => &["--chunk"],
-        (MethodName::Cosformer, _) => &["--chunk", "--max-len"],
-        (MethodName::Performer, _) => &["--omega", "--features", "--seed", "--chunk"],
-        (MethodName::Linformer, _) => &["--proj-k", "--proj-v", "--k-proj", "--max-len", "--seed"],
-        (MethodName::Fnet, _) => &[],
-        (MethodName::Hybrid, GlobalKind::Linear) => &[
-            "--window",
-            "--scale",
-            "--local-heads",
-            "--global",
-            "--chunk",
-        ],
-        (MethodName::Hybrid, GlobalKind::Performer) => &[
-            "--window",
-            "--scale",
-            "--local-heads",
-            "--global",
-            "--chunk",
-            "--omega",
-            "--features",
-            "--seed",
-        ],
+        names
+            .iter()
+            .map(|&name| {
+                let options = self.library(dims, Some(name.info()), fallbacks)?;
+                Ok(Method::from_options(name.name(), &options)?)
+            })
+            .collect()
     }
 }
 
 /// A 2-D array from `path`, widened to f64, with its shape.
-fn read_matrix(
-    path: &Path,
-    role: &'static str,
-    expected: &'static str,
-) -> Result<(Vec<f64>, [usize; 2]), CliError> {
+fn read_matrix(path: &Path, role: &'static str) -> Result<(Vec<f64>, [usize; 2]), CliError> {
     let array = npy::read(path)?;
-    let shape = array.dims::<2>(role, expected)?;
+    let shape = array.dims::<2>(role, "a 2-D matrix")?;
     Ok((array.elements.into_f64(), shape))
 }

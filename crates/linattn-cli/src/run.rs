@@ -3,7 +3,7 @@
 
 use crate::error::CliError;
 use crate::gpu::{self, Device, GpuDtype};
-use crate::method_options::{InputDims, MethodName, MethodOptions};
+use crate::method_options::{InputDims, MethodName, MethodOptions, method_name_parser};
 use crate::npy::{self, Array, Elements, Float};
 use clap::Args;
 use linattn::{Attention, Gradients, Method, Tensor};
@@ -18,7 +18,7 @@ const OUTPUT_LAYOUT: &str = "4-D, the output's shape";
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The attention method
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = method_name_parser())]
     method: MethodName,
     /// Query i sees only keys j ≤ i
     #[arg(long)]
@@ -196,11 +196,9 @@ impl RunArgs {
     fn destinations(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.out.clone()];
         if let Some(prefix) = &self.grads_prefix {
-            let mut names = vec!["dq", "dk", "dv"];
-            if self.method == MethodName::Linformer {
-                names.extend(["dE", "dF"]);
-            }
-            paths.extend(names.into_iter().map(|name| prefixed(prefix, name)));
+            let parameters = self.method.info().parameters.iter();
+            let names = ["q", "k", "v"].iter().chain(parameters);
+            paths.extend(names.map(|name| prefixed(prefix, &format!("d{name}"))));
         }
         paths
     }

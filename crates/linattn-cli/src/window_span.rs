@@ -1,7 +1,5 @@
 //! The `--window L,R` option: how many keys each query sees before and after itself.
 
-use linattn::Window;
-
 /// Keys visible before and after each query; `None` is unbounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowSpan {
@@ -11,14 +9,11 @@ pub struct WindowSpan {
     pub right: Option<usize>,
 }
 
-impl WindowSpan {
-    /// The library's window of this span, with `scale` (`None`: 1/√head_dim).
-    pub fn window(self, scale: Option<f64>) -> Window {
-        Window {
-            left: self.left,
-            right: self.right,
-            scale,
-        }
+/// `L,R` as `--window` takes it (-1 for an unbounded side).
+impl std::fmt::Display for WindowSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = |s: Option<usize>| s.map_or("-1".to_string(), |n| n.to_string());
+        write!(f, "{},{}", side(self.left), side(self.right))
     }
 }
 

@@ -96,7 +96,7 @@ fn bad_requests_get_errors_and_the_server_stays_up() {
         (
             "{\"methods\": [\"nope\"], \"max_seq\": 256, \"heads\": 1, \"dim\": 8}",
             400,
-            "unknown variant",
+            "no method \"nope\"; choose from softmax",
         ),
         (
             "{\"methods\": [\"linear\"], \"max_seq\": 256, \"heads\": 1, \"dim\": 8, \"extra\": 1}",

@@ -51,6 +51,6 @@ pub use base::{ByteSize, CausalForm, DEFAULT_CHUNK, Element, Error, Result, Tens
 pub use engine::feature_map::orthogonal_random_features;
 pub use methods::{
     Cosformer, DEFAULT_FEATURES, Device, Fnet, Forms, GlobalHeads, Hybrid, Linear, Linformer,
-    Method, MethodInfo, OptionInfo, Performer, Projections, RandomFeatures, Softmax,
-    SoftmaxAlgorithm, Window, catalogue, linformer_projections,
+    Method, MethodInfo, MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Softmax,
+    SoftmaxAlgorithm, Variant, Window, catalogue, find_method, linformer_projections,
 };

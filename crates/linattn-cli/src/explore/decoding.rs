@@ -4,8 +4,7 @@
 
 use super::supervise::{self, CancelOnDrop, Ended};
 use super::{ApiError, Body, Shared, check_range};
-use crate::decode::RECURRENT_METHODS;
-use crate::method_options::MethodName;
+use crate::decode::recurrent_methods;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +27,7 @@ pub struct DecodeRequest {
 
 impl DecodeRequest {
     fn validate(&self) -> Result<(), String> {
-        let recurrent = RECURRENT_METHODS.map(MethodName::name);
+        let recurrent: Vec<&str> = recurrent_methods().iter().map(|m| m.name()).collect();
         if let Some(unknown) = self
             .methods
             .iter()

@@ -13,8 +13,9 @@
 use super::supervise::{self, Ended};
 use super::worker::{self, Event};
 use super::{InputSource, MeasureRequest, ServerLimits};
-use crate::bench::{BenchMethod, exact_softmax, random_inputs, relative_error, too_slow};
+use crate::bench::{exact_softmax, random_inputs, relative_error, too_slow};
 use crate::gpu::{self, GpuDtype};
+use crate::method_options::MethodName;
 use crate::report::{self, Case, Record};
 use linattn::{Attention, ByteSize, Ceilings, Method};
 use serde::Serialize;
@@ -68,7 +69,7 @@ struct Job {
 /// The cache key of one measured case: everything that changes its result.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct CaseKey {
-    method: BenchMethod,
+    method: MethodName,
     seq: usize,
     request: String,
 }
@@ -101,7 +102,7 @@ pub struct Jobs {
 pub struct QueueFull;
 
 /// Per method of a sweep: the flops and seconds of its last measured length.
-type LastMeasured = HashMap<BenchMethod, (f64, f64)>;
+type LastMeasured = HashMap<MethodName, (f64, f64)>;
 
 impl Jobs {
     /// Starts the worker thread; `ceilings` give every record its floor.
@@ -273,12 +274,7 @@ impl Jobs {
     /// Why `method` at this length should be skipped, if its predicted time is over the
     /// limit: from its last measured length when there is one, else from the least time
     /// its cost can take on this machine (CPU only; the GPU's floor is not measured here).
-    fn too_slow(
-        &self,
-        length: &Length,
-        method: BenchMethod,
-        last: &LastMeasured,
-    ) -> Option<String> {
+    fn too_slow(&self, length: &Length, method: MethodName, last: &LastMeasured) -> Option<String> {
         let limit = self.limits.case_seconds / CALLS_PER_CASE;
         let flops = length.flops(method);
         if let Some(reason) = too_slow(last.get(&method), flops, limit) {
@@ -450,7 +446,7 @@ impl<'a> Length<'a> {
         }
     }
 
-    fn key(&self, method: BenchMethod) -> CaseKey {
+    fn key(&self, method: MethodName) -> CaseKey {
         CaseKey {
             method,
             seq: self.seq,
@@ -458,7 +454,7 @@ impl<'a> Length<'a> {
         }
     }
 
-    fn index(&self, method: BenchMethod) -> usize {
+    fn index(&self, method: MethodName) -> usize {
         self.request
             .methods
             .iter()
@@ -466,12 +462,12 @@ impl<'a> Length<'a> {
             .expect("the request's method")
     }
 
-    fn is_pending(&self, method: BenchMethod) -> bool {
+    fn is_pending(&self, method: MethodName) -> bool {
         self.records[self.index(method)].is_none()
     }
 
     /// The methods still to measure, in the request's order.
-    fn pending(&self) -> Vec<BenchMethod> {
+    fn pending(&self) -> Vec<MethodName> {
         self.request
             .methods
             .iter()
@@ -480,7 +476,7 @@ impl<'a> Length<'a> {
             .collect()
     }
 
-    fn case(&self, method: BenchMethod) -> Case {
+    fn case(&self, method: MethodName) -> Case {
         Case {
             method: method.name(),
             causal: self.request.causal,
@@ -495,15 +491,15 @@ impl<'a> Length<'a> {
         }
     }
 
-    fn attention(&self, method: BenchMethod) -> Attention {
-        let method = self
-            .request
-            .settings()
-            .method(method, self.seq, self.request.heads);
+    fn attention(&self, method: MethodName) -> Attention {
+        let method =
+            self.request
+                .settings()
+                .method(method, self.seq, self.request.dim, self.request.heads);
         Attention::new(method).causal(self.request.causal)
     }
 
-    fn cost(&self, method: BenchMethod) -> Option<linattn::Cost> {
+    fn cost(&self, method: MethodName) -> Option<linattn::Cost> {
         let shape = [
             self.case(method).batch,
             self.seq,
@@ -513,12 +509,12 @@ impl<'a> Length<'a> {
         self.attention(method).cost(shape, shape, shape, 4).ok()
     }
 
-    fn flops(&self, method: BenchMethod) -> f64 {
+    fn flops(&self, method: MethodName) -> f64 {
         self.cost(method).map_or(0.0, |cost| cost.flops)
     }
 
     /// The worker's request for `methods` at this length.
-    fn cases(&self, methods: &[BenchMethod], memory_limit: u64) -> worker::Cases {
+    fn cases(&self, methods: &[MethodName], memory_limit: u64) -> worker::Cases {
         let request = self.request;
         let inputs = match (request.inputs, &request.uploaded) {
             (InputSource::Model, _) => worker::Inputs::Model,
@@ -545,7 +541,7 @@ impl<'a> Length<'a> {
     /// A measured record, with its floor at the machine's ceilings.
     fn measured(
         &self,
-        method: BenchMethod,
+        method: MethodName,
         median_s: f64,
         runs: usize,
         extra_bytes: usize,
@@ -565,14 +561,14 @@ impl<'a> Length<'a> {
     }
 
     /// Shows `method` as the job's current case.
-    fn started(&self, method: BenchMethod) {
+    fn started(&self, method: MethodName) {
         let mut shared = self.jobs.lock();
         if let Some(job) = shared.jobs.get_mut(&self.id) {
             job.view.current = Some(format!("{} at {} tokens", method.name(), self.seq));
         }
     }
 
-    fn finished(&mut self, method: BenchMethod, record: Record, cache: bool) {
+    fn finished(&mut self, method: MethodName, record: Record, cache: bool) {
         self.done(self.index(method), record, cache);
     }
 

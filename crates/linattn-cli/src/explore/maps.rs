@@ -4,7 +4,8 @@
 
 use super::uploads::Uploaded;
 use super::{ApiError, Body, InputSource, Shared, check_range};
-use crate::bench::{BenchMethod, MethodSettings};
+use crate::bench::MethodSettings;
+use crate::method_options::MethodName;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ const MAX_MAP_SEQ: usize = 256;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MapsRequest {
-    methods: Vec<BenchMethod>,
+    methods: Vec<MethodName>,
     seq: usize,
     dim: usize,
     #[serde(default)]
@@ -109,17 +110,21 @@ fn compute(request: &MapsRequest, uploaded: Option<&Uploaded>) -> Result<MapsRes
         request.window,
         request.causal,
     );
-    let map_of = |method: BenchMethod| -> linattn::Result<Vec<Vec<f32>>> {
-        let attention = Attention::new(settings.method(method, n, 1)).causal(request.causal);
+    let map_of = |method: MethodName| -> linattn::Result<Vec<Vec<f32>>> {
+        let attention = Attention::new(settings.method(method, n, q.head_dim(), 1));
+        let attention = attention.causal(request.causal);
         let out = attention.forward(&q, &k, &identity)?;
         Ok(out.as_slice().chunks(n).map(<[f32]>::to_vec).collect())
     };
-    let exact = map_of(BenchMethod::Softmax).map_err(internal)?;
+    let softmax = "softmax"
+        .parse()
+        .expect("exact softmax is in the catalogue");
+    let exact = map_of(softmax).map_err(internal)?;
     let maps = request
         .methods
         .iter()
         .map(|&method| {
-            if method == BenchMethod::Fnet {
+            if method.info().name == "fnet" {
                 return MethodMap {
                     method: method.name(),
                     weights: None,

@@ -14,9 +14,10 @@ mod supervise;
 mod uploads;
 pub mod worker;
 
-use crate::bench::{BenchMethod, MethodSettings};
+use crate::bench::MethodSettings;
 use crate::error::CliError;
 use crate::gpu::Device;
+use crate::method_options::MethodName;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -24,7 +25,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use jobs::Jobs;
 use linattn::{ByteSize, Ceilings, DEFAULT_FEATURES};
 use serde::{Deserialize, Serialize};
@@ -103,7 +104,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeasureRequest {
-    pub methods: Vec<BenchMethod>,
+    pub methods: Vec<MethodName>,
     #[serde(default = "default_min_seq")]
     pub min_seq: usize,
     pub max_seq: usize,
@@ -182,12 +183,7 @@ impl MeasureRequest {
     /// against the server's `budget`.
     fn validate(&self, budget: u64) -> Result<(), String> {
         no_duplicates(self.methods.iter().map(|m| m.name()))?;
-        check_range(
-            "methods",
-            self.methods.len(),
-            1,
-            BenchMethod::value_variants().len(),
-        )?;
+        check_range("methods", self.methods.len(), 1, MethodName::all().len())?;
         check_range("heads", self.heads, 1, 64)?;
         check_range("dim", self.dim, 1, 256)?;
         let shortest = if self.uploaded.is_some() { 1 } else { MIN_SEQ };
@@ -262,7 +258,8 @@ fn check_range(name: &str, value: usize, low: usize, high: usize) -> Result<(), 
     }
 }
 
-/// A method as the page lists it, with its cost in theory.
+/// A method (or a variant) as the page lists it, with its cost in theory: the
+/// catalogue's entry.
 #[derive(Serialize)]
 struct MethodInfo {
     name: &'static str,
@@ -271,55 +268,21 @@ struct MethodInfo {
     what: &'static str,
 }
 
-fn method_info(method: BenchMethod) -> MethodInfo {
-    let (time, memory, what) = match method {
-        BenchMethod::Softmax => (
-            "O(n² d)",
-            "O(n) beyond q, k, v",
-            "exact; tiled online softmax (FlashAttention's algorithm)",
-        ),
-        BenchMethod::SoftmaxNaive => ("O(n² d)", "O(n²)", "exact; the whole score matrix"),
-        BenchMethod::Window => (
-            "O(n w d)",
-            "O(n w)",
-            "exact softmax over w keys around each query",
-        ),
-        BenchMethod::Linear => (
-            "O(n d²)",
-            "O(d²) per head",
-            "φ = elu + 1 (Linear Transformer)",
-        ),
-        BenchMethod::Performer => (
-            "O(n m d)",
-            "O(m d) per head",
-            "m positive orthogonal random features (FAVOR+)",
-        ),
-        BenchMethod::Cosformer => (
-            "O(n d²)",
-            "O(d²) per head",
-            "ReLU features, cosine reweighting by position",
-        ),
-        BenchMethod::Linformer => (
-            "O(n k d)",
-            "O(n k)",
-            "keys and values projected along the sequence to k",
-        ),
-        BenchMethod::Fnet => (
-            "O(n d log(n d))",
-            "O(n d)",
-            "2-D Fourier transform, no attention",
-        ),
-        BenchMethod::Hybrid => (
-            "O(n (w + d) d)",
-            "O(n w)",
-            "half the heads windowed, half linear",
-        ),
-    };
-    MethodInfo {
-        name: method.name(),
-        time,
-        memory,
-        what,
+fn method_info(method: MethodName) -> MethodInfo {
+    let (info, variant) = linattn::find_method(method.name()).expect("a catalogue name");
+    match variant {
+        None => MethodInfo {
+            name: info.name,
+            time: info.time,
+            memory: info.memory,
+            what: info.summary,
+        },
+        Some(variant) => MethodInfo {
+            name: variant.name,
+            time: info.time,
+            memory: variant.memory,
+            what: variant.summary,
+        },
     }
 }
 
@@ -432,10 +395,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn info(State(app): State<Shared>) -> Response {
-    let methods: Vec<MethodInfo> = BenchMethod::value_variants()
-        .iter()
-        .map(|&m| method_info(m))
-        .collect();
+    let methods: Vec<MethodInfo> = MethodName::all().into_iter().map(method_info).collect();
     axum::Json(serde_json::json!({
         "device": app.device,
         "threads": threads(),

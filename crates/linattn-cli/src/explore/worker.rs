@@ -4,9 +4,10 @@
 //! running and keeps every result that finished before it stopped the child.
 
 use super::uploads::model_inputs;
-use crate::bench::{BenchMethod, MethodSettings, exact_softmax, random_inputs, relative_error};
+use crate::bench::{MethodSettings, exact_softmax, random_inputs, relative_error};
 use crate::error::CliError;
 use crate::measure::measure;
+use crate::method_options::MethodName;
 use crate::npy::{self, Elements};
 use linattn::{Attention, ByteSize, Method, Tensor};
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 /// Every method of a sweep at one sequence length.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Cases {
-    pub methods: Vec<BenchMethod>,
+    pub methods: Vec<MethodName>,
     pub seq: usize,
     pub heads: usize,
     pub dim: usize,
@@ -44,17 +45,17 @@ pub enum Inputs {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Event {
     /// The method's case starts now.
-    Start(BenchMethod),
+    Start(MethodName),
     /// It was measured.
     Measured {
-        method: BenchMethod,
+        method: MethodName,
         median_s: f64,
         runs: usize,
         extra_bytes: usize,
         rel_err: Option<f64>,
     },
     /// It could not be: the library refused it, or it did not fit.
-    Skipped { method: BenchMethod, reason: String },
+    Skipped { method: MethodName, reason: String },
 }
 
 /// Runs `linattn explore-worker`.
@@ -105,7 +106,7 @@ pub fn work() -> Result<(), CliError> {
     let exact = OnceCell::new();
     for &method in &cases.methods {
         emit(&Event::Start(method))?;
-        let attention = Attention::new(settings.method(method, cases.seq, cases.heads))
+        let attention = Attention::new(settings.method(method, cases.seq, cases.dim, cases.heads))
             .causal(cases.causal)
             .memory_limit(limit);
         let event = match measure(&attention, q, k, v) {

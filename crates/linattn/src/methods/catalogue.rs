@@ -2,7 +2,9 @@
 //! cost in theory and the forms it has on each device. The command line's choices, the
 //! explorer's `/api/info`, the test suites and the benches read their lists from here.
 
-use super::{cosformer, fnet, hybrid, linear, linformer, performer, softmax, window};
+use super::options::MethodOptions;
+use super::{Method, cosformer, fnet, hybrid, linear, linformer, performer, softmax, window};
+use crate::base::{Error, Result};
 
 /// Which forms a method has on one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +46,22 @@ pub struct OptionInfo {
     pub what: &'static str,
 }
 
-/// A method as everything that lists methods sees it.
+/// A named setting of a method that benchmarks and the explorer list beside the methods
+/// (exact softmax with its whole score matrix, say).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// Its name.
+    pub name: &'static str,
+    /// What it is, in one line.
+    pub summary: &'static str,
+    /// Its memory beyond q, k and v, in theory.
+    pub memory: &'static str,
+    /// The options that make it, as (name, value).
+    pub options: &'static [(&'static str, &'static str)],
+}
+
+/// A method as everything that lists methods sees it.
+#[derive(Clone, Copy, Debug)]
 pub struct MethodInfo {
     /// The name the command line and the explorer use.
     pub name: &'static str,
@@ -61,6 +77,13 @@ pub struct MethodInfo {
     pub cpu: Forms,
     /// Its forms on an NVIDIA GPU.
     pub cuda: Forms,
+    /// Named settings listed beside the method.
+    pub variants: &'static [Variant],
+    /// The method's own trained tensors whose gradients the backward pass also returns
+    /// (Linformer's E and F), by name.
+    pub parameters: &'static [&'static str],
+    /// The method configured by options it takes (see [`Method::from_options`]).
+    pub build: fn(&MethodOptions) -> Result<Method>,
 }
 
 impl MethodInfo {
@@ -71,6 +94,47 @@ impl MethodInfo {
             Device::Cuda => self.cuda,
         }
     }
+}
+
+impl MethodInfo {
+    /// Fails on an option given that the method does not take: a mistyped method name
+    /// should not quietly compute something else.
+    pub fn check_options(&self, options: &MethodOptions) -> Result<()> {
+        let Some(foreign) = options.foreign(self).into_iter().next() else {
+            return Ok(());
+        };
+        let takes: Vec<String> = self
+            .options
+            .iter()
+            .map(|o| format!("--{}", o.name))
+            .collect();
+        let takes = if takes.is_empty() {
+            "no options".to_string()
+        } else {
+            takes.join(", ")
+        };
+        Err(Error::InvalidConfig(format!(
+            "--{foreign} does not apply to {}, which takes {takes}",
+            self.name
+        )))
+    }
+}
+
+/// The entry of the method or [`Variant`] called `name`, with the variant.
+///
+/// ```
+/// let (softmax, naive) = linattn::find_method("softmax-naive").unwrap();
+/// assert_eq!((softmax.name, naive.unwrap().options), ("softmax", &[("algorithm", "naive")][..]));
+/// assert!(linattn::find_method("nope").is_none());
+/// ```
+pub fn find_method(name: &str) -> Option<(&'static MethodInfo, Option<&'static Variant>)> {
+    catalogue().iter().find_map(|info| {
+        if info.name == name {
+            return Some((info, None));
+        }
+        let variant = info.variants.iter().find(|v| v.name == name)?;
+        Some((info, Some(variant)))
+    })
 }
 
 /// Every method, in the order the command line and the explorer list them.

@@ -9,23 +9,25 @@ mod fnet;
 mod hybrid;
 mod linear;
 mod linformer;
+mod options;
 mod performer;
 pub(crate) mod reference;
 mod softmax;
 mod window;
 
-pub use catalogue::{Device, Forms, MethodInfo, OptionInfo, catalogue};
+pub use catalogue::{Device, Forms, MethodInfo, OptionInfo, Variant, catalogue, find_method};
 pub use cosformer::Cosformer;
 pub use fnet::Fnet;
 pub use hybrid::{GlobalHeads, Hybrid};
 pub use linear::Linear;
 pub use linformer::{Linformer, Projections, linformer_projections};
+pub use options::MethodOptions;
 pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
 pub(crate) use softmax::resolve_scale;
 pub use softmax::{Softmax, SoftmaxAlgorithm};
 pub use window::Window;
 
-use crate::base::{CausalForm, Element, Problem, Result, Tensor};
+use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::{Kernel, KernelPass};
 use std::ops::Range;
 
@@ -180,6 +182,37 @@ impl Method {
     /// The method's entry in the [`catalogue`].
     pub fn info(&self) -> &'static MethodInfo {
         AttentionMethod::info(self)
+    }
+
+    /// The method (or [`Variant`]) called `name` in the [`catalogue`], configured by
+    /// `options`; an option it does not take is an error, as is one it needs and lacks.
+    ///
+    /// ```
+    /// use linattn::{Method, MethodOptions};
+    /// let options = MethodOptions::new(64, 1024);
+    /// let naive = Method::from_options("softmax-naive", &options).unwrap();
+    /// assert_eq!(naive.name(), "softmax");
+    /// assert!(Method::from_options("nope", &options).is_err());
+    /// ```
+    pub fn from_options(name: &str, options: &MethodOptions) -> Result<Method> {
+        let (info, variant) = catalogue::find_method(name).ok_or_else(|| {
+            let names: Vec<&str> = catalogue().iter().map(|m| m.name).collect();
+            Error::InvalidConfig(format!(
+                "no method {name:?}; the methods are {}",
+                names.join(", ")
+            ))
+        })?;
+        info.check_options(options)?;
+        match variant {
+            None => (info.build)(options),
+            Some(variant) => {
+                let mut options = options.clone();
+                for (option, value) in variant.options {
+                    options.set(option, value);
+                }
+                (info.build)(&options)
+            }
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 //! over the cos and sin halves; the denominator is clamped below at 1e-6.
 
 use super::catalogue::{Forms, MethodInfo, OptionInfo};
-use super::linear::validate_chunk;
-use super::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::linear::{chunk_option, validate_chunk};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{CosineReweighted, KernelMap, cosformer_angle};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -34,10 +34,20 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: true,
     },
     cuda: Forms::NONE,
+    variants: &[],
+    parameters: &[],
+    build,
 };
 
 /// cosFormer's denominator clamp, as in its reference implementation.
 pub(crate) const COSFORMER_EPSILON: f64 = 1e-6;
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    Ok(Method::Cosformer(Cosformer {
+        chunk: chunk_option(options)?,
+        max_len: options.parse("max-len", "a number of tokens")?,
+    }))
+}
 
 /// Options of cosFormer attention.
 ///

@@ -4,7 +4,7 @@
 //! validated so that a call that passes them is well-formed.
 
 use super::catalogue::{Forms, MethodInfo};
-use super::{AttentionMethod, Recurrent};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::KernelPass;
 use rayon::prelude::*;
@@ -25,6 +25,9 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    variants: &[],
+    parameters: &[],
+    build,
 };
 
 /// Options of FNet mixing (it has none; the struct keeps the method list uniform).
@@ -160,6 +163,10 @@ impl AttentionMethod for Fnet {
     fn info(&self) -> &'static MethodInfo {
         &INFO
     }
+}
+
+fn build(_options: &MethodOptions) -> Result<Method> {
+    Ok(Method::Fnet(Fnet))
 }
 
 fn causal_unsupported() -> Error {

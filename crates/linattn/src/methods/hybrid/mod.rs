@@ -3,11 +3,12 @@
 //! precision and global reach at linear cost.
 
 use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::linear::chunk_option;
 use super::linear::{Linear, reference::linear_row};
 use super::performer::{Performer, reference::performer_row};
 use super::reference::Rows;
 use super::window::Window;
-use super::{AttentionMethod, Recurrent};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::{Kernel, KernelPass};
 use std::ops::Range;
@@ -33,6 +34,31 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
             default: "linear",
             what: "the other heads' method: linear or performer",
         },
+        OptionInfo {
+            name: "scale",
+            default: "1/√d",
+            what: "multiplies the local heads' scores",
+        },
+        OptionInfo {
+            name: "chunk",
+            default: "64",
+            what: "tokens per chunk of the causal form",
+        },
+        OptionInfo {
+            name: "features",
+            default: "256",
+            what: "performer heads: number of random features",
+        },
+        OptionInfo {
+            name: "seed",
+            default: "0",
+            what: "performer heads: seed of the draw of ω",
+        },
+        OptionInfo {
+            name: "omega",
+            default: "drawn",
+            what: "performer heads: ω given",
+        },
     ],
     cpu: Forms {
         full: true,
@@ -40,7 +66,40 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: true,
     },
     cuda: Forms::NONE,
+    variants: &[],
+    parameters: &[],
+    build,
 };
+
+/// The options only performer heads take.
+const PERFORMER_ONLY: [&str; 3] = ["features", "seed", "omega"];
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    let global = match options.text("global") {
+        None | Some("linear") => GlobalHeads::Linear(Linear {
+            chunk: chunk_option(options)?,
+        }),
+        Some("performer") => GlobalHeads::Performer(Performer::from_options(options)?),
+        Some(other) => {
+            return Err(Error::InvalidConfig(format!(
+                "--global takes linear or performer, not {other:?}"
+            )));
+        }
+    };
+    if let GlobalHeads::Linear(_) = global
+        && let Some(option) = PERFORMER_ONLY.iter().find(|o| options.has(o))
+    {
+        return Err(Error::InvalidConfig(format!(
+            "--{option} does not apply to hybrid with --global linear, which takes --window, \
+             --scale, --local-heads, --global, --chunk"
+        )));
+    }
+    Ok(Method::Hybrid(Hybrid {
+        local_heads: options.required("hybrid", "local-heads", "N")?,
+        window: Window::from_options("hybrid", options)?,
+        global,
+    }))
+}
 
 /// Runs `$body` with `$m` bound to the global heads' method, whichever it is.
 macro_rules! each_global {

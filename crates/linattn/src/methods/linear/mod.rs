@@ -5,7 +5,7 @@
 pub(crate) mod reference;
 
 use super::catalogue::{Forms, MethodInfo, OptionInfo};
-use super::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{EluPlusOne, KernelMap};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -31,6 +31,9 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: true,
     },
+    variants: &[],
+    parameters: &[],
+    build,
 };
 
 /// The Linear Transformer's denominator guard, as in its reference implementation.
@@ -56,6 +59,19 @@ impl Default for Linear {
             chunk: DEFAULT_CHUNK,
         }
     }
+}
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    Ok(Method::Linear(Linear {
+        chunk: chunk_option(options)?,
+    }))
+}
+
+/// `--chunk`, or the default chunk.
+pub(crate) fn chunk_option(options: &MethodOptions) -> Result<usize> {
+    Ok(options
+        .parse("chunk", "a number of tokens")?
+        .unwrap_or(DEFAULT_CHUNK))
 }
 
 pub(crate) fn validate_chunk(chunk: usize) -> Result<()> {

@@ -8,7 +8,7 @@ mod reference;
 
 use super::catalogue::{Forms, MethodInfo, OptionInfo};
 use super::softmax::resolve_scale;
-use super::{AttentionMethod, Recurrent};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::backend::cpu::exact::{Mask, TILE_QUERIES, dense_rows};
 use crate::backend::cpu::matmul::{matmul, packing_bytes};
 use crate::base::{Element, Error, MatMut, MatRef, Problem, Result, Tensor};
@@ -19,6 +19,40 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    if let (Some((e, e_shape)), Some((f, f_shape))) =
+        (options.matrix("proj-k"), options.matrix("proj-v"))
+    {
+        if e_shape != f_shape {
+            return Err(Error::InvalidConfig(format!(
+                "E has shape {e_shape:?} but F has shape {f_shape:?}; they must match"
+            )));
+        }
+        let [max_len, k] = *e_shape;
+        return Ok(Method::Linformer(Linformer::with_projections(
+            e.clone(),
+            f.clone(),
+            max_len,
+            k,
+        )));
+    }
+    let k = options
+        .parse("k-proj", "a number of projected keys")?
+        .ok_or_else(|| {
+            Error::InvalidConfig(
+                "linformer needs --k-proj K (drawn projections) or --proj-k E.npy --proj-v F.npy"
+                    .into(),
+            )
+        })?;
+    Ok(Method::Linformer(Linformer::new(
+        options
+            .parse("max-len", "a number of tokens")?
+            .unwrap_or(options.key_len),
+        k,
+        options.parse("seed", "a whole number")?.unwrap_or(0),
+    )))
+}
 
 fn causal_unsupported() -> Error {
     Error::CausalUnsupported {
@@ -46,7 +80,17 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         OptionInfo {
             name: "seed",
             default: "0",
-            what: "seed of the draw of E and F (or E and F given as files)",
+            what: "seed of the draw of E and F",
+        },
+        OptionInfo {
+            name: "proj-k",
+            default: "drawn",
+            what: "E given: a [max_len, k] matrix (with proj-v)",
+        },
+        OptionInfo {
+            name: "proj-v",
+            default: "drawn",
+            what: "F given: a [max_len, k] matrix (with proj-k)",
         },
     ],
     cpu: Forms {
@@ -55,6 +99,9 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    variants: &[],
+    parameters: &["E", "F"],
+    build,
 };
 
 /// Where Linformer's E and F come from.

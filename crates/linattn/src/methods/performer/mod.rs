@@ -14,8 +14,8 @@
 pub(crate) mod reference;
 
 use super::catalogue::{Forms, MethodInfo, OptionInfo};
-use super::linear::validate_chunk;
-use super::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::linear::{chunk_option, validate_chunk};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{Favor, KernelMap, orthogonal_random_features};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -36,7 +36,12 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         OptionInfo {
             name: "seed",
             default: "0",
-            what: "seed of the draw of ω (or ω given as a file)",
+            what: "seed of the draw of ω",
+        },
+        OptionInfo {
+            name: "omega",
+            default: "drawn",
+            what: "ω given: a [features, head_dim] matrix",
         },
         OptionInfo {
             name: "chunk",
@@ -54,7 +59,14 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: false,
         recurrent: false,
     },
+    variants: &[],
+    parameters: &[],
+    build,
 };
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    Performer::from_options(options).map(Method::Performer)
+}
 
 /// Where Performer's projection ω comes from.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,6 +140,34 @@ impl Performer {
             },
             chunk: DEFAULT_CHUNK,
         }
+    }
+
+    /// Performer as options give it (performer, hybrid's performer heads): ω given as
+    /// a `[features, head_dim]` matrix, or drawn with `--features` and `--seed`.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Performer> {
+        let chunk = chunk_option(options)?;
+        let Some((omega, [features, dim])) = options.matrix("omega") else {
+            return Ok(Performer {
+                chunk,
+                ..Performer::new(
+                    options
+                        .parse("features", "a number of features")?
+                        .unwrap_or(DEFAULT_FEATURES),
+                    options.parse("seed", "a whole number")?.unwrap_or(0),
+                )
+            });
+        };
+        if *dim != options.head_dim {
+            return Err(Error::InvalidConfig(format!(
+                "omega has shape [{features}, {dim}], but q's head_dim is {}; omega must be \
+                 [features, head_dim]",
+                options.head_dim
+            )));
+        }
+        Ok(Performer {
+            chunk,
+            ..Performer::with_omega(omega.clone(), *features)
+        })
     }
 
     /// Number of random features m.

@@ -4,8 +4,9 @@
 
 pub(crate) mod reference;
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::catalogue::{Forms, MethodInfo, OptionInfo, Variant};
 use super::{AttentionMethod, Recurrent};
+use super::{Method, MethodOptions};
 use crate::backend::cpu::exact::{self, HeadMajor, Mask, TILE_KEYS, TILE_QUERIES};
 use crate::backend::cpu::matmul::packing_bytes;
 use crate::base::{Element, Error, Problem, Result, Tensor, per_thread, task_list_bytes};
@@ -40,6 +41,14 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: false,
     },
+    variants: &[Variant {
+        name: "softmax-naive",
+        summary: "exact softmax with the whole n × n score matrix in memory",
+        memory: "O(n²)",
+        options: &[("algorithm", "naive")],
+    }],
+    parameters: &[],
+    build,
 };
 
 /// How exact attention is computed; both give the same result to rounding.
@@ -70,6 +79,22 @@ pub struct Softmax {
     pub scale: Option<f64>,
     /// Naive or tiled.
     pub algorithm: SoftmaxAlgorithm,
+}
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    let algorithm = match options.text("algorithm") {
+        None | Some("tiled") => SoftmaxAlgorithm::Tiled,
+        Some("naive") => SoftmaxAlgorithm::Naive,
+        Some(other) => {
+            return Err(Error::InvalidConfig(format!(
+                "--algorithm takes tiled or naive, not {other:?}"
+            )));
+        }
+    };
+    Ok(Method::Softmax(Softmax {
+        scale: options.parse("scale", "a number")?,
+        algorithm,
+    }))
 }
 
 /// The score scale: the one given, or 1/√d.

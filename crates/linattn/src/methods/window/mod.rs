@@ -7,7 +7,7 @@ use super::catalogue::{Forms, MethodInfo, OptionInfo};
 use super::softmax::{
     exact_flops, reference::softmax_row, resolve_scale, tiled_backward_workspace, tiled_workspace,
 };
-use super::{AttentionMethod, Recurrent};
+use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::backend::cpu::exact::{self, Mask};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::KernelPass;
@@ -40,7 +40,17 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: false,
     },
+    variants: &[],
+    parameters: &[],
+    build,
 };
+
+fn build(options: &MethodOptions) -> Result<Method> {
+    Ok(Method::Window(Window {
+        scale: options.parse("scale", "a number")?,
+        ..Window::from_options("window", options)?
+    }))
+}
 
 /// Options of sliding-window attention.
 ///
@@ -122,6 +132,20 @@ impl Window {
             softmax_row(q, k, v, b, h, i, scale, self.left, right)
         });
         Ok(())
+    }
+
+    /// The window that option `--window` gives `method` (window, hybrid), which needs it.
+    pub(crate) fn from_options(method: &str, options: &MethodOptions) -> Result<Window> {
+        let (left, right) = options.window("window")?.ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "{method} needs --window L,R (keys before and after each query, -1 for unbounded)"
+            ))
+        })?;
+        Ok(Window {
+            left,
+            right,
+            scale: options.parse("scale", "a number")?,
+        })
     }
 
     /// Keys a decoder keeps: the window before the query and the query's own.

@@ -31,7 +31,6 @@ impl MethodName {
     /// Every method (no variants) whose catalogue entry `keep` accepts.
     pub fn methods_where(keep: impl Fn(&MethodInfo) -> bool) -> Vec<MethodName> {
         linattn::catalogue()
-            .iter()
             .filter(|info| keep(info))
             .map(|info| MethodName(info.name))
             .collect()
@@ -40,7 +39,6 @@ impl MethodName {
     /// Every method and variant, in the catalogue's order.
     pub fn all() -> Vec<MethodName> {
         linattn::catalogue()
-            .iter()
             .flat_map(|info| std::iter::once(info.name).chain(info.variants.iter().map(|v| v.name)))
             .map(MethodName)
             .collect()

@@ -1,123 +1,62 @@
-//! The catalogue: every method with its name, what it is, its options and defaults, its
-//! cost in theory and the forms it has on each device. The command line's choices, the
-//! explorer's `/api/info`, the test suites and the benches read their lists from here.
+//! The catalogue: every method, one line each, with how its options build it. The
+//! command line's choices, the explorer's `/api/info`, the test suites and the benches
+//! read their lists from here.
 
+use super::info::{MethodInfo, Variant};
 use super::options::MethodOptions;
 use super::{Method, cosformer, fnet, hybrid, linear, linformer, performer, softmax, window};
 use crate::base::{Error, Result};
 
-/// Which forms a method has on one device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Forms {
-    /// Every query sees every key.
-    pub full: bool,
-    /// Query i sees keys j ≤ i, in one call.
-    pub causal: bool,
-    /// Token by token from a state (a decoder).
-    pub recurrent: bool,
+/// A method's entry and how its options build it.
+struct Entry {
+    info: MethodInfo,
+    build: fn(&MethodOptions) -> Result<Method>,
 }
 
-impl Forms {
-    /// No form at all: the method does not run on the device.
-    pub const NONE: Forms = Forms {
-        full: false,
-        causal: false,
-        recurrent: false,
-    };
-}
+static CATALOGUE: [Entry; 8] = [
+    Entry {
+        info: softmax::INFO,
+        build: |o| softmax::Softmax::from_options(o).map(Method::Softmax),
+    },
+    Entry {
+        info: window::INFO,
+        build: |o| window::Window::from_options("window", o).map(Method::Window),
+    },
+    Entry {
+        info: linear::INFO,
+        build: |o| linear::Linear::from_options(o).map(Method::Linear),
+    },
+    Entry {
+        info: performer::INFO,
+        build: |o| performer::Performer::from_options(o).map(Method::Performer),
+    },
+    Entry {
+        info: cosformer::INFO,
+        build: |o| cosformer::Cosformer::from_options(o).map(Method::Cosformer),
+    },
+    Entry {
+        info: linformer::INFO,
+        build: |o| linformer::Linformer::from_options(o).map(Method::Linformer),
+    },
+    Entry {
+        info: fnet::INFO,
+        build: |_| Ok(Method::Fnet(fnet::Fnet)),
+    },
+    Entry {
+        info: hybrid::INFO,
+        build: |o| hybrid::Hybrid::from_options(o).map(Method::Hybrid),
+    },
+];
 
-/// Where a computation runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Device {
-    /// The CPU, every core through rayon.
-    Cpu,
-    /// An NVIDIA GPU (the `cuda` feature).
-    Cuda,
-}
-
-/// An option of a method, as the catalogue describes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OptionInfo {
-    /// Its name (the command line's flag without `--`).
-    pub name: &'static str,
-    /// Its default, as text.
-    pub default: &'static str,
-    /// What it does.
-    pub what: &'static str,
-}
-
-/// A named setting of a method that benchmarks and the explorer list beside the methods
-/// (exact softmax with its whole score matrix, say).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Variant {
-    /// Its name.
-    pub name: &'static str,
-    /// What it is, in one line.
-    pub summary: &'static str,
-    /// Its memory beyond q, k and v, in theory.
-    pub memory: &'static str,
-    /// The options that make it, as (name, value).
-    pub options: &'static [(&'static str, &'static str)],
-}
-
-/// A method as everything that lists methods sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct MethodInfo {
-    /// The name the command line and the explorer use.
-    pub name: &'static str,
-    /// What it is, in one line.
-    pub summary: &'static str,
-    /// Its time in theory, for n tokens of head dim d.
-    pub time: &'static str,
-    /// Its memory beyond q, k and v, in theory.
-    pub memory: &'static str,
-    /// Its options and their defaults.
-    pub options: &'static [OptionInfo],
-    /// Its forms on the CPU.
-    pub cpu: Forms,
-    /// Its forms on an NVIDIA GPU.
-    pub cuda: Forms,
-    /// Named settings listed beside the method.
-    pub variants: &'static [Variant],
-    /// The method's own trained tensors whose gradients the backward pass also returns
-    /// (Linformer's E and F), by name.
-    pub parameters: &'static [&'static str],
-    /// The method configured by options it takes (see [`Method::from_options`]).
-    pub build: fn(&MethodOptions) -> Result<Method>,
-}
-
-impl MethodInfo {
-    /// The method's forms on `device`.
-    pub fn forms(&self, device: Device) -> Forms {
-        match device {
-            Device::Cpu => self.cpu,
-            Device::Cuda => self.cuda,
-        }
-    }
-}
-
-impl MethodInfo {
-    /// Fails on an option given that the method does not take: a mistyped method name
-    /// should not quietly compute something else.
-    pub fn check_options(&self, options: &MethodOptions) -> Result<()> {
-        let Some(foreign) = options.foreign(self).into_iter().next() else {
-            return Ok(());
-        };
-        let takes: Vec<String> = self
-            .options
-            .iter()
-            .map(|o| format!("--{}", o.name))
-            .collect();
-        let takes = if takes.is_empty() {
-            "no options".to_string()
-        } else {
-            takes.join(", ")
-        };
-        Err(Error::InvalidConfig(format!(
-            "--{foreign} does not apply to {}, which takes {takes}",
-            self.name
-        )))
-    }
+/// Every method, in the order the command line and the explorer list them.
+///
+/// ```
+/// let names: Vec<&str> = linattn::catalogue().map(|m| m.name).collect();
+/// assert_eq!(names[0], "softmax");
+/// assert!(names.contains(&"performer"));
+/// ```
+pub fn catalogue() -> impl ExactSizeIterator<Item = &'static MethodInfo> + Clone {
+    CATALOGUE.iter().map(|entry| &entry.info)
 }
 
 /// The entry of the method or [`Variant`] called `name`, with the variant.
@@ -128,33 +67,48 @@ impl MethodInfo {
 /// assert!(linattn::find_method("nope").is_none());
 /// ```
 pub fn find_method(name: &str) -> Option<(&'static MethodInfo, Option<&'static Variant>)> {
-    catalogue().iter().find_map(|info| {
-        if info.name == name {
-            return Some((info, None));
+    find_entry(name).map(|(entry, variant)| (&entry.info, variant))
+}
+
+fn find_entry(name: &str) -> Option<(&'static Entry, Option<&'static Variant>)> {
+    CATALOGUE.iter().find_map(|entry| {
+        if entry.info.name == name {
+            return Some((entry, None));
         }
-        let variant = info.variants.iter().find(|v| v.name == name)?;
-        Some((info, Some(variant)))
+        let variant = entry.info.variants.iter().find(|v| v.name == name)?;
+        Some((entry, Some(variant)))
     })
 }
 
-/// Every method, in the order the command line and the explorer list them.
-///
-/// ```
-/// let names: Vec<&str> = linattn::catalogue().iter().map(|m| m.name).collect();
-/// assert_eq!(names[0], "softmax");
-/// assert!(names.contains(&"performer"));
-/// ```
-pub fn catalogue() -> &'static [MethodInfo] {
-    &CATALOGUE
+impl Method {
+    /// The method (or [`Variant`]) called `name` in the [`catalogue`], configured by
+    /// `options`; an option it does not take is an error, as is one it needs and lacks.
+    ///
+    /// ```
+    /// use linattn::{Method, MethodOptions};
+    /// let options = MethodOptions::new(64, 1024);
+    /// let naive = Method::from_options("softmax-naive", &options).unwrap();
+    /// assert_eq!(naive.name(), "softmax");
+    /// assert!(Method::from_options("nope", &options).is_err());
+    /// ```
+    pub fn from_options(name: &str, options: &MethodOptions) -> Result<Method> {
+        let (entry, variant) = find_entry(name).ok_or_else(|| {
+            let names: Vec<&str> = catalogue().map(|m| m.name).collect();
+            Error::InvalidConfig(format!(
+                "no method {name:?}; the methods are {}",
+                names.join(", ")
+            ))
+        })?;
+        entry.info.check_options(options)?;
+        match variant {
+            None => (entry.build)(options),
+            Some(variant) => {
+                let mut options = options.clone();
+                for (option, value) in variant.options {
+                    options.set(option, value);
+                }
+                (entry.build)(&options)
+            }
+        }
+    }
 }
-
-static CATALOGUE: [MethodInfo; 8] = [
-    softmax::INFO,
-    window::INFO,
-    linear::INFO,
-    performer::INFO,
-    cosformer::INFO,
-    linformer::INFO,
-    fnet::INFO,
-    hybrid::INFO,
-];

@@ -2,7 +2,7 @@
 //! and the explorer's fields become. Each method reads its own from here (its catalogue
 //! entry's `build`), so nothing above the methods needs to know a method's options.
 
-use super::catalogue::MethodInfo;
+use super::info::MethodInfo;
 use crate::base::{Error, Result};
 use std::collections::BTreeMap;
 

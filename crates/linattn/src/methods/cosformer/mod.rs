@@ -2,9 +2,10 @@
 //! by cos(π/2 · (i − j)/M) with M = max(len_q, len_k) (or a fixed length), computed as two linear attentions
 //! over the cos and sin halves; the denominator is clamped below at 1e-6.
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::info::{Forms, MethodInfo, OptionInfo};
 use super::linear::{chunk_option, validate_chunk};
-use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
+use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{CosineReweighted, KernelMap, cosformer_angle};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -36,17 +37,19 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
-    build,
 };
 
 /// cosFormer's denominator clamp, as in its reference implementation.
 pub(crate) const COSFORMER_EPSILON: f64 = 1e-6;
 
-fn build(options: &MethodOptions) -> Result<Method> {
-    Ok(Method::Cosformer(Cosformer {
-        chunk: chunk_option(options)?,
-        max_len: options.parse("max-len", "a number of tokens")?,
-    }))
+impl Cosformer {
+    /// cosFormer as options give it.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Self> {
+        Ok(Cosformer {
+            chunk: chunk_option(options)?,
+            max_len: options.parse("max-len", "a number of tokens")?,
+        })
+    }
 }
 
 /// Options of cosFormer attention.

@@ -3,8 +3,8 @@
 //! queries or keys: the output is `Re(DFT₂(v))`, of v's shape. q and k are still
 //! validated so that a call that passes them is well-formed.
 
-use super::catalogue::{Forms, MethodInfo};
-use super::{AttentionMethod, Method, MethodOptions, Recurrent};
+use super::info::{Forms, MethodInfo};
+use super::method::{AttentionMethod, Recurrent};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::KernelPass;
 use rayon::prelude::*;
@@ -27,7 +27,6 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
-    build,
 };
 
 /// Options of FNet mixing (it has none; the struct keeps the method list uniform).
@@ -163,10 +162,6 @@ impl AttentionMethod for Fnet {
     fn info(&self) -> &'static MethodInfo {
         &INFO
     }
-}
-
-fn build(_options: &MethodOptions) -> Result<Method> {
-    Ok(Method::Fnet(Fnet))
 }
 
 fn causal_unsupported() -> Error {

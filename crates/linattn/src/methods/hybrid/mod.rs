@@ -2,13 +2,14 @@
 //! window, the others globally through a kernelized method (linear or performer) — local
 //! precision and global reach at linear cost.
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::info::{Forms, MethodInfo, OptionInfo};
 use super::linear::chunk_option;
 use super::linear::{Linear, reference::linear_row};
+use super::method::{AttentionMethod, Recurrent};
+use super::options::MethodOptions;
 use super::performer::{Performer, reference::performer_row};
 use super::reference::Rows;
 use super::window::Window;
-use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::{Kernel, KernelPass};
 use std::ops::Range;
@@ -68,37 +69,39 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
-    build,
 };
 
 /// The options only performer heads take.
 const PERFORMER_ONLY: [&str; 3] = ["features", "seed", "omega"];
 
-fn build(options: &MethodOptions) -> Result<Method> {
-    let global = match options.text("global") {
-        None | Some("linear") => GlobalHeads::Linear(Linear {
-            chunk: chunk_option(options)?,
-        }),
-        Some("performer") => GlobalHeads::Performer(Performer::from_options(options)?),
-        Some(other) => {
+impl Hybrid {
+    /// Hybrid attention as options give it.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Self> {
+        let global = match options.text("global") {
+            None | Some("linear") => GlobalHeads::Linear(Linear {
+                chunk: chunk_option(options)?,
+            }),
+            Some("performer") => GlobalHeads::Performer(Performer::from_options(options)?),
+            Some(other) => {
+                return Err(Error::InvalidConfig(format!(
+                    "--global takes linear or performer, not {other:?}"
+                )));
+            }
+        };
+        if let GlobalHeads::Linear(_) = global
+            && let Some(option) = PERFORMER_ONLY.iter().find(|o| options.has(o))
+        {
             return Err(Error::InvalidConfig(format!(
-                "--global takes linear or performer, not {other:?}"
+                "--{option} does not apply to hybrid with --global linear, which takes --window, \
+                 --scale, --local-heads, --global, --chunk"
             )));
         }
-    };
-    if let GlobalHeads::Linear(_) = global
-        && let Some(option) = PERFORMER_ONLY.iter().find(|o| options.has(o))
-    {
-        return Err(Error::InvalidConfig(format!(
-            "--{option} does not apply to hybrid with --global linear, which takes --window, \
-             --scale, --local-heads, --global, --chunk"
-        )));
+        Ok(Hybrid {
+            local_heads: options.required("hybrid", "local-heads", "N")?,
+            window: Window::from_options("hybrid", options)?,
+            global,
+        })
     }
-    Ok(Method::Hybrid(Hybrid {
-        local_heads: options.required("hybrid", "local-heads", "N")?,
-        window: Window::from_options("hybrid", options)?,
-        global,
-    }))
 }
 
 /// Runs `$body` with `$m` bound to the global heads' method, whichever it is.

@@ -4,8 +4,9 @@
 
 pub(crate) mod reference;
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
-use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
+use super::info::{Forms, MethodInfo, OptionInfo};
+use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{EluPlusOne, KernelMap};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -33,7 +34,6 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
-    build,
 };
 
 /// The Linear Transformer's denominator guard, as in its reference implementation.
@@ -61,10 +61,13 @@ impl Default for Linear {
     }
 }
 
-fn build(options: &MethodOptions) -> Result<Method> {
-    Ok(Method::Linear(Linear {
-        chunk: chunk_option(options)?,
-    }))
+impl Linear {
+    /// Linear Transformer as options give it.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Self> {
+        Ok(Linear {
+            chunk: chunk_option(options)?,
+        })
+    }
 }
 
 /// `--chunk`, or the default chunk.

@@ -6,9 +6,10 @@
 
 mod reference;
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::info::{Forms, MethodInfo, OptionInfo};
+use super::method::{AttentionMethod, Recurrent};
+use super::options::MethodOptions;
 use super::softmax::resolve_scale;
-use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::backend::cpu::exact::{Mask, TILE_QUERIES, dense_rows};
 use crate::backend::cpu::matmul::{matmul, packing_bytes};
 use crate::base::{Element, Error, MatMut, MatRef, Problem, Result, Tensor};
@@ -20,38 +21,41 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
-fn build(options: &MethodOptions) -> Result<Method> {
-    if let (Some((e, e_shape)), Some((f, f_shape))) =
-        (options.matrix("proj-k"), options.matrix("proj-v"))
-    {
-        if e_shape != f_shape {
-            return Err(Error::InvalidConfig(format!(
-                "E has shape {e_shape:?} but F has shape {f_shape:?}; they must match"
-            )));
+impl Linformer {
+    /// Linformer as options give it: E and F given as matrices, or drawn.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Self> {
+        if let (Some((e, e_shape)), Some((f, f_shape))) =
+            (options.matrix("proj-k"), options.matrix("proj-v"))
+        {
+            if e_shape != f_shape {
+                return Err(Error::InvalidConfig(format!(
+                    "E has shape {e_shape:?} but F has shape {f_shape:?}; they must match"
+                )));
+            }
+            let [max_len, k] = *e_shape;
+            return Ok(Linformer::with_projections(
+                e.clone(),
+                f.clone(),
+                max_len,
+                k,
+            ));
         }
-        let [max_len, k] = *e_shape;
-        return Ok(Method::Linformer(Linformer::with_projections(
-            e.clone(),
-            f.clone(),
-            max_len,
+        let k = options
+            .parse("k-proj", "a number of projected keys")?
+            .ok_or_else(|| {
+                Error::InvalidConfig(
+                    "linformer needs --k-proj K (drawn projections) or --proj-k E.npy --proj-v F.npy"
+                        .into(),
+                )
+            })?;
+        Ok(Linformer::new(
+            options
+                .parse("max-len", "a number of tokens")?
+                .unwrap_or(options.key_len),
             k,
-        )));
+            options.parse("seed", "a whole number")?.unwrap_or(0),
+        ))
     }
-    let k = options
-        .parse("k-proj", "a number of projected keys")?
-        .ok_or_else(|| {
-            Error::InvalidConfig(
-                "linformer needs --k-proj K (drawn projections) or --proj-k E.npy --proj-v F.npy"
-                    .into(),
-            )
-        })?;
-    Ok(Method::Linformer(Linformer::new(
-        options
-            .parse("max-len", "a number of tokens")?
-            .unwrap_or(options.key_len),
-        k,
-        options.parse("seed", "a whole number")?.unwrap_or(0),
-    )))
 }
 
 fn causal_unsupported() -> Error {
@@ -101,7 +105,6 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &["E", "F"],
-    build,
 };
 
 /// Where Linformer's E and F come from.

@@ -13,9 +13,10 @@
 
 pub(crate) mod reference;
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::info::{Forms, MethodInfo, OptionInfo};
 use super::linear::{chunk_option, validate_chunk};
-use super::{AttentionMethod, Method, MethodOptions, Recurrent, reads_in_blocks};
+use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
+use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{Favor, KernelMap, orthogonal_random_features};
 use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
@@ -61,12 +62,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
-    build,
 };
-
-fn build(options: &MethodOptions) -> Result<Method> {
-    Performer::from_options(options).map(Method::Performer)
-}
 
 /// Where Performer's projection ω comes from.
 #[derive(Clone, Debug, PartialEq)]

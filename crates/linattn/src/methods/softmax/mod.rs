@@ -4,9 +4,9 @@
 
 pub(crate) mod reference;
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo, Variant};
-use super::{AttentionMethod, Recurrent};
-use super::{Method, MethodOptions};
+use super::info::{Forms, MethodInfo, OptionInfo, Variant};
+use super::method::{AttentionMethod, Recurrent};
+use super::options::MethodOptions;
 use crate::backend::cpu::exact::{self, HeadMajor, Mask, TILE_KEYS, TILE_QUERIES};
 use crate::backend::cpu::matmul::packing_bytes;
 use crate::base::{Element, Error, Problem, Result, Tensor, per_thread, task_list_bytes};
@@ -48,7 +48,6 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         options: &[("algorithm", "naive")],
     }],
     parameters: &[],
-    build,
 };
 
 /// How exact attention is computed; both give the same result to rounding.
@@ -81,20 +80,23 @@ pub struct Softmax {
     pub algorithm: SoftmaxAlgorithm,
 }
 
-fn build(options: &MethodOptions) -> Result<Method> {
-    let algorithm = match options.text("algorithm") {
-        None | Some("tiled") => SoftmaxAlgorithm::Tiled,
-        Some("naive") => SoftmaxAlgorithm::Naive,
-        Some(other) => {
-            return Err(Error::InvalidConfig(format!(
-                "--algorithm takes tiled or naive, not {other:?}"
-            )));
-        }
-    };
-    Ok(Method::Softmax(Softmax {
-        scale: options.parse("scale", "a number")?,
-        algorithm,
-    }))
+impl Softmax {
+    /// Exact softmax as options give it.
+    pub(crate) fn from_options(options: &MethodOptions) -> Result<Self> {
+        let algorithm = match options.text("algorithm") {
+            None | Some("tiled") => SoftmaxAlgorithm::Tiled,
+            Some("naive") => SoftmaxAlgorithm::Naive,
+            Some(other) => {
+                return Err(Error::InvalidConfig(format!(
+                    "--algorithm takes tiled or naive, not {other:?}"
+                )));
+            }
+        };
+        Ok(Softmax {
+            scale: options.parse("scale", "a number")?,
+            algorithm,
+        })
+    }
 }
 
 /// The score scale: the one given, or 1/√d.

@@ -3,11 +3,12 @@
 //! right = 0). The tiled kernel visits only the key blocks inside the window, so work and
 //! memory are O(n·w).
 
-use super::catalogue::{Forms, MethodInfo, OptionInfo};
+use super::info::{Forms, MethodInfo, OptionInfo};
+use super::method::{AttentionMethod, Recurrent};
+use super::options::MethodOptions;
 use super::softmax::{
     exact_flops, reference::softmax_row, resolve_scale, tiled_backward_workspace, tiled_workspace,
 };
-use super::{AttentionMethod, Method, MethodOptions, Recurrent};
 use crate::backend::cpu::exact::{self, Mask};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::KernelPass;
@@ -42,15 +43,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
-    build,
 };
-
-fn build(options: &MethodOptions) -> Result<Method> {
-    Ok(Method::Window(Window {
-        scale: options.parse("scale", "a number")?,
-        ..Window::from_options("window", options)?
-    }))
-}
 
 /// Options of sliding-window attention.
 ///

@@ -1,11 +1,9 @@
-//! Every method, full and causal, at a few lengths: `cargo bench -p linattn`.
+//! Every method of the catalogue, full and causal, at a few lengths: `cargo bench -p
+//! linattn`.
 //! (`linattn bench` sweeps lengths and reads each time against the machine's floor.)
 
 use divan::Bencher;
-use linattn::{
-    Attention, Cosformer, Fnet, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer, Softmax,
-    SoftmaxAlgorithm, Tensor, Window,
-};
+use linattn::{Attention, Method, MethodOptions, Tensor};
 
 fn main() {
     divan::main();
@@ -14,26 +12,21 @@ fn main() {
 const HEADS: usize = 8;
 const DIM: usize = 64;
 
+/// `name` from the catalogue with the options `linattn bench` uses by default.
 fn method(name: &str, len: usize) -> Method {
-    match name {
-        "softmax" => Method::softmax(),
-        "softmax-naive" => Method::Softmax(Softmax {
-            algorithm: SoftmaxAlgorithm::Naive,
-            ..Softmax::default()
-        }),
-        "window" => Method::Window(Window::new(Some(256), Some(256))),
-        "linear" => Method::Linear(Linear::default()),
-        "performer" => Method::Performer(Performer::new(256, 0)),
-        "cosformer" => Method::Cosformer(Cosformer::default()),
-        "linformer" => Method::Linformer(Linformer::new(len, 256, 0)),
-        "fnet" => Method::Fnet(Fnet),
-        "hybrid" => Method::Hybrid(Hybrid {
-            local_heads: HEADS / 2,
-            window: Window::new(Some(256), Some(0)),
-            global: GlobalHeads::Linear(Linear::default()),
-        }),
-        other => unreachable!("no method {other}"),
+    let mut options = MethodOptions::new(DIM, len);
+    let info = linattn::find_method(name).expect("a catalogue name").0;
+    for (option, value) in [
+        ("window", "256,256"),
+        ("features", "256"),
+        ("k-proj", "256"),
+        ("local-heads", "4"),
+    ] {
+        if info.options.iter().any(|o| o.name == option) {
+            options.set(option, value);
+        }
     }
+    Method::from_options(name, &options).unwrap()
 }
 
 fn run(bencher: Bencher, name: &str, len: usize, causal: bool) {
@@ -46,31 +39,20 @@ fn run(bencher: Bencher, name: &str, len: usize, causal: bool) {
         .bench_local(|| attention.forward_into(&q, &k, &v, &mut out).unwrap());
 }
 
-const EXACT: &[&str] = &["softmax", "softmax-naive", "window", "hybrid"];
-const LINEAR: &[&str] = &["linear", "performer", "cosformer"];
-const FULL_ONLY: &[&str] = &["linformer", "fnet"];
+/// Every method and variant of the catalogue, or those with a causal form on the CPU.
+fn names(causal: bool) -> Vec<&'static str> {
+    linattn::catalogue()
+        .filter(|info| !causal || info.cpu.causal)
+        .flat_map(|info| std::iter::once(info.name).chain(info.variants.iter().map(|v| v.name)))
+        .collect()
+}
 
-#[divan::bench(args = EXACT, consts = [1024, 4096], sample_count = 5)]
-fn exact_full<const LEN: usize>(bencher: Bencher, name: &str) {
+#[divan::bench(args = names(false), consts = [1024, 4096], sample_count = 5)]
+fn full<const LEN: usize>(bencher: Bencher, name: &str) {
     run(bencher, name, LEN, false);
 }
 
-#[divan::bench(args = EXACT, consts = [1024, 4096], sample_count = 5)]
-fn exact_causal<const LEN: usize>(bencher: Bencher, name: &str) {
+#[divan::bench(args = names(true), consts = [1024, 4096], sample_count = 5)]
+fn causal<const LEN: usize>(bencher: Bencher, name: &str) {
     run(bencher, name, LEN, true);
-}
-
-#[divan::bench(args = LINEAR, consts = [4096, 65536], sample_count = 5)]
-fn linear_full<const LEN: usize>(bencher: Bencher, name: &str) {
-    run(bencher, name, LEN, false);
-}
-
-#[divan::bench(args = LINEAR, consts = [4096, 65536], sample_count = 5)]
-fn linear_causal<const LEN: usize>(bencher: Bencher, name: &str) {
-    run(bencher, name, LEN, true);
-}
-
-#[divan::bench(args = FULL_ONLY, consts = [4096, 65536], sample_count = 5)]
-fn mixing_full<const LEN: usize>(bencher: Bencher, name: &str) {
-    run(bencher, name, LEN, false);
 }

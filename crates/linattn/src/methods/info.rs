@@ -80,6 +80,9 @@ pub struct MethodInfo {
     /// The method's own trained tensors whose gradients the backward pass also returns
     /// (Linformer's E and F), by name.
     pub parameters: &'static [&'static str],
+    /// Option sets the test suites run the method with: small chunks, feature counts and
+    /// windows, so that short inputs cross several blocks of every form.
+    pub examples: &'static [&'static [(&'static str, &'static str)]],
 }
 
 impl MethodInfo {

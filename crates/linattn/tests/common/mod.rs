@@ -1,10 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use linattn::{
-    Attention, Cosformer, Element, Fnet, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer,
-    Softmax, SoftmaxAlgorithm, Tensor, Window,
-};
+use linattn::{Attention, Element, Method, MethodOptions, Tensor};
 
 /// One problem shape: q `[batch, len_q, heads_q, dim]`, k `[batch, len_k, heads_kv, dim]`,
 /// v `[batch, len_k, heads_kv, dim_v]`.
@@ -78,45 +75,21 @@ pub const SHAPES: &[Shape] = &[
     },
 ];
 
-/// Every method, with options that exercise more than one chunk or tile on these shapes.
+/// Every method of the catalogue with each of its example option sets, which exercise
+/// more than one chunk or tile on these shapes.
 pub fn methods() -> Vec<Method> {
-    vec![
-        Method::softmax(),
-        Method::Softmax(Softmax {
-            algorithm: SoftmaxAlgorithm::Naive,
-            ..Softmax::default()
-        }),
-        Method::Softmax(Softmax {
-            scale: Some(0.3),
-            ..Softmax::default()
-        }),
-        Method::Window(Window::new(Some(5), Some(3))),
-        Method::Window(Window::new(Some(70), None)),
-        Method::Linear(Linear::default()),
-        Method::Linear(Linear { chunk: 16 }),
-        Method::Performer(Performer::new(16, 9)),
-        Method::Performer(Performer {
-            chunk: 8,
-            ..Performer::new(40, 3)
-        }),
-        Method::Cosformer(Cosformer::default()),
-        Method::Cosformer(Cosformer {
-            chunk: 16,
-            max_len: Some(400),
-        }),
-        Method::Linformer(Linformer::new(320, 12, 5)),
-        Method::Fnet(Fnet),
-        Method::Hybrid(Hybrid {
-            local_heads: 1,
-            window: Window::new(Some(6), Some(2)),
-            global: GlobalHeads::Linear(Linear::default()),
-        }),
-        Method::Hybrid(Hybrid {
-            local_heads: 1,
-            window: Window::new(Some(3), None),
-            global: GlobalHeads::Performer(Performer::new(24, 1)),
-        }),
-    ]
+    linattn::catalogue()
+        .flat_map(|info| {
+            info.examples.iter().map(move |example| {
+                let mut options = MethodOptions::new(0, 0);
+                for (name, value) in *example {
+                    options.set(name, value);
+                }
+                Method::from_options(info.name, &options)
+                    .unwrap_or_else(|e| panic!("{}'s example {example:?}: {e}", info.name))
+            })
+        })
+        .collect()
 }
 
 /// Whether `method` accepts `shape` (and causality) at all; the rest are error cases

@@ -37,6 +37,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
+    examples: &[&[], &[("chunk", "16"), ("max-len", "400")]],
 };
 
 /// cosFormer's denominator clamp, as in its reference implementation.

@@ -27,6 +27,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
+    examples: &[&[]],
 };
 
 /// Options of FNet mixing (it has none; the struct keeps the method list uniform).

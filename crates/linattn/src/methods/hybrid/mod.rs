@@ -69,6 +69,16 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &[],
+    examples: &[
+        &[("local-heads", "1"), ("window", "6,2")],
+        &[
+            ("local-heads", "1"),
+            ("window", "3,-1"),
+            ("global", "performer"),
+            ("features", "24"),
+            ("seed", "1"),
+        ],
+    ],
 };
 
 /// The options only performer heads take.

@@ -34,6 +34,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
+    examples: &[&[], &[("chunk", "16")]],
 };
 
 /// The Linear Transformer's denominator guard, as in its reference implementation.

@@ -105,6 +105,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms::NONE,
     variants: &[],
     parameters: &["E", "F"],
+    examples: &[&[("max-len", "320"), ("k-proj", "12"), ("seed", "5")]],
 };
 
 /// Where Linformer's E and F come from.

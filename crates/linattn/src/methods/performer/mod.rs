@@ -62,6 +62,10 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
+    examples: &[
+        &[("features", "16"), ("seed", "9")],
+        &[("chunk", "8"), ("features", "40"), ("seed", "3")],
+    ],
 };
 
 /// Where Performer's projection ω comes from.

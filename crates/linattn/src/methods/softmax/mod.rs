@@ -48,6 +48,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         options: &[("algorithm", "naive")],
     }],
     parameters: &[],
+    examples: &[&[], &[("algorithm", "naive")], &[("scale", "0.3")]],
 };
 
 /// How exact attention is computed; both give the same result to rounding.

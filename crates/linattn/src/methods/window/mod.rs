@@ -43,6 +43,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     },
     variants: &[],
     parameters: &[],
+    examples: &[&[("window", "5,3")], &[("window", "70,-1")]],
 };
 
 /// Options of sliding-window attention.

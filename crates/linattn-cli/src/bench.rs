@@ -326,7 +326,7 @@ fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
                     let rel_err = exact
                         .get_or_init(|| reference(args, &q, &k, &v))
                         .as_ref()
-                        .and_then(|exact| relative_error(&measured.output, exact));
+                        .and_then(|exact| measured.output.relative_error(exact));
                     let floor = attention
                         .cost(q.shape(), k.shape(), v.shape(), size_of::<T>())
                         .ok()
@@ -386,7 +386,7 @@ fn gpu_sweep(args: &BenchArgs) -> Result<(Vec<Record>, String), CliError> {
                     record.rel_err = exact
                         .get_or_init(|| reference(args, &q, &k, &v))
                         .as_ref()
-                        .and_then(|exact| relative_error(&output, exact));
+                        .and_then(|exact| output.relative_error(exact));
                     records.push(record);
                 }
                 Err(error) => {
@@ -457,34 +457,5 @@ fn reference<T: Element>(
             eprintln!("bench: no rel_err at seq {seq}: {error}");
             None
         }
-    }
-}
-
-/// ‖output − exact‖ / ‖exact‖ in the Frobenius norm; `None` when the shapes differ.
-pub fn relative_error<T: Element>(output: &Tensor<T>, exact: &Tensor<f64>) -> Option<f64> {
-    if output.shape() != exact.shape() {
-        return None;
-    }
-    let (difference, norm) = output
-        .as_slice()
-        .iter()
-        .zip(exact.as_slice())
-        .fold((0.0, 0.0), |(difference, norm), (&o, &e)| {
-            (difference + (o.as_f64() - e).powi(2), norm + e * e)
-        });
-    Some((difference / norm).sqrt())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_error_is_frobenius() {
-        let exact = Tensor::from_vec(vec![3.0, 4.0], [1, 1, 1, 2]).unwrap();
-        let output = Tensor::from_vec(vec![3.0f32, 3.0], [1, 1, 1, 2]).unwrap();
-        assert_eq!(relative_error(&output, &exact), Some(0.2));
-        let other = Tensor::from_vec(vec![3.0f32, 3.0], [1, 2, 1, 1]).unwrap();
-        assert_eq!(relative_error(&other, &exact), None);
     }
 }

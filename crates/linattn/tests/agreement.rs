@@ -1,69 +1,106 @@
 //! Every fast path against the f64 reference, on fresh random inputs of awkward shapes:
-//! full, causal chunked and causal parallel, f32 and f64.
+//! each method of the catalogue (with each of its example options) × form (full, causal
+//! chunked, causal parallel) × element type × shape is a test of its own, named like
+//! `performer[features=16,seed=9]::causal_chunked::f32::B2-T7x7-H4x2-D32x32`, so that
+//! one failure hides no other and `cargo test --test agreement performer` selects cases.
+//! A custom harness (libtest-mimic): the cases come from the catalogue at run time.
 
 mod common;
 
-use common::{SHAPES, Shape, applies, attention, methods, relative_error};
-use linattn::{CausalForm, Element, reference};
+use common::{SHAPES, Shape, applies, attention, named_methods, relative_error};
+use libtest_mimic::{Arguments, Failed, Trial};
+use linattn::{CausalForm, Element, Tensor, reference};
+use std::process::ExitCode;
 
 /// Error of the f64 fast paths against the f64 reference: rounding only.
 const F64_TOLERANCE: f64 = 1e-12;
-/// Error of the f32 fast paths against the f64 reference, relative to the output's
-/// largest magnitude: a few hundred f32 roundings (ε = 6e-8) at these lengths.
+/// Error of the f32 fast paths against the f64 reference: a few hundred f32 roundings
+/// (ε = 6e-8) at these lengths.
 const F32_TOLERANCE: f64 = 1e-5;
 
-fn check_all<T: Element>(tolerance: f64, seed: u64) {
-    let mut worst = Vec::new();
-    let settings = [
-        (false, CausalForm::Chunked),
-        (true, CausalForm::Chunked),
-        (true, CausalForm::Parallel),
-    ];
-    for method in methods() {
-        for (causal, form) in settings {
+/// The forms, as the cases name them.
+const FORMS: [(&str, bool, CausalForm); 3] = [
+    ("full", false, CausalForm::Chunked),
+    ("causal_chunked", true, CausalForm::Chunked),
+    ("causal_parallel", true, CausalForm::Parallel),
+];
+
+fn main() -> ExitCode {
+    let arguments = Arguments::from_args();
+    let mut trials = Vec::new();
+    for (index, (name, method)) in named_methods().into_iter().enumerate() {
+        for (form, causal, causal_form) in FORMS {
             for (n, shape) in SHAPES.iter().enumerate() {
                 if !applies(&method, shape, causal) {
                     continue;
                 }
-                let attention = attention(&method, causal).causal_form(form);
-                let [q, k, v] = shape.inputs::<f64>(seed + 10 * n as u64);
-                let expected = reference::forward(&attention, &q, &k, &v).unwrap();
-                let fast = attention
-                    .forward(&q.cast::<T>(), &k.cast::<T>(), &v.cast::<T>())
-                    .unwrap_or_else(|e| {
-                        panic!("{method:?} causal={causal} {form:?} {shape:?}: {e}")
-                    });
-                let error = relative_error(&fast, &expected);
-                worst.push((
-                    error,
-                    format!("{method:?} causal={causal} {form:?} {shape:?}"),
-                ));
-                assert!(
-                    error <= tolerance,
-                    "{} error {error:e} > {tolerance:e}: {method:?} causal={causal} {form:?} {shape:?}",
-                    T::NAME
-                );
+                let seed = 10_000 * index as u64 + 10 * n as u64;
+                let shape_name = shape_name(shape);
+                for (dtype, tolerance) in [("f64", F64_TOLERANCE), ("f32", F32_TOLERANCE)] {
+                    let method = method.clone();
+                    let shape = *shape;
+                    trials.push(Trial::test(
+                        format!("{name}::{form}::{dtype}::{shape_name}"),
+                        move || {
+                            let attention = attention(&method, causal).causal_form(causal_form);
+                            if dtype == "f64" {
+                                check::<f64>(&attention, &shape, seed, tolerance)
+                            } else {
+                                check::<f32>(&attention, &shape, seed, tolerance)
+                            }
+                        },
+                    ));
+                }
             }
         }
     }
-    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
-    eprintln!("{} worst errors: {:?}", T::NAME, &worst[..3]);
+    trials.push(Trial::test(
+        "fused_non_causal_linear_matches_the_reference",
+        || {
+            fused_non_causal_linear_matches_the_reference();
+            Ok(())
+        },
+    ));
+    libtest_mimic::run(&arguments, trials).exit_code()
 }
 
-#[test]
-fn f64_fast_paths_match_the_reference() {
-    check_all::<f64>(F64_TOLERANCE, 1000);
+/// `B2-T5x9-H2x2-D4x4`: batch, query and key lengths, query and kv heads, dims.
+fn shape_name(shape: &Shape) -> String {
+    format!(
+        "B{}-T{}x{}-H{}x{}-D{}x{}",
+        shape.batch,
+        shape.len_q,
+        shape.len_k,
+        shape.heads_q,
+        shape.heads_kv,
+        shape.dim,
+        shape.dim_v
+    )
 }
 
-#[test]
-fn f32_fast_paths_match_the_reference() {
-    check_all::<f32>(F32_TOLERANCE, 2000);
+/// The fast path in `T` against the f64 reference on fresh inputs of `shape`.
+fn check<T: Element>(
+    attention: &linattn::Attention,
+    shape: &Shape,
+    seed: u64,
+    tolerance: f64,
+) -> Result<(), Failed> {
+    let [q, k, v] = shape.inputs::<f64>(seed);
+    let expected = reference::forward(attention, &q, &k, &v).map_err(|e| e.to_string())?;
+    let cast = |x: &Tensor<f64>| x.cast::<T>();
+    let fast = attention
+        .forward(&cast(&q), &cast(&k), &cast(&v))
+        .map_err(|e| e.to_string())?;
+    let error = relative_error(&fast, &expected);
+    if error > tolerance {
+        return Err(format!("{} error {error:e} > {tolerance:e}", T::NAME).into());
+    }
+    Ok(())
 }
 
 /// The fused non-causal kernels for φ = elu + 1 in f32 (widths multiples of 64, every
 /// head in one call): grouped heads, more keys than queries, tiles and key blocks cut
 /// short at the end of the sequence, one batch split across threads.
-#[test]
 fn fused_non_causal_linear_matches_the_reference() {
     let shapes = [
         Shape::new(1, 5, 1, 1, 64, 64),

@@ -79,14 +79,7 @@ fn gpu() -> Gpu {
 }
 
 fn relative_error(a: &Tensor<f32>, b: &Tensor<f64>) -> f64 {
-    let (diff, norm) = a
-        .as_slice()
-        .iter()
-        .zip(b.as_slice())
-        .fold((0.0, 0.0), |(d, n), (&x, &y)| {
-            (d + (x as f64 - y).powi(2), n + y * y)
-        });
-    (diff / norm).sqrt()
+    a.relative_error(b).expect("the shapes agree")
 }
 
 /// The relative error of `attention` on the GPU, inputs in `T`, against the f64

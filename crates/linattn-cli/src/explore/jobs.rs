@@ -13,7 +13,7 @@
 use super::supervise::{self, Ended};
 use super::worker::{self, Event};
 use super::{InputSource, MeasureRequest, ServerLimits};
-use crate::bench::{exact_softmax, random_inputs, relative_error, too_slow};
+use crate::bench::{exact_softmax, random_inputs, too_slow};
 use crate::gpu::{self, GpuDtype};
 use crate::method_options::MethodName;
 use crate::report::{self, Case, Record};
@@ -410,7 +410,7 @@ impl Jobs {
                         let softmax = Attention::new(Method::softmax()).causal(request.causal);
                         exact_softmax(&softmax, q, k, v).and_then(Result::ok)
                     });
-                    record.rel_err = exact.as_ref().and_then(|e| relative_error(&output, e));
+                    record.rel_err = exact.as_ref().and_then(|e| output.relative_error(e));
                     record
                 }
                 Err(error) => Record::skipped(length.case(method), error.to_string()),

@@ -4,7 +4,7 @@
 //! running and keeps every result that finished before it stopped the child.
 
 use super::uploads::model_inputs;
-use crate::bench::{MethodSettings, exact_softmax, random_inputs, relative_error};
+use crate::bench::{MethodSettings, exact_softmax, random_inputs};
 use crate::error::CliError;
 use crate::measure::measure;
 use crate::method_options::MethodName;
@@ -120,7 +120,7 @@ pub fn work() -> Result<(), CliError> {
                         exact_softmax(&softmax, q, k, v).and_then(Result::ok)
                     })
                     .as_ref()
-                    .and_then(|exact| relative_error(&measured.output, exact));
+                    .and_then(|exact| measured.output.relative_error(exact));
                 Event::Measured {
                     method,
                     median_s: measured.median.as_secs_f64(),

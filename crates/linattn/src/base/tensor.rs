@@ -167,6 +167,34 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// ‖self − exact‖ / ‖exact‖ in the Frobenius norm: linattn's one measure of
+    /// closeness (its tests, `linattn bench`'s rel_err); the absolute ‖self − exact‖ when
+    /// `exact` is zero; `None` when the shapes differ.
+    ///
+    /// ```
+    /// use linattn::Tensor;
+    /// let exact = Tensor::from_vec(vec![3.0, 4.0], [1, 1, 1, 2]).unwrap();
+    /// let output = Tensor::from_vec(vec![3.0f32, 3.0], [1, 1, 1, 2]).unwrap();
+    /// assert_eq!(output.relative_error(&exact), Some(0.2));
+    /// ```
+    pub fn relative_error(&self, exact: &Tensor<f64>) -> Option<f64> {
+        if self.shape() != exact.shape() {
+            return None;
+        }
+        let (difference, norm) = self
+            .data
+            .iter()
+            .zip(exact.as_slice())
+            .fold((0.0, 0.0), |(difference, norm), (&o, &e)| {
+                (difference + (o.as_f64() - e).powi(2), norm + e * e)
+            });
+        Some(if norm == 0.0 {
+            difference.sqrt()
+        } else {
+            (difference / norm).sqrt()
+        })
+    }
+
     /// Index (`[b, t, h, d]`) of the first NaN or infinity, with its value; `None` when
     /// every element is finite.
     ///

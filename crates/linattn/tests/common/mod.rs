@@ -78,6 +78,14 @@ pub const SHAPES: &[Shape] = &[
 /// Every method of the catalogue with each of its example option sets, which exercise
 /// more than one chunk or tile on these shapes.
 pub fn methods() -> Vec<Method> {
+    named_methods()
+        .into_iter()
+        .map(|(_, method)| method)
+        .collect()
+}
+
+/// [`methods`], each with a name for test cases: `performer[features=16,seed=9]`.
+pub fn named_methods() -> Vec<(String, Method)> {
     linattn::catalogue()
         .flat_map(|info| {
             info.examples.iter().map(move |example| {
@@ -85,8 +93,16 @@ pub fn methods() -> Vec<Method> {
                 for (name, value) in *example {
                     options.set(name, value);
                 }
-                Method::from_options(info.name, &options)
-                    .unwrap_or_else(|e| panic!("{}'s example {example:?}: {e}", info.name))
+                let method = Method::from_options(info.name, &options)
+                    .unwrap_or_else(|e| panic!("{}'s example {example:?}: {e}", info.name));
+                let settings: Vec<String> =
+                    example.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let name = if settings.is_empty() {
+                    info.name.to_string()
+                } else {
+                    format!("{}[{}]", info.name, settings.join(","))
+                };
+                (name, method)
             })
         })
         .collect()
@@ -112,16 +128,9 @@ pub fn applies(method: &Method, shape: &Shape, causal: bool) -> bool {
         && reference_affordable
 }
 
-/// max |a − b| / max |b|: the error of `a` relative to the scale of the reference `b`.
+/// ‖a − b‖ / ‖b‖: the library's one measure of closeness ([`Tensor::relative_error`]).
 pub fn relative_error<T: Element>(a: &Tensor<T>, b: &Tensor<f64>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.as_slice().iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let err = a
-        .as_slice()
-        .iter()
-        .zip(b.as_slice())
-        .fold(0.0f64, |m, (x, y)| m.max((x.as_f64() - y).abs()));
-    if scale == 0.0 { err } else { err / scale }
+    a.relative_error(b).expect("the shapes agree")
 }
 
 pub fn attention(method: &Method, causal: bool) -> Attention {

@@ -4,6 +4,8 @@
 
 pub(crate) mod attention;
 pub(crate) mod cost;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod decode;
 pub mod reference;
 pub(crate) mod varlen;

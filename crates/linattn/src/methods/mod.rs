@@ -22,6 +22,8 @@ pub use cosformer::Cosformer;
 pub use fnet::Fnet;
 pub use hybrid::{GlobalHeads, Hybrid};
 pub use info::{Device, Forms, MethodInfo, OptionInfo, Variant};
+#[cfg(feature = "cuda")]
+pub(crate) use linear::LINEAR_EPSILON;
 pub use linear::Linear;
 pub use linformer::{Linformer, Projections, linformer_projections};
 pub(crate) use method::{AttentionMethod, Recurrent};

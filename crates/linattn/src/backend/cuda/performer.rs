@@ -1,0 +1,175 @@
+//! Launches of the FAVOR+ kernels (performer.cu): non-causal Performer in three passes.
+
+use super::device::{Gpu, Source, cuda_error, grid, launch};
+use super::linear::{CHUNK, FULL_SPAN, KernelShape, PAD, carved_bytes, value_block};
+use super::tensor::{GpuElement, GpuTensor};
+use crate::base::{Error, Problem, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Most random features and widest heads the FAVOR+ kernels hold (`MAX_FEATURES` in
+/// performer.cu; the projection's rows in shared memory).
+const PERFORMER_MAX_FEATURES: usize = 256;
+const PERFORMER_MAX_DIM: usize = 128;
+/// Threads per block of the FAVOR+ kernels.
+const PERFORMER_THREADS: u32 = 256;
+
+/// [`carved_bytes`] as a launch's dynamic shared memory.
+fn shared_bytes(arrays: &[(usize, usize)]) -> Result<u32> {
+    u32::try_from(carved_bytes(arrays))
+        .map_err(|_| Error::Unsupported("shared memory beyond 4 GiB".into()))
+}
+
+/// Refuses what the FAVOR+ kernels do not take: `problem` with `features` random
+/// features (the caller asks before it draws ω; [`performer_full`] asks again).
+pub(crate) fn performer_supported(problem: &Problem, features: usize) -> Result<()> {
+    if problem.causal {
+        return Err(Error::Unsupported(
+            "performer's causal form does not run on the GPU yet (its non-causal form does)".into(),
+        ));
+    }
+    if problem.len_q != problem.len_k {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "on the GPU q and k must have the same length, not {} and {}",
+                problem.len_q, problem.len_k
+            ),
+        });
+    }
+    let dim = problem.dim_qk;
+    if !dim.is_multiple_of(16)
+        || dim > PERFORMER_MAX_DIM
+        || !features.is_multiple_of(16)
+        || features > PERFORMER_MAX_FEATURES
+    {
+        return Err(Error::Unsupported(format!(
+            "performer on the GPU takes head dims and feature counts that are multiples of 16, \
+             up to {PERFORMER_MAX_DIM} and {PERFORMER_MAX_FEATURES}, not {dim} and {features}"
+        )));
+    }
+    Ok(())
+}
+
+/// Non-causal Performer (FAVOR+) on the GPU: the key pass per span, the merge of the
+/// spans, the query pass, each mapping its rows itself. `omega` is the `m × D` projection
+/// (row-major, m random features), `epsilon` what FAVOR+ adds to every feature.
+pub(crate) fn performer_full<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    omega: &[f64],
+    epsilon: f64,
+    [q, k, v]: [&GpuTensor<T>; 3],
+) -> Result<GpuTensor<T>> {
+    let (dim, dim_v) = (problem.dim_qk, problem.dim_v);
+    let features = omega.len() / dim;
+    performer_supported(problem, features)?;
+    // x' = x d^(-1/4) folded into omega, rounded once to the inputs' type.
+    let scale = (dim as f64).powf(-0.25);
+    let omega: Vec<T> = omega
+        .iter()
+        .map(|&w| T::from_f32((w * scale) as f32))
+        .collect();
+    let omega = gpu
+        .stream
+        .clone_htod(&omega)
+        .map_err(|e| cuda_error("copying omega to the GPU", e))?;
+    let element = size_of::<T>();
+    let block = value_block(dim_v);
+    let shape = KernelShape::of(problem, block)?;
+    let (batch, heads_kv) = (problem.batch, problem.heads_kv);
+    let spans = problem.len_k.div_ceil(FULL_SPAN);
+    let head_spans = batch * heads_kv * spans;
+    let mut states = gpu.alloc::<f32>(head_spans * features * dim_v)?;
+    let mut k_sums = gpu.alloc::<f32>(head_spans * features)?;
+    let mut v_sums = gpu.alloc::<f32>(head_spans * dim_v)?;
+    let mut maxima = gpu.alloc::<f32>(head_spans)?;
+    let ratio = (features as f32).powf(-0.5);
+    let (features_arg, span) = (features as i32, FULL_SPAN as i32);
+
+    let shared = shared_bytes(&[
+        (CHUNK * (dim + PAD), element),
+        (CHUNK * (features + PAD), 4),
+        (CHUNK * (block + PAD), element),
+        (features * (block + PAD), 4),
+        (features, 4),
+        (block, 4),
+        (CHUNK, 4),
+        (32, 4),
+    ])?;
+    let name = format!("performer_keys_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Performer, &name, shared)?;
+    let config = LaunchConfig {
+        grid_dim: grid(dim_v.div_ceil(block), heads_kv, batch * spans)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&k.data)
+        .arg(&v.data)
+        .arg(&omega)
+        .arg(&shape)
+        .arg(&features_arg)
+        .arg(&span)
+        .arg(&ratio)
+        .arg(&mut states)
+        .arg(&mut k_sums)
+        .arg(&mut v_sums)
+        .arg(&mut maxima);
+    // SAFETY: the key pass's arguments; the span sums sized for its grid.
+    unsafe { launch(args, config, &name) }?;
+
+    let mut state = gpu.alloc::<f32>(batch * heads_kv * features * dim_v)?;
+    let mut k_sum = gpu.alloc::<f32>(batch * heads_kv * features)?;
+    let function = gpu.kernel_of(Source::Performer, "performer_merge", 0)?;
+    let config = LaunchConfig {
+        grid_dim: grid(heads_kv, batch, 1)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (span_count, constant) = (spans as i32, ratio * epsilon as f32);
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&shape)
+        .arg(&features_arg)
+        .arg(&span_count)
+        .arg(&constant)
+        .arg(&states)
+        .arg(&k_sums)
+        .arg(&v_sums)
+        .arg(&maxima)
+        .arg(&mut state)
+        .arg(&mut k_sum);
+    // SAFETY: the merge's arguments, the span sums the key pass wrote.
+    unsafe { launch(args, config, "performer_merge") }?;
+
+    let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+    let shared = shared_bytes(&[
+        (CHUNK * (dim + PAD), element),
+        (CHUNK * (features + PAD), 4),
+        (features * (block + PAD), element),
+        (CHUNK * (block + PAD), 4),
+        (features, 4),
+        (CHUNK, 4),
+        (CHUNK, 4),
+    ])?;
+    let name = format!("performer_apply_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Performer, &name, shared)?;
+    let config = LaunchConfig {
+        grid_dim: grid(dim_v.div_ceil(block), problem.heads_q, batch * spans)?,
+        block_dim: (PERFORMER_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let eps = epsilon as f32;
+    let mut args = gpu.stream.launch_builder(&function);
+    args.arg(&q.data)
+        .arg(&omega)
+        .arg(&mut out.data)
+        .arg(&shape)
+        .arg(&features_arg)
+        .arg(&span)
+        .arg(&ratio)
+        .arg(&eps)
+        .arg(&state)
+        .arg(&k_sum);
+    // SAFETY: the query pass's arguments and the merged state.
+    unsafe { launch(args, config, &name) }?;
+    Ok(out)
+}

@@ -27,4 +27,5 @@ ln -sf libnvrtc.so.13 "$cuda/lib/libnvrtc.so"
 # from the library path.
 export CUDA_HOME="$cuda"
 export LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo run --release --example nvrtc_check -p linattn --features cuda -- sm_90a
+# The test profile: the library the tests built is reused, only the example is linked.
+cargo run --profile test --example nvrtc_check -p linattn --features cuda -- sm_90a

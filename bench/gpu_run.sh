@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 # Each step is bounded so that one that hangs leaves the others their time.
 timeout 240 "$dir/cuda_check" "$@" 2>&1 | tee "$log/linattn.txt"
 if [ -x "$dir/cuda_tests" ]; then
-    timeout 60 "$dir/cuda_tests" --test-threads=1 2>&1 | tee "$log/tests.txt" | tail -12
+    timeout 150 "$dir/cuda_tests" --test-threads=1 2>&1 | tee "$log/tests.txt" | tail -12
 fi
 if [ -x "$dir/linattn" ]; then
     timeout 120 "$(dirname "$0")/gpu_cli_check.sh" "$dir" 2>&1 | tee "$log/cli.txt" | tail -30

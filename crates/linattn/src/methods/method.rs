@@ -1,7 +1,7 @@
 //! What every method implements, and what a decoder asks of it.
 
 use super::info::MethodInfo;
-use crate::base::{CausalForm, Element, Problem, Result, Tensor};
+use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::{Kernel, KernelPass};
 use std::ops::Range;
 
@@ -29,7 +29,8 @@ pub(crate) trait AttentionMethod {
         false
     }
 
-    /// Computes the query heads `heads` into `out`, writing every element of them.
+    /// Computes the query heads `heads` into `out`, writing every element of them; a
+    /// kernelized method's kernel runs on the engine unless the method says otherwise.
     fn forward<T: Element>(
         &self,
         problem: &Problem,
@@ -38,16 +39,24 @@ pub(crate) trait AttentionMethod {
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
-    ) -> Result<KernelPass<T>>;
+    ) -> Result<KernelPass<T>> {
+        let kernel = self.kernel(problem)?.ok_or_else(no_kernel)?;
+        Ok(kernel.forward(problem, [q, k, v], out, heads))
+    }
 
     /// Adds the gradients into `grads` (zeroed by the caller); returns Linformer's
-    /// projection gradients.
+    /// projection gradients. A kernelized method's kernel runs on the engine unless the
+    /// method says otherwise.
     fn backward<T: Element>(
         &self,
         problem: &Problem,
         inputs: [&Tensor<T>; 4],
         grads: [&mut Tensor<T>; 3],
-    ) -> Result<Option<(Vec<f64>, Vec<f64>)>>;
+    ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+        let kernel = self.kernel(problem)?.ok_or_else(no_kernel)?;
+        kernel.backward(problem, inputs, grads, 0..problem.heads_q);
+        Ok(None)
+    }
 
     /// Floating-point operations of the products, the least any form can do.
     fn flops(&self, problem: &Problem) -> f64;
@@ -94,4 +103,9 @@ pub(crate) struct Recurrent {
 /// checks them itself): every form but the parallel one.
 pub(crate) fn reads_in_blocks(problem: &Problem) -> bool {
     !(problem.causal && problem.causal_form == CausalForm::Parallel)
+}
+
+/// A method that computes neither through its own kernels nor through the engine's.
+fn no_kernel() -> Error {
+    Error::Unsupported("the method has no kernel to compute with".into())
 }

@@ -19,8 +19,7 @@ use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
 use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{Favor, KernelMap, orthogonal_random_features};
-use crate::engine::{self as engine, Kernel, KernelPass, Normalizer};
-use std::ops::Range;
+use crate::engine::{self as engine, Kernel, Normalizer};
 use std::sync::Arc;
 
 pub(crate) const INFO: MethodInfo = MethodInfo {
@@ -275,32 +274,6 @@ impl AttentionMethod for Performer {
 
     fn checks_while_reading(&self, problem: &Problem) -> bool {
         reads_in_blocks(problem)
-    }
-
-    fn forward<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out: &mut Tensor<T>,
-        heads: Range<usize>,
-    ) -> Result<KernelPass<T>> {
-        Ok(self
-            .build_kernel(problem)?
-            .forward(problem, [q, k, v], out, heads))
-    }
-
-    fn backward<T: Element>(
-        &self,
-        problem: &Problem,
-        inputs: [&Tensor<T>; 4],
-        grads: [&mut Tensor<T>; 3],
-    ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
-        let heads = 0..problem.heads_q;
-        self.build_kernel(problem)?
-            .backward(problem, inputs, grads, heads);
-        Ok(None)
     }
 
     fn flops(&self, problem: &Problem) -> f64 {

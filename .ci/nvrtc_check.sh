@@ -26,6 +26,10 @@ ln -sf libnvrtc.so.13 "$cuda/lib/libnvrtc.so"
 # The kernels' include dir is $CUDA_HOME/include (and its cccl/); cudarc loads NVRTC
 # from the library path.
 export CUDA_HOME="$cuda"
+# An empty module cache: every kernel is compiled, none loaded from an earlier run.
+LINATTN_CACHE_DIR=$(mktemp -d)
+export LINATTN_CACHE_DIR
+trap 'rm -rf "$LINATTN_CACHE_DIR"' EXIT
 export LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The test profile: the library the tests built is reused, only the example is linked.
 cargo run --profile test --example nvrtc_check -p linattn --features cuda -- sm_90a

@@ -1,6 +1,7 @@
 //! The device: opening a GPU, its stream and memory pool, timing, launches, and the
 //! kernel modules NVRTC compiles for it (cached per GPU, compiled at first use).
 
+use super::ptx_cache;
 use crate::base::{Error, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
@@ -402,20 +403,48 @@ pub(super) fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
 }
 
 /// PTX of `source` (the module called `name`) for `architecture`, with the options and
-/// include directories every compilation uses.
+/// include directories every compilation uses: from the disk cache when an earlier
+/// process compiled the same (see [`ptx_cache`]), else by NVRTC, then stored.
 fn compile_ptx(source: &str, name: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
     let include = cuda_include_dir();
+    let flags = vec![
+        format!("--gpu-architecture={architecture}"),
+        "--std=c++17".to_string(),
+    ];
+    let cached = ptx_cache::directory().map(|directory| {
+        let version = nvrtc_version();
+        let mut parts = vec![source, include.as_str(), version.as_str()];
+        parts.extend(flags.iter().map(String::as_str));
+        ptx_cache::file(&directory, name, &parts)
+    });
+    if let Some(ptx) = cached.as_deref().and_then(ptx_cache::load) {
+        return Ok(cudarc::nvrtc::Ptx::from_src(ptx));
+    }
     let options = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={architecture}"),
-            "--std=c++17".to_string(),
-        ],
+        options: flags,
         include_paths: vec![include.clone(), format!("{include}/cccl")],
         name: Some(name.to_string()),
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(source, options)
-        .map_err(|e| cuda_error(&format!("compiling {name}"), e))
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
+        .map_err(|e| cuda_error(&format!("compiling {name}"), e))?;
+    if let Some(file) = &cached {
+        ptx_cache::store(file, &ptx.to_src());
+    }
+    Ok(ptx)
+}
+
+/// NVRTC's version as `major.minor` (`unknown` if it cannot say): a newer compiler may
+/// emit other PTX from the same source.
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints; NVRTC is loaded (or found missing) by the call.
+    let result = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if result == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        format!("{major}.{minor}")
+    } else {
+        "unknown".to_string()
+    }
 }
 
 /// Compiles every kernel module for `architecture` (`sm_90a`, say) with NVRTC alone, as

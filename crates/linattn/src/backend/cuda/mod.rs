@@ -26,6 +26,7 @@ mod device;
 mod linear;
 mod linear_backward;
 mod performer;
+mod ptx_cache;
 mod softmax;
 mod tensor;
 

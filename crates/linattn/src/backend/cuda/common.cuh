@@ -6,12 +6,8 @@
 
 namespace linattn {
 
-// Rows of every tile the mma kernels stage: a chunk of the causal linear form, a tile
-// of queries or keys of the exact one.
-constexpr int CHUNK = 64;
-// Padding of 16-bit shared-memory rows (elements): rows 16 bytes apart in bank order
-// instead of all starting in the same bank.
-constexpr int PAD = 8;
+// CHUNK (rows of every tile the mma kernels stage) and PAD (of 16-bit shared-memory
+// rows) come before this file, from backend/cuda/tiles.rs.
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -2,6 +2,7 @@
 //! kernel modules NVRTC compiles for it (cached per GPU, compiled at first use).
 
 use super::ptx_cache;
+use super::tiles;
 use crate::base::{Error, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
@@ -10,7 +11,8 @@ use cudarc::driver::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// The kernel sources (CUDA C++), each after the helpers they share.
+/// The kernel sources (CUDA C++), each after the helpers they share; the tile constants
+/// go before them all ([`tiles::prelude`]).
 const LINEAR_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("linear.cu"));
 const LINEAR_BACKWARD_SOURCE: &str = concat!(
     include_str!("common.cuh"),
@@ -268,7 +270,7 @@ impl Gpu {
         let module = match modules.get(file) {
             Some(module) => module.clone(),
             None => {
-                let module = self.compile(code, file)?;
+                let module = self.compile(&code, file)?;
                 modules.insert(file, module.clone());
                 module
             }
@@ -353,14 +355,15 @@ impl Source {
         Self::Softmax,
     ];
 
-    /// The module's source text and file name.
-    fn code(self) -> (&'static str, &'static str) {
-        match self {
+    /// The module's source text, the tile constants first, and its file name.
+    fn code(self) -> (String, &'static str) {
+        let (source, file) = match self {
             Source::Linear => (LINEAR_SOURCE, "linear.cu"),
             Source::LinearBackward => (LINEAR_BACKWARD_SOURCE, "linear_backward.cu"),
             Source::Performer => (PERFORMER_SOURCE, "performer.cu"),
             Source::Softmax => (SOFTMAX_SOURCE, "softmax.cu"),
-        }
+        };
+        (tiles::prelude() + source, file)
     }
 }
 
@@ -474,7 +477,7 @@ pub fn compile_all_kernels(architecture: &str) -> Result<Vec<(String, usize)>> {
             .map(|source| {
                 scope.spawn(move || {
                     let (code, file) = source.code();
-                    let ptx = compile_ptx(code, file, architecture)?;
+                    let ptx = compile_ptx(&code, file, architecture)?;
                     Ok((file.to_string(), ptx.to_src().len()))
                 })
             })

@@ -499,8 +499,8 @@ __device__ void full_apply(const T* __restrict__ q, T* __restrict__ out, Shape s
     }
 }
 
-// Query heads one decode block serves at a time, and rows of S a warp has in flight.
-constexpr int DECODE_HEADS = 4;
+// Rows of S a warp of a decode block has in flight (the block serves DECODE_HEADS query
+// heads at a time, from tiles.rs).
 constexpr int DECODE_ROWS = 4;
 
 // One decode step for every (batch, kv head): S += phi(k) v^T, z += phi(k) in place, then
@@ -869,10 +869,11 @@ __device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs, in
 __device__ __forceinline__ int state_column(int e, int warp) { return 16 * warp + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
 __device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (threadIdx.x % 4) * 2 + e % 2; }
 
-// The causal kernel's roles and buffers: a warpgroup of producers, a ring of shared
-// stages for q, k, v, and its named barriers (the producers among themselves, then per
-// buffer parity: chunk ready (producers arrive, consumers wait) and chunk consumed).
-constexpr int PRODUCER_WARPS = 8, STAGES = 3;
+// The causal kernel's roles and buffers: a warpgroup of PRODUCER_WARPS producers (from
+// tiles.rs), a ring of shared stages for q, k, v, and its named barriers (the producers
+// among themselves, then per buffer parity: chunk ready (producers arrive, consumers
+// wait) and chunk consumed).
+constexpr int STAGES = 3;
 // Registers per thread of each role where the block has 512 threads (D = 128): the
 // launch bound gives everyone 128, the producers need fewer, the consumers, which hold
 // S^T and the output block, more (the two sum to 256, the file's 64K over 256 threads).

@@ -4,19 +4,13 @@
 
 use super::device::{Gpu, Source, allocation_error, cuda_error, grid, launch};
 use super::tensor::{GpuElement, GpuLinearState, GpuTensor};
+use super::tiles::{CAUSAL_PRODUCER_WARPS, CHUNK, DECODE_HEADS, PAD};
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// Tokens per chunk in the kernels (`CHUNK` in the source).
-pub(super) const CHUNK: usize = 64;
-/// Warps of the causal tensor-core kernel that load, map and score chunks for the
-/// `D / 16` warps that own the state (`PRODUCER_WARPS` in linear.cu).
-const CAUSAL_PRODUCER_WARPS: usize = 8;
 /// Threads per block of every kernel (their `__launch_bounds__`).
 const THREADS: u32 = 256;
-/// Query heads one decode block serves at a time (`DECODE_HEADS` in the source), and the
-/// widest values each decode kernel takes: 32 lanes of 4 columns, or of 8 (`_wide`).
-const DECODE_HEADS: usize = 4;
+/// The widest values each decode kernel takes: 32 lanes of 4 columns, or of 8 (`_wide`).
 const DECODE_NARROW_DIM: usize = 128;
 const DECODE_WIDE_DIM: usize = 256;
 /// Rows each block of the non-causal passes covers: enough that the state each block
@@ -116,9 +110,6 @@ fn chunk_shared_bytes(dim_k: usize, value_block: usize, element: usize) -> usize
     }
     carved_bytes(&arrays)
 }
-
-/// Padding of shared-memory rows (`PAD` in common.cuh).
-pub(super) const PAD: usize = 8;
 
 /// Bytes of arrays of `(count, element size)` carved one after another as the kernels'
 /// `Carver` does (each rounded up to 128 bytes).

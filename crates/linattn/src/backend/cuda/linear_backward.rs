@@ -2,8 +2,9 @@
 //! each row's denominator, and the gradients of causal linear attention.
 
 use super::device::{Gpu, Source, allocation_error, grid, launch};
-use super::linear::{CHUNK, KernelShape, LinearPlan, Pass, Segments, linear_causal};
+use super::linear::{KernelShape, LinearPlan, Pass, Segments, linear_causal};
 use super::tensor::{GpuElement, GpuForward, GpuGradients, GpuTensor};
+use super::tiles::CHUNK;
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 

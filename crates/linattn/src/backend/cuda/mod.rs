@@ -29,6 +29,7 @@ mod performer;
 mod ptx_cache;
 mod softmax;
 mod tensor;
+mod tiles;
 
 pub use device::Gpu;
 #[doc(hidden)]

@@ -119,7 +119,7 @@ __device__ void map_row(float* projection, int ldp, int features, int r, bool va
     }
 }
 
-constexpr int MAX_FEATURES = 256;
+// MAX_FEATURES: tiles.rs.
 constexpr int PER_LANE = MAX_FEATURES / 32;
 
 // First pass. Grid: (value block, kv head, batch x spans). Writes per span the state

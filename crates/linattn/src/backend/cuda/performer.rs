@@ -1,14 +1,13 @@
 //! Launches of the FAVOR+ kernels (performer.cu): non-causal Performer in three passes.
 
 use super::device::{Gpu, Source, cuda_error, grid, launch};
-use super::linear::{CHUNK, FULL_SPAN, KernelShape, PAD, carved_bytes, value_block};
+use super::linear::{FULL_SPAN, KernelShape, carved_bytes, value_block};
 use super::tensor::{GpuElement, GpuTensor};
+use super::tiles::{CHUNK, PAD, PERFORMER_MAX_FEATURES};
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// Most random features and widest heads the FAVOR+ kernels hold (`MAX_FEATURES` in
-/// performer.cu; the projection's rows in shared memory).
-const PERFORMER_MAX_FEATURES: usize = 256;
+/// The widest heads the FAVOR+ kernels hold (the projection's rows in shared memory).
 const PERFORMER_MAX_DIM: usize = 128;
 /// Threads per block of the FAVOR+ kernels.
 const PERFORMER_THREADS: u32 = 256;

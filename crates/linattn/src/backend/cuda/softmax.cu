@@ -11,9 +11,7 @@
 namespace linattn {
 namespace flash {
 
-constexpr int ROWS = 64;  // query rows per block
-constexpr int KEYS = 64;  // keys per tile
-constexpr int THREADS = 128;
+// ROWS (query rows per block), KEYS (keys per tile) and THREADS: tiles.rs.
 
 struct Problem {
     int batch, len_q, len_k, heads_q, heads_kv;
@@ -168,9 +166,8 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
 // walks key tiles of 32 in shared memory with the same masks and an online softmax.
 namespace general {
 
-constexpr int ROWS = 32, KEYS = 32, THREADS = 128;
-// Columns a thread holds: head dims up to 4 x 64.
-constexpr int COLUMNS = 64;
+// ROWS, KEYS, THREADS and COLUMNS (a thread holds a quarter of a row: head dims up to
+// 4 x COLUMNS): tiles.rs.
 
 template <typename T>
 __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

@@ -2,20 +2,12 @@
 
 use super::device::{Gpu, Source, grid, launch};
 use super::tensor::{GpuElement, GpuTensor};
+use super::tiles::{
+    FLASH_ROWS, FLASH_THREADS, GENERAL_EXACT_KEYS, GENERAL_EXACT_MAX_DIM, GENERAL_EXACT_ROWS,
+    GENERAL_EXACT_THREADS,
+};
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-
-/// Query rows per block and threads per block of the exact-attention kernel (`ROWS`,
-/// `THREADS` in softmax.cu).
-const FLASH_ROWS: usize = 64;
-const FLASH_THREADS: u32 = 128;
-/// The same for the general exact kernel (`general::ROWS`, `general::THREADS`, and
-/// `general::KEYS` per tile), and the largest head dim it holds in registers (4 x
-/// `COLUMNS`).
-const GENERAL_EXACT_ROWS: usize = 32;
-const GENERAL_EXACT_THREADS: u32 = 128;
-const GENERAL_EXACT_KEYS: usize = 32;
-const GENERAL_EXACT_MAX_DIM: usize = 256;
 
 /// Which keys exact attention sees (`left` keys back and `right` forward of each query's
 /// position, unbounded where `None`), and the scale of its scores.

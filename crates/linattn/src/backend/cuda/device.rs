@@ -13,14 +13,20 @@ use std::sync::{Arc, Mutex};
 
 /// The kernel sources (CUDA C++), each after the helpers they share; the tile constants
 /// go before them all ([`tiles::prelude`]).
-const LINEAR_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("linear.cu"));
+const LINEAR_SOURCE: &str = concat!(
+    include_str!("common.cuh"),
+    include_str!("linear.cu"),
+    include_str!("linear_mma.cu"),
+    include_str!("linear_entry.cu")
+);
 const LINEAR_BACKWARD_SOURCE: &str = concat!(
     include_str!("common.cuh"),
     include_str!("linear.cu"),
+    include_str!("linear_mma.cu"),
+    include_str!("linear_entry.cu"),
     include_str!("linear_backward.cu")
 );
 const PERFORMER_SOURCE: &str = concat!(
-    "#define LINATTN_HELPERS_ONLY\n",
     include_str!("common.cuh"),
     include_str!("linear.cu"),
     include_str!("performer.cu")

@@ -1,4 +1,5 @@
-//! Launches of linear attention's kernels (linear.cu): the plan of which kernels a call
+//! Launches of linear attention's kernels (linear.cu, linear_mma.cu, their entry points in
+//! linear_entry.cu): the plan of which kernels a call
 //! runs, the causal form's segments, the shared memory the kernels carve, and the causal,
 //! non-causal, prefill and decode passes.
 

@@ -16,11 +16,13 @@
 //! ```
 
 // The files: `device` (the GPU, its memory pool, launches, NVRTC and the compiled
-// modules), `tensor` (device tensors and states), and one file of launches beside each
-// kernel source: `linear` (linear.cu), `linear_backward` (linear_backward.cu),
-// `performer` (performer.cu), `softmax` (softmax.cu). They take shapes, scales, masks
-// and constants, never a method: api/cuda.rs reads the method for the `_cuda` calls of
-// `Attention` and calls them.
+// modules), `ptx_cache` (compiled modules on disk), `tiles` (the tile constants host and
+// kernels share), `tensor` (device tensors and states), and one file of launches beside
+// each kernel family: `linear` (linear.cu: helpers and CUDA-core kernels; linear_mma.cu:
+// the tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
+// (linear_backward.cu), `performer` (performer.cu), `softmax` (softmax.cu); common.cuh
+// holds what every source shares. They take shapes, scales, masks and constants, never a
+// method: api/cuda.rs reads the method for the `_cuda` calls of `Attention`.
 
 mod device;
 mod linear;

@@ -1,3 +1,7 @@
+//! Why this file is long: it is the whole linattn half of one GPU run, every kernel's
+//! check against the f64 reference and every timing, in one process, until the checks
+//! move into tests/cuda.rs's named cases and the timings into the benches.
+//!
 //! The GPU run's linattn half (bench/gpu_run.sh runs it beside the peers): every CUDA
 //! kernel against the f64 reference on awkward shapes, then the timings of issue 5's
 //! shapes against the copy bandwidth measured in the same process.
@@ -6,7 +10,8 @@
 //! and the main causal timing only; `--bench` the timings only (while iterating on a
 //! kernel that the checks have passed); `--sync-each` times as before 2026-11-24 (see
 //! `SYNC_EACH_RUN`); `--profile` runs the main causal kernel a few times, then one
-//! forward and backward and one performer forward, and nothing else (for `ncu`). Lines start with `check`, `ceiling` or `bench` so the script can pick them out.
+//! forward and backward and one performer forward, and nothing else (for `ncu`). Lines
+//! start with `check`, `ceiling` or `bench` so the script can pick them out.
 
 use half::{bf16, f16};
 use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};

@@ -125,7 +125,7 @@ impl DecodeArgs {
             }),
             local_heads: Some(self.heads / 2),
             k_proj: Some(256),
-            cosformer_max_len: Some(self.final_context()),
+            max_len: Some(self.final_context()),
         };
         let methods = self.options.methods(&names, dims, fallbacks)?;
         Ok(names.into_iter().zip(methods).collect())

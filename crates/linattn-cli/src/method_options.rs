@@ -198,8 +198,8 @@ pub struct Fallbacks {
     pub local_heads: Option<usize>,
     /// linformer: `--k-proj`.
     pub k_proj: Option<usize>,
-    /// cosformer: `--max-len`, the fixed M.
-    pub cosformer_max_len: Option<usize>,
+    /// cosformer, linformer: `--max-len`, the longest sequence (cosFormer's fixed M).
+    pub max_len: Option<usize>,
 }
 
 impl MethodOptions {
@@ -269,17 +269,10 @@ impl MethodOptions {
             ("window", fallbacks.window.map(|w| w.to_string())),
             ("local-heads", fallbacks.local_heads.map(|l| l.to_string())),
             ("k-proj", fallbacks.k_proj.map(|k| k.to_string())),
-            (
-                "max-len",
-                fallbacks.cosformer_max_len.map(|m| m.to_string()),
-            ),
+            ("max-len", fallbacks.max_len.map(|m| m.to_string())),
         ];
         for (name, value) in fallback_values {
-            // The fixed M is cosFormer's; Linformer's max_len follows its keys.
-            let applies = name != "max-len" || info.is_some_and(|i| i.name == "cosformer");
-            if let Some(value) = value
-                && applies
-            {
+            if let Some(value) = value {
                 options.fallback(name, value);
             }
         }

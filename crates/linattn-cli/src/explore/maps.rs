@@ -124,12 +124,16 @@ fn compute(request: &MapsRequest, uploaded: Option<&Uploaded>) -> Result<MapsRes
         .methods
         .iter()
         .map(|&method| {
-            if method.info().name == "fnet" {
+            if !method.info().weights {
                 return MethodMap {
                     method: method.name(),
                     weights: None,
                     rel_err: None,
-                    note: Some("FNet mixes tokens and features by a 2-D Fourier transform: it has no per-head attention weights".into()),
+                    note: Some(format!(
+                        "{} has no per-head attention weights: {}",
+                        method.name(),
+                        method.info().summary
+                    )),
                 };
             }
             match map_of(method) {

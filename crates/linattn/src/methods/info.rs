@@ -75,6 +75,9 @@ pub struct MethodInfo {
     pub cpu: Forms,
     /// Its forms on an NVIDIA GPU.
     pub cuda: Forms,
+    /// Whether each output row is a weighted sum of v's rows, one weight per query and
+    /// key (FNet mixes tokens and features without such weights): the explorer draws them.
+    pub weights: bool,
     /// Named settings listed beside the method.
     pub variants: &'static [Variant],
     /// The method's own trained tensors whose gradients the backward pass also returns

@@ -34,6 +34,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: true,
     },
     cuda: Forms::NONE,
+    weights: true,
     variants: &[],
     parameters: &[],
     examples: &[&[], &[("chunk", "16"), ("max-len", "400")]],

@@ -25,6 +25,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    weights: false,
     variants: &[],
     parameters: &[],
     examples: &[&[]],

@@ -67,6 +67,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: true,
     },
     cuda: Forms::NONE,
+    weights: true,
     variants: &[],
     parameters: &[],
     examples: &[

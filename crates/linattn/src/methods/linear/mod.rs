@@ -31,6 +31,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: true,
     },
+    weights: true,
     variants: &[],
     parameters: &[],
     examples: &[&[], &[("chunk", "16")]],

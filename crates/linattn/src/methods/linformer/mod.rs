@@ -103,6 +103,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    weights: true,
     variants: &[],
     parameters: &["E", "F"],
     examples: &[&[("max-len", "320"), ("k-proj", "12"), ("seed", "5")]],

@@ -59,6 +59,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: false,
         recurrent: false,
     },
+    weights: true,
     variants: &[],
     parameters: &[],
     examples: &[

@@ -41,6 +41,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: false,
     },
+    weights: true,
     variants: &[Variant {
         name: "softmax-naive",
         summary: "exact softmax with the whole n × n score matrix in memory",

@@ -41,6 +41,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: false,
     },
+    weights: true,
     variants: &[],
     parameters: &[],
     examples: &[&[("window", "5,3")], &[("window", "70,-1")]],

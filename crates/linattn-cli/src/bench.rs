@@ -380,7 +380,12 @@ fn gpu_sweep(args: &BenchArgs) -> Result<(Vec<Record>, String), CliError> {
         for method in args.methods() {
             eprint!("bench: {:<13} seq {seq:>6} on the GPU ... ", method.name());
             let attention = args.attention(args.method(method, seq));
-            match gpu.measure(case(method), &attention, [&q, &k, &v], args.gpu_dtype) {
+            let shape = q.shape();
+            let measured = attention
+                .supports(shape, shape, shape, linattn::Device::Cuda)
+                .map_err(CliError::from)
+                .and_then(|()| gpu.measure(case(method), &attention, [&q, &k, &v], args.gpu_dtype));
+            match measured {
                 Ok((mut record, output)) => {
                     eprintln!("{:.3} ms", record.median_ms.unwrap_or(f64::NAN));
                     record.rel_err = exact

@@ -401,7 +401,12 @@ impl Jobs {
             }
             length.started(method);
             let attention = length.attention(method);
-            let record = match gpu.measure(length.case(method), &attention, [q, k, v], GPU_DTYPE) {
+            let shape = q.shape();
+            let measured = attention
+                .supports(shape, shape, shape, linattn::Device::Cuda)
+                .map_err(crate::error::CliError::from)
+                .and_then(|()| gpu.measure(length.case(method), &attention, [q, k, v], GPU_DTYPE));
+            let record = match measured {
                 Ok((mut record, output)) => {
                     if let Some(ms) = record.median_ms {
                         last_measured.insert(method, (length.flops(method), ms * 1e-3));

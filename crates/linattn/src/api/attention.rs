@@ -4,7 +4,7 @@
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
-use crate::methods::{AttentionMethod, Method};
+use crate::methods::{AttentionMethod, Device, Method};
 
 /// Gradients of a scalar loss with respect to the inputs of an attention call, given
 /// the loss's gradient with respect to its output.
@@ -99,6 +99,46 @@ impl Attention {
     /// Whether the attention is causal.
     pub fn is_causal(&self) -> bool {
         self.causal
+    }
+
+    /// Whether this call runs on `device`: the shapes and options are valid (as for
+    /// [`Attention::output_shape`]) and the method has the form (full or causal) there,
+    /// as the catalogue says; otherwise why not. A device may still refuse shapes its
+    /// kernels do not take (the GPU's head dims, say) when called.
+    ///
+    /// ```
+    /// use linattn::{Attention, Device, Error, Method, Performer};
+    /// let shape = [1, 128, 4, 64];
+    /// let favor = Attention::new(Method::Performer(Performer::new(64, 0)));
+    /// assert!(favor.supports(shape, shape, shape, Device::Cuda).is_ok());
+    /// let causal = favor.causal(true);
+    /// assert!(causal.supports(shape, shape, shape, Device::Cpu).is_ok());
+    /// assert!(matches!(causal.supports(shape, shape, shape, Device::Cuda), Err(Error::Unsupported(_))));
+    /// ```
+    pub fn supports(
+        &self,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        device: Device,
+    ) -> Result<()> {
+        self.output_shape(q, k, v)?;
+        let info = self.method.info();
+        let forms = info.forms(device);
+        let (has, form) = if self.causal {
+            (forms.causal, "causal form")
+        } else {
+            (forms.full, "full form")
+        };
+        if has {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{}'s {form} does not run on the {}",
+                info.name,
+                device.name()
+            )))
+        }
     }
 
     /// Validates the shapes and the method's options without computing anything; returns

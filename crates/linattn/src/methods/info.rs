@@ -33,6 +33,16 @@ pub enum Device {
     Cuda,
 }
 
+impl Device {
+    /// The device as messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "CPU",
+            Device::Cuda => "GPU",
+        }
+    }
+}
+
 /// An option of a method, as the catalogue describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionInfo {

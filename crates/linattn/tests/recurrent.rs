@@ -248,6 +248,22 @@ fn bad_saved_state_and_bad_steps_are_errors() {
             ..
         })
     ));
+    // A block is checked as a whole: the shapes, then the length it would reach.
+    let (_, mut decoder) = short.prefill(&token, &token, &token).unwrap();
+    let narrow = Tensor::<f32>::randn([1, 3, 2, 2], 0).unwrap();
+    assert!(matches!(
+        decoder.prefill(&x.slice_seq(0..3).unwrap(), &narrow, &narrow),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        decoder.prefill(&x, &x, &x),
+        Err(Error::SequenceTooLong {
+            len: 6,
+            max_len: 5,
+            ..
+        })
+    ));
+    assert_eq!(decoder.positions(), [1], "a refused block changes nothing");
 }
 
 /// Restores `bytes` and, when that succeeds, steps the decoder once: neither may panic,
@@ -345,4 +361,58 @@ fn saved_state_with_huge_sizes_is_refused_without_allocating() {
             "fields {fields:?}"
         );
     }
+}
+
+/// Every method of the catalogue that decodes, continued from the state a first block
+/// left (its initial state) in blocks and single steps of awkward lengths, against one
+/// causal call over the whole sequence.
+#[test]
+fn decoders_continue_from_their_state_in_blocks_of_any_length() {
+    let shape = Shape::new(2, 150, 4, 2, 16, 8);
+    let inputs = shape.inputs::<f64>(31);
+    let cuts = [0, 41, 42, 107, 108, 150];
+    let mut continued = Vec::new();
+    for (name, method) in common::named_methods() {
+        let attention = Attention::new(method).causal(true);
+        if attention.decoder::<f64>(2, 4, 2, 16, 8).is_err() {
+            assert!(
+                ["linformer", "fnet", "cosformer"].iter().any(|m| name.starts_with(m)),
+                "{name} does not decode"
+            );
+            continue;
+        }
+        let expected = attention
+            .forward(&inputs[0], &inputs[1], &inputs[2])
+            .unwrap();
+        for (element, tolerance) in [("f64", 1e-12), ("f32", 1e-5)] {
+            let blocks = |decoder: &mut dyn FnMut(usize, usize) -> Tensor<f64>| {
+                let parts: Vec<Tensor<f64>> =
+                    cuts.windows(2).map(|w| decoder(w[0], w[1])).collect();
+                concat_seq(&parts)
+            };
+            let decoded = if element == "f64" {
+                let mut decoder = attention.decoder::<f64>(2, 4, 2, 16, 8).unwrap();
+                blocks(&mut |from, to| {
+                    let part = |x: &Tensor<f64>| x.slice_seq(from..to).unwrap();
+                    let [q, k, v] = inputs.each_ref().map(part);
+                    decoder.prefill(&q, &k, &v).unwrap()
+                })
+            } else {
+                let mut decoder = attention.decoder::<f32>(2, 4, 2, 16, 8).unwrap();
+                blocks(&mut |from, to| {
+                    let part = |x: &Tensor<f64>| x.slice_seq(from..to).unwrap().cast::<f32>();
+                    let [q, k, v] = inputs.each_ref().map(part);
+                    decoder.prefill(&q, &k, &v).unwrap().cast::<f64>()
+                })
+            };
+            let error = relative_error(&decoded, &expected);
+            assert!(error < tolerance, "{name} {element}: {error:e}");
+        }
+        continued.push(name);
+    }
+    // cosFormer's position reweighting is what checks the blocks' offsets.
+    assert!(
+        continued.len() >= 10 && continued.iter().any(|n| n.starts_with("cosformer")),
+        "only {continued:?} decode"
+    );
 }

@@ -3,7 +3,7 @@
 //! chunks; and its backward, a forward sweep for dq and a reverse sweep for dk and dv.
 //! Memory is O(C² + m·d_v) per task forward and O(n·d_v) backward, never O(n²).
 
-use super::{FeatureMap, KernelPass, LinearState, Normalizer, add_assign, dot, scale_rows};
+use super::{FeatureMap, KernelPass, LinearState, Normalizer, Start, add_assign, dot, scale_rows};
 use crate::backend::cpu::matmul::matmul;
 use crate::base::Problem;
 use crate::base::simd;
@@ -264,9 +264,10 @@ struct UnitEnd<T> {
     finite: bool,
 }
 
-/// Causal kernelized attention for the query heads in `heads`. Each unit of work reads
-/// the rows of its heads chunk by chunk in memory order, computes the key side of a
-/// chunk once per kv head and shares it among that head's queries.
+/// Causal kernelized attention for the query heads in `heads`, from empty states at
+/// position 0 or from `start`'s. Each unit of work reads the rows of its heads chunk by
+/// chunk in memory order, computes the key side of a chunk once per kv head and shares
+/// it among that head's queries.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     problem: &Problem,
@@ -278,6 +279,7 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
     v: &Tensor<T>,
     out: &mut Tensor<T>,
     heads: Range<usize>,
+    start: Option<&Start<'_, T>>,
 ) -> KernelPass<T> {
     let (m, d, dim_v) = (fmap.features(), problem.dim_qk, problem.dim_v);
     let uniform = fmap.stabiliser();
@@ -287,7 +289,19 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
         .par_iter()
         .map(|(b, kv_range, q_range)| {
             let b = *b;
-            let mut states = vec![LinearState::new(m, dim_v, uniform.is_some()); kv_range.len()];
+            let (mut states, offset) = match start {
+                Some(start) => (
+                    kv_range
+                        .clone()
+                        .map(|g| start.states[b * problem.heads_kv + g].clone())
+                        .collect(),
+                    start.positions[b],
+                ),
+                None => (
+                    vec![LinearState::new(m, dim_v, uniform.is_some()); kv_range.len()],
+                    0,
+                ),
+            };
             let mut scratch = Chunk::new(chunk, m);
             let mut queries = vec![T::zero(); q_range.len() * chunk * d];
             let mut keys = vec![T::zero(); kv_range.len() * chunk * d];
@@ -303,11 +317,12 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                     let g = kv_range.start + slot;
                     let block_values = block_head(&values, len, kv_range.len(), slot, dim_v);
                     let key_rows = block_head(&keys, len, kv_range.len(), slot, d);
-                    scratch.prepare_keys(fmap, state, key_rows, start);
+                    let position = offset + start;
+                    scratch.prepare_keys(fmap, state, key_rows, position);
                     for h in q_range.clone().filter(|&h| problem.kv_head(h) == g) {
-                        let offset = h - q_range.start;
-                        let query_rows = block_head(&queries, len, q_range.len(), offset, d);
-                        scratch.prepare_queries(fmap, state, query_rows, start);
+                        let slot = h - q_range.start;
+                        let query_rows = block_head(&queries, len, q_range.len(), slot, d);
+                        scratch.prepare_queries(fmap, state, query_rows, position);
                         // SAFETY: these rows of q head h belong to this unit alone.
                         let mut rows = unsafe { out_heads.block(b, h, start, len) };
                         scratch.numerators(state, block_values, rows.rb(), uniform);
@@ -317,7 +332,12 @@ pub(crate) fn causal_chunked<T: Element, F: FeatureMap<T>>(
                             finite &= simd::all_finite(row);
                         }
                     }
-                    state.absorb(start, &mut scratch.phi_k, &scratch.key_scale, block_values);
+                    state.absorb(
+                        position,
+                        &mut scratch.phi_k,
+                        &scratch.key_scale,
+                        block_values,
+                    );
                 }
             }
             UnitEnd {

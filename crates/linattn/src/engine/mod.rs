@@ -274,6 +274,13 @@ mod parallel;
 /// The final state of each kv head a chunked pass read, at `b · heads_kv + g`.
 pub(crate) type FinalStates<T> = Vec<Option<LinearState<T>>>;
 
+/// Where a causal pass continues sequences from: each sequence's position (the tokens
+/// before this pass) and its kv heads' states, at `b · heads_kv + g`.
+pub(crate) struct Start<'a, T> {
+    pub positions: &'a [usize],
+    pub states: &'a [LinearState<T>],
+}
+
 /// What a forward pass of the kernel leaves besides its output.
 pub(crate) struct KernelPass<T> {
     /// The final states, for the decoder.
@@ -351,6 +358,7 @@ impl<T: Element> Kernel<T> {
                 v,
                 out,
                 heads,
+                None,
             )
         } else {
             let finite = self.full(problem, [q, k, v], out, heads);
@@ -359,6 +367,32 @@ impl<T: Element> Kernel<T> {
                 finite: Some(finite),
             }
         }
+    }
+
+    /// The causal chunked form for the query heads in `heads`, continuing sequences from
+    /// `start` (the decoder's states) instead of from empty ones.
+    pub fn forward_from(
+        &self,
+        problem: &Problem,
+        [q, k, v]: [&Tensor<T>; 3],
+        out: &mut Tensor<T>,
+        heads: Range<usize>,
+        start: &Start<'_, T>,
+    ) -> KernelPass<T> {
+        debug_assert!(problem.causal);
+        let (map, normalizer) = (&self.map, self.normalizer);
+        chunked::causal_chunked(
+            problem,
+            map,
+            normalizer,
+            self.chunk,
+            q,
+            k,
+            v,
+            out,
+            heads,
+            Some(start),
+        )
     }
 
     /// The recurrent form, first half: absorbs the key and value at `position`.

@@ -6,7 +6,7 @@
 use crate::api::attention::Attention;
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
-use crate::engine::{FeatureMap, Kernel, LinearState};
+use crate::engine::{FeatureMap, Kernel, LinearState, Start};
 use crate::methods::AttentionMethod;
 use rayon::prelude::*;
 
@@ -180,6 +180,29 @@ impl<T: Element> Sequence<T> {
                     kernel.read(&self.states[g], position, query(h), dst);
                 }
             }
+        }
+    }
+
+    /// Takes one token into the cache and writes the exact heads' outputs into `out`
+    /// (heads × d_v): the kernelized heads' share of a block the engine computed.
+    fn attend_exact<'a>(
+        &mut self,
+        layout: &Layout,
+        scale: T,
+        query: impl Fn(usize) -> &'a [T],
+        key: impl Fn(usize) -> &'a [T],
+        value: impl Fn(usize) -> &'a [T],
+        out: &mut [T],
+    ) where
+        T: 'a,
+    {
+        if layout.split > 0 {
+            self.insert(layout, &key, &value);
+        }
+        self.position += 1;
+        for h in 0..layout.split {
+            let dst = &mut out[h * layout.dim_v..(h + 1) * layout.dim_v];
+            self.attend(layout, scale, h / layout.group(), query(h), dst);
         }
     }
 
@@ -439,17 +462,123 @@ impl<T: Element> Decoder<T> {
     /// `[batch, 1, heads_q, d_v]`.
     pub fn step(&mut self, q: &Tensor<T>, k: &Tensor<T>, v: &Tensor<T>) -> Result<Tensor<T>> {
         let layout = self.layout;
+        let mut out = self.check_block(q, k, v, Some(1))?;
+        let (scale, kernel) = (self.scale, self.kernel.as_ref());
+        out.as_mut_slice()
+            .par_chunks_mut(layout.heads_q * layout.dim_v)
+            .zip(self.sequences.par_iter_mut())
+            .enumerate()
+            .for_each(|(b, (out_row, sequence))| {
+                sequence.step(
+                    &layout,
+                    scale,
+                    kernel,
+                    |h| q.head(b, h).row(0),
+                    |g| k.head(b, g).row(0),
+                    |g| v.head(b, g).row(0),
+                    out_row,
+                );
+            });
+        self.check_output(&out)?;
+        Ok(out)
+    }
+
+    /// Feeds a block of tokens per sequence — `q` `[batch, n, heads_q, d]`, `k` and `v`
+    /// `[batch, n, heads_kv, ·]` — and returns their outputs: what `n` steps would, with
+    /// the kernelized heads' block computed by the chunked form from the states so far.
+    /// This is how a causal call starts from an initial state: the decoder holds it,
+    /// and holds the final state afterwards.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method, Tensor};
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let [q, k, v] = [0, 1, 2].map(|s| Tensor::<f64>::randn([2, 100, 4, 16], s).unwrap());
+    /// let part = |x: &Tensor<f64>, r| x.slice_seq(r).unwrap();
+    /// let (_, mut decoder) = attention.prefill(&part(&q, 0..60), &part(&k, 0..60), &part(&v, 0..60))?;
+    /// let rest = decoder.prefill(&part(&q, 60..100), &part(&k, 60..100), &part(&v, 60..100))?;
+    /// let whole = attention.forward(&q, &k, &v)?;
+    /// assert!(rest.relative_error(&whole.slice_seq(60..100)?).unwrap() < 1e-12);
+    /// assert_eq!(decoder.positions(), [100, 100]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn prefill(&mut self, q: &Tensor<T>, k: &Tensor<T>, v: &Tensor<T>) -> Result<Tensor<T>> {
+        let layout = self.layout;
+        let mut out = self.check_block(q, k, v, None)?;
+        let len = q.shape()[1];
+        if let Some(kernel) = &self.kernel {
+            let problem = Problem::new(q.shape(), k.shape(), v.shape(), true)?;
+            let positions = self.positions();
+            let states: Vec<LinearState<T>> = self
+                .sequences
+                .iter()
+                .flat_map(|s| s.states.iter().cloned())
+                .collect();
+            let start = Start {
+                positions: &positions,
+                states: &states,
+            };
+            let mut pass = kernel.forward_from(
+                &problem,
+                [q, k, v],
+                &mut out,
+                layout.split..layout.heads_q,
+                &start,
+            );
+            for (b, sequence) in self.sequences.iter_mut().enumerate() {
+                for (g, state) in sequence.states.iter_mut().enumerate() {
+                    if let Some(last) = pass.states[b * layout.heads_kv + g].take() {
+                        *state = last;
+                    }
+                }
+            }
+        }
+        let scale = self.scale;
+        out.as_mut_slice()
+            .par_chunks_mut(len * layout.heads_q * layout.dim_v)
+            .zip(self.sequences.par_iter_mut())
+            .enumerate()
+            .for_each(|(b, (out_rows, sequence))| {
+                for (t, out_row) in out_rows
+                    .chunks_exact_mut(layout.heads_q * layout.dim_v)
+                    .enumerate()
+                {
+                    sequence.attend_exact(
+                        &layout,
+                        scale,
+                        |h| q.head(b, h).row(t),
+                        |g| k.head(b, g).row(t),
+                        |g| v.head(b, g).row(t),
+                        out_row,
+                    );
+                }
+            });
+        self.check_output(&out)?;
+        Ok(out)
+    }
+
+    /// Checks a block of tokens (`tokens` per sequence if given) against the decoder's
+    /// sizes, its method's length limit and the memory limit; returns the zeroed output.
+    fn check_block(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        tokens: Option<usize>,
+    ) -> Result<Tensor<T>> {
+        let layout = self.layout;
         let batch = self.sequences.len();
+        let len = tokens.unwrap_or(q.shape()[1]);
         for (name, tensor, heads, dim) in [
             ("q", q, layout.heads_q, layout.dim_qk),
             ("k", k, layout.heads_kv, layout.dim_qk),
             ("v", v, layout.heads_kv, layout.dim_v),
         ] {
-            let expected = [batch, 1, heads, dim];
-            if tensor.shape() != expected {
+            let expected = [batch, len, heads, dim];
+            if tensor.shape() != expected || len == 0 {
+                let what = if tokens.is_some() { "step" } else { "block" };
                 return Err(Error::ShapeMismatch {
                     detail: format!(
-                        "a decoding step takes {name} of shape {expected:?}, got {:?}",
+                        "a decoding {what} takes {name} of shape {expected:?}, got {:?}",
                         tensor.shape()
                     ),
                 });
@@ -467,46 +596,39 @@ impl<T: Element> Decoder<T> {
                 .sequences
                 .iter()
                 .map(|s| s.position)
-                .find(|&p| p >= max_len)
+                .find(|&p| p + len > max_len)
         {
             return Err(Error::SequenceTooLong {
                 method: self.attention.method().name(),
-                len: position + 1,
+                len: position + len,
                 max_len,
             });
         }
-        let growth = self.memory().bytes_per_token as u128;
-        let out_bytes = (batch * layout.heads_q * layout.dim_v * size_of::<T>()) as u128;
+        let growth = self.memory().bytes_per_token as u128 * len as u128;
+        let out_bytes = (batch * len * layout.heads_q * layout.dim_v * size_of::<T>()) as u128;
+        let scratch = if len > 1 && self.kernel.is_some() {
+            self.attention
+                .workspace_bytes(q.shape(), k.shape(), v.shape(), size_of::<T>())?
+        } else {
+            0
+        };
         memory::ensure_fits(
             "a decoding step",
-            growth + out_bytes,
+            growth + out_bytes + scratch,
             self.attention.limit(),
         )?;
-        let mut out = Tensor::zeros([batch, 1, layout.heads_q, layout.dim_v])?;
-        let (scale, kernel) = (self.scale, self.kernel.as_ref());
-        out.as_mut_slice()
-            .par_chunks_mut(layout.heads_q * layout.dim_v)
-            .zip(self.sequences.par_iter_mut())
-            .enumerate()
-            .for_each(|(b, (out_row, sequence))| {
-                sequence.step(
-                    &layout,
-                    scale,
-                    kernel,
-                    |h| q.head(b, h).row(0),
-                    |g| k.head(b, g).row(0),
-                    |g| v.head(b, g).row(0),
-                    out_row,
-                );
-            });
-        if let Some((index, _)) = out.first_non_finite() {
-            return Err(Error::NonFiniteOutput {
+        Tensor::zeros([batch, len, layout.heads_q, layout.dim_v])
+    }
+
+    fn check_output(&self, out: &Tensor<T>) -> Result<()> {
+        match out.first_non_finite() {
+            Some((index, _)) => Err(Error::NonFiniteOutput {
                 method: self.attention.method().name(),
                 tensor: "output",
                 index,
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(out)
     }
 }
 

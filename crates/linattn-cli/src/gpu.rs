@@ -43,7 +43,7 @@ mod enabled {
     use crate::error::CliError;
     use crate::report::{Case, Record};
     use half::{bf16, f16};
-    use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
+    use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
     use linattn::{Attention, Tensor};
     use std::time::Duration;
 
@@ -72,7 +72,7 @@ mod enabled {
     ) -> linattn::Result<Tensor<f32>> {
         let upload = |x| GpuTensor::<T>::upload(gpu, x);
         attention
-            .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
+            .forward(&upload(q)?, &upload(k)?, &upload(v)?)?
             .download()
     }
 
@@ -100,29 +100,22 @@ mod enabled {
         tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
     ) -> Result<(Duration, Vec<crate::decode_report::Step>), CliError> {
         let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x);
-        let [batch, prompt_len, _, dim_k] = q.shape();
+        let [batch, prompt_len, heads_q, dim_k] = q.shape();
         let [_, _, heads_kv, dim_v] = v.shape();
-        let mut state = GpuLinearState::zeros(gpu, batch, heads_kv, dim_k, dim_v)?;
+        let mut decoder =
+            GpuDecoder::<T>::new(gpu, attention, batch, heads_q, heads_kv, dim_k, dim_v)?;
         let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
         let milliseconds = |ms: f64| Duration::from_secs_f64(ms * 1e-3);
-        let prefill = gpu.elapsed_ms(|| {
-            attention
-                .prefill_cuda(gpu, &q, &k, &v, &mut state)
-                .map(drop)
-        })?;
+        let prefill = gpu.elapsed_ms(|| decoder.prefill(&q, &k, &v).map(drop))?;
         let mut steps = Vec::new();
         for (index, token) in tokens.enumerate() {
             let [q, k, v] = token?;
             let (q, k, v) = (upload(&q)?, upload(&k)?, upload(&v)?);
-            let latency = gpu.elapsed_ms(|| {
-                attention
-                    .decode_step_cuda(gpu, &q, &k, &v, &mut state)
-                    .map(drop)
-            })?;
+            let latency = gpu.elapsed_ms(|| decoder.step(&q, &k, &v).map(drop))?;
             steps.push(crate::decode_report::Step {
                 context: prompt_len + index + 1,
                 latency: milliseconds(latency),
-                state_bytes: state.bytes(),
+                state_bytes: decoder.memory().state_bytes,
             });
         }
         Ok((milliseconds(prefill), steps))
@@ -131,7 +124,7 @@ mod enabled {
     /// The GPU `bench` opens once: the device and its copy bandwidth, the floor of these
     /// memory-bound kernels.
     pub struct Bench {
-        gpu: Gpu,
+        gpu: std::sync::Arc<Gpu>,
         /// Bytes read plus written per second by a device-to-device copy.
         pub copy_bytes_per_second: f64,
     }
@@ -177,12 +170,12 @@ mod enabled {
             let gpu = &self.gpu;
             let upload = |x| GpuTensor::<T>::upload(gpu, x);
             let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
-            let output = attention.forward_cuda(gpu, &q, &k, &v)?.download()?;
+            let output = attention.forward(&q, &k, &v)?.download()?;
             for _ in 0..2 {
-                attention.forward_cuda(gpu, &q, &k, &v)?;
+                attention.forward(&q, &k, &v)?;
             }
             let mut times =
-                gpu.elapsed_runs_ms(RUNS, || attention.forward_cuda(gpu, &q, &k, &v).map(drop))?;
+                gpu.elapsed_runs_ms(RUNS, || attention.forward(&q, &k, &v).map(drop))?;
             times.sort_by(f64::total_cmp);
             let median = Duration::from_secs_f64(times[RUNS / 2] * 1e-3);
             let elements: usize = [q.shape(), k.shape(), v.shape(), q.shape()]

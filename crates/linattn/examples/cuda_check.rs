@@ -14,7 +14,7 @@
 //! start with `check`, `ceiling` or `bench` so the script can pick them out.
 
 use half::{bf16, f16};
-use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
+use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
 use linattn::{Attention, Method, Performer, Tensor, Window, reference};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +43,7 @@ fn main() -> Result<()> {
         }
         profile_forward_backward(&gpu, shape)?;
         let [q, k, v, _] = training_inputs(&gpu, shape)?;
-        Attention::new(Method::Performer(Performer::default())).forward_cuda(&gpu, &q, &k, &v)?;
+        Attention::new(Method::Performer(Performer::default())).forward(&q, &k, &v)?;
         gpu.synchronize()?;
         return Ok(());
     }
@@ -361,7 +361,7 @@ impl Judged {
         let upload = |x| GpuTensor::<P>::upload(gpu, x);
         let out = self
             .attention
-            .forward_cuda(gpu, &upload(q)?, &upload(k)?, &upload(v)?)?
+            .forward(&upload(q)?, &upload(k)?, &upload(v)?)?
             .download()?;
         let error = relative_error(&as_f64(&out), &self.exact);
         Ok(report(&self.describe::<P>(), error, tolerance))
@@ -385,25 +385,29 @@ impl Judged {
         let part = |x: &Tensor<f32>, range| -> Result<GpuTensor<P>> {
             Ok(GpuTensor::upload(gpu, &x.slice_seq(range)?)?)
         };
-        let mut state = GpuLinearState::zeros(gpu, batch, k.heads(), dim_k, v.head_dim())?;
+        let mut decoder = GpuDecoder::<P>::new(
+            gpu,
+            &self.attention,
+            batch,
+            q.heads(),
+            k.heads(),
+            dim_k,
+            v.head_dim(),
+        )?;
         let mut pieces = vec![
-            self.attention
-                .prefill_cuda(
-                    gpu,
+            decoder
+                .prefill(
                     &part(q, 0..prompt)?,
                     &part(k, 0..prompt)?,
                     &part(v, 0..prompt)?,
-                    &mut state,
                 )?
                 .download()?,
         ];
         for t in prompt..len {
-            let step = self.attention.decode_step_cuda(
-                gpu,
+            let step = decoder.step(
                 &part(q, t..t + 1)?,
                 &part(k, t..t + 1)?,
                 &part(v, t..t + 1)?,
-                &mut state,
             )?;
             pieces.push(step.download()?);
         }
@@ -654,8 +658,8 @@ fn check_backward(gpu: &Gpu, shape: [usize; 4], seed: u64) -> Result<usize> {
     )?;
     let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(gpu, x);
     let (q, k, v, d_out) = (upload(&q)?, upload(&k)?, upload(&v)?, upload(&d_out)?);
-    let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
-    let gradients = attention.backward_cuda(gpu, &q, &k, &v, &forward, &d_out)?;
+    let forward = attention.forward_training(&q, &k, &v)?;
+    let gradients = attention.backward_with(&forward, &q, &k, &v, &d_out)?;
     let tolerance = 4.0 * bf16::UNIT_ROUNDOFF;
     let mut failures = 0;
     for (name, gpu_gradient, exact) in [
@@ -675,9 +679,9 @@ fn time_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<f64> {
     let [q, k, v, d_out] = training_inputs(gpu, shape)?;
     let attention = Attention::new(Method::linear()).causal(true);
     median_ms(gpu, || {
-        let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
+        let forward = attention.forward_training(&q, &k, &v)?;
         attention
-            .backward_cuda(gpu, &q, &k, &v, &forward, &d_out)
+            .backward_with(&forward, &q, &k, &v, &d_out)
             .map(drop)
     })
 }
@@ -693,8 +697,8 @@ fn training_inputs(gpu: &Gpu, shape: [usize; 4]) -> Result<[GpuTensor<bf16>; 4]>
 fn profile_forward_backward(gpu: &Gpu, shape: [usize; 4]) -> Result<()> {
     let [q, k, v, d_out] = training_inputs(gpu, shape)?;
     let attention = Attention::new(Method::linear()).causal(true);
-    let forward = attention.forward_training_cuda(gpu, &q, &k, &v)?;
-    attention.backward_cuda(gpu, &q, &k, &v, &forward, &d_out)?;
+    let forward = attention.forward_training(&q, &k, &v)?;
+    attention.backward_with(&forward, &q, &k, &v, &d_out)?;
     gpu.synchronize()?;
     Ok(())
 }
@@ -746,19 +750,19 @@ fn time_method<P: Precision>(
         upload([b, t, heads_kv, d], 3)?,
     );
     let attention = Attention::new(method).causal(causal);
-    median_ms(gpu, || attention.forward_cuda(gpu, &q, &k, &v).map(drop))
+    median_ms(gpu, || attention.forward(&q, &k, &v).map(drop))
 }
 
 /// Median microseconds of one decode step, B=32 H=16 D=128, bf16 tokens, f32 state.
 fn time_decode(gpu: &Gpu) -> Result<f64> {
     let (batch, heads, dim) = (32, 16, 128);
     let token = GpuTensor::<bf16>::upload(gpu, &random([batch, 1, heads, dim], 7)?)?;
-    let mut state = GpuLinearState::zeros(gpu, batch, heads, dim, dim)?;
     let attention = Attention::new(Method::linear()).causal(true);
+    let mut decoder = GpuDecoder::<bf16>::new(gpu, &attention, batch, heads, heads, dim, dim)?;
     const STEPS: usize = 50;
     let ms = median_ms(gpu, || {
         for _ in 0..STEPS {
-            attention.decode_step_cuda(gpu, &token, &token, &token, &mut state)?;
+            decoder.step(&token, &token, &token)?;
         }
         Ok(())
     })?;

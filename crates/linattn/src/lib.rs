@@ -38,12 +38,17 @@ mod backend;
 mod base;
 mod engine;
 mod methods;
+/// The CUDA backend: the GPU, its tensors and decoder (feature `cuda`).
 #[cfg(feature = "cuda")]
-pub use backend::cuda;
+pub mod cuda {
+    pub use crate::api::cuda::GpuDecoder;
+    pub use crate::backend::cuda::*;
+}
 
 pub use api::attention::{Attention, Gradients};
 pub use api::cost::{Ceilings, Cost};
 pub use api::decode::{Decoder, DecoderMemory};
+pub use api::device::DeviceTensor;
 pub use api::reference;
 pub use base::memory::available_bytes as available_memory;
 pub use base::memory::total_bytes as total_memory;

@@ -6,9 +6,10 @@
 
 use half::bf16;
 use libtest_mimic::{Arguments, Failed, Trial};
-use linattn::cuda::{Gpu, GpuElement, GpuLinearState, GpuTensor};
+use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
 use linattn::{Attention, Cosformer, Error, Method, Performer, Tensor, Window, reference};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// The tests that need a GPU, by name.
 const GPU_TESTS: &[(&str, fn())] = &[
@@ -74,7 +75,7 @@ fn run(test: fn()) -> impl FnOnce() -> Result<(), Failed> + Send + 'static {
 }
 
 /// The GPU (these tests run only where one was found).
-fn gpu() -> Gpu {
+fn gpu() -> Arc<Gpu> {
     Gpu::open(0).expect("a GPU test runs only where a GPU can be opened")
 }
 
@@ -101,7 +102,7 @@ fn output_on_gpu<T: GpuElement>(
 ) -> Tensor<f32> {
     let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x).unwrap();
     attention
-        .forward_cuda(gpu, &upload(q), &upload(k), &upload(v))
+        .forward(&upload(q), &upload(k), &upload(v))
         .unwrap()
         .download()
         .unwrap()
@@ -165,7 +166,7 @@ fn performer_matches_the_reference_and_refuses_what_it_does_not_take() {
         Attention::new(Method::Performer(Performer::new(64, 0))),
     ] {
         assert!(matches!(
-            attention.forward_cuda(&gpu, &x, &x, &x),
+            attention.forward(&x, &x, &x),
             Err(Error::Unsupported(_))
         ));
     }
@@ -230,7 +231,7 @@ fn exact_attention_in_f32_and_odd_dims_takes_the_general_kernel() {
 
 fn prefill_then_decode_equals_one_causal_call() {
     let gpu = gpu();
-    let (shape, prompt) = ([2, 90, 4, 64], 70);
+    let (shape, prompt, block) = ([2, 90, 4, 64], 50, 20);
     let x = |seed| Tensor::<f32>::randn(shape, seed).unwrap();
     let (q, k, v) = (x(4), x(5), x(6));
     let attention = Attention::new(Method::linear()).causal(true);
@@ -240,35 +241,35 @@ fn prefill_then_decode_equals_one_causal_call() {
     let upload = |t: &Tensor<f32>, range: std::ops::Range<usize>| {
         GpuTensor::<bf16>::upload(&gpu, &t.slice_seq(range).unwrap()).unwrap()
     };
-    let mut state = GpuLinearState::zeros(&gpu, 2, 4, 64, 64).unwrap();
-    let bytes = state.bytes();
-    attention
-        .prefill_cuda(
-            &gpu,
-            &upload(&q, 0..prompt),
-            &upload(&k, 0..prompt),
-            &upload(&v, 0..prompt),
-            &mut state,
-        )
-        .unwrap();
-    for i in prompt..shape[1] {
-        let step = attention
-            .decode_step_cuda(
-                &gpu,
-                &upload(&q, i..i + 1),
-                &upload(&k, i..i + 1),
-                &upload(&v, i..i + 1),
-                &mut state,
-            )
-            .unwrap()
-            .download()
-            .unwrap();
-        let exact = whole.slice_seq(i..i + 1).unwrap();
-        let error = relative_error(&step, &exact);
-        // bf16 inputs and outputs: a few units of bf16's 2^-8 precision.
-        assert!(error < 1.5e-2, "step {i}: {error:e}");
-        assert_eq!(state.bytes(), bytes, "the state must not grow");
+    let part = |range: std::ops::Range<usize>| [&q, &k, &v].map(|t| upload(t, range.clone()));
+    // bf16 inputs and outputs: a few units of bf16's 2^-8 precision.
+    let check = |out: GpuTensor<bf16>, range: std::ops::Range<usize>| {
+        let error = relative_error(
+            &out.download().unwrap(),
+            &whole.slice_seq(range.clone()).unwrap(),
+        );
+        assert!(error < 1.5e-2, "{range:?}: {error:e}");
+    };
+    let [pq, pk, pv] = part(0..prompt);
+    let (out, mut decoder) = attention.prefill(&pq, &pk, &pv).unwrap();
+    check(out, 0..prompt);
+    let bytes = decoder.memory().state_bytes;
+    // A block from the state the prompt left (the initial state of a causal call).
+    let [bq, bk, bv] = part(prompt..prompt + block);
+    check(
+        decoder.prefill(&bq, &bk, &bv).unwrap(),
+        prompt..prompt + block,
+    );
+    for i in prompt + block..shape[1] {
+        let [tq, tk, tv] = part(i..i + 1);
+        check(decoder.step(&tq, &tk, &tv).unwrap(), i..i + 1);
+        assert_eq!(
+            decoder.memory().state_bytes,
+            bytes,
+            "the state must not grow"
+        );
     }
+    assert_eq!(decoder.positions(), vec![shape[1]; 2]);
 }
 
 fn misuse_is_named() {
@@ -276,24 +277,38 @@ fn misuse_is_named() {
     let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 8, 2, 16], 0).unwrap()).unwrap();
     let cosformer = Attention::new(Method::Cosformer(Cosformer::default()));
     assert!(matches!(
-        cosformer.forward_cuda(&gpu, &x, &x, &x),
+        cosformer.forward(&x, &x, &x),
         Err(Error::Unsupported(_))
     ));
     let wide = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 8, 1, 300], 0).unwrap()).unwrap();
     assert!(matches!(
-        Attention::new(Method::softmax()).forward_cuda(&gpu, &wide, &wide, &wide),
+        Attention::new(Method::softmax()).forward(&wide, &wide, &wide),
         Err(Error::Unsupported(_))
     ));
     let causal = Attention::new(Method::linear()).causal(true);
-    let mut state = GpuLinearState::zeros(&gpu, 1, 2, 16, 16).unwrap();
+    let mut decoder = GpuDecoder::<f32>::new(&gpu, &causal, 1, 2, 2, 16, 16).unwrap();
     assert!(matches!(
-        causal.decode_step_cuda(&gpu, &x, &x, &x, &mut state),
+        decoder.step(&x, &x, &x),
         Err(Error::ShapeMismatch { .. })
     ));
-    let mut wrong = GpuLinearState::zeros(&gpu, 1, 3, 16, 16).unwrap();
+    let mut wrong = GpuDecoder::<f32>::new(&gpu, &causal, 1, 3, 3, 16, 16).unwrap();
     assert!(matches!(
-        causal.prefill_cuda(&gpu, &x, &x, &x, &mut wrong),
+        wrong.prefill(&x, &x, &x),
         Err(Error::ShapeMismatch { .. })
+    ));
+    assert_eq!(
+        wrong.positions(),
+        vec![0],
+        "a refused block changes nothing"
+    );
+    assert!(matches!(
+        GpuDecoder::<f32>::new(&gpu, &cosformer, 1, 2, 2, 16, 16),
+        Err(Error::Unsupported(_))
+    ));
+    // The backward takes bf16 only.
+    assert!(matches!(
+        causal.backward(&x, &x, &x, &x),
+        Err(Error::Unsupported(_))
     ));
 }
 
@@ -334,36 +349,40 @@ fn backward_matches_the_cpu_backward_and_names_what_it_does_not_take() {
             .unwrap();
         let upload = |x: &Tensor<f32>| GpuTensor::<bf16>::upload(&gpu, x).unwrap();
         let (q, k, v, d_out) = (upload(&q), upload(&k), upload(&v), upload(&d_out));
-        let forward = attention.forward_training_cuda(&gpu, &q, &k, &v).unwrap();
-        let gradients = attention
-            .backward_cuda(&gpu, &q, &k, &v, &forward, &d_out)
+        let forward = attention.forward_training(&q, &k, &v).unwrap();
+        let kept = attention
+            .backward_with(&forward, &q, &k, &v, &d_out)
             .unwrap();
-        for (gpu_gradient, exact) in [
-            (&gradients.dq, &exact.dq),
-            (&gradients.dk, &exact.dk),
-            (&gradients.dv, &exact.dv),
-        ] {
-            let error = relative_error(&gpu_gradient.download().unwrap(), exact);
-            // Four roundings of bf16 (the H100 run measured 0.25-0.71%).
-            assert!(error < 4.0 / 256.0, "{shape:?}: {error:.2e}");
+        // The device-generic backward recomputes the forward: the same kernels.
+        let recomputed = attention.backward(&q, &k, &v, &d_out).unwrap();
+        for gradients in [kept, recomputed] {
+            for (gpu_gradient, exact) in [
+                (&gradients.dq, &exact.dq),
+                (&gradients.dk, &exact.dk),
+                (&gradients.dv, &exact.dv),
+            ] {
+                let error = relative_error(&gpu_gradient.download().unwrap(), exact);
+                // Four roundings of bf16 (the H100 run measured 0.25-0.71%).
+                assert!(error < 4.0 / 256.0, "{shape:?}: {error:.2e}");
+            }
         }
     }
     let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 64, 4, 64], 1).unwrap()).unwrap();
     let grouped =
         GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 64, 2, 64], 2).unwrap()).unwrap();
     let error = attention
-        .forward_training_cuda(&gpu, &x, &grouped, &grouped)
+        .forward_training(&x, &grouped, &grouped)
         .err()
         .unwrap();
     assert!(
         matches!(&error, Error::Unsupported(m) if m.contains("kv heads")),
         "{error}"
     );
-    let forward = attention.forward_training_cuda(&gpu, &x, &x, &x).unwrap();
+    let forward = attention.forward_training(&x, &x, &x).unwrap();
     let wrong =
         GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 63, 4, 64], 3).unwrap()).unwrap();
     let error = attention
-        .backward_cuda(&gpu, &x, &x, &x, &forward, &wrong)
+        .backward_with(&forward, &x, &x, &x, &wrong)
         .err()
         .unwrap();
     assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");

@@ -1,6 +1,7 @@
 //! The public API of one attention call: [`Attention`] validates the request, checks it
 //! against the memory limit and hands it to its [`Method`].
 
+use crate::api::device::DeviceTensor;
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
@@ -208,18 +209,15 @@ impl Attention {
         Ok(problem)
     }
 
-    /// Computes the attention of queries `q` over keys `k` and values `v`.
+    /// Computes the attention of queries `q` over keys `k` and values `v`, on the device
+    /// they are on (host [`Tensor`]s or GPU tensors, see [`DeviceTensor`]).
     ///
     /// Fails with a typed [`Error`] for shapes that do not fit, empty or non-finite
-    /// inputs, options the method does not allow, and requests larger than the memory
-    /// limit; never panics on bad input.
-    pub fn forward<T: Element>(
-        &self,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-    ) -> Result<Tensor<T>> {
-        self.forward_with_states(q, k, v).map(|(out, _)| out)
+    /// inputs, options the method does not allow, forms the device does not have
+    /// ([`Attention::supports`]), and requests larger than the memory limit; never
+    /// panics on bad input.
+    pub fn forward<X: DeviceTensor>(&self, q: &X, k: &X, v: &X) -> Result<X> {
+        X::forward(self, q, k, v)
     }
 
     /// [`Attention::forward`] into a tensor the caller already holds (of the output's
@@ -338,6 +336,8 @@ impl Attention {
     /// E and F). Recomputes what it needs of the forward pass; causal linear methods
     /// never hold an n × n matrix, exact attention holds one only when naive.
     ///
+    /// On the device the tensors are on ([`DeviceTensor`]).
+    ///
     /// ```
     /// use linattn::{Attention, Method, Tensor};
     /// let q = Tensor::<f32>::randn([2, 33, 4, 16], 0).unwrap();
@@ -346,7 +346,18 @@ impl Attention {
     /// let grads = Attention::new(Method::softmax()).causal(true).backward(&q, &kv, &kv, &d_out).unwrap();
     /// assert_eq!(grads.dk.shape(), kv.shape());
     /// ```
-    pub fn backward<T: Element>(
+    pub fn backward<X: DeviceTensor>(
+        &self,
+        q: &X,
+        k: &X,
+        v: &X,
+        d_out: &X,
+    ) -> Result<X::Gradients> {
+        X::backward(self, q, k, v, d_out)
+    }
+
+    /// [`Attention::backward`] of host tensors.
+    pub(crate) fn backward_on_host<T: Element>(
         &self,
         q: &Tensor<T>,
         k: &Tensor<T>,

@@ -1,7 +1,10 @@
-//! [`Attention`] on the GPU: the `_cuda` calls read the method (its scale, window,
-//! random features and constants) and call the CUDA backend's launches.
+//! [`Attention`] on GPU tensors: [`DeviceTensor`] for [`GpuTensor`] reads the method (its
+//! scale, window, random features and constants) and calls the CUDA backend's launches;
+//! [`GpuDecoder`] continues causal calls from their state.
 
 use crate::api::attention::Attention;
+use crate::api::decode::DecoderMemory;
+use crate::api::device::DeviceTensor;
 use crate::backend::cuda::{
     ExactMask, Gpu, GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor,
     linear_backward, linear_causal, linear_decode, linear_forward_training, linear_full,
@@ -9,43 +12,40 @@ use crate::backend::cuda::{
 };
 use crate::base::{Error, Problem, Result};
 use crate::engine::feature_map::FAVOR_EPSILON;
-use crate::methods::{LINEAR_EPSILON, Method, resolve_scale};
+use crate::methods::{Device, LINEAR_EPSILON, Method, resolve_scale};
+use half::bf16;
+use std::any::Any;
+use std::marker::PhantomData;
+use std::sync::Arc;
 
-impl Attention {
-    /// [`Attention::forward`] on the GPU, for tensors already there. Runs `linear`
-    /// attention (full, and causal in the chunked form), non-causal `performer` (head
-    /// dims multiples of 16 up to 128, up to 256 features) and exact attention
-    /// (`softmax`, `window`: full, causal or windowed, head dims up to 256); other
-    /// methods and forms are [`Error::Unsupported`] on the GPU for now.
-    ///
-    /// ```no_run
-    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
-    /// let gpu = Gpu::open(0)?;
-    /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 100, 2, 16], 0)?)?;
-    /// let out = Attention::new(Method::linear()).forward_cuda(&gpu, &x, &x, &x)?;
-    /// assert_eq!(out.shape(), [1, 100, 2, 16]);
-    /// let x = GpuTensor::<half::bf16>::upload(&gpu, &Tensor::randn([1, 100, 2, 64], 0)?)?;
-    /// let out = Attention::new(Method::softmax()).causal(true).forward_cuda(&gpu, &x, &x, &x)?;
-    /// assert_eq!(out.shape(), [1, 100, 2, 64]);
-    /// # Ok::<(), linattn::Error>(())
-    /// ```
-    pub fn forward_cuda<T: GpuElement>(
-        &self,
-        gpu: &Gpu,
-        q: &GpuTensor<T>,
-        k: &GpuTensor<T>,
-        v: &GpuTensor<T>,
-    ) -> Result<GpuTensor<T>> {
-        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        if let Method::Performer(performer) = &self.method {
+impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
+    type Decoder = GpuDecoder<T>;
+    type Gradients = GpuGradients<T>;
+
+    fn shape(&self) -> [usize; 4] {
+        GpuTensor::shape(self)
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    /// Runs `linear` attention (full, and causal in the chunked form), non-causal
+    /// `performer` (head dims multiples of 16 up to 128, up to 256 features) and exact
+    /// attention (`softmax`, `window`: full, causal or windowed, head dims up to 256);
+    /// other methods and forms are [`Error::Unsupported`] on the GPU for now.
+    fn forward(attention: &Attention, q: &Self, k: &Self, v: &Self) -> Result<Self> {
+        let gpu = same_gpu([q, k, v])?;
+        let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
+        if let Method::Performer(performer) = &attention.method {
             performer_supported(&problem, performer.num_features())?;
             let omega = performer.omega(problem.dim_qk)?;
             return performer_full(gpu, &problem, &omega, FAVOR_EPSILON, [q, k, v]);
         }
-        let mask = exact_mask(&self.method, &problem)?;
+        let mask = exact_mask(&attention.method, &problem)?;
         let problem = match mask {
             Some(_) => problem,
-            None => self.linear_problem(problem)?,
+            None => attention.linear_problem(problem)?,
         };
         let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
         match mask {
@@ -65,74 +65,66 @@ impl Attention {
         Ok(out)
     }
 
-    /// The causal forward on the GPU that also starts from `state` (the tokens before
-    /// these) and leaves in it the state after them: prefill for
-    /// [`Attention::decode_step_cuda`].
-    ///
-    /// ```no_run
-    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuLinearState, GpuTensor}};
-    /// let gpu = Gpu::open(0)?;
-    /// let x = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([1, 100, 2, 16], 0)?)?;
-    /// let mut state = GpuLinearState::zeros(&gpu, 1, 2, 16, 16)?;
-    /// let attention = Attention::new(Method::linear()).causal(true);
-    /// let out = attention.prefill_cuda(&gpu, &x, &x, &x, &mut state)?;
-    /// assert_eq!(out.shape(), [1, 100, 2, 16]);
-    /// # Ok::<(), linattn::Error>(())
-    /// ```
-    pub fn prefill_cuda<T: GpuElement>(
-        &self,
-        gpu: &Gpu,
-        q: &GpuTensor<T>,
-        k: &GpuTensor<T>,
-        v: &GpuTensor<T>,
-        state: &mut GpuLinearState,
-    ) -> Result<GpuTensor<T>> {
-        let problem = self.gpu_problem(q, k, v)?;
-        if !problem.causal {
-            return Err(Error::InvalidConfig(
-                "prefill needs a causal attention".into(),
-            ));
+    /// Runs [`Attention::forward_training`] and [`Attention::backward_with`]: bf16 causal
+    /// linear attention.
+    fn backward(
+        attention: &Attention,
+        q: &Self,
+        k: &Self,
+        v: &Self,
+        d_out: &Self,
+    ) -> Result<GpuGradients<T>> {
+        fn as_bf16<T: GpuElement>(x: &GpuTensor<T>) -> Option<&GpuTensor<bf16>> {
+            (x as &dyn Any).downcast_ref()
         }
-        linear_prefill(gpu, &problem, [q, k, v], LINEAR_EPSILON as f32, state)
+        let (Some(q), Some(k), Some(v), Some(d_out)) =
+            (as_bf16(q), as_bf16(k), as_bf16(v), as_bf16(d_out))
+        else {
+            return Err(Error::Unsupported(format!(
+                "the GPU backward takes bf16 tensors, not {}; Attention::backward on the CPU \
+                 takes every type",
+                T::NAME
+            )));
+        };
+        let forward = attention.forward_training(q, k, v)?;
+        let gradients: Box<dyn Any> = Box::new(attention.backward_with(&forward, q, k, v, d_out)?);
+        Ok(*gradients
+            .downcast::<GpuGradients<T>>()
+            .expect("T is bf16: its tensors were"))
     }
 
-    /// One recurrent step on the GPU for a batch of single tokens (`[B, 1, H, D]`):
-    /// absorbs k and v into `state` in place and returns each query's output. Memory
-    /// and time per step do not grow with the tokens seen.
-    ///
-    /// ```no_run
-    /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuLinearState, GpuTensor}};
-    /// let gpu = Gpu::open(0)?;
-    /// let token = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([32, 1, 16, 128], 0)?)?;
-    /// let mut state = GpuLinearState::zeros(&gpu, 32, 16, 128, 128)?;
-    /// let attention = Attention::new(Method::linear()).causal(true);
-    /// let out = attention.decode_step_cuda(&gpu, &token, &token, &token, &mut state)?;
-    /// assert_eq!(out.shape(), [32, 1, 16, 128]);
-    /// # Ok::<(), linattn::Error>(())
-    /// ```
-    pub fn decode_step_cuda<T: GpuElement>(
-        &self,
-        gpu: &Gpu,
-        q: &GpuTensor<T>,
-        k: &GpuTensor<T>,
-        v: &GpuTensor<T>,
-        state: &mut GpuLinearState,
-    ) -> Result<GpuTensor<T>> {
-        let problem = self.gpu_problem(q, k, v)?;
-        if problem.len_q != 1 {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "a decode step takes one token per sequence, not {}",
-                    problem.len_q
-                ),
-            });
-        }
-        linear_decode(gpu, &problem, [q, k, v], LINEAR_EPSILON as f32, state)
+    fn prefill(
+        attention: &Attention,
+        q: &Self,
+        k: &Self,
+        v: &Self,
+    ) -> Result<(Self, GpuDecoder<T>)> {
+        let gpu = same_gpu([q, k, v])?;
+        let [batch, _, heads_q, dim_qk] = q.shape();
+        let [_, _, heads_kv, dim_v] = v.shape();
+        let mut decoder = GpuDecoder::new(gpu, attention, batch, heads_q, heads_kv, dim_qk, dim_v)?;
+        let out = decoder.prefill(q, k, v)?;
+        Ok((out, decoder))
     }
+}
 
-    /// Causal linear attention on the GPU as [`forward_cuda`](Self::forward_cuda), keeping
-    /// what [`backward_cuda`](Self::backward_cuda) needs: the output and each row's
-    /// denominator (4 bytes per row and head). Takes what `backward_cuda` takes.
+/// The GPU the tensors are all on, or an error if they are not on one.
+fn same_gpu<T: GpuElement>(tensors: [&GpuTensor<T>; 3]) -> Result<&Arc<Gpu>> {
+    let gpu = tensors[0].gpu();
+    if tensors.iter().all(|x| x.gpu().ordinal() == gpu.ordinal()) {
+        Ok(gpu)
+    } else {
+        Err(Error::Unsupported(
+            "q, k and v are on different GPUs; copy them to one".into(),
+        ))
+    }
+}
+
+impl Attention {
+    /// Causal linear attention on the GPU as [`forward`](Self::forward), keeping what
+    /// [`backward_with`](Self::backward_with) needs: the output and each row's
+    /// denominator (4 bytes per row and head), so that the backward need not recompute
+    /// the forward as [`backward`](Self::backward) does. Takes what `backward_with` takes.
     ///
     /// ```no_run
     /// use half::bf16;
@@ -140,27 +132,27 @@ impl Attention {
     /// let gpu = Gpu::open(0)?;
     /// let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 256, 2, 64], 0)?)?;
     /// let attention = Attention::new(Method::linear()).causal(true);
-    /// let forward = attention.forward_training_cuda(&gpu, &x, &x, &x)?;
+    /// let forward = attention.forward_training(&x, &x, &x)?;
     /// assert_eq!(forward.out.shape(), [1, 256, 2, 64]);
     /// # Ok::<(), linattn::Error>(())
     /// ```
-    pub fn forward_training_cuda(
+    pub fn forward_training(
         &self,
-        gpu: &Gpu,
-        q: &GpuTensor<half::bf16>,
-        k: &GpuTensor<half::bf16>,
-        v: &GpuTensor<half::bf16>,
+        q: &GpuTensor<bf16>,
+        k: &GpuTensor<bf16>,
+        v: &GpuTensor<bf16>,
     ) -> Result<GpuForward> {
+        let gpu = same_gpu([q, k, v])?;
         let problem = self.backward_problem(q, k, v)?;
         linear_forward_training(gpu, &problem, [q, k, v], LINEAR_EPSILON as f32)
     }
 
     /// Gradients of causal linear attention on the GPU: ∂loss/∂q, ∂loss/∂k, ∂loss/∂v
-    /// from ∂loss/∂out and what [`forward_training_cuda`](Self::forward_training_cuda)
-    /// kept of the same call, for bf16 heads with `D_k = D_v` in {64, 128} and as many
-    /// kv heads as query heads (other cases are refused with [`Error::Unsupported`]; the
-    /// CPU's [`Attention::backward`] takes them all). The gradients are three passes of
-    /// the causal tensor-core kernel without feature map or denominator (one causal, two
+    /// from ∂loss/∂out and what [`forward_training`](Self::forward_training) kept of the
+    /// same call, for bf16 heads with `D_k = D_v` in {64, 128} and as many kv heads as
+    /// query heads (other cases are refused with [`Error::Unsupported`]; the CPU's
+    /// [`Attention::backward`] takes them all). The gradients are three passes of the
+    /// causal tensor-core kernel without feature map or denominator (one causal, two
     /// walking the sequence backwards) and prefix sums for the denominator's terms.
     ///
     /// ```no_run
@@ -169,20 +161,21 @@ impl Attention {
     /// let gpu = Gpu::open(0)?;
     /// let x = GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([1, 256, 2, 64], 0)?)?;
     /// let attention = Attention::new(Method::linear()).causal(true);
-    /// let forward = attention.forward_training_cuda(&gpu, &x, &x, &x)?;
-    /// let gradients = attention.backward_cuda(&gpu, &x, &x, &x, &forward, &x)?;
+    /// let forward = attention.forward_training(&x, &x, &x)?;
+    /// let gradients = attention.backward_with(&forward, &x, &x, &x, &x)?;
     /// assert_eq!(gradients.dq.shape(), [1, 256, 2, 64]);
     /// # Ok::<(), linattn::Error>(())
     /// ```
-    pub fn backward_cuda(
+    pub fn backward_with(
         &self,
-        gpu: &Gpu,
-        q: &GpuTensor<half::bf16>,
-        k: &GpuTensor<half::bf16>,
-        v: &GpuTensor<half::bf16>,
         forward: &GpuForward,
-        d_out: &GpuTensor<half::bf16>,
-    ) -> Result<GpuGradients> {
+        q: &GpuTensor<bf16>,
+        k: &GpuTensor<bf16>,
+        v: &GpuTensor<bf16>,
+        d_out: &GpuTensor<bf16>,
+    ) -> Result<GpuGradients<bf16>> {
+        let gpu = same_gpu([q, k, v])?;
+        same_gpu([q, d_out, &forward.out])?;
         let problem = self.backward_problem(q, k, v)?;
         linear_backward(gpu, &problem, [q, k, v], forward, d_out)
     }
@@ -190,9 +183,9 @@ impl Attention {
     /// The problem of a training call on the GPU, and whether the backward kernels take it.
     fn backward_problem(
         &self,
-        q: &GpuTensor<half::bf16>,
-        k: &GpuTensor<half::bf16>,
-        v: &GpuTensor<half::bf16>,
+        q: &GpuTensor<bf16>,
+        k: &GpuTensor<bf16>,
+        v: &GpuTensor<bf16>,
     ) -> Result<Problem> {
         let problem = self.gpu_problem(q, k, v)?;
         let supported = problem.causal
@@ -238,6 +231,165 @@ impl Attention {
             });
         }
         Ok(problem)
+    }
+}
+
+/// Decoding state on the GPU for a batch of sequences, the counterpart of the host's
+/// [`Decoder`](crate::Decoder): [`step`](Self::step) feeds one token per sequence,
+/// [`prefill`](Self::prefill) a block of them, both from the state so far (the initial
+/// state of a causal call) and leaving the state after them in place. Linear attention
+/// so far: its state is [`GpuLinearState`], of constant size.
+///
+/// ```no_run
+/// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
+/// let gpu = Gpu::open(0)?;
+/// let attention = Attention::new(Method::linear()).causal(true);
+/// let prompt = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([32, 100, 16, 128], 0)?)?;
+/// let (_, mut decoder) = attention.prefill(&prompt, &prompt, &prompt)?;
+/// let token = GpuTensor::<f32>::upload(&gpu, &Tensor::randn([32, 1, 16, 128], 1)?)?;
+/// let out = decoder.step(&token, &token, &token)?;
+/// assert_eq!(out.shape(), [32, 1, 16, 128]);
+/// assert_eq!(decoder.positions(), vec![101; 32]);
+/// # Ok::<(), linattn::Error>(())
+/// ```
+pub struct GpuDecoder<T> {
+    attention: Attention,
+    gpu: Arc<Gpu>,
+    state: GpuLinearState,
+    heads_q: usize,
+    position: usize,
+    element: PhantomData<T>,
+}
+
+impl<T: GpuElement> GpuDecoder<T> {
+    /// A decoder on `gpu` for `batch` empty sequences with the given head counts and
+    /// sizes.
+    ///
+    /// ```no_run
+    /// use linattn::{Attention, Method, cuda::{Gpu, GpuDecoder}};
+    /// let gpu = Gpu::open(0)?;
+    /// let attention = Attention::new(Method::linear());
+    /// let decoder = GpuDecoder::<half::bf16>::new(&gpu, &attention, 32, 16, 16, 128, 128)?;
+    /// assert_eq!(decoder.memory().bytes_per_token, 0);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn new(
+        gpu: &Gpu,
+        attention: &Attention,
+        batch: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        dim_qk: usize,
+        dim_v: usize,
+    ) -> Result<Self> {
+        let attention = attention.clone().causal(true);
+        let one = |heads, dim| [batch, 1, heads, dim];
+        let problem = attention.problem(
+            one(heads_q, dim_qk),
+            one(heads_kv, dim_qk),
+            one(heads_kv, dim_v),
+        )?;
+        attention.linear_problem(problem)?;
+        Ok(Self {
+            state: GpuLinearState::zeros(gpu, batch, heads_kv, dim_qk, dim_v)?,
+            attention,
+            gpu: gpu.handle(),
+            heads_q,
+            position: 0,
+            element: PhantomData,
+        })
+    }
+
+    /// Feeds one token per sequence (`[batch, 1, heads, ·]`) and returns its output.
+    /// Memory and time per step do not grow with the tokens seen.
+    pub fn step(
+        &mut self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+    ) -> Result<GpuTensor<T>> {
+        let problem = self.block_problem([q, k, v], Some(1))?;
+        let out = linear_decode(
+            &self.gpu,
+            &problem,
+            [q, k, v],
+            LINEAR_EPSILON as f32,
+            &mut self.state,
+        )?;
+        self.position += 1;
+        Ok(out)
+    }
+
+    /// Feeds a block of tokens per sequence (`[batch, n, heads, ·]`) and returns their
+    /// outputs: the causal chunked form from the state so far, leaving the state after
+    /// them.
+    pub fn prefill(
+        &mut self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+    ) -> Result<GpuTensor<T>> {
+        let problem = self.block_problem([q, k, v], None)?;
+        let out = linear_prefill(
+            &self.gpu,
+            &problem,
+            [q, k, v],
+            LINEAR_EPSILON as f32,
+            &mut self.state,
+        )?;
+        self.position += problem.len_q;
+        Ok(out)
+    }
+
+    /// Tokens seen by each sequence.
+    pub fn positions(&self) -> Vec<usize> {
+        vec![self.position; self.state.batch]
+    }
+
+    /// The GPU memory the state holds, which does not grow.
+    pub fn memory(&self) -> DecoderMemory {
+        DecoderMemory {
+            state_bytes: self.state.bytes(),
+            bytes_per_token: 0,
+        }
+    }
+
+    /// The state: `S` and `z` of every (sequence, kv head).
+    pub fn state(&self) -> &GpuLinearState {
+        &self.state
+    }
+
+    /// The problem of a block of `tokens` per sequence (any number if `None`), checked
+    /// against the decoder's sizes and GPU.
+    fn block_problem(
+        &self,
+        [q, k, v]: [&GpuTensor<T>; 3],
+        tokens: Option<usize>,
+    ) -> Result<Problem> {
+        if same_gpu([q, k, v])?.ordinal() != self.gpu.ordinal() {
+            return Err(Error::Unsupported(
+                "the tokens are on another GPU than the decoder's state".into(),
+            ));
+        }
+        let state = &self.state;
+        let len = tokens.unwrap_or(q.shape()[1]);
+        for (name, tensor, heads, dim) in [
+            ("q", q, self.heads_q, state.dim_k),
+            ("k", k, state.heads_kv, state.dim_k),
+            ("v", v, state.heads_kv, state.dim_v),
+        ] {
+            let expected = [state.batch, len, heads, dim];
+            if tensor.shape() != expected {
+                let what = if tokens.is_some() { "step" } else { "block" };
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "a decoding {what} takes {name} of shape {expected:?}, got {:?}",
+                        tensor.shape()
+                    ),
+                });
+            }
+        }
+        self.attention.gpu_problem(q, k, v)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The public API on top: [`Attention`](attention::Attention) for one call, the
+//! The public API on top: [`Attention`](attention::Attention) for one call on host or
+//! GPU tensors ([`DeviceTensor`](device::DeviceTensor)), the
 //! [`Decoder`](decode::Decoder) for token-by-token generation, packed variable-length
 //! batches, costs and ceilings, and the f64 reference.
 
@@ -7,5 +8,6 @@ pub(crate) mod cost;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod decode;
+pub(crate) mod device;
 pub mod reference;
 pub(crate) mod varlen;

@@ -4,6 +4,7 @@
 //! growing KV cache it is measured against.
 
 use crate::api::attention::Attention;
+use crate::api::device::DeviceTensor;
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::{FeatureMap, Kernel, LinearState, Start};
@@ -296,8 +297,14 @@ impl Attention {
     }
 
     /// Causal attention over a prompt, and the decoder that continues it: stepping it
-    /// gives what one causal call over the longer sequence would.
-    pub fn prefill<T: Element>(
+    /// gives what one causal call over the longer sequence would. On the device the
+    /// tensors are on ([`DeviceTensor`]); the decoder holds its state there.
+    pub fn prefill<X: DeviceTensor>(&self, q: &X, k: &X, v: &X) -> Result<(X, X::Decoder)> {
+        X::prefill(self, q, k, v)
+    }
+
+    /// [`Attention::prefill`] of host tensors.
+    pub(crate) fn prefill_on_host<T: Element>(
         &self,
         q: &Tensor<T>,
         k: &Tensor<T>,

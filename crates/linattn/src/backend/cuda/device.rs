@@ -9,7 +9,7 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// The kernel sources (CUDA C++), each after the helpers they share; the tile constants
 /// go before them all ([`tiles::prelude`]).
@@ -68,6 +68,8 @@ fn keep_freed_memory_pooled(context: &CudaContext) -> Result<()> {
 
 /// One GPU: its context, the stream every call runs on, and the kernels compiled for it.
 pub struct Gpu {
+    /// This GPU itself, for the tensors made on it to hold.
+    me: Weak<Gpu>,
     context: Arc<CudaContext>,
     pub(super) stream: Arc<CudaStream>,
     /// Compiled sources, by file name.
@@ -79,14 +81,14 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` (0 is the first).
+    /// Opens GPU `ordinal` (0 is the first). Tensors made on it keep it open.
     ///
     /// ```no_run
     /// let gpu = linattn::cuda::Gpu::open(0)?;
     /// println!("{}", gpu.name());
     /// # Ok::<(), linattn::Error>(())
     /// ```
-    pub fn open(ordinal: usize) -> Result<Self> {
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
         // SAFETY: only tries to load the libraries, as opening them below would.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::Cuda(
@@ -119,14 +121,22 @@ impl Gpu {
             Attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             "shared-memory limit",
         )?;
-        Ok(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             context,
             stream,
             modules: Mutex::new(HashMap::new()),
             kernels: Mutex::new(HashMap::new()),
             processors,
             shared_limit,
-        })
+        }))
+    }
+
+    /// A handle on this GPU, for a tensor made on it.
+    pub(crate) fn handle(&self) -> Arc<Gpu> {
+        self.me
+            .upgrade()
+            .expect("a Gpu is only reachable through the Arc that open returned")
     }
 
     /// The device's name, as the driver reports it.
@@ -137,6 +147,17 @@ impl Gpu {
     /// ```
     pub fn name(&self) -> String {
         self.context.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// The device's ordinal, as [`Gpu::open`] took it: handles opened on one device
+    /// share its memory.
+    ///
+    /// ```no_run
+    /// assert_eq!(linattn::cuda::Gpu::open(0)?.ordinal(), 0);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn ordinal(&self) -> usize {
+        self.context.ordinal()
     }
 
     /// Waits until every call issued so far has finished.

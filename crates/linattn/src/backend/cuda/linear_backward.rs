@@ -44,7 +44,7 @@ pub(crate) fn linear_backward(
     [q, k, v]: [&GpuTensor<half::bf16>; 3],
     forward: &GpuForward,
     d_out: &GpuTensor<half::bf16>,
-) -> Result<GpuGradients> {
+) -> Result<GpuGradients<half::bf16>> {
     for (what, shape) in [
         ("output gradient", d_out.shape),
         ("saved output", forward.out.shape),

@@ -10,7 +10,7 @@
 //! let gpu = Gpu::open(0)?;
 //! let x = Tensor::<f32>::randn([1, 4096, 8, 64], 0)?;
 //! let x = GpuTensor::<half::bf16>::upload(&gpu, &x)?;
-//! let out = Attention::new(Method::linear()).causal(true).forward_cuda(&gpu, &x, &x, &x)?;
+//! let out = Attention::new(Method::linear()).causal(true).forward(&x, &x, &x)?;
 //! assert_eq!(out.download()?.shape(), [1, 4096, 8, 64]);
 //! # Ok::<(), linattn::Error>(())
 //! ```
@@ -22,7 +22,7 @@
 // the tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
 // (linear_backward.cu), `performer` (performer.cu), `softmax` (softmax.cu); common.cuh
 // holds what every source shares. They take shapes, scales, masks and constants, never a
-// method: api/cuda.rs reads the method for the `_cuda` calls of `Attention`.
+// method: api/cuda.rs reads the method when `Attention` is called with GPU tensors.
 
 mod device;
 mod linear;

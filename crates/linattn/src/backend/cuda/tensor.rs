@@ -4,6 +4,7 @@
 use super::device::{Gpu, allocation_error, cuda_error};
 use crate::base::{Error, Result, Tensor};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use std::sync::Arc;
 
 mod sealed {
     pub trait Sealed {}
@@ -14,7 +15,9 @@ mod sealed {
 
 /// Element types of device tensors: f32, bf16 and f16. Products of bf16 and f16 run on
 /// the tensor cores with f32 accumulation; f32 stays f32 throughout.
-pub trait GpuElement: sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + Default {
+pub trait GpuElement:
+    sealed::Sealed + DeviceRepr + ValidAsZeroBits + Copy + Default + 'static
+{
     /// The suffix of this type's kernels.
     const NAME: &'static str;
     /// Rounds an f32 to this type.
@@ -53,10 +56,11 @@ impl GpuElement for half::f16 {
     }
 }
 
-/// A `[batch, seq, heads, head_dim]` tensor in GPU memory.
+/// A `[batch, seq, heads, head_dim]` tensor in GPU memory, holding the GPU it is on.
 pub struct GpuTensor<T> {
     pub(super) data: CudaSlice<T>,
     pub(super) shape: [usize; 4],
+    gpu: Arc<Gpu>,
 }
 
 impl<T: GpuElement> GpuTensor<T> {
@@ -94,6 +98,7 @@ impl<T: GpuElement> GpuTensor<T> {
         Ok(Self {
             data,
             shape: host.shape(),
+            gpu: gpu.handle(),
         })
     }
 
@@ -110,6 +115,7 @@ impl<T: GpuElement> GpuTensor<T> {
         Ok(Self {
             data: gpu.alloc(shape.iter().product())?,
             shape,
+            gpu: gpu.handle(),
         })
     }
 
@@ -119,7 +125,11 @@ impl<T: GpuElement> GpuTensor<T> {
         // SAFETY: read only after the kernel that receives it has written all of it.
         let data =
             unsafe { gpu.stream.alloc::<T>(count) }.map_err(|e| allocation_error::<T>(count, e))?;
-        Ok(Self { data, shape })
+        Ok(Self {
+            data,
+            shape,
+            gpu: gpu.handle(),
+        })
     }
 
     /// Copies the tensor back to the host, widened to f32.
@@ -144,16 +154,30 @@ impl<T: GpuElement> GpuTensor<T> {
     ///
     /// ```no_run
     /// use linattn::cuda::{Gpu, GpuTensor};
-    /// let x = GpuTensor::<f32>::zeros(&Gpu::open(0)?, [1, 2, 3, 4])?;
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<f32>::zeros(&gpu, [1, 2, 3, 4])?;
     /// assert_eq!(x.shape(), [1, 2, 3, 4]);
     /// # Ok::<(), linattn::Error>(())
     /// ```
     pub fn shape(&self) -> [usize; 4] {
         self.shape
     }
+
+    /// The GPU the tensor is on.
+    ///
+    /// ```no_run
+    /// use linattn::cuda::{Gpu, GpuTensor};
+    /// let gpu = Gpu::open(0)?;
+    /// let x = GpuTensor::<f32>::zeros(&gpu, [1, 2, 3, 4])?;
+    /// assert!(std::sync::Arc::ptr_eq(x.gpu(), &gpu));
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
 }
 
-/// What [`Attention::forward_training_cuda`](crate::Attention::forward_training_cuda)
+/// What [`Attention::forward_training`](crate::Attention::forward_training)
 /// keeps for the backward pass.
 pub struct GpuForward {
     /// The attention's output.
@@ -162,15 +186,15 @@ pub struct GpuForward {
     pub(super) den: CudaSlice<f32>,
 }
 
-/// Gradients from [`Attention::backward_cuda`](crate::Attention::backward_cuda), each
-/// shaped like its input.
-pub struct GpuGradients {
+/// Gradients from [`Attention::backward`](crate::Attention::backward) of GPU tensors,
+/// each shaped like its input.
+pub struct GpuGradients<T> {
     /// ∂loss/∂q.
-    pub dq: GpuTensor<half::bf16>,
+    pub dq: GpuTensor<T>,
     /// ∂loss/∂k.
-    pub dk: GpuTensor<half::bf16>,
+    pub dk: GpuTensor<T>,
     /// ∂loss/∂v.
-    pub dv: GpuTensor<half::bf16>,
+    pub dv: GpuTensor<T>,
 }
 
 /// The recurrent state of linear attention on the GPU for every (batch, kv head):
@@ -179,22 +203,15 @@ pub struct GpuGradients {
 pub struct GpuLinearState {
     pub(super) kv: CudaSlice<f32>,
     pub(super) k_sum: CudaSlice<f32>,
-    pub(super) batch: usize,
-    pub(super) heads_kv: usize,
-    pub(super) dim_k: usize,
-    pub(super) dim_v: usize,
+    pub(crate) batch: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) dim_k: usize,
+    pub(crate) dim_v: usize,
 }
 
 impl GpuLinearState {
     /// An empty state (no tokens seen).
-    ///
-    /// ```no_run
-    /// use linattn::cuda::{Gpu, GpuLinearState};
-    /// let state = GpuLinearState::zeros(&Gpu::open(0)?, 32, 16, 128, 128)?;
-    /// assert_eq!(state.bytes(), 32 * 16 * (128 * 128 + 128) * 4);
-    /// # Ok::<(), linattn::Error>(())
-    /// ```
-    pub fn zeros(
+    pub(crate) fn zeros(
         gpu: &Gpu,
         batch: usize,
         heads_kv: usize,
@@ -214,9 +231,11 @@ impl GpuLinearState {
     /// Bytes of GPU memory the state holds: the same after every step.
     ///
     /// ```no_run
-    /// use linattn::cuda::{Gpu, GpuLinearState};
-    /// let state = GpuLinearState::zeros(&Gpu::open(0)?, 1, 1, 4, 2)?;
-    /// assert_eq!(state.bytes(), (4 * 2 + 4) * 4);
+    /// use linattn::{Attention, Method, cuda::{Gpu, GpuDecoder}};
+    /// let gpu = Gpu::open(0)?;
+    /// let attention = Attention::new(Method::linear());
+    /// let decoder = GpuDecoder::<f32>::new(&gpu, &attention, 32, 16, 16, 128, 128)?;
+    /// assert_eq!(decoder.state().bytes(), 32 * 16 * (128 * 128 + 128) * 4);
     /// # Ok::<(), linattn::Error>(())
     /// ```
     pub fn bytes(&self) -> usize {
@@ -226,8 +245,11 @@ impl GpuLinearState {
     /// `S` and `z` copied to the host, in the layouts above.
     ///
     /// ```no_run
-    /// use linattn::cuda::{Gpu, GpuLinearState};
-    /// let (kv, k_sum) = GpuLinearState::zeros(&Gpu::open(0)?, 1, 2, 4, 3)?.download()?;
+    /// use linattn::{Attention, Method, cuda::{Gpu, GpuDecoder}};
+    /// let gpu = Gpu::open(0)?;
+    /// let attention = Attention::new(Method::linear());
+    /// let decoder = GpuDecoder::<f32>::new(&gpu, &attention, 1, 2, 2, 4, 3)?;
+    /// let (kv, k_sum) = decoder.state().download()?;
     /// assert_eq!((kv.len(), k_sum.len()), (24, 8));
     /// # Ok::<(), linattn::Error>(())
     /// ```

@@ -49,6 +49,7 @@ pub use api::attention::{Attention, Gradients};
 pub use api::cost::{Ceilings, Cost};
 pub use api::decode::{Decoder, DecoderMemory};
 pub use api::device::DeviceTensor;
+pub use api::plan::Plan;
 pub use api::reference;
 pub use base::memory::available_bytes as available_memory;
 pub use base::memory::total_bytes as total_memory;

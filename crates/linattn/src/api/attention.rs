@@ -2,7 +2,6 @@
 //! against the memory limit and hands it to its [`Method`].
 
 use crate::api::device::DeviceTensor;
-use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
 use crate::methods::{AttentionMethod, Device, Method};
@@ -238,18 +237,8 @@ impl Attention {
         v: &Tensor<T>,
         out: &mut Tensor<T>,
     ) -> Result<()> {
-        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        let expected = self.method.out_shape(&problem);
-        if out.shape() != expected {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "the output tensor has shape {:?} but the output is {expected:?}",
-                    out.shape()
-                ),
-            });
-        }
-        self.compute_fits(&problem, q, k, v, 0)?;
-        self.compute(&problem, q, k, v, out).map(|_| ())
+        let plan = self.plan_checked(q.shape(), k.shape(), v.shape(), false)?;
+        plan.forward_into(q, k, v, out)
     }
 
     /// [`Attention::forward`], also returning the final state of every kv head the
@@ -260,74 +249,8 @@ impl Attention {
         k: &Tensor<T>,
         v: &Tensor<T>,
     ) -> Result<(Tensor<T>, FinalStates<T>)> {
-        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        let out_shape = self.method.out_shape(&problem);
-        let out_bytes = out_shape
-            .iter()
-            .fold(size_of::<T>() as u128, |a, &x| a * x as u128);
-        // Refuse before allocating: the output counts against the memory limit too.
-        self.compute_fits(&problem, q, k, v, out_bytes)?;
-        let mut out = Tensor::zeros(out_shape)?;
-        let states = self.compute(&problem, q, k, v, &mut out)?;
-        Ok((out, states))
-    }
-
-    /// Fails when `out_bytes` of output plus the method's scratch exceed the limit.
-    fn compute_fits<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out_bytes: u128,
-    ) -> Result<()> {
-        let needed = out_bytes + self.method.workspace_bytes(problem, size_of::<T>());
-        memory::ensure_fits(
-            &format!(
-                "{}{} attention with q {:?}, k {:?}, v {:?} ({})",
-                if self.causal { "causal " } else { "" },
-                self.method.name(),
-                q.shape(),
-                k.shape(),
-                v.shape(),
-                T::NAME
-            ),
-            needed,
-            self.memory_limit,
-        )
-    }
-
-    /// Checks the inputs, computes into `out` (writing every element) and checks the
-    /// result.
-    fn compute<T: Element>(
-        &self,
-        problem: &Problem,
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        out: &mut Tensor<T>,
-    ) -> Result<FinalStates<T>> {
-        let checked_in_pass = self.method.checks_while_reading(problem);
-        if !checked_in_pass {
-            check_inputs([q, k, v])?;
-        }
-        let pass = self
-            .method
-            .forward(problem, q, k, v, out, 0..problem.heads_q)?;
-        if pass.finite != Some(true) {
-            // The pass saw a NaN or infinity somewhere, or did not look: find it.
-            if checked_in_pass {
-                check_inputs([q, k, v])?;
-            }
-            if let Some((index, _)) = out.first_non_finite() {
-                return Err(Error::NonFiniteOutput {
-                    method: self.method.name(),
-                    tensor: "output",
-                    index,
-                });
-            }
-        }
-        Ok(pass.states)
+        let plan = self.plan_checked(q.shape(), k.shape(), v.shape(), true)?;
+        plan.forward_with_states(q, k, v)
     }
 }
 
@@ -364,78 +287,8 @@ impl Attention {
         v: &Tensor<T>,
         d_out: &Tensor<T>,
     ) -> Result<Gradients<T>> {
-        let problem = self.problem(q.shape(), k.shape(), v.shape())?;
-        let out_shape = self.method.out_shape(&problem);
-        if d_out.shape() != out_shape {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "the output gradient has shape {:?} but the output has shape {out_shape:?}",
-                    d_out.shape()
-                ),
-            });
-        }
-        for (name, tensor) in [("q", q), ("k", k), ("v", v), ("d_out", d_out)] {
-            if let Some((index, value)) = tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: name,
-                    index,
-                    value,
-                });
-            }
-        }
-        let grads_bytes = [q, k, v]
-            .iter()
-            .map(|t| t.size_bytes() as u128)
-            .sum::<u128>();
-        let needed = grads_bytes
-            + self
-                .method
-                .backward_workspace_bytes(&problem, size_of::<T>());
-        memory::ensure_fits(
-            &format!(
-                "the backward of {} attention with q {:?}",
-                self.method.name(),
-                q.shape()
-            ),
-            needed,
-            self.memory_limit,
-        )?;
-        let (mut dq, mut dk, mut dv) = (
-            Tensor::zeros(q.shape())?,
-            Tensor::zeros(k.shape())?,
-            Tensor::zeros(v.shape())?,
-        );
-        let projections =
-            self.method
-                .backward(&problem, [q, k, v, d_out], [&mut dq, &mut dk, &mut dv])?;
-        for (name, tensor) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
-            if let Some((index, _)) = tensor.first_non_finite() {
-                return Err(Error::NonFiniteOutput {
-                    method: self.method.name(),
-                    tensor: name,
-                    index,
-                });
-            }
-        }
-        Ok(Gradients {
-            dq,
-            dk,
-            dv,
-            projections,
-        })
+        // The backward decides its own memory; the forward's does not apply.
+        let plan = self.plan_unchecked(q.shape(), k.shape(), v.shape())?;
+        plan.backward(q, k, v, d_out)
     }
-}
-
-/// [`Error::NonFinite`] for the first NaN or infinity in q, k or v.
-fn check_inputs<T: Element>(inputs: [&Tensor<T>; 3]) -> Result<()> {
-    for (name, tensor) in ["q", "k", "v"].into_iter().zip(inputs) {
-        if let Some((index, value)) = tensor.first_non_finite() {
-            return Err(Error::NonFinite {
-                tensor: name,
-                index,
-                value,
-            });
-        }
-    }
-    Ok(())
 }

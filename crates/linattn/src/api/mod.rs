@@ -9,5 +9,6 @@ pub(crate) mod cost;
 pub(crate) mod cuda;
 pub(crate) mod decode;
 pub(crate) mod device;
+pub(crate) mod plan;
 pub mod reference;
 pub(crate) mod varlen;

@@ -42,10 +42,20 @@ pub fn total_bytes() -> u128 {
     }
 }
 
+/// The bytes a request may use: `limit`, or without one the memory available now (which
+/// reads the system's tables: a plan decides it once).
+pub(crate) fn budget(limit: Option<u128>) -> u128 {
+    limit.unwrap_or_else(available_bytes)
+}
+
 /// Fails with [`Error::OutOfMemory`] when `needed` bytes exceed `limit` (or, without one,
 /// the memory available now).
 pub(crate) fn ensure_fits(what: &str, needed: u128, limit: Option<u128>) -> Result<()> {
-    let available = limit.unwrap_or_else(available_bytes);
+    ensure_within(what, needed, budget(limit))
+}
+
+/// Fails with [`Error::OutOfMemory`] when `needed` bytes exceed `available`.
+pub(crate) fn ensure_within(what: &str, needed: u128, available: u128) -> Result<()> {
     if needed > available {
         return Err(Error::OutOfMemory {
             what: what.to_string(),

@@ -64,6 +64,16 @@ impl<T: Element> Tensor<T> {
         })
     }
 
+    /// A tensor of zeros whose memory a plan has already allowed for: reads no system
+    /// table.
+    pub(crate) fn zeros_planned(shape: [usize; 4]) -> Result<Self> {
+        let count = element_count(shape, size_of::<T>())?;
+        Ok(Self {
+            data: zeroed(count),
+            shape,
+        })
+    }
+
     /// Standard-normal samples from a seeded, platform-independent generator.
     ///
     /// ```

@@ -4,6 +4,34 @@ use super::info::MethodInfo;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::{Kernel, KernelPass};
 use std::ops::Range;
+use std::sync::Arc;
+
+/// What a method builds once for a problem and element type and reads on every call
+/// ([`Plan`](crate::Plan)): nothing of it depends on the inputs' values.
+pub(crate) struct Prepared<T> {
+    /// The kernel of the kernelized heads, its feature map built (Performer's ω drawn).
+    pub kernel: Option<Kernel<T>>,
+    /// FNet's FFT plans: along the hidden dims, then along the sequence.
+    pub fft: Option<[Arc<dyn rustfft::Fft<T>>; 2]>,
+    /// Linformer's projections E and F, `len_k × k` row-major, in `T`.
+    pub projections: Option<(Vec<T>, Vec<T>)>,
+}
+
+impl<T> Prepared<T> {
+    /// Nothing prepared but the kernel (or not even that).
+    pub fn with_kernel(kernel: Option<Kernel<T>>) -> Self {
+        Self {
+            kernel,
+            fft: None,
+            projections: None,
+        }
+    }
+
+    /// The kernel, for the methods that have one.
+    pub fn kernel(&self) -> Result<&Kernel<T>> {
+        self.kernel.as_ref().ok_or_else(no_kernel)
+    }
+}
 
 /// What every method provides. Generic over the element type, so [`Method`] dispatches
 /// with [`each_method!`] rather than through a trait object.
@@ -29,19 +57,26 @@ pub(crate) trait AttentionMethod {
         false
     }
 
+    /// What the calls of `problem` in `T` share: the kernel, unless the method says
+    /// otherwise.
+    fn prepare<T: Element>(&self, problem: &Problem) -> Result<Prepared<T>> {
+        self.kernel(problem).map(Prepared::with_kernel)
+    }
+
     /// Computes the query heads `heads` into `out`, writing every element of them; a
     /// kernelized method's kernel runs on the engine unless the method says otherwise.
+    #[allow(clippy::too_many_arguments)]
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> Result<KernelPass<T>> {
-        let kernel = self.kernel(problem)?.ok_or_else(no_kernel)?;
-        Ok(kernel.forward(problem, [q, k, v], out, heads))
+        Ok(prepared.kernel()?.forward(problem, [q, k, v], out, heads))
     }
 
     /// Adds the gradients into `grads` (zeroed by the caller); returns Linformer's
@@ -50,11 +85,13 @@ pub(crate) trait AttentionMethod {
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         inputs: [&Tensor<T>; 4],
         grads: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
-        let kernel = self.kernel(problem)?.ok_or_else(no_kernel)?;
-        kernel.backward(problem, inputs, grads, 0..problem.heads_q);
+        prepared
+            .kernel()?
+            .backward(problem, inputs, grads, 0..problem.heads_q);
         Ok(None)
     }
 

@@ -26,7 +26,7 @@ pub use info::{Device, Forms, MethodInfo, OptionInfo, Variant};
 pub(crate) use linear::LINEAR_EPSILON;
 pub use linear::Linear;
 pub use linformer::{Linformer, Projections, linformer_projections};
-pub(crate) use method::{AttentionMethod, Recurrent};
+pub(crate) use method::{AttentionMethod, Prepared, Recurrent};
 pub use options::MethodOptions;
 pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
 #[cfg(feature = "cuda")]
@@ -123,24 +123,29 @@ impl AttentionMethod for Method {
     fn checks_while_reading(&self, problem: &Problem) -> bool {
         each_method!(self, m => m.checks_while_reading(problem))
     }
+    fn prepare<T: Element>(&self, problem: &Problem) -> Result<Prepared<T>> {
+        each_method!(self, m => m.prepare(problem))
+    }
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> Result<KernelPass<T>> {
-        each_method!(self, m => m.forward(problem, q, k, v, out, heads))
+        each_method!(self, m => m.forward(problem, prepared, q, k, v, out, heads))
     }
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         inputs: [&Tensor<T>; 4],
         grads: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
-        each_method!(self, m => m.backward(problem, inputs, grads))
+        each_method!(self, m => m.backward(problem, prepared, inputs, grads))
     }
     fn flops(&self, problem: &Problem) -> f64 {
         each_method!(self, m => m.flops(problem))

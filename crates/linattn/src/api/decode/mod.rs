@@ -42,6 +42,8 @@ pub struct DecoderMemory {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Decoder<T> {
+    /// The bytes it may hold and use, decided when it was made.
+    budget: u128,
     attention: Attention,
     layout: Layout,
     /// The exact heads' score scale.
@@ -219,6 +221,9 @@ impl<T: Element> Sequence<T> {
 
 /// A decoder without its sequences: what [`Decoder::plan`] decided.
 struct DecoderPlan<T> {
+    /// The bytes the decoder may hold and use: the limit, or what was available when it
+    /// was made.
+    budget: u128,
     attention: Attention,
     layout: Layout,
     scale: T,
@@ -248,10 +253,10 @@ impl<T: Element> DecoderPlan<T> {
 
     fn ensure_state_fits(&self, batch: usize) -> Result<()> {
         let bytes = batch as u128 * self.state_elements() * size_of::<T>() as u128;
-        memory::ensure_fits(
+        memory::ensure_within(
             &format!("the states of a decoder of {batch} sequences"),
             bytes,
-            self.attention.limit(),
+            self.budget,
         )
     }
 
@@ -267,6 +272,7 @@ impl<T: Element> DecoderPlan<T> {
             states,
         };
         Decoder {
+            budget: self.budget,
             attention: self.attention,
             layout: self.layout,
             scale: self.scale,
@@ -391,7 +397,9 @@ impl<T: Element> Decoder<T> {
         let tokens = wide(&[batch, heads_q, dim_qk])
             .saturating_add(wide(&[batch, heads_kv, dim_qk]))
             .saturating_add(wide(&[batch, heads_kv, dim_v]));
-        memory::ensure_fits(&what, tokens, attention.limit())?;
+        // The memory decision of every later step too: steps read no system table.
+        let budget = memory::budget(attention.limit());
+        memory::ensure_within(&what, tokens, budget)?;
         attention.output_shape(q, k, v)?;
         let recurrent = attention.method().recurrent(heads_q, dim_qk)?;
         let split = recurrent.exact_heads;
@@ -410,7 +418,7 @@ impl<T: Element> Decoder<T> {
         } else {
             0
         };
-        memory::ensure_fits(&what, tokens.saturating_add(states), attention.limit())?;
+        memory::ensure_within(&what, tokens.saturating_add(states), budget)?;
         if let Some(stored) = stored
             && kernelized
         {
@@ -425,7 +433,7 @@ impl<T: Element> Decoder<T> {
             }
         }
         let workspace = attention.workspace_bytes(q, k, v, size_of::<T>())?;
-        memory::ensure_fits(&what, workspace, attention.limit())?;
+        memory::ensure_within(&what, workspace, budget)?;
         let kernel = if kernelized {
             let kernel = kernel_of::<T>(&attention, &layout)?;
             debug_assert_eq!(Some(kernel.map.features()), recurrent.state_features);
@@ -434,6 +442,7 @@ impl<T: Element> Decoder<T> {
             None
         };
         Ok(DecoderPlan {
+            budget,
             attention,
             layout,
             scale: T::of_f64(recurrent.scale),
@@ -619,12 +628,15 @@ impl<T: Element> Decoder<T> {
         } else {
             0
         };
-        memory::ensure_fits(
+        // Against the budget the decoder was made with, which the state it holds counts
+        // against too.
+        let held = self.memory().state_bytes as u128;
+        memory::ensure_within(
             "a decoding step",
-            growth + out_bytes + scratch,
-            self.attention.limit(),
+            held + growth + out_bytes + scratch,
+            self.budget,
         )?;
-        Tensor::zeros([batch, len, layout.heads_q, layout.dim_v])
+        Tensor::zeros_planned([batch, len, layout.heads_q, layout.dim_v])
     }
 
     fn check_output(&self, out: &Tensor<T>) -> Result<()> {

@@ -4,7 +4,7 @@
 //! validated so that a call that passes them is well-formed.
 
 use super::info::{Forms, MethodInfo};
-use super::method::{AttentionMethod, Recurrent};
+use super::method::{AttentionMethod, Prepared, Recurrent};
 use crate::base::{Element, Error, Problem, Result, Tensor};
 use crate::engine::KernelPass;
 use rayon::prelude::*;
@@ -55,12 +55,23 @@ const PLAN_POINTS: u128 = 16;
 const PLANNER_BYTES: u128 = 64 << 10;
 
 impl Fnet {
-    pub(crate) fn mix<T: Element>(&self, v: &Tensor<T>, out: &mut Tensor<T>) {
+    /// The FFT plans of `v`'s planes: along the hidden dims, then along the sequence.
+    fn plans<T: Element>(problem: &Problem) -> [Arc<dyn Fft<T>>; 2] {
+        let mut planner = FftPlanner::<T>::new();
+        [
+            planner.plan_fft_forward(problem.heads_kv * problem.dim_v),
+            planner.plan_fft_forward(problem.len_k),
+        ]
+    }
+
+    pub(crate) fn mix<T: Element>(
+        &self,
+        [along_hidden, along_seq]: &[Arc<dyn Fft<T>>; 2],
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+    ) {
         let [batch, seq, heads, dim] = v.shape();
         let hidden = heads * dim;
-        let mut planner = FftPlanner::<T>::new();
-        let along_hidden = planner.plan_fft_forward(hidden);
-        let along_seq = planner.plan_fft_forward(seq);
         let plane = seq * hidden;
         let mut rows = vec![Complex::<T>::default(); plane];
         let mut columns = vec![Complex::<T>::default(); plane];
@@ -69,9 +80,9 @@ impl Fnet {
             rows.iter_mut()
                 .zip(input)
                 .for_each(|(c, &x)| *c = Complex::new(x, T::zero()));
-            transform_rows(&along_hidden, &mut rows, hidden);
+            transform_rows(along_hidden, &mut rows, hidden);
             transpose(&rows, &mut columns, seq, hidden);
-            transform_rows(&along_seq, &mut columns, seq);
+            transform_rows(along_seq, &mut columns, seq);
             // columns is hidden × seq; the output is seq × hidden.
             let output = &mut out.as_mut_slice()[b * plane..(b + 1) * plane];
             output
@@ -84,6 +95,13 @@ impl Fnet {
                 });
         }
     }
+}
+
+fn fft_plans<T>(prepared: &Prepared<T>) -> Result<&[Arc<dyn Fft<T>>; 2]> {
+    prepared
+        .fft
+        .as_ref()
+        .ok_or_else(|| Error::Unsupported("FNet was not prepared with its FFT plans".into()))
 }
 
 impl AttentionMethod for Fnet {
@@ -117,27 +135,36 @@ impl AttentionMethod for Fnet {
         self.workspace_bytes(problem, element)
     }
 
+    fn prepare<T: Element>(&self, problem: &Problem) -> Result<Prepared<T>> {
+        Ok(Prepared {
+            fft: Some(Self::plans(problem)),
+            ..Prepared::with_kernel(None)
+        })
+    }
+
     fn forward<T: Element>(
         &self,
         _problem: &Problem,
+        prepared: &Prepared<T>,
         _q: &Tensor<T>,
         _k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         _heads: Range<usize>,
     ) -> Result<KernelPass<T>> {
-        self.mix(v, out);
+        self.mix(fft_plans(prepared)?, v, out);
         Ok(KernelPass::unchecked())
     }
 
     fn backward<T: Element>(
         &self,
         _problem: &Problem,
+        prepared: &Prepared<T>,
         [_, _, _, d_out]: [&Tensor<T>; 4],
         [_, _, dv]: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
         // Re(DFT₂) is its own adjoint on real inputs; q and k get no gradient.
-        self.mix(d_out, dv);
+        self.mix(fft_plans(prepared)?, d_out, dv);
         Ok(None)
     }
 

@@ -5,7 +5,7 @@
 use super::info::{Forms, MethodInfo, OptionInfo};
 use super::linear::chunk_option;
 use super::linear::{Linear, reference::linear_row};
-use super::method::{AttentionMethod, Recurrent};
+use super::method::{AttentionMethod, Prepared, Recurrent};
 use super::options::MethodOptions;
 use super::performer::{Performer, reference::performer_row};
 use super::reference::Rows;
@@ -186,9 +186,21 @@ impl AttentionMethod for Hybrid {
             .max(global)
     }
 
+    fn prepare<T: Element>(&self, problem: &Problem) -> Result<Prepared<T>> {
+        // Without global heads there is no kernel to build (nor ω to draw).
+        let global = self.local_heads < problem.heads_q;
+        let kernel = if global {
+            Some(self.global.kernel(problem)?)
+        } else {
+            None
+        };
+        Ok(Prepared::with_kernel(kernel))
+    }
+
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
@@ -201,7 +213,7 @@ impl AttentionMethod for Hybrid {
                 .forward_heads(problem, [q, k, v], out, 0..split)?;
         }
         if split < problem.heads_q {
-            let kernel = self.global.kernel(problem)?;
+            let kernel = prepared.kernel()?;
             let pass = kernel.forward(problem, [q, k, v], out, split..problem.heads_q);
             // The window heads were not checked: say nothing of finiteness.
             return Ok(KernelPass {
@@ -215,6 +227,7 @@ impl AttentionMethod for Hybrid {
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         inputs: [&Tensor<T>; 4],
         [dq, dk, dv]: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
@@ -225,12 +238,9 @@ impl AttentionMethod for Hybrid {
                 .backward_heads(problem, inputs, grads, 0..split)?;
         }
         if split < problem.heads_q {
-            self.global.kernel(problem)?.backward(
-                problem,
-                inputs,
-                [dq, dk, dv],
-                split..problem.heads_q,
-            );
+            prepared
+                .kernel()?
+                .backward(problem, inputs, [dq, dk, dv], split..problem.heads_q);
         }
         Ok(None)
     }

@@ -7,7 +7,7 @@
 mod reference;
 
 use super::info::{Forms, MethodInfo, OptionInfo};
-use super::method::{AttentionMethod, Recurrent};
+use super::method::{AttentionMethod, Prepared, Recurrent};
 use super::options::MethodOptions;
 use super::softmax::resolve_scale;
 use crate::backend::cpu::exact::{Mask, TILE_QUERIES, dense_rows};
@@ -204,6 +204,14 @@ impl Linformer {
     }
 }
 
+/// E and F as [`AttentionMethod::prepare`] left them.
+fn projections_of<T>(prepared: &Prepared<T>) -> Result<(&[T], &[T])> {
+    let (e, f) = prepared.projections.as_ref().ok_or_else(|| {
+        Error::Unsupported("Linformer was not prepared with its projections".into())
+    })?;
+    Ok((e, f))
+}
+
 impl AttentionMethod for Linformer {
     fn validate(&self, problem: &Problem) -> Result<()> {
         if problem.causal {
@@ -252,21 +260,29 @@ impl AttentionMethod for Linformer {
         projections + projected + scores + task_list_bytes(tasks)
     }
 
+    fn prepare<T: Element>(&self, _problem: &Problem) -> Result<Prepared<T>> {
+        let (e, f) = self.projections()?;
+        let in_t = |p: Vec<f64>| -> Vec<T> { p.into_iter().map(T::of_f64).collect() };
+        Ok(Prepared {
+            projections: Some((in_t(e), in_t(f))),
+            ..Prepared::with_kernel(None)
+        })
+    }
+
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> Result<KernelPass<T>> {
-        let (e, f) = self.projections()?;
-        let to_t = |p: Vec<f64>| -> Vec<T> { p.into_iter().map(T::of_f64).collect() };
-        let (e, f) = (to_t(e), to_t(f));
+        let (e, f) = projections_of(prepared)?;
         let n = problem.len_k;
-        let e = MatRef::contiguous(&e, n, self.k);
-        let f = MatRef::contiguous(&f, n, self.k);
+        let e = MatRef::contiguous(&e[..n * self.k], n, self.k);
+        let f = MatRef::contiguous(&f[..n * self.k], n, self.k);
         let (d, dv, kp) = (problem.dim_qk, problem.dim_v, self.k);
 
         // K' = Eᵀ K and V' = Fᵀ V once per (batch, kv head).
@@ -360,15 +376,14 @@ impl AttentionMethod for Linformer {
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        prepared: &Prepared<T>,
         [q, k, v, d_out]: [&Tensor<T>; 4],
         [dq, dk, dv]: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
-        let (e, f) = self.projections()?;
-        let to_t = |p: Vec<f64>| -> Vec<T> { p.into_iter().map(T::of_f64).collect() };
-        let (e, f) = (to_t(e), to_t(f));
+        let (e, f) = projections_of(prepared)?;
         let (n, kp, d, dim_v) = (problem.len_k, self.k, problem.dim_qk, problem.dim_v);
-        let e = MatRef::contiguous(&e, n, kp);
-        let f = MatRef::contiguous(&f, n, kp);
+        let e = MatRef::contiguous(&e[..n * kp], n, kp);
+        let f = MatRef::contiguous(&f[..n * kp], n, kp);
         let scale = T::of_f64(resolve_scale(self.scale, d).expect("validated"));
         let tasks: Vec<(usize, usize)> = (0..problem.batch)
             .flat_map(|b| (0..problem.heads_kv).map(move |g| (b, g)))

@@ -5,7 +5,7 @@
 pub(crate) mod reference;
 
 use super::info::{Forms, MethodInfo, OptionInfo, Variant};
-use super::method::{AttentionMethod, Recurrent};
+use super::method::{AttentionMethod, Prepared, Recurrent};
 use super::options::MethodOptions;
 use crate::backend::cpu::exact::{self, HeadMajor, Mask, TILE_KEYS, TILE_QUERIES};
 use crate::backend::cpu::matmul::packing_bytes;
@@ -157,6 +157,7 @@ impl AttentionMethod for Softmax {
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        _prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
@@ -177,6 +178,7 @@ impl AttentionMethod for Softmax {
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        _prepared: &Prepared<T>,
         inputs: [&Tensor<T>; 4],
         grads: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {

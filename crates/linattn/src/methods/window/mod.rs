@@ -4,7 +4,7 @@
 //! memory are O(n·w).
 
 use super::info::{Forms, MethodInfo, OptionInfo};
-use super::method::{AttentionMethod, Recurrent};
+use super::method::{AttentionMethod, Prepared, Recurrent};
 use super::options::MethodOptions;
 use super::softmax::{
     exact_flops, reference::softmax_row, resolve_scale, tiled_backward_workspace, tiled_workspace,
@@ -175,6 +175,7 @@ impl AttentionMethod for Window {
     fn forward<T: Element>(
         &self,
         problem: &Problem,
+        _prepared: &Prepared<T>,
         q: &Tensor<T>,
         k: &Tensor<T>,
         v: &Tensor<T>,
@@ -188,6 +189,7 @@ impl AttentionMethod for Window {
     fn backward<T: Element>(
         &self,
         problem: &Problem,
+        _prepared: &Prepared<T>,
         inputs: [&Tensor<T>; 4],
         grads: [&mut Tensor<T>; 3],
     ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {

@@ -1,0 +1,311 @@
+//! A prepared attention call: [`Plan`] holds what does not change between calls of one
+//! shape and element type, so that repeated calls redo none of it.
+
+use crate::api::attention::{Attention, Gradients};
+use crate::base::memory;
+use crate::base::{Element, Error, Problem, Result, Tensor};
+use crate::engine::FinalStates;
+use crate::methods::{AttentionMethod, Prepared};
+
+/// An [`Attention`] prepared for q, k and v of given shapes and element type `T`: the
+/// shapes and options validated, the memory decision made (against the limit, or the
+/// memory the system had when the plan was made), and what the method builds before
+/// computing (Performer's ω, FNet's FFT plans, Linformer's projections) built once.
+/// Calls through it redo none of that and read no system files.
+///
+/// ```
+/// use linattn::{Attention, Method, Performer, Tensor};
+/// let attention = Attention::new(Method::Performer(Performer::new(128, 0))).causal(true);
+/// let shape = [1, 300, 4, 32];
+/// let plan = attention.plan::<f32>(shape, shape, shape)?;
+/// for seed in 0..3 {
+///     let x = Tensor::<f32>::randn(shape, seed)?;
+///     let out = plan.forward(&x, &x, &x)?;
+///     assert_eq!(out, attention.forward(&x, &x, &x)?);
+/// }
+/// # Ok::<(), linattn::Error>(())
+/// ```
+pub struct Plan<T> {
+    attention: Attention,
+    problem: Problem,
+    shapes: [[usize; 4]; 3],
+    out_shape: [usize; 4],
+    prepared: Prepared<T>,
+    /// The bytes a call may use: the limit, or what was available at planning.
+    budget: u128,
+}
+
+impl Attention {
+    /// Prepares calls of this attention on q, k and v of these shapes in `T`; fails as
+    /// [`Attention::forward`] would for anything but the inputs' values (shapes,
+    /// options, the memory of a forward call).
+    pub fn plan<T: Element>(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Plan<T>> {
+        self.plan_checked(q, k, v, true)
+    }
+
+    /// [`Attention::plan`], the memory of a forward call checked with or without its
+    /// output (which `forward_into` does not allocate).
+    pub(crate) fn plan_checked<T: Element>(
+        &self,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        with_output: bool,
+    ) -> Result<Plan<T>> {
+        let problem = self.problem(q, k, v)?;
+        let budget = memory::budget(self.limit());
+        let out_shape = self.method.out_shape(&problem);
+        let out_bytes = if with_output {
+            bytes_of::<T>(out_shape)
+        } else {
+            0
+        };
+        // Refused before anything is built or allocated.
+        let needed = out_bytes + self.method.workspace_bytes(&problem, size_of::<T>());
+        memory::ensure_within(&self.describe::<T>(&problem, [q, k, v]), needed, budget)?;
+        self.finish_plan(problem, [q, k, v], budget)
+    }
+
+    /// A plan whose calls check their own memory (the backward's).
+    pub(crate) fn plan_unchecked<T: Element>(
+        &self,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+    ) -> Result<Plan<T>> {
+        let problem = self.problem(q, k, v)?;
+        self.finish_plan(problem, [q, k, v], memory::budget(self.limit()))
+    }
+
+    fn finish_plan<T: Element>(
+        &self,
+        problem: Problem,
+        shapes: [[usize; 4]; 3],
+        budget: u128,
+    ) -> Result<Plan<T>> {
+        Ok(Plan {
+            attention: self.clone(),
+            out_shape: self.method.out_shape(&problem),
+            prepared: self.method.prepare(&problem)?,
+            problem,
+            shapes,
+            budget,
+        })
+    }
+
+    fn describe<T: Element>(&self, problem: &Problem, [q, k, v]: [[usize; 4]; 3]) -> String {
+        format!(
+            "{}{} attention with q {q:?}, k {k:?}, v {v:?} ({})",
+            if problem.causal { "causal " } else { "" },
+            self.method.name(),
+            T::NAME
+        )
+    }
+}
+
+impl<T: Element> Plan<T> {
+    /// The output's shape.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method};
+    /// let plan = Attention::new(Method::linear()).plan::<f32>([1, 9, 4, 8], [1, 9, 2, 8], [1, 9, 2, 5])?;
+    /// assert_eq!(plan.output_shape(), [1, 9, 4, 5]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn output_shape(&self) -> [usize; 4] {
+        self.out_shape
+    }
+
+    /// [`Attention::forward`] through the plan; the inputs must have the planned shapes.
+    pub fn forward(&self, q: &Tensor<T>, k: &Tensor<T>, v: &Tensor<T>) -> Result<Tensor<T>> {
+        self.forward_with_states(q, k, v).map(|(out, _)| out)
+    }
+
+    /// [`Attention::forward_into`] through the plan.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method, Tensor};
+    /// let x = Tensor::<f64>::randn([2, 40, 2, 8], 0)?;
+    /// let plan = Attention::new(Method::linear()).causal(true).plan::<f64>(x.shape(), x.shape(), x.shape())?;
+    /// let mut out = Tensor::zeros(plan.output_shape())?;
+    /// plan.forward_into(&x, &x, &x, &mut out)?;
+    /// assert_eq!(out, plan.forward(&x, &x, &x)?);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn forward_into(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+    ) -> Result<()> {
+        self.check_shapes([q, k, v])?;
+        if out.shape() != self.out_shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output tensor has shape {:?} but the output is {:?}",
+                    out.shape(),
+                    self.out_shape
+                ),
+            });
+        }
+        self.compute(q, k, v, out).map(drop)
+    }
+
+    /// [`Plan::forward`], also returning the final state of every kv head the chunked
+    /// causal form computed (at `b · heads_kv + g`), for the decoder.
+    pub(crate) fn forward_with_states(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+    ) -> Result<(Tensor<T>, FinalStates<T>)> {
+        self.check_shapes([q, k, v])?;
+        let mut out = Tensor::zeros_planned(self.out_shape)?;
+        let states = self.compute(q, k, v, &mut out)?;
+        Ok((out, states))
+    }
+
+    /// [`Attention::backward`] through the plan: its memory is checked against the
+    /// plan's budget.
+    ///
+    /// ```
+    /// use linattn::{Attention, Method, Tensor};
+    /// let x = Tensor::<f64>::randn([1, 30, 2, 8], 0)?;
+    /// let attention = Attention::new(Method::linear()).causal(true);
+    /// let plan = attention.plan::<f64>(x.shape(), x.shape(), x.shape())?;
+    /// assert_eq!(plan.backward(&x, &x, &x, &x)?, attention.backward(&x, &x, &x, &x)?);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn backward(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        d_out: &Tensor<T>,
+    ) -> Result<Gradients<T>> {
+        self.check_shapes([q, k, v])?;
+        let method = &self.attention.method;
+        if d_out.shape() != self.out_shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output gradient has shape {:?} but the output has shape {:?}",
+                    d_out.shape(),
+                    self.out_shape
+                ),
+            });
+        }
+        for (name, tensor) in [("q", q), ("k", k), ("v", v), ("d_out", d_out)] {
+            if let Some((index, value)) = tensor.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: name,
+                    index,
+                    value,
+                });
+            }
+        }
+        let grads_bytes: u128 = self.shapes.iter().map(|&s| bytes_of::<T>(s)).sum();
+        let needed = grads_bytes + method.backward_workspace_bytes(&self.problem, size_of::<T>());
+        memory::ensure_within(
+            &format!(
+                "the backward of {} attention with q {:?}",
+                method.name(),
+                q.shape()
+            ),
+            needed,
+            self.budget,
+        )?;
+        let (mut dq, mut dk, mut dv) = (
+            Tensor::zeros_planned(q.shape())?,
+            Tensor::zeros_planned(k.shape())?,
+            Tensor::zeros_planned(v.shape())?,
+        );
+        let projections = method.backward(
+            &self.problem,
+            &self.prepared,
+            [q, k, v, d_out],
+            [&mut dq, &mut dk, &mut dv],
+        )?;
+        for (name, tensor) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+            if let Some((index, _)) = tensor.first_non_finite() {
+                return Err(Error::NonFiniteOutput {
+                    method: method.name(),
+                    tensor: name,
+                    index,
+                });
+            }
+        }
+        Ok(Gradients {
+            dq,
+            dk,
+            dv,
+            projections,
+        })
+    }
+
+    fn check_shapes(&self, inputs: [&Tensor<T>; 3]) -> Result<()> {
+        for ((name, tensor), planned) in ["q", "k", "v"].into_iter().zip(inputs).zip(self.shapes) {
+            if tensor.shape() != planned {
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "{name} has shape {:?} but the plan was made for {planned:?}",
+                        tensor.shape()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the inputs, computes into `out` (writing every element) and checks the
+    /// result.
+    fn compute(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        out: &mut Tensor<T>,
+    ) -> Result<FinalStates<T>> {
+        let (method, problem) = (&self.attention.method, &self.problem);
+        let checked_in_pass = method.checks_while_reading(problem);
+        if !checked_in_pass {
+            check_inputs([q, k, v])?;
+        }
+        let heads = 0..problem.heads_q;
+        let pass = method.forward(problem, &self.prepared, q, k, v, out, heads)?;
+        if pass.finite != Some(true) {
+            // The pass saw a NaN or infinity somewhere, or did not look: find it.
+            if checked_in_pass {
+                check_inputs([q, k, v])?;
+            }
+            if let Some((index, _)) = out.first_non_finite() {
+                return Err(Error::NonFiniteOutput {
+                    method: method.name(),
+                    tensor: "output",
+                    index,
+                });
+            }
+        }
+        Ok(pass.states)
+    }
+}
+
+fn bytes_of<T>(shape: [usize; 4]) -> u128 {
+    shape
+        .iter()
+        .fold(size_of::<T>() as u128, |bytes, &x| bytes * x as u128)
+}
+
+/// [`Error::NonFinite`] for the first NaN or infinity in q, k or v.
+fn check_inputs<T: Element>(inputs: [&Tensor<T>; 3]) -> Result<()> {
+    for (name, tensor) in ["q", "k", "v"].into_iter().zip(inputs) {
+        if let Some((index, value)) = tensor.first_non_finite() {
+            return Err(Error::NonFinite {
+                tensor: name,
+                index,
+                value,
+            });
+        }
+    }
+    Ok(())
+}

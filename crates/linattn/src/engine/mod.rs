@@ -1,6 +1,8 @@
 //! The one engine behind every kernelized method (linear, performer, cosformer and the
 //! global heads of hybrid): `O = φ(Q) (φ(K)ᵀ V)`, normalised row by row by
-//! `φ(qᵢ) · Σⱼ φ(kⱼ)`. The methods differ only in their [`FeatureMap`] and [`Normalizer`].
+//! `φ(qᵢ) · Σⱼ φ(kⱼ)`. A method is a point on two axes, its [`FeatureMap`] and its
+//! [`StateUpdate`], with a [`Normalizer`]; each runs in the parallel, chunked and
+//! recurrent forms.
 //!
 //! Stabilised maps (FAVOR+) produce key features `φ(kⱼ) = k̂ⱼ·e^{cⱼ−C} + u` where `cⱼ` is
 //! the key's own log-scale, `C` the largest log-scale seen so far and `u` a constant. The
@@ -47,6 +49,15 @@ impl Normalizer {
             _ => T::one(),
         }
     }
+}
+
+/// How the running state absorbs each token: the engine's axis beside the feature map.
+/// The kernelized methods sum (`S_t = S_{t−1} + φ(k_t) v_tᵀ`); decay, gates and the delta
+/// rule are further points on it, each with the per-token inputs it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StateUpdate {
+    /// `S_t = S_{t−1} + φ(k_t) v_tᵀ`: nothing forgotten, nothing overwritten.
+    Sum,
 }
 
 /// A feature map φ applied to blocks of rows of one head.
@@ -300,11 +311,12 @@ impl<T> KernelPass<T> {
     }
 }
 
-/// A kernelized method reduced to what the engine needs: its feature map, how it
-/// normalises, and the chunk length of its causal form.
+/// A kernelized method reduced to what the engine needs: its feature map, how its state
+/// absorbs tokens, how it normalises, and the chunk length of its causal form.
 #[derive(Clone, Debug)]
 pub(crate) struct Kernel<T> {
     pub map: KernelMap<T>,
+    pub update: StateUpdate,
     pub normalizer: Normalizer,
     pub chunk: usize,
 }
@@ -343,28 +355,21 @@ impl<T: Element> Kernel<T> {
         out: &mut Tensor<T>,
         heads: Range<usize>,
     ) -> KernelPass<T> {
-        if problem.causal && problem.causal_form == CausalForm::Parallel {
-            let (map, normalizer) = (&self.map, self.normalizer);
-            parallel::causal_parallel(problem, map, normalizer, q, k, v, out, heads);
-            KernelPass::unchecked()
-        } else if problem.causal {
-            chunked::causal_chunked(
-                problem,
-                &self.map,
-                self.normalizer,
-                self.chunk,
-                q,
-                k,
-                v,
-                out,
-                heads,
-                None,
-            )
-        } else {
-            let finite = self.full(problem, [q, k, v], out, heads);
-            KernelPass {
-                states: Vec::new(),
-                finite: Some(finite),
+        let (map, normalizer) = (&self.map, self.normalizer);
+        match self.update {
+            StateUpdate::Sum if problem.causal && problem.causal_form == CausalForm::Parallel => {
+                parallel::causal_parallel(problem, map, normalizer, q, k, v, out, heads);
+                KernelPass::unchecked()
+            }
+            StateUpdate::Sum if problem.causal => chunked::causal_chunked(
+                problem, map, normalizer, self.chunk, q, k, v, out, heads, None,
+            ),
+            StateUpdate::Sum => {
+                let finite = self.full(problem, [q, k, v], out, heads);
+                KernelPass {
+                    states: Vec::new(),
+                    finite: Some(finite),
+                }
             }
         }
     }

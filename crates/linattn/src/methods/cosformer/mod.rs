@@ -8,7 +8,7 @@ use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
 use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{CosineReweighted, KernelMap, cosformer_angle};
-use crate::engine::{self as engine, Kernel, Normalizer};
+use crate::engine::{self as engine, Kernel, Normalizer, StateUpdate};
 use crate::methods::reference::{dot, keys_seen, kv_head, row, weighted_values};
 
 pub(crate) const INFO: MethodInfo = MethodInfo {
@@ -86,6 +86,7 @@ impl Cosformer {
                 dim: problem.dim_qk,
                 max_len: self.reweighting_length(problem.len_q.max(problem.len_k)),
             }),
+            update: StateUpdate::Sum,
             normalizer: Normalizer::ClampMin(COSFORMER_EPSILON),
             chunk: self.chunk,
         }

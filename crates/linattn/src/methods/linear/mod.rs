@@ -9,7 +9,7 @@ use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
 use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{EluPlusOne, KernelMap};
-use crate::engine::{self as engine, Kernel, Normalizer};
+use crate::engine::{self as engine, Kernel, Normalizer, StateUpdate};
 
 pub(crate) const INFO: MethodInfo = MethodInfo {
     name: "linear",
@@ -91,6 +91,7 @@ impl Linear {
             map: KernelMap::EluPlusOne(EluPlusOne {
                 dim: problem.dim_qk,
             }),
+            update: StateUpdate::Sum,
             normalizer: Normalizer::AddEpsilon(LINEAR_EPSILON),
             chunk: self.chunk,
         }

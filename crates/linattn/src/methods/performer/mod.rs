@@ -19,7 +19,7 @@ use super::method::{AttentionMethod, Recurrent, reads_in_blocks};
 use super::options::MethodOptions;
 use crate::base::{DEFAULT_CHUNK, Element, Error, Problem, Result, Tensor};
 use crate::engine::feature_map::{Favor, KernelMap, orthogonal_random_features};
-use crate::engine::{self as engine, Kernel, Normalizer};
+use crate::engine::{self as engine, Kernel, Normalizer, StateUpdate};
 use std::sync::Arc;
 
 pub(crate) const INFO: MethodInfo = MethodInfo {
@@ -229,6 +229,7 @@ impl Performer {
                 features: self.num_features(),
                 dim: problem.dim_qk,
             }),
+            update: StateUpdate::Sum,
             normalizer: Normalizer::Exact,
             chunk: self.chunk,
         })

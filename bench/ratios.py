@@ -3,7 +3,7 @@
 it is measured against in the same run, with issue 5's target where it sets one.
 
 Usage: python3 bench/ratios.py LINATTN_TXT PEERS_TXT
-(the outputs of examples/cuda_check.rs and ../shared/anchors/gpu_anchors.py).
+(the outputs of examples/cuda_bench.rs and ../shared/anchors/gpu_anchors.py).
 """
 
 import sys

@@ -3,7 +3,10 @@
 //! chunked, causal parallel) × element type × shape is a test of its own, named like
 //! `performer[features=16,seed=9]::causal_chunked::f32::B2-T7x7-H4x2-D32x32`, so that
 //! one failure hides no other and `cargo test --test agreement performer` selects cases.
-//! A custom harness (libtest-mimic): the cases come from the catalogue at run time.
+//! With the `cuda` feature the same cases run on the GPU too, wherever
+//! `Attention::supports` says the GPU takes them (`…::cuda-f32::…`, `…::cuda-bf16::…`),
+//! and are reported ignored where no GPU can be opened. A custom harness
+//! (libtest-mimic): the cases come from the catalogue at run time.
 
 mod common;
 
@@ -54,6 +57,8 @@ fn main() -> ExitCode {
             }
         }
     }
+    #[cfg(feature = "cuda")]
+    trials.extend(gpu::trials());
     trials.push(Trial::test(
         "fused_non_causal_linear_matches_the_reference",
         || {
@@ -125,5 +130,99 @@ fn fused_non_causal_linear_matches_the_reference() {
             .unwrap();
         let error = relative_error(&fast, &expected);
         assert!(error <= F32_TOLERANCE, "{shape:?}: error {error:e}");
+    }
+}
+
+/// The agreement cases on the GPU.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{FORMS, SHAPES, Shape, applies, attention, named_methods, relative_error};
+    use half::bf16;
+    use libtest_mimic::{Failed, Trial};
+    use linattn::cuda::{Gpu, GpuElement, GpuTensor};
+    use linattn::{Attention, Device, Tensor, reference};
+    use std::sync::{Arc, OnceLock};
+
+    /// f32 on the GPU against the f64 reference: f32 products, f32 accumulation.
+    const F32_TOLERANCE: f64 = 1e-4;
+    /// bf16 on the GPU against the f64 reference of the same bf16-rounded inputs: what
+    /// the kernels round themselves (the output, and the tensor cores' operands) at a
+    /// few units of bf16's 2⁻⁸.
+    const BF16_TOLERANCE: f64 = 1.5e-2;
+
+    fn gpu() -> Option<&'static Arc<Gpu>> {
+        static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
+        GPU.get_or_init(|| Gpu::open(0).ok()).as_ref()
+    }
+
+    pub fn trials() -> Vec<Trial> {
+        let absent = gpu().is_none();
+        if let Err(error) = Gpu::open(0) {
+            eprintln!("agreement: no usable GPU ({error}); its cases are reported ignored");
+        }
+        let mut trials = Vec::new();
+        for (index, (name, method)) in named_methods().into_iter().enumerate() {
+            // The GPU has one causal form: the chunked one.
+            for (form, causal, _) in FORMS.into_iter().take(2) {
+                for (n, shape) in SHAPES.iter().enumerate() {
+                    let attention = attention(&method, causal);
+                    let [q, k, v] = shape_of(shape);
+                    if !applies(&method, shape, causal)
+                        || attention.supports(q, k, v, Device::Cuda).is_err()
+                    {
+                        continue;
+                    }
+                    let seed = 10_000 * index as u64 + 10 * n as u64 + 5;
+                    let shape_name = super::shape_name(shape);
+                    for dtype in ["f32", "bf16"] {
+                        let (attention, shape) = (attention.clone(), *shape);
+                        trials.push(
+                            Trial::test(
+                                format!("{name}::{form}::cuda-{dtype}::{shape_name}"),
+                                move || {
+                                    let gpu = gpu().ok_or("no GPU")?;
+                                    if dtype == "f32" {
+                                        check::<f32>(gpu, &attention, &shape, seed, F32_TOLERANCE)
+                                    } else {
+                                        check::<bf16>(gpu, &attention, &shape, seed, BF16_TOLERANCE)
+                                    }
+                                },
+                            )
+                            .with_ignored_flag(absent),
+                        );
+                    }
+                }
+            }
+        }
+        trials
+    }
+
+    fn shape_of(shape: &Shape) -> [[usize; 4]; 3] {
+        [
+            [shape.batch, shape.len_q, shape.heads_q, shape.dim],
+            [shape.batch, shape.len_k, shape.heads_kv, shape.dim],
+            [shape.batch, shape.len_k, shape.heads_kv, shape.dim_v],
+        ]
+    }
+
+    /// The GPU in `T` against the f64 reference of the inputs as `T` holds them.
+    fn check<T: GpuElement>(
+        gpu: &Arc<Gpu>,
+        attention: &Attention,
+        shape: &Shape,
+        seed: u64,
+        tolerance: f64,
+    ) -> Result<(), Failed> {
+        let to_device = |x: Tensor<f32>| GpuTensor::<T>::upload(gpu, &x);
+        let [q, k, v] = shape.inputs::<f32>(seed);
+        let [q, k, v] = [to_device(q)?, to_device(k)?, to_device(v)?];
+        let held = |x: &GpuTensor<T>| -> Result<Tensor<f64>, Failed> { Ok(x.download()?.cast()) };
+        let expected = reference::forward(attention, &held(&q)?, &held(&k)?, &held(&v)?)?;
+        let out = attention.forward(&q, &k, &v)?.download()?;
+        let error = relative_error(&out, &expected);
+        if error > tolerance {
+            return Err(format!("{} error {error:e} > {tolerance:e}", T::NAME).into());
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,11 @@
 //! The CUDA backend against the f64 reference. Built with `--features cuda`. Where no GPU
 //! can be opened (CI has none) the tests that need one are reported as ignored, with a
 //! line on stderr saying why, and the others check that the backend builds and that its
-//! absence is a typed error. A custom harness (libtest-mimic): the standard one cannot
-//! decide at run time that a test is skipped.
+//! absence is a typed error. Beside the tests here, gpu_checks/ holds a named case per
+//! kernel family, shape and element type. A custom harness (libtest-mimic): the
+//! standard one cannot decide at run time that a test is skipped.
+
+mod gpu_checks;
 
 use half::bf16;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             .iter()
             .map(|&(name, test)| Trial::test(name, run(test)).with_ignored_flag(missing.is_some())),
     );
+    trials.extend(gpu_checks::trials(Gpu::open(0).ok()));
     libtest_mimic::run(&arguments, trials).exit_code()
 }
 

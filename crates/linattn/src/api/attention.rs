@@ -102,18 +102,16 @@ impl Attention {
     }
 
     /// Whether this call runs on `device`: the shapes and options are valid (as for
-    /// [`Attention::output_shape`]) and the method has the form (full or causal) there,
-    /// as the catalogue says; otherwise why not. A device may still refuse shapes its
-    /// kernels do not take (the GPU's head dims, say) when called.
+    /// [`Attention::output_shape`]), the method has the form (full or causal) there, as
+    /// the catalogue says, and the device's kernels take these shapes (the GPU's head
+    /// dims, say; nothing runs on the GPU without the `cuda` feature); otherwise why not.
     ///
     /// ```
     /// use linattn::{Attention, Device, Error, Method, Performer};
     /// let shape = [1, 128, 4, 64];
-    /// let favor = Attention::new(Method::Performer(Performer::new(64, 0)));
-    /// assert!(favor.supports(shape, shape, shape, Device::Cuda).is_ok());
-    /// let causal = favor.causal(true);
-    /// assert!(causal.supports(shape, shape, shape, Device::Cpu).is_ok());
-    /// assert!(matches!(causal.supports(shape, shape, shape, Device::Cuda), Err(Error::Unsupported(_))));
+    /// let favor = Attention::new(Method::Performer(Performer::new(64, 0))).causal(true);
+    /// assert!(favor.supports(shape, shape, shape, Device::Cpu).is_ok());
+    /// assert!(matches!(favor.supports(shape, shape, shape, Device::Cuda), Err(Error::Unsupported(_))));
     /// ```
     pub fn supports(
         &self,
@@ -130,14 +128,21 @@ impl Attention {
         } else {
             (forms.full, "full form")
         };
-        if has {
-            Ok(())
-        } else {
-            Err(Error::Unsupported(format!(
+        if !has {
+            return Err(Error::Unsupported(format!(
                 "{}'s {form} does not run on the {}",
                 info.name,
                 device.name()
-            )))
+            )));
+        }
+        match device {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => crate::api::cuda::gpu_supports(self, q, k, v),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => Err(Error::Unsupported(
+                "this linattn was built without the `cuda` feature".into(),
+            )),
         }
     }
 

@@ -8,11 +8,11 @@ use crate::api::device::DeviceTensor;
 use crate::backend::cuda::{
     ExactMask, Gpu, GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor,
     linear_backward, linear_causal, linear_decode, linear_forward_training, linear_full,
-    linear_prefill, performer_full, performer_supported, softmax_forward,
+    linear_prefill, performer_full, performer_supported, softmax_forward, softmax_supported,
 };
 use crate::base::{Error, Problem, Result};
 use crate::engine::feature_map::FAVOR_EPSILON;
-use crate::methods::{Device, LINEAR_EPSILON, Method, resolve_scale};
+use crate::methods::{Device, LINEAR_EPSILON, Method, Performer, resolve_scale};
 use half::bf16;
 use std::any::Any;
 use std::marker::PhantomData;
@@ -37,32 +37,36 @@ impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
     fn forward(attention: &Attention, q: &Self, k: &Self, v: &Self) -> Result<Self> {
         let gpu = same_gpu([q, k, v])?;
         let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
-        if let Method::Performer(performer) = &attention.method {
-            performer_supported(&problem, performer.num_features())?;
-            let omega = performer.omega(problem.dim_qk)?;
-            return performer_full(gpu, &problem, &omega, FAVOR_EPSILON, [q, k, v]);
+        let epsilon = LINEAR_EPSILON as f32;
+        match route(attention, problem)? {
+            Route::Performer(performer, problem) => {
+                let omega = performer.omega(problem.dim_qk)?;
+                performer_full(gpu, &problem, &omega, FAVOR_EPSILON, [q, k, v])
+            }
+            Route::Exact(mask, problem) => {
+                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+                softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?;
+                Ok(out)
+            }
+            Route::Linear(problem) => {
+                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+                if problem.causal {
+                    linear_causal(
+                        gpu,
+                        &problem,
+                        [q, k, v],
+                        epsilon,
+                        &mut out,
+                        None,
+                        None,
+                        None,
+                    )?;
+                } else {
+                    linear_full(gpu, &problem, q, k, v, epsilon, &mut out)?;
+                }
+                Ok(out)
+            }
         }
-        let mask = exact_mask(&attention.method, &problem)?;
-        let problem = match mask {
-            Some(_) => problem,
-            None => attention.linear_problem(problem)?,
-        };
-        let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
-        match mask {
-            Some(mask) => softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?,
-            None if problem.causal => linear_causal(
-                gpu,
-                &problem,
-                [q, k, v],
-                LINEAR_EPSILON as f32,
-                &mut out,
-                None,
-                None,
-                None,
-            )?,
-            None => linear_full(gpu, &problem, q, k, v, LINEAR_EPSILON as f32, &mut out)?,
-        }
-        Ok(out)
     }
 
     /// Runs [`Attention::forward_training`] and [`Attention::backward_with`]: bf16 causal
@@ -106,6 +110,43 @@ impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
         let out = decoder.prefill(q, k, v)?;
         Ok((out, decoder))
     }
+}
+
+/// Which kernels compute a call on the GPU.
+enum Route<'a> {
+    /// Non-causal FAVOR+, mapped inside the kernels.
+    Performer(&'a Performer, Problem),
+    /// Exact attention under a mask.
+    Exact(ExactMask, Problem),
+    /// Linear attention.
+    Linear(Problem),
+}
+
+/// The kernels that compute `attention` on `problem` (validated as on the CPU), or why
+/// the GPU does not take it: rules of shapes alone, known before any launch.
+fn route(attention: &Attention, problem: Problem) -> Result<Route<'_>> {
+    if let Method::Performer(performer) = &attention.method {
+        performer_supported(&problem, performer.num_features())?;
+        return Ok(Route::Performer(performer, problem));
+    }
+    match exact_mask(&attention.method, &problem)? {
+        Some(mask) => {
+            softmax_supported(&problem, mask)?;
+            Ok(Route::Exact(mask, problem))
+        }
+        None => attention.linear_problem(problem).map(Route::Linear),
+    }
+}
+
+/// Whether the GPU takes `attention` on these shapes: what [`Attention::supports`]
+/// asks for [`Device::Cuda`] once the catalogue has said the form runs there.
+pub(crate) fn gpu_supports(
+    attention: &Attention,
+    q: [usize; 4],
+    k: [usize; 4],
+    v: [usize; 4],
+) -> Result<()> {
+    route(attention, attention.problem(q, k, v)?).map(drop)
 }
 
 /// The GPU the tensors are all on, or an error if they are not on one.

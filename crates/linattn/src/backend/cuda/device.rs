@@ -4,9 +4,10 @@
 use super::ptx_cache;
 use super::tiles;
 use crate::base::{Error, Result};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -394,20 +395,85 @@ impl Source {
     }
 }
 
-/// Launches with the arguments pushed, mapping a failure to [`Error::Cuda`].
-///
-/// # Safety
-/// The arguments must be those of the kernel, in order, with buffers sized for the
-/// shape they carry.
-pub(super) unsafe fn launch(
-    mut args: cudarc::driver::LaunchArgs<'_>,
-    config: LaunchConfig,
-    name: &str,
-) -> Result<()> {
-    // SAFETY: the caller's promise.
-    unsafe { args.launch(config) }
-        .map(|_| ())
-        .map_err(|e| cuda_error(&format!("launching {name}"), e))
+/// A kernel's arguments, in order: its shape (the problem's dims), then its parameter
+/// struct, with the FAVOR+ kernels' feature count between them (performer.cu says why).
+pub(super) trait KernelArguments {
+    fn push_onto<'a>(&'a self, args: &mut LaunchArgs<'a>);
+}
+
+impl<S: DeviceRepr, P: DeviceRepr> KernelArguments for (S, P) {
+    fn push_onto<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(&self.0).arg(&self.1);
+    }
+}
+
+impl<S: DeviceRepr, F: DeviceRepr, P: DeviceRepr> KernelArguments for (S, F, P) {
+    fn push_onto<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(&self.0).arg(&self.1).arg(&self.2);
+    }
+}
+
+/// The buffers one launch's parameter struct points at: each call gives a buffer's device
+/// address for the struct and keeps the guard that orders the buffer's use on the stream
+/// (the launch waits for earlier writes to it, and later users wait for the launch).
+/// [`Buffers::launch`] consumes them, so the guards outlive the launch they order.
+pub(super) struct Buffers<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Buffers<'a> {
+    pub(super) fn on(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// The address of a buffer the kernel reads.
+    pub(super) fn read<T>(&mut self, slice: &'a CudaSlice<T>) -> CUdeviceptr {
+        let (address, guard) = slice.device_ptr(self.stream);
+        self.guards.push(guard);
+        address
+    }
+
+    /// The address of a buffer the kernel writes (or reads and writes).
+    pub(super) fn write<T>(&mut self, slice: &'a mut CudaSlice<T>) -> CUdeviceptr {
+        let (address, guard) = slice.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        address
+    }
+
+    /// [`Buffers::read`], or null for a buffer the kernel is told is absent.
+    pub(super) fn read_optional<T>(&mut self, slice: Option<&'a CudaSlice<T>>) -> CUdeviceptr {
+        slice.map_or(0, |slice| self.read(slice))
+    }
+
+    /// [`Buffers::write`], or null for a buffer the kernel is told is absent.
+    pub(super) fn write_optional<T>(&mut self, slice: Option<&'a mut CudaSlice<T>>) -> CUdeviceptr {
+        slice.map_or(0, |slice| self.write(slice))
+    }
+
+    /// Launches `function` (kernel `name`) with `arguments`, mapping a failure to
+    /// [`Error::Cuda`]; the guards are released once the launch is queued.
+    ///
+    /// # Safety
+    /// `arguments` must be the kernel's, in order, each address its parameter struct holds
+    /// one these buffers gave, sized for the shape it goes with.
+    pub(super) unsafe fn launch(
+        self,
+        function: &CudaFunction,
+        config: LaunchConfig,
+        arguments: &impl KernelArguments,
+        name: &str,
+    ) -> Result<()> {
+        let mut args = self.stream.launch_builder(function);
+        arguments.push_onto(&mut args);
+        // SAFETY: the caller's promise.
+        unsafe { args.launch(config) }
+            .map(|_| ())
+            .map_err(|e| cuda_error(&format!("launching {name}"), e))
+    }
 }
 
 /// Where CUDA's headers are: `$CUDA_HOME/include`, `$CUDA_PATH/include`, or the usual
@@ -518,4 +584,209 @@ pub fn compile_all_kernels(architecture: &str) -> Result<Vec<(String, usize)>> {
             })
             .collect()
     })
+}
+
+/// Each field of Rust struct `$ty` the list names, for [`layout::assert_mirrors`]. The
+/// pattern without `..` must name every field, so the list cannot leave one out.
+#[cfg(test)]
+macro_rules! rust_fields {
+    ($ty:ident { $($field:ident),* $(,)? }) => {{
+        let _names_every_field = |params: $ty| {
+            let $ty { $($field: _),* } = params;
+        };
+        vec![$($crate::backend::cuda::device::layout::RustField::of(
+            stringify!($field),
+            std::mem::offset_of!($ty, $field),
+            |params: &$ty| &params.$field,
+        )),*]
+    }};
+}
+#[cfg(test)]
+pub(super) use rust_fields;
+
+/// The kernels' parameter structs as their C declarations lay them out, read from the
+/// sources NVRTC compiles: the tests of each launch file check their Rust mirrors against
+/// them field by field (name, offset, size, type), so that a field added, moved or retyped
+/// on one side only fails a test instead of shifting every argument after it.
+#[cfg(test)]
+pub(super) mod layout {
+    use super::Source;
+
+    /// A field of a Rust mirror, as [`rust_fields`](super::rust_fields) lists it.
+    pub(crate) struct RustField {
+        name: &'static str,
+        offset: usize,
+        size: usize,
+        type_name: &'static str,
+    }
+
+    impl RustField {
+        pub(crate) fn of<S, F>(name: &'static str, offset: usize, _field: fn(&S) -> &F) -> Self {
+            Self {
+                name,
+                offset,
+                size: size_of::<F>(),
+                type_name: std::any::type_name::<F>(),
+            }
+        }
+    }
+
+    /// A field of a C struct: its offset and size, and the Rust type that mirrors its C
+    /// type (none for a nested struct, whose own mirror is checked apart).
+    struct CField {
+        name: String,
+        offset: usize,
+        size: usize,
+        rust_type: Option<&'static str>,
+    }
+
+    struct CStruct {
+        fields: Vec<CField>,
+        size: usize,
+        align: usize,
+    }
+
+    /// Size, alignment and Rust mirror of a C field's type on the device (64-bit
+    /// pointers, which [`CUdeviceptr`](cudarc::driver::sys::CUdeviceptr) mirrors).
+    fn c_type(source: &str, base: &str, pointer: bool) -> (usize, usize, Option<&'static str>) {
+        match (pointer, base) {
+            (true, _) => (8, 8, Some("u64")),
+            (false, "int") => (4, 4, Some("i32")),
+            (false, "float") => (4, 4, Some("f32")),
+            (false, "long long") => (8, 8, Some("i64")),
+            (false, name) => {
+                let nested = c_struct(source, name);
+                (nested.size, nested.align, None)
+            }
+        }
+    }
+
+    /// `struct name { ... };` of `source`, laid out by C's rules: each field at the next
+    /// multiple of its alignment, the size a multiple of the largest. Takes the forms the
+    /// kernels' structs use: one field or several (`int span, parts;`) per declaration,
+    /// pointers to const or not, and line comments.
+    fn c_struct(source: &str, name: &str) -> CStruct {
+        let opening = format!("struct {name} {{");
+        assert_eq!(
+            source.matches(&opening).count(),
+            1,
+            "one declaration of struct {name}"
+        );
+        let body = &source[source.find(&opening).unwrap() + opening.len()..];
+        let body: String = body[..body.find('}').expect("the end of the struct")]
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (mut fields, mut offset, mut align) = (Vec::new(), 0usize, 1);
+        for declaration in body.split(';').map(str::trim).filter(|d| !d.is_empty()) {
+            assert!(
+                !declaration.contains(['[', '(', '/']),
+                "{name}: `{declaration}` is not a form this reads"
+            );
+            let mut base = None;
+            for declarator in declaration.split(',') {
+                let spaced = declarator.replace('*', " * ");
+                let tokens: Vec<&str> = spaced
+                    .split_whitespace()
+                    .filter(|token| !matches!(*token, "const" | "__restrict__"))
+                    .collect();
+                let (field, type_tokens) = tokens.split_last().expect("a field name");
+                let pointer = type_tokens.contains(&"*");
+                // The first declarator names the type; the others share it.
+                let base = base.get_or_insert_with(|| {
+                    type_tokens
+                        .iter()
+                        .filter(|token| **token != "*")
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                });
+                let (size, field_align, rust_type) = c_type(source, base, pointer);
+                offset = offset.next_multiple_of(field_align);
+                align = align.max(field_align);
+                fields.push(CField {
+                    name: field.to_string(),
+                    offset,
+                    size,
+                    rust_type,
+                });
+                offset += size;
+            }
+        }
+        CStruct {
+            fields,
+            size: offset.next_multiple_of(align),
+            align,
+        }
+    }
+
+    /// The most bytes a by-value kernel parameter may take: NVVM keeps a larger one in
+    /// memory and takes what is read from it for values that may differ between threads,
+    /// and no longer unswitches loops on them (linear.cu's LinearParams says what that
+    /// cost).
+    const MAX_PARAMETER_BYTES: usize = 128;
+
+    /// Checks that `R`, whose fields are `rust`, lays out as `struct c_name` of `source`
+    /// does, `size` bytes (worked out by hand from the declaration, a check of this
+    /// reading of it), within [`MAX_PARAMETER_BYTES`].
+    #[track_caller]
+    pub(crate) fn assert_mirrors<R>(source: Source, c_name: &str, size: usize, rust: &[RustField]) {
+        let c = c_struct(&source.code().0, c_name);
+        assert_eq!(c.size, size, "struct {c_name}'s size in C");
+        assert!(
+            size <= MAX_PARAMETER_BYTES,
+            "struct {c_name} takes {size} bytes, more than a kernel parameter should"
+        );
+        assert_eq!(size_of::<R>(), size, "the size of {c_name}'s mirror");
+        assert_eq!(
+            align_of::<R>(),
+            c.align,
+            "the alignment of {c_name}'s mirror"
+        );
+        let names = |names: Vec<&str>| names.join(", ");
+        assert_eq!(
+            names(rust.iter().map(|field| field.name).collect()),
+            names(c.fields.iter().map(|field| field.name.as_str()).collect()),
+            "{c_name}'s fields in Rust and in C"
+        );
+        for (rust, c) in rust.iter().zip(&c.fields) {
+            let field = format!("{c_name}::{}", c.name);
+            assert_eq!(rust.offset, c.offset, "{field}'s offset");
+            assert_eq!(rust.size, c.size, "{field}'s size");
+            if let Some(rust_type) = c.rust_type {
+                assert_eq!(rust.type_name, rust_type, "{field}'s type");
+            }
+        }
+    }
+
+    #[test]
+    fn c_layout_pads_each_field_to_its_alignment() {
+        let source = "struct Inner {\n    int a;  // a comment; with a semicolon\n    long long b;\n};\n\
+                      struct Outer { float x; Inner inner; const float *p, q; int r; };";
+        let outer = c_struct(source, "Outer");
+        let fields: Vec<_> = outer
+            .fields
+            .iter()
+            .map(|field| {
+                (
+                    field.name.as_str(),
+                    field.offset,
+                    field.size,
+                    field.rust_type,
+                )
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("x", 0, 4, Some("f32")),
+                ("inner", 8, 16, None),
+                ("p", 24, 8, Some("u64")),
+                ("q", 32, 4, Some("f32")),
+                ("r", 36, 4, Some("i32")),
+            ]
+        );
+        assert_eq!((outer.size, outer.align), (40, 8));
+    }
 }

@@ -20,6 +20,42 @@ struct Shape {
     int value_block;
 };
 
+// What every linear-attention kernel takes beside its Shape (the entry points of
+// linear_entry.cu and the plain passes of linear_backward.cu), as one struct so that host
+// and kernels name each argument instead of counting positions: LinearParams in linear.rs
+// mirrors it, and a test there checks the layout against this declaration. A kernel reads
+// the fields its pass uses; the host leaves the rest null or 0. q, k, v and out are of the
+// kernel's element type, the states f32.
+//
+// The Shape travels apart, as every kernel's first argument, so that no parameter struct
+// passes 128 bytes: NVVM keeps a larger by-value parameter in memory and then takes what
+// is read from it for a value that may differ between threads, and stops unswitching loops
+// on it (with the Shape inside, the performer's passes ran 18% slower, a decode step 6%).
+// The layout test checks the bound.
+struct LinearParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    // The state before the tokens (causal; null for none), or the finished one (apply).
+    const float* state_in;
+    const float* k_sum_in;
+    // The state after the tokens (causal; null when not asked for), the sums a state pass
+    // writes, or the state a decode step updates in place.
+    float* state_out;
+    float* k_sum_out;
+    // The causal form's sums of the pieces before each segment (null with one segment).
+    const float* partial_states;
+    const float* partial_sums;
+    // Each query row's denominator (causal; null when not kept).
+    float* den_out;
+    float eps;
+    // Rows per segment (causal) or per span (state, apply), and pieces per segment.
+    int span, parts;
+    // Nonzero: a state pass stores each span's sums apart instead of adding them up.
+    int per_span;
+};
+
 // elu(x) + 1, subnormals flushed (a phi below 2^-126 is below any rounding of the sums it
 // enters). The exponential is taken for every x and discarded where x > 0 (it may be
 // inf there): a select is cheaper than clamping its argument.

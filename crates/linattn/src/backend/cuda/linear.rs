@@ -3,11 +3,12 @@
 //! runs, the causal form's segments, the shared memory the kernels carve, and the causal,
 //! non-causal, prefill and decode passes.
 
-use super::device::{Gpu, Source, allocation_error, cuda_error, grid, launch};
+use super::device::{Buffers, Gpu, Source, allocation_error, cuda_error, grid};
 use super::tensor::{GpuElement, GpuLinearState, GpuTensor};
 use super::tiles::{CAUSAL_PRODUCER_WARPS, CHUNK, DECODE_HEADS, PAD};
 use crate::base::{Error, Problem, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// Threads per block of every kernel (their `__launch_bounds__`).
 const THREADS: u32 = 256;
@@ -52,6 +53,33 @@ impl KernelShape {
         })
     }
 }
+
+/// What every linear kernel takes beside its [`KernelShape`] (`linattn::LinearParams` in
+/// linear.cu, which says what each field is for and why the shape travels apart): device
+/// addresses, 0 for none, then the scalars. A kernel reads the fields its pass uses; the
+/// default leaves the others null or 0.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct LinearParams {
+    pub(super) q: CUdeviceptr,
+    pub(super) k: CUdeviceptr,
+    pub(super) v: CUdeviceptr,
+    pub(super) out: CUdeviceptr,
+    pub(super) state_in: CUdeviceptr,
+    pub(super) k_sum_in: CUdeviceptr,
+    pub(super) state_out: CUdeviceptr,
+    pub(super) k_sum_out: CUdeviceptr,
+    pub(super) partial_states: CUdeviceptr,
+    pub(super) partial_sums: CUdeviceptr,
+    pub(super) den_out: CUdeviceptr,
+    pub(super) eps: f32,
+    pub(super) span: i32,
+    pub(super) parts: i32,
+    pub(super) per_span: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernels' struct (checked by a test).
+unsafe impl DeviceRepr for LinearParams {}
 
 fn round16(x: usize) -> usize {
     x.div_ceil(16) * 16
@@ -330,65 +358,32 @@ pub(crate) fn linear_causal<T: GpuElement>(
     let state_name = plan.name(Pass::State);
     let segments = Segments::of(gpu, problem, &plan, [k, v], (Source::Linear, &state_name))?;
     let config = plan.config(Pass::Causal, segments.count, problem.heads_q)?;
-    // Absent states are null pointers, which the kernel checks; the guards order the
-    // buffers' use on the stream and must outlive the launch.
-    let stream = &gpu.stream;
-    let (kv_in, _kv_in_guard) = state_in.map(|(kv, _)| kv.device_ptr(stream)).unzip();
-    let (k_sum_in, _k_sum_in_guard) = state_in.map(|(_, sum)| sum.device_ptr(stream)).unzip();
-    let (state_out, sum_out) = state_out.unzip();
-    let (kv_out, _kv_out_guard) = state_out.map(|kv| kv.device_ptr_mut(stream)).unzip();
-    let (k_sum_out, _k_sum_out_guard) = sum_out.map(|sum| sum.device_ptr_mut(stream)).unzip();
-    let (segment_kv, _segment_kv_guard) = segments
-        .sums
-        .as_ref()
-        .map(|(kv, _)| kv.device_ptr(stream))
-        .unzip();
-    let (segment_sum, _segment_sum_guard) = segments
-        .sums
-        .as_ref()
-        .map(|(_, sum)| sum.device_ptr(stream))
-        .unzip();
-    let (den, _den_guard) = den_out.map(|den| den.device_ptr_mut(stream)).unzip();
-    let [
-        kv_in,
-        k_sum_in,
-        kv_out,
-        k_sum_out,
-        segment_kv,
-        segment_sum,
-        den,
-    ] = [
-        kv_in,
-        k_sum_in,
-        kv_out,
-        k_sum_out,
-        segment_kv,
-        segment_sum,
-        den,
-    ]
-    .map(|ptr| ptr.unwrap_or(0));
-    let (span, parts) = (segments.span as i32, segments.parts as i32);
     let name = plan.name(Pass::Causal);
     let function = gpu.kernel(&name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&v.data)
-        .arg(&mut out.data)
-        .arg(&plan.shape)
-        .arg(&epsilon)
-        .arg(&kv_in)
-        .arg(&k_sum_in)
-        .arg(&kv_out)
-        .arg(&k_sum_out)
-        .arg(&span)
-        .arg(&parts)
-        .arg(&segment_kv)
-        .arg(&segment_sum)
-        .arg(&den);
-    // SAFETY: linear_causal's arguments; states, when present, were checked, and the
+    let (kv_out, k_sum_out) = state_out.unzip();
+    let segment_sums = segments.sums.as_ref();
+    // Absent states and sums are null pointers, which the kernel checks.
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = LinearParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        out: buffers.write(&mut out.data),
+        state_in: buffers.read_optional(state_in.map(|(kv, _)| kv)),
+        k_sum_in: buffers.read_optional(state_in.map(|(_, sum)| sum)),
+        state_out: buffers.write_optional(kv_out),
+        k_sum_out: buffers.write_optional(k_sum_out),
+        partial_states: buffers.read_optional(segment_sums.map(|(kv, _)| kv)),
+        partial_sums: buffers.read_optional(segment_sums.map(|(_, sum)| sum)),
+        den_out: buffers.write_optional(den_out),
+        eps: epsilon,
+        span: segments.span as i32,
+        parts: segments.parts as i32,
+        ..LinearParams::default()
+    };
+    // SAFETY: linear_causal's parameters; states, when present, were checked, and the
     // denominators hold a row per query row and head.
-    unsafe { launch(args, config, &name) }
+    unsafe { buffers.launch(&function, config, &(plan.shape, params), &name) }
 }
 
 /// `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` over the spans of `span` rows that `config`'s grid covers:
@@ -406,17 +401,18 @@ fn key_sums<T: GpuElement>(
     [kv, k_sum]: [&mut CudaSlice<f32>; 2],
 ) -> Result<()> {
     let function = gpu.kernel_of(source, name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    let (span, per_span) = (span as i32, i32::from(per_span));
-    args.arg(&k.data)
-        .arg(&v.data)
-        .arg(&plan.shape)
-        .arg(&span)
-        .arg(kv)
-        .arg(k_sum)
-        .arg(&per_span);
-    // SAFETY: linear_full_state's arguments; the caller sized the sums for the spans.
-    unsafe { launch(args, config, name) }
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = LinearParams {
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        state_out: buffers.write(kv),
+        k_sum_out: buffers.write(k_sum),
+        span: span as i32,
+        per_span: i32::from(per_span),
+        ..LinearParams::default()
+    };
+    // SAFETY: the state pass's parameters; the caller sized the sums for the spans.
+    unsafe { buffers.launch(&function, config, &(plan.shape, params), name) }
 }
 
 pub(crate) fn linear_full<T: GpuElement>(
@@ -451,17 +447,18 @@ pub(crate) fn linear_full<T: GpuElement>(
     let config = plan.config(Pass::Apply, spans, problem.heads_q)?;
     let name = plan.name(Pass::Apply);
     let function = gpu.kernel(&name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    let span = FULL_SPAN as i32;
-    args.arg(&q.data)
-        .arg(&mut out.data)
-        .arg(&plan.shape)
-        .arg(&span)
-        .arg(&epsilon)
-        .arg(&state.kv)
-        .arg(&state.k_sum);
-    // SAFETY: the apply kernel's arguments and the state the first pass filled.
-    unsafe { launch(args, config, &name) }
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = LinearParams {
+        q: buffers.read(&q.data),
+        out: buffers.write(&mut out.data),
+        state_in: buffers.read(&state.kv),
+        k_sum_in: buffers.read(&state.k_sum),
+        eps: epsilon,
+        span: FULL_SPAN as i32,
+        ..LinearParams::default()
+    };
+    // SAFETY: the apply kernel's parameters and the state the first pass filled.
+    unsafe { buffers.launch(&function, config, &(plan.shape, params), &name) }
 }
 
 /// The causal forward from `state` (the tokens before these) that leaves in it the state
@@ -531,23 +528,60 @@ pub(crate) fn linear_decode<T: GpuElement>(
     };
     let name = format!("linear_decode_{width}{}", T::NAME);
     let function = gpu.kernel(&name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&v.data)
-        .arg(&mut out.data)
-        .arg(&shape)
-        .arg(&epsilon)
-        .arg(&mut state.kv)
-        .arg(&mut state.k_sum);
-    // SAFETY: linear_decode's arguments; the state was checked against the shape.
-    unsafe { launch(args, config, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = LinearParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        out: buffers.write(&mut out.data),
+        state_out: buffers.write(&mut state.kv),
+        k_sum_out: buffers.write(&mut state.k_sum),
+        eps: epsilon,
+        ..LinearParams::default()
+    };
+    // SAFETY: linear_decode's parameters; the state was checked against the shape.
+    unsafe { buffers.launch(&function, config, &(shape, params), &name) }?;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::device::{layout, rust_fields};
+
+    #[test]
+    fn kernel_params_lay_out_as_their_c_declarations() {
+        // linattn::Shape: seven ints.
+        let shape = rust_fields!(KernelShape {
+            batch,
+            len,
+            heads_q,
+            heads_kv,
+            dim_k,
+            dim_v,
+            value_block,
+        });
+        layout::assert_mirrors::<KernelShape>(Source::Linear, "Shape", 28, &shape);
+        // linattn::LinearParams: eleven pointers (88 bytes) and four 4-byte scalars.
+        let params = rust_fields!(LinearParams {
+            q,
+            k,
+            v,
+            out,
+            state_in,
+            k_sum_in,
+            state_out,
+            k_sum_out,
+            partial_states,
+            partial_sums,
+            den_out,
+            eps,
+            span,
+            parts,
+            per_span,
+        });
+        layout::assert_mirrors::<LinearParams>(Source::Linear, "LinearParams", 104, &params);
+    }
 
     #[test]
     fn segment_parts_divide_the_span_and_fill_the_gpu() {

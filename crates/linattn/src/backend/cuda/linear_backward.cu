@@ -18,6 +18,36 @@ namespace backward {
 
 using T = __nv_bfloat16;
 
+// What the element-wise and prefix-sum kernels below take beside the Shape, one struct for
+// the four so that host and kernels name each argument instead of counting positions:
+// BackwardParams in linear_backward.rs mirrors it, and a test checks the layout against
+// this declaration (and its bound, as LinearParams's; the scan counts the chunks from the
+// Shape). A kernel reads the fields it uses; the host leaves the rest null or 0.
+struct BackwardParams {
+    // The forward pass's inputs, output and denominators, and the output's gradient.
+    const T* q;
+    const T* k;
+    const T* out;
+    const T* d_out;
+    const float* den;
+    // What prepare writes for the passes after it: g = do / d, h = -(do . o) / d, and the
+    // mapped queries and keys.
+    T* g;
+    float* h;
+    T* phi_q;
+    T* phi_k;
+    // The first terms of dphi(q) and dphi(k), from the plain passes.
+    const float* a;
+    const float* bk;
+    // Per chunk, [B, H, chunks, D]: written by chunk_sums, scanned in place by scan.
+    float* key_sums;
+    float* weighted_query_sums;
+    T* dq;
+    T* dk;
+    // Rows (b, t, h) of the tensors, for prepare.
+    long long rows;
+};
+
 // Four consecutive values, moved as one 8-byte access: a warp then reads or writes whole
 // rows per instruction, which the element-wise kernels below need to come near the
 // copy bandwidth.
@@ -163,53 +193,48 @@ __device__ void finish_gradients(const T* __restrict__ q, const T* __restrict__ 
 }  // namespace linattn
 
 // The plain passes (bf16 operands; NAME_d<D> is linear_<NAME>_d<D>, its output of type O).
-#define LINATTN_PLAIN_INSTANCE(D, NAME, REVERSE, O)                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)           \
-        linear_##NAME##_d##D(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
-                             O* out, linattn::Shape sh, int span, int parts,                             \
-                             const float* partial_states) {                                              \
-        linattn::mma::causal_forward<__nv_bfloat16, D, true, REVERSE, O>(                                \
-            q, k, v, out, sh, 0.f, nullptr, nullptr, nullptr, nullptr, span, parts, partial_states,      \
-            nullptr, nullptr);                                                                           \
+#define LINATTN_PLAIN_INSTANCE(D, NAME, REVERSE, O)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * linattn::mma::PRODUCER_WARPS + 2 * D, 1)            \
+        linear_##NAME##_d##D(linattn::Shape shape, linattn::LinearParams p) {                             \
+        linattn::mma::causal_forward<__nv_bfloat16, D, true, REVERSE, O>(                                 \
+            static_cast<const __nv_bfloat16*>(p.q), static_cast<const __nv_bfloat16*>(p.k),               \
+            static_cast<const __nv_bfloat16*>(p.v), static_cast<O*>(p.out), shape, 0.f, nullptr, nullptr, \
+            nullptr, nullptr, p.span, p.parts, p.partial_states, nullptr, nullptr);                       \
     }
 
-#define LINATTN_BACKWARD_INSTANCES(D)                                                                   \
-    LINATTN_PLAIN_INSTANCE(D, causal_plain_bf16_f32, false, float)                                      \
-    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_f32, true, float)                                   \
-    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_bf16, true, __nv_bfloat16)                          \
-    extern "C" __global__ void __launch_bounds__(2 * D, 2) linear_state_plain_bf16_d##D(                \
-        const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
-        float* k_sum, int per_span) {                                                                   \
-        linattn::mma::state_pass<__nv_bfloat16, D, true, false>(k, v, sh, span, state, k_sum,           \
-                                                                per_span != 0);                         \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(2 * D, 2) linear_anticausal_state_plain_bf16_d##D(     \
-        const __nv_bfloat16* k, const __nv_bfloat16* v, linattn::Shape sh, int span, float* state,      \
-        float* k_sum, int per_span) {                                                                   \
-        linattn::mma::state_pass<__nv_bfloat16, D, true, true>(k, v, sh, span, state, k_sum,            \
-                                                               per_span != 0);                          \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) linear_backward_prepare_bf16_d##D(                \
-        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* out,                       \
-        const __nv_bfloat16* d_out, const float* den, __nv_bfloat16* g, float* h,                       \
-        __nv_bfloat16* phi_q, __nv_bfloat16* phi_k, long long rows) {                                   \
-        linattn::backward::prepare<D>(q, k, out, d_out, den, g, h, phi_q, phi_k, rows);                 \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(D) linear_backward_chunk_sums_bf16_d##D(               \
-        const __nv_bfloat16* phi_q, const __nv_bfloat16* phi_k, const float* h, linattn::Shape sh,      \
-        float* key_sums, float* weighted_query_sums) {                                                  \
-        linattn::backward::chunk_sums<D>(phi_q, phi_k, h, sh, key_sums, weighted_query_sums);           \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(D) linear_backward_scan_bf16_d##D(                     \
-        linattn::Shape sh, int chunks, float* key_sums, float* weighted_query_sums) {                   \
-        linattn::backward::scan_chunk_sums<D>(sh, chunks, key_sums, weighted_query_sums);               \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(D / 2) linear_backward_finish_bf16_d##D(               \
-        const __nv_bfloat16* q, const __nv_bfloat16* k, const float* h, const float* a, const float* bk, \
-        const float* key_sums, const float* weighted_query_sums, linattn::Shape sh,                     \
-        __nv_bfloat16* dq, __nv_bfloat16* dk) {                                                         \
-        linattn::backward::finish_gradients<D>(q, k, h, a, bk, key_sums, weighted_query_sums, sh, dq,   \
-                                               dk);                                                     \
+#define LINATTN_BACKWARD_INSTANCES(D)                                                                       \
+    LINATTN_PLAIN_INSTANCE(D, causal_plain_bf16_f32, false, float)                                          \
+    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_f32, true, float)                                       \
+    LINATTN_PLAIN_INSTANCE(D, anticausal_plain_bf16_bf16, true, __nv_bfloat16)                              \
+    extern "C" __global__ void __launch_bounds__(2 * D, 2)                                                  \
+        linear_state_plain_bf16_d##D(linattn::Shape shape, linattn::LinearParams p) {                       \
+        linattn::mma::state_pass<__nv_bfloat16, D, true, false>(                                            \
+            static_cast<const __nv_bfloat16*>(p.k), static_cast<const __nv_bfloat16*>(p.v), shape, p.span,  \
+            p.state_out, p.k_sum_out, p.per_span != 0);                                                     \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(2 * D, 2)                                                  \
+        linear_anticausal_state_plain_bf16_d##D(linattn::Shape shape, linattn::LinearParams p) {            \
+        linattn::mma::state_pass<__nv_bfloat16, D, true, true>(                                             \
+            static_cast<const __nv_bfloat16*>(p.k), static_cast<const __nv_bfloat16*>(p.v), shape, p.span,  \
+            p.state_out, p.k_sum_out, p.per_span != 0);                                                     \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                                       \
+        linear_backward_prepare_bf16_d##D(linattn::Shape shape, linattn::backward::BackwardParams p) {      \
+        linattn::backward::prepare<D>(p.q, p.k, p.out, p.d_out, p.den, p.g, p.h, p.phi_q, p.phi_k, p.rows); \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(D)                                                         \
+        linear_backward_chunk_sums_bf16_d##D(linattn::Shape shape, linattn::backward::BackwardParams p) {   \
+        linattn::backward::chunk_sums<D>(p.phi_q, p.phi_k, p.h, shape, p.key_sums, p.weighted_query_sums);  \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(D)                                                         \
+        linear_backward_scan_bf16_d##D(linattn::Shape shape, linattn::backward::BackwardParams p) {         \
+        const int chunks = (shape.len + linattn::CHUNK - 1) / linattn::CHUNK;                               \
+        linattn::backward::scan_chunk_sums<D>(shape, chunks, p.key_sums, p.weighted_query_sums);            \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(D / 2)                                                     \
+        linear_backward_finish_bf16_d##D(linattn::Shape shape, linattn::backward::BackwardParams p) {       \
+        linattn::backward::finish_gradients<D>(p.q, p.k, p.h, p.a, p.bk, p.key_sums, p.weighted_query_sums, \
+                                               shape, p.dq, p.dk);                                          \
     }
 
 LINATTN_BACKWARD_INSTANCES(64)

@@ -1,12 +1,41 @@
 //! Launches of the training kernels (linear_backward.cu): the causal forward that keeps
 //! each row's denominator, and the gradients of causal linear attention.
 
-use super::device::{Gpu, Source, allocation_error, grid, launch};
-use super::linear::{KernelShape, LinearPlan, Pass, Segments, linear_causal};
+use super::device::{Buffers, Gpu, Source, allocation_error, grid};
+use super::linear::{KernelShape, LinearParams, LinearPlan, Pass, Segments, linear_causal};
 use super::tensor::{GpuElement, GpuForward, GpuGradients, GpuTensor};
 use super::tiles::CHUNK;
 use crate::base::{Error, Problem, Result};
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// What the backward pass's own kernels take beside the [`KernelShape`]
+/// (`linattn::backward::BackwardParams` in linear_backward.cu, which says what each field
+/// is for): device addresses, 0 for none, then the row count. A kernel reads the fields it
+/// uses; the default leaves the others null or 0.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct BackwardParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    out: CUdeviceptr,
+    d_out: CUdeviceptr,
+    den: CUdeviceptr,
+    g: CUdeviceptr,
+    h: CUdeviceptr,
+    phi_q: CUdeviceptr,
+    phi_k: CUdeviceptr,
+    a: CUdeviceptr,
+    bk: CUdeviceptr,
+    key_sums: CUdeviceptr,
+    weighted_query_sums: CUdeviceptr,
+    dq: CUdeviceptr,
+    dk: CUdeviceptr,
+    rows: i64,
+}
+
+// SAFETY: plain old data with the layout of the kernels' struct (checked by a test).
+unsafe impl DeviceRepr for BackwardParams {}
 
 /// The causal forward that also keeps each row's denominator for [`linear_backward`]
 /// (bf16, as the backward kernels take).
@@ -81,20 +110,22 @@ pub(crate) fn linear_backward(
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let row_count = rows as i64;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&out.data)
-        .arg(&d_out.data)
-        .arg(den)
-        .arg(&mut g.data)
-        .arg(&mut h)
-        .arg(&mut phi_q.data)
-        .arg(&mut phi_k.data)
-        .arg(&row_count);
-    // SAFETY: the prepare kernel's arguments, each [B, T, H, D] or [B, T, H].
-    unsafe { launch(args, config, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = BackwardParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        out: buffers.read(&out.data),
+        d_out: buffers.read(&d_out.data),
+        den: buffers.read(den),
+        g: buffers.write(&mut g.data),
+        h: buffers.write(&mut h),
+        phi_q: buffers.write(&mut phi_q.data),
+        phi_k: buffers.write(&mut phi_k.data),
+        rows: rows as i64,
+        ..BackwardParams::default()
+    };
+    // SAFETY: the prepare kernel's parameters, each [B, T, H, D] or [B, T, H].
+    unsafe { buffers.launch(&function, config, &(shape_arg, params), &name) }?;
 
     // The first terms of dφ(q) and dφ(k) nearly cancel what the prefix sums add to
     // them (g_i · v_j + h_i = g_i · (v_j − o_i)): they stay in f32.
@@ -117,15 +148,17 @@ pub(crate) fn linear_backward(
     };
     let name = format!("linear_backward_chunk_sums_bf16_d{dim}");
     let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&phi_q.data)
-        .arg(&phi_k.data)
-        .arg(&h)
-        .arg(&shape_arg)
-        .arg(&mut key_sums)
-        .arg(&mut query_sums);
-    // SAFETY: the chunk-sums kernel's arguments, sized for its grid.
-    unsafe { launch(args, per_chunk, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = BackwardParams {
+        phi_q: buffers.read(&phi_q.data),
+        phi_k: buffers.read(&phi_k.data),
+        h: buffers.read(&h),
+        key_sums: buffers.write(&mut key_sums),
+        weighted_query_sums: buffers.write(&mut query_sums),
+        ..BackwardParams::default()
+    };
+    // SAFETY: the chunk-sums kernel's parameters, sized for its grid.
+    unsafe { buffers.launch(&function, per_chunk, &(shape_arg, params), &name) }?;
 
     let name = format!("linear_backward_scan_bf16_d{dim}");
     let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
@@ -134,36 +167,45 @@ pub(crate) fn linear_backward(
         block_dim: (dim as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let chunk_count = chunks as i32;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&shape_arg)
-        .arg(&chunk_count)
-        .arg(&mut key_sums)
-        .arg(&mut query_sums);
-    // SAFETY: the scan kernel's arguments, the sums as the chunk-sums kernel wrote them.
-    unsafe { launch(args, per_head, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = BackwardParams {
+        key_sums: buffers.write(&mut key_sums),
+        weighted_query_sums: buffers.write(&mut query_sums),
+        ..BackwardParams::default()
+    };
+    // SAFETY: the scan kernel's parameters, the sums as the chunk-sums kernel wrote them.
+    unsafe { buffers.launch(&function, per_head, &(shape_arg, params), &name) }?;
 
     let (mut dq, mut dk) = (tensor()?, tensor()?);
     let name = format!("linear_backward_finish_bf16_d{dim}");
     let function = gpu.kernel_of(Source::LinearBackward, &name, 0)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&h)
-        .arg(&a.data)
-        .arg(&bk.data)
-        .arg(&key_sums)
-        .arg(&query_sums)
-        .arg(&shape_arg)
-        .arg(&mut dq.data)
-        .arg(&mut dk.data);
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = BackwardParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        h: buffers.read(&h),
+        a: buffers.read(&a.data),
+        bk: buffers.read(&bk.data),
+        key_sums: buffers.read(&key_sums),
+        weighted_query_sums: buffers.read(&query_sums),
+        dq: buffers.write(&mut dq.data),
+        dk: buffers.write(&mut dk.data),
+        ..BackwardParams::default()
+    };
     let two_columns_per_thread = LaunchConfig {
         block_dim: (dim as u32 / 2, 1, 1),
         ..per_chunk
     };
-    // SAFETY: the finishing kernel's arguments, all [B, T, H, D], [B, T, H] or the
+    // SAFETY: the finishing kernel's parameters, all [B, T, H, D], [B, T, H] or the
     // scanned sums.
-    unsafe { launch(args, two_columns_per_thread, &name) }?;
+    unsafe {
+        buffers.launch(
+            &function,
+            two_columns_per_thread,
+            &(shape_arg, params),
+            &name,
+        )
+    }?;
     Ok(GpuGradients { dq, dk, dv })
 }
 
@@ -192,26 +234,55 @@ fn linear_plain<O: GpuElement>(
         (Source::LinearBackward, &state_name),
     )?;
     let config = plan.config(Pass::Causal, segments.count, problem.heads_q)?;
-    let stream = &gpu.stream;
-    let (segment_kv, _segment_kv_guard) = segments
-        .sums
-        .as_ref()
-        .map(|(kv, _)| kv.device_ptr(stream))
-        .unzip();
-    let segment_kv = segment_kv.unwrap_or(0);
-    let (span, parts) = (segments.span as i32, segments.parts as i32);
     let causality = if reverse { "anticausal" } else { "causal" };
     let name = format!("linear_{causality}_plain_bf16_{}_d{dim}", O::NAME);
     let function = gpu.kernel_of(Source::LinearBackward, &name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&v.data)
-        .arg(&mut out.data)
-        .arg(&plan.shape)
-        .arg(&span)
-        .arg(&parts)
-        .arg(&segment_kv);
-    // SAFETY: the plain kernel's arguments; the segment sums cover its segments.
-    unsafe { launch(args, config, &name) }
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = LinearParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        out: buffers.write(&mut out.data),
+        partial_states: buffers.read_optional(segments.sums.as_ref().map(|(kv, _)| kv)),
+        span: segments.span as i32,
+        parts: segments.parts as i32,
+        ..LinearParams::default()
+    };
+    // SAFETY: the plain kernel's parameters; the segment sums cover its segments.
+    unsafe { buffers.launch(&function, config, &(plan.shape, params), &name) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::device::{layout, rust_fields};
+
+    #[test]
+    fn kernel_params_lay_out_as_their_c_declaration() {
+        // linattn::backward::BackwardParams: fifteen pointers (120 bytes) and a long long.
+        let params = rust_fields!(BackwardParams {
+            q,
+            k,
+            out,
+            d_out,
+            den,
+            g,
+            h,
+            phi_q,
+            phi_k,
+            a,
+            bk,
+            key_sums,
+            weighted_query_sums,
+            dq,
+            dk,
+            rows,
+        });
+        layout::assert_mirrors::<BackwardParams>(
+            Source::LinearBackward,
+            "BackwardParams",
+            128,
+            &params,
+        );
+    }
 }

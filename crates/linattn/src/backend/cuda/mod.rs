@@ -41,4 +41,4 @@ pub use tensor::{GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor
 pub(crate) use linear::{linear_causal, linear_decode, linear_full, linear_prefill};
 pub(crate) use linear_backward::{linear_backward, linear_forward_training};
 pub(crate) use performer::{performer_full, performer_supported};
-pub(crate) use softmax::{ExactMask, softmax_forward};
+pub(crate) use softmax::{ExactMask, softmax_forward, softmax_supported};

@@ -1,16 +1,45 @@
 //! Launches of the FAVOR+ kernels (performer.cu): non-causal Performer in three passes.
 
-use super::device::{Gpu, Source, cuda_error, grid, launch};
+use super::device::{Buffers, Gpu, Source, cuda_error, grid};
 use super::linear::{FULL_SPAN, KernelShape, carved_bytes, value_block};
 use super::tensor::{GpuElement, GpuTensor};
 use super::tiles::{CHUNK, PAD, PERFORMER_MAX_FEATURES};
 use crate::base::{Error, Problem, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// The widest heads the FAVOR+ kernels hold (the projection's rows in shared memory).
 const PERFORMER_MAX_DIM: usize = 128;
 /// Threads per block of the FAVOR+ kernels.
 const PERFORMER_THREADS: u32 = 256;
+
+/// What the FAVOR+ kernels take beside the [`KernelShape`] and the feature count
+/// (`linattn::performer::PerformerParams` in performer.cu, which says what each field is
+/// for and why the count travels apart): device addresses, 0 for none, then the scalars. A
+/// kernel reads the fields it uses; the default leaves the others null or 0.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PerformerParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    v: CUdeviceptr,
+    omega: CUdeviceptr,
+    out: CUdeviceptr,
+    states: CUdeviceptr,
+    k_sums: CUdeviceptr,
+    v_sums: CUdeviceptr,
+    maxima: CUdeviceptr,
+    state: CUdeviceptr,
+    k_sum: CUdeviceptr,
+    span: i32,
+    spans: i32,
+    ratio: f32,
+    eps: f32,
+    constant: f32,
+}
+
+// SAFETY: plain old data with the layout of the kernels' struct (checked by a test).
+unsafe impl DeviceRepr for PerformerParams {}
 
 /// [`carved_bytes`] as a launch's dynamic shared memory.
 fn shared_bytes(arrays: &[(usize, usize)]) -> Result<u32> {
@@ -82,7 +111,16 @@ pub(crate) fn performer_full<T: GpuElement>(
     let mut v_sums = gpu.alloc::<f32>(head_spans * dim_v)?;
     let mut maxima = gpu.alloc::<f32>(head_spans)?;
     let ratio = (features as f32).powf(-0.5);
-    let (features_arg, span) = (features as i32, FULL_SPAN as i32);
+    // What every pass reads; each adds its buffers.
+    let features_arg = features as i32;
+    let scalars = PerformerParams {
+        span: FULL_SPAN as i32,
+        spans: spans as i32,
+        ratio,
+        eps: epsilon as f32,
+        constant: ratio * epsilon as f32,
+        ..PerformerParams::default()
+    };
 
     let shared = shared_bytes(&[
         (CHUNK * (dim + PAD), element),
@@ -101,20 +139,19 @@ pub(crate) fn performer_full<T: GpuElement>(
         block_dim: (PERFORMER_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&k.data)
-        .arg(&v.data)
-        .arg(&omega)
-        .arg(&shape)
-        .arg(&features_arg)
-        .arg(&span)
-        .arg(&ratio)
-        .arg(&mut states)
-        .arg(&mut k_sums)
-        .arg(&mut v_sums)
-        .arg(&mut maxima);
-    // SAFETY: the key pass's arguments; the span sums sized for its grid.
-    unsafe { launch(args, config, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = PerformerParams {
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        omega: buffers.read(&omega),
+        states: buffers.write(&mut states),
+        k_sums: buffers.write(&mut k_sums),
+        v_sums: buffers.write(&mut v_sums),
+        maxima: buffers.write(&mut maxima),
+        ..scalars
+    };
+    // SAFETY: the key pass's parameters; the span sums sized for its grid.
+    unsafe { buffers.launch(&function, config, &(shape, features_arg, params), &name) }?;
 
     let mut state = gpu.alloc::<f32>(batch * heads_kv * features * dim_v)?;
     let mut k_sum = gpu.alloc::<f32>(batch * heads_kv * features)?;
@@ -124,20 +161,25 @@ pub(crate) fn performer_full<T: GpuElement>(
         block_dim: (PERFORMER_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (span_count, constant) = (spans as i32, ratio * epsilon as f32);
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&shape)
-        .arg(&features_arg)
-        .arg(&span_count)
-        .arg(&constant)
-        .arg(&states)
-        .arg(&k_sums)
-        .arg(&v_sums)
-        .arg(&maxima)
-        .arg(&mut state)
-        .arg(&mut k_sum);
-    // SAFETY: the merge's arguments, the span sums the key pass wrote.
-    unsafe { launch(args, config, "performer_merge") }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = PerformerParams {
+        states: buffers.read(&states),
+        k_sums: buffers.read(&k_sums),
+        v_sums: buffers.read(&v_sums),
+        maxima: buffers.read(&maxima),
+        state: buffers.write(&mut state),
+        k_sum: buffers.write(&mut k_sum),
+        ..scalars
+    };
+    // SAFETY: the merge's parameters, the span sums the key pass wrote.
+    unsafe {
+        buffers.launch(
+            &function,
+            config,
+            &(shape, features_arg, params),
+            "performer_merge",
+        )
+    }?;
 
     let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
     let shared = shared_bytes(&[
@@ -156,19 +198,52 @@ pub(crate) fn performer_full<T: GpuElement>(
         block_dim: (PERFORMER_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
-    let eps = epsilon as f32;
-    let mut args = gpu.stream.launch_builder(&function);
-    args.arg(&q.data)
-        .arg(&omega)
-        .arg(&mut out.data)
-        .arg(&shape)
-        .arg(&features_arg)
-        .arg(&span)
-        .arg(&ratio)
-        .arg(&eps)
-        .arg(&state)
-        .arg(&k_sum);
-    // SAFETY: the query pass's arguments and the merged state.
-    unsafe { launch(args, config, &name) }?;
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = PerformerParams {
+        q: buffers.read(&q.data),
+        omega: buffers.read(&omega),
+        out: buffers.write(&mut out.data),
+        state: buffers.read(&state),
+        k_sum: buffers.read(&k_sum),
+        ..scalars
+    };
+    // SAFETY: the query pass's parameters and the merged state.
+    unsafe { buffers.launch(&function, config, &(shape, features_arg, params), &name) }?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::device::{layout, rust_fields};
+
+    #[test]
+    fn kernel_params_lay_out_as_their_c_declaration() {
+        // linattn::performer::PerformerParams: eleven pointers (88 bytes) and five 4-byte
+        // scalars, padded to the pointers' alignment.
+        let params = rust_fields!(PerformerParams {
+            q,
+            k,
+            v,
+            omega,
+            out,
+            states,
+            k_sums,
+            v_sums,
+            maxima,
+            state,
+            k_sum,
+            span,
+            spans,
+            ratio,
+            eps,
+            constant,
+        });
+        layout::assert_mirrors::<PerformerParams>(
+            Source::Performer,
+            "PerformerParams",
+            112,
+            &params,
+        );
+    }
 }

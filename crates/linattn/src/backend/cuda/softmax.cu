@@ -21,6 +21,19 @@ struct Problem {
     float scale_log2;
 };
 
+// What both exact kernels take beside the Problem, as one struct so that host and kernels
+// name each argument instead of counting positions: SoftmaxParams in softmax.rs mirrors
+// it, and a test checks the layout against this declaration. Tensors are of the kernel's
+// element type; the head dims are the general kernel's (the tensor-core one has its D
+// built in).
+struct SoftmaxParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    int dim_k, dim_v;
+};
+
 template <typename T, int D>
 __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         T* __restrict__ out, Problem p) {
@@ -242,11 +255,11 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
 }  // namespace flash
 }  // namespace linattn
 
-#define LINATTN_FLASH_INSTANCES(SUFFIX, T, D)                                                     \
-    extern "C" __global__ void __launch_bounds__(linattn::flash::THREADS, 2)                      \
-        softmax_forward_##SUFFIX##_d##D(const T* q, const T* k, const T* v, T* out,               \
-                                        linattn::flash::Problem p) {                              \
-        linattn::flash::forward<T, D>(q, k, v, out, p);                                           \
+#define LINATTN_FLASH_INSTANCES(SUFFIX, T, D)                                                               \
+    extern "C" __global__ void __launch_bounds__(linattn::flash::THREADS, 2)                                \
+        softmax_forward_##SUFFIX##_d##D(linattn::flash::Problem problem, linattn::flash::SoftmaxParams p) { \
+        linattn::flash::forward<T, D>(static_cast<const T*>(p.q), static_cast<const T*>(p.k),               \
+                                      static_cast<const T*>(p.v), static_cast<T*>(p.out), problem);         \
     }
 
 LINATTN_FLASH_INSTANCES(bf16, __nv_bfloat16, 64)
@@ -254,11 +267,12 @@ LINATTN_FLASH_INSTANCES(bf16, __nv_bfloat16, 128)
 LINATTN_FLASH_INSTANCES(f16, __half, 64)
 LINATTN_FLASH_INSTANCES(f16, __half, 128)
 
-#define LINATTN_GENERAL_INSTANCE(SUFFIX, T)                                                       \
-    extern "C" __global__ void __launch_bounds__(linattn::flash::general::THREADS)                \
-        softmax_forward_general_##SUFFIX(const T* q, const T* k, const T* v, T* out,              \
-                                         linattn::flash::Problem p, int dim_k, int dim_v) {       \
-        linattn::flash::general::forward<T>(q, k, v, out, p, dim_k, dim_v);                       \
+#define LINATTN_GENERAL_INSTANCE(SUFFIX, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(linattn::flash::general::THREADS)                           \
+        softmax_forward_general_##SUFFIX(linattn::flash::Problem problem, linattn::flash::SoftmaxParams p) { \
+        linattn::flash::general::forward<T>(static_cast<const T*>(p.q), static_cast<const T*>(p.k),          \
+                                            static_cast<const T*>(p.v), static_cast<T*>(p.out), problem,     \
+                                            p.dim_k, p.dim_v);                                               \
     }
 
 LINATTN_GENERAL_INSTANCE(f32, float)

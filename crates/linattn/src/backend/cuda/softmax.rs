@@ -1,13 +1,14 @@
 //! Launches of exact softmax attention (softmax.cu): full, causal or windowed.
 
-use super::device::{Gpu, Source, grid, launch};
+use super::device::{Buffers, Gpu, Source, grid};
 use super::tensor::{GpuElement, GpuTensor};
 use super::tiles::{
     FLASH_ROWS, FLASH_THREADS, GENERAL_EXACT_KEYS, GENERAL_EXACT_MAX_DIM, GENERAL_EXACT_ROWS,
     GENERAL_EXACT_THREADS,
 };
 use crate::base::{Error, Problem, Result};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// Which keys exact attention sees (`left` keys back and `right` forward of each query's
 /// position, unbounded where `None`), and the scale of its scores.
@@ -73,9 +74,31 @@ impl FlashProblem {
     }
 }
 
+/// What both exact kernels take beside the [`FlashProblem`] (`linattn::flash::SoftmaxParams`
+/// in softmax.cu): the tensors' device addresses and the head dims the general kernel
+/// reads.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SoftmaxParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    v: CUdeviceptr,
+    out: CUdeviceptr,
+    dim_k: i32,
+    dim_v: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernels' struct (checked by a test).
+unsafe impl DeviceRepr for SoftmaxParams {}
+
 /// Exact softmax attention: on the tensor cores for 16-bit tensors with head dims of 64
 /// or 128 (a block per 64 query rows, head and batch), on the CUDA cores otherwise (a
 /// block per 32 rows; f32 stays f32 throughout).
+/// Whether the exact kernels take `problem` with `mask`, before any launch.
+pub(crate) fn softmax_supported(problem: &Problem, mask: ExactMask) -> Result<()> {
+    FlashProblem::of(problem, mask).map(drop)
+}
+
 pub(crate) fn softmax_forward<T: GpuElement>(
     gpu: &Gpu,
     problem: &Problem,
@@ -83,10 +106,10 @@ pub(crate) fn softmax_forward<T: GpuElement>(
     [q, k, v]: [&GpuTensor<T>; 3],
     out: &mut GpuTensor<T>,
 ) -> Result<()> {
-    let arguments = FlashProblem::of(problem, mask)?;
+    let flash_problem = FlashProblem::of(problem, mask)?;
     let (dim_k, dim_v) = (problem.dim_qk, problem.dim_v);
     let blocks = |rows| problem.len_q.div_ceil(rows);
-    if size_of::<T>() == 2 && dim_k == dim_v && matches!(dim_k, 64 | 128) {
+    let (name, config) = if size_of::<T>() == 2 && dim_k == dim_v && matches!(dim_k, 64 | 128) {
         // The query tile and two stages of key and value tiles, rows padded by 8 elements.
         let shared = 5 * FLASH_ROWS * (dim_k + 8) * size_of::<T>();
         let config = LaunchConfig {
@@ -94,42 +117,61 @@ pub(crate) fn softmax_forward<T: GpuElement>(
             block_dim: (FLASH_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let name = format!("softmax_forward_{}_d{dim_k}", T::NAME);
-        let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
-        let mut args = gpu.stream.launch_builder(&function);
-        args.arg(&q.data)
-            .arg(&k.data)
-            .arg(&v.data)
-            .arg(&mut out.data)
-            .arg(&arguments);
-        // SAFETY: the tensor-core kernel's arguments; `problem` checked the shapes.
-        return unsafe { launch(args, config, &name) };
-    }
-    // A tile of keys and one of values, f32.
-    let shared = GENERAL_EXACT_KEYS * (dim_k + dim_v) * 4;
-    let config = LaunchConfig {
-        grid_dim: grid(blocks(GENERAL_EXACT_ROWS), problem.heads_q, problem.batch)?,
-        block_dim: (GENERAL_EXACT_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
+        (format!("softmax_forward_{}_d{dim_k}", T::NAME), config)
+    } else {
+        // A tile of keys and one of values, f32.
+        let shared = GENERAL_EXACT_KEYS * (dim_k + dim_v) * 4;
+        let config = LaunchConfig {
+            grid_dim: grid(blocks(GENERAL_EXACT_ROWS), problem.heads_q, problem.batch)?,
+            block_dim: (GENERAL_EXACT_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        (format!("softmax_forward_general_{}", T::NAME), config)
     };
-    let name = format!("softmax_forward_general_{}", T::NAME);
     let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
-    let mut args = gpu.stream.launch_builder(&function);
-    let (dim_k, dim_v) = (dim_k as i32, dim_v as i32);
-    args.arg(&q.data)
-        .arg(&k.data)
-        .arg(&v.data)
-        .arg(&mut out.data)
-        .arg(&arguments)
-        .arg(&dim_k)
-        .arg(&dim_v);
-    // SAFETY: the general kernel's arguments; `problem` checked the shapes.
-    unsafe { launch(args, config, &name) }
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = SoftmaxParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        out: buffers.write(&mut out.data),
+        dim_k: dim_k as i32,
+        dim_v: dim_v as i32,
+    };
+    // SAFETY: the kernel's parameters; `problem` checked the shapes.
+    unsafe { buffers.launch(&function, config, &(flash_problem, params), &name) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::device::{layout, rust_fields};
+
+    #[test]
+    fn kernel_params_lay_out_as_their_c_declarations() {
+        // linattn::flash::Problem: seven ints and a float.
+        let problem = rust_fields!(FlashProblem {
+            batch,
+            len_q,
+            len_k,
+            heads_q,
+            heads_kv,
+            left,
+            right,
+            scale_log2,
+        });
+        layout::assert_mirrors::<FlashProblem>(Source::Softmax, "Problem", 32, &problem);
+        // linattn::flash::SoftmaxParams: four pointers (32 bytes) and two ints.
+        let params = rust_fields!(SoftmaxParams {
+            q,
+            k,
+            v,
+            out,
+            dim_k,
+            dim_v,
+        });
+        layout::assert_mirrors::<SoftmaxParams>(Source::Softmax, "SoftmaxParams", 40, &params);
+    }
 
     #[test]
     fn exact_kernel_arguments_carry_the_mask_and_scale() {

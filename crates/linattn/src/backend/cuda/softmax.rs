@@ -91,14 +91,14 @@ struct SoftmaxParams {
 // SAFETY: plain old data with the layout of the kernels' struct (checked by a test).
 unsafe impl DeviceRepr for SoftmaxParams {}
 
-/// Exact softmax attention: on the tensor cores for 16-bit tensors with head dims of 64
-/// or 128 (a block per 64 query rows, head and batch), on the CUDA cores otherwise (a
-/// block per 32 rows; f32 stays f32 throughout).
 /// Whether the exact kernels take `problem` with `mask`, before any launch.
 pub(crate) fn softmax_supported(problem: &Problem, mask: ExactMask) -> Result<()> {
     FlashProblem::of(problem, mask).map(drop)
 }
 
+/// Exact softmax attention: on the tensor cores for 16-bit tensors with head dims of 64
+/// or 128 (a block per 64 query rows, head and batch), on the CUDA cores otherwise (a
+/// block per 32 rows; f32 stays f32 throughout).
 pub(crate) fn softmax_forward<T: GpuElement>(
     gpu: &Gpu,
     problem: &Problem,

@@ -6,39 +6,25 @@ mod common;
 
 use common::{Shape, attention, relative_error};
 use linattn::{
-    Attention, Cosformer, Fnet, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer, Softmax,
-    SoftmaxAlgorithm, Tensor, Window, reference,
+    Attention, Cosformer, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer, Tensor,
+    Window, reference,
 };
 
-/// Every method, with chunks small enough that a dozen tokens span several.
+/// Every method of the catalogue, with chunks small enough that a dozen tokens span
+/// several and sizes that keep finite differences of the reference cheap.
 fn methods() -> Vec<Method> {
-    vec![
-        Method::softmax(),
-        Method::Softmax(Softmax {
-            algorithm: SoftmaxAlgorithm::Naive,
-            scale: Some(0.7),
-        }),
-        Method::Window(Window::new(Some(2), Some(1))),
-        Method::Linear(Linear { chunk: 3 }),
-        Method::Performer(Performer {
-            chunk: 4,
-            ..Performer::new(6, 2)
-        }),
-        Method::Cosformer(Cosformer {
-            chunk: 3,
-            max_len: Some(11),
-        }),
-        Method::Linformer(Linformer::new(12, 4, 3)),
-        Method::Fnet(Fnet),
-        Method::Hybrid(Hybrid {
-            local_heads: 1,
-            window: Window::new(Some(2), None),
-            global: GlobalHeads::Performer(Performer {
-                chunk: 3,
-                ..Performer::new(5, 1)
-            }),
-        }),
-    ]
+    let sizes = [
+        ("chunk", "3"),
+        ("features", "6"),
+        ("window", "2,1"),
+        ("max-len", "12"),
+        ("k-proj", "4"),
+        ("local-heads", "1"),
+    ];
+    common::shrunk_methods(&sizes)
+        .into_iter()
+        .map(|(_, method)| method)
+        .collect()
 }
 
 /// `Σ d_out ∘ f(q, k, v)`.

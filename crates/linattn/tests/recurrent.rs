@@ -5,42 +5,24 @@ mod common;
 
 use common::{Shape, relative_error};
 use linattn::{
-    Attention, CausalForm, Cosformer, Decoder, Element, Error, GlobalHeads, Hybrid, Linear,
-    Linformer, Method, Performer, Softmax, Tensor, Window,
+    Attention, CausalForm, Cosformer, Decoder, Element, Error, Linear, Linformer, Method,
+    Performer, Tensor, Window,
 };
 
+/// Every method of the catalogue that decodes, with chunks short enough that a few dozen
+/// tokens cross several and cosFormer's fixed length (which decoding needs) set.
 fn decodable_methods() -> Vec<Method> {
-    vec![
-        Method::softmax(),
-        Method::Softmax(Softmax {
-            scale: Some(0.2),
-            ..Softmax::default()
-        }),
-        Method::Window(Window::new(Some(5), None)),
-        Method::Window(Window::new(None, Some(3))),
-        Method::Linear(Linear { chunk: 8 }),
-        Method::Performer(Performer {
-            chunk: 8,
-            ..Performer::new(24, 3)
-        }),
-        Method::Cosformer(Cosformer {
-            chunk: 8,
-            max_len: Some(64),
-        }),
-        Method::Hybrid(Hybrid {
-            local_heads: 3,
-            window: Window::new(Some(4), None),
-            global: GlobalHeads::Performer(Performer {
-                chunk: 8,
-                ..Performer::new(16, 1)
-            }),
-        }),
-        Method::Hybrid(Hybrid {
-            local_heads: 2,
-            window: Window::new(Some(6), Some(0)),
-            global: GlobalHeads::Linear(Linear::default()),
-        }),
-    ]
+    let methods: Vec<Method> = common::shrunk_methods(&[("chunk", "8"), ("max-len", "64")])
+        .into_iter()
+        .map(|(_, method)| method)
+        .filter(|method| {
+            let attention = Attention::new(method.clone()).causal(true);
+            attention.decoder::<f64>(1, 4, 2, 8, 8).is_ok()
+        })
+        .collect();
+    // softmax ×3, window ×2, linear, performer ×2, cosformer, hybrid ×2.
+    assert!(methods.len() >= 11, "only {methods:?} decode");
+    methods
 }
 
 /// Decodes `q`, `k`, `v` after a prompt of `prompt` tokens and returns every output,

@@ -86,26 +86,45 @@ pub fn methods() -> Vec<Method> {
 
 /// [`methods`], each with a name for test cases: `performer[features=16,seed=9]`.
 pub fn named_methods() -> Vec<(String, Method)> {
-    linattn::catalogue()
-        .flat_map(|info| {
-            info.examples.iter().map(move |example| {
-                let mut options = MethodOptions::new(0, 0);
-                for (name, value) in *example {
-                    options.set(name, value);
+    shrunk_methods(&[])
+}
+
+/// [`named_methods`] with every option in `sizes` that a method takes set as given
+/// there (chunks of 3, a few features, narrow windows: sizes for tiny problems), by
+/// option name, so that a new method's options shrink too; duplicates dropped.
+pub fn shrunk_methods(sizes: &[(&str, &str)]) -> Vec<(String, Method)> {
+    let mut methods: Vec<(String, Method)> = Vec::new();
+    for info in linattn::catalogue() {
+        for example in info.examples {
+            let mut settings: Vec<(&str, &str)> = example.to_vec();
+            let mut options = MethodOptions::new(0, 0);
+            for &(name, value) in sizes {
+                // Given by the example: replaced. Otherwise a fallback, which applies
+                // only where the method's other options make it apply (hybrid's
+                // features with performer heads).
+                if let Some(given) = settings.iter_mut().find(|(given, _)| *given == name) {
+                    given.1 = value;
+                } else if info.options.iter().any(|option| option.name == name) {
+                    options.fallback(name, value);
                 }
-                let method = Method::from_options(info.name, &options)
-                    .unwrap_or_else(|e| panic!("{}'s example {example:?}: {e}", info.name));
-                let settings: Vec<String> =
-                    example.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let name = if settings.is_empty() {
-                    info.name.to_string()
-                } else {
-                    format!("{}[{}]", info.name, settings.join(","))
-                };
-                (name, method)
-            })
-        })
-        .collect()
+            }
+            for (name, value) in &settings {
+                options.set(name, value);
+            }
+            let method = Method::from_options(info.name, &options)
+                .unwrap_or_else(|e| panic!("{}'s example {settings:?}: {e}", info.name));
+            let written: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let name = if written.is_empty() {
+                info.name.to_string()
+            } else {
+                format!("{}[{}]", info.name, written.join(","))
+            };
+            if !methods.iter().any(|(_, known)| *known == method) {
+                methods.push((name, method));
+            }
+        }
+    }
+    methods
 }
 
 /// Whether `method` accepts `shape` (and causality) at all; the rest are error cases

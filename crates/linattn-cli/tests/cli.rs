@@ -1,3 +1,7 @@
+//! Why this file is long: it is the binary's one end-to-end suite, every subcommand's
+//! outputs and every kind of bad input sharing the helpers that write .npy files and
+//! run the binary; split by subcommand it would repeat them.
+//!
 //! The `linattn` binary end to end: `run` outputs against the library's f64 reference
 //! definitions and its gradients against the library's backward pass, one clear message
 //! and exit status 2 for every kind of bad input, the records of `bench`, and the

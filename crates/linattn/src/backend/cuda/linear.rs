@@ -547,7 +547,7 @@ pub(crate) fn linear_decode<T: GpuElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::device::{layout, rust_fields};
+    use crate::backend::cuda::struct_layout::{layout, rust_fields};
 
     #[test]
     fn kernel_params_lay_out_as_their_c_declarations() {

@@ -30,6 +30,8 @@ mod linear_backward;
 mod performer;
 mod ptx_cache;
 mod softmax;
+#[cfg(test)]
+mod struct_layout;
 mod tensor;
 mod tiles;
 

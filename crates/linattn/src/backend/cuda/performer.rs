@@ -215,7 +215,7 @@ pub(crate) fn performer_full<T: GpuElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::device::{layout, rust_fields};
+    use crate::backend::cuda::struct_layout::{layout, rust_fields};
 
     #[test]
     fn kernel_params_lay_out_as_their_c_declaration() {

@@ -3,39 +3,11 @@
 //! projections), and its calls, like decoding steps, read no system file.
 
 mod common;
+mod counting;
 
 use common::{Shape, applies, named_methods};
+use counting::scratch_of;
 use linattn::{Attention, Error, Fnet, Linformer, Method, Performer, Tensor};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-        PEAK.fetch_max(now, Ordering::SeqCst);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// Peak heap growth during `f`.
-fn peak_of<R>(f: impl FnOnce() -> R) -> usize {
-    let start = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(start, Ordering::SeqCst);
-    drop(f());
-    PEAK.load(Ordering::SeqCst) - start
-}
 
 /// Bytes this process has read through read(2) so far (Linux's `rchar`).
 #[cfg(target_os = "linux")]
@@ -135,8 +107,10 @@ fn planned_calls_build_nothing_again() {
             .plan::<f64>(q.shape(), k.shape(), v.shape())
             .unwrap();
         plan.forward(&q, &k, &v).unwrap();
-        let planned = peak_of(|| plan.forward(&q, &k, &v).unwrap());
-        let unplanned = peak_of(|| attention.forward(&q, &k, &v).unwrap());
+        // The output is what both keep; the rest is scratch.
+        let kept = |out: &Tensor<f64>| out.size_bytes();
+        let (planned, _) = scratch_of(|| plan.forward(&q, &k, &v).unwrap(), kept);
+        let (unplanned, _) = scratch_of(|| attention.forward(&q, &k, &v).unwrap(), kept);
         assert!(
             planned + prepared_bytes <= unplanned,
             "{method:?}: planned {planned} B, unplanned {unplanned} B"

@@ -3,42 +3,14 @@
 //! the linear methods' scratch does not grow with the sequence.
 
 mod common;
+mod counting;
 
 use common::{Shape, attention, methods};
+use counting::scratch_of;
 use linattn::{CausalForm, Fnet, Linformer, Method, Tensor};
 use rayon::ThreadPoolBuilder;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-        PEAK.fetch_max(now, Ordering::SeqCst);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// Peak heap growth during `f`, minus what `f` returns still holding.
-fn scratch_of<R>(f: impl FnOnce() -> R, kept: impl Fn(&R) -> usize) -> (usize, R) {
-    let start = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(start, Ordering::SeqCst);
-    let result = f();
-    let peak = PEAK.load(Ordering::SeqCst);
-    (peak.saturating_sub(start + kept(&result)), result)
-}
 
 /// Runs `f` on a new pool of `threads` threads, started before and gone after, so that
 /// what the threads allocate when they start or free when they end falls outside `f`,

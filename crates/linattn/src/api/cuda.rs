@@ -3,7 +3,7 @@
 //! [`GpuDecoder`] continues causal calls from their state.
 
 use crate::api::attention::Attention;
-use crate::api::decode::DecoderMemory;
+use crate::api::decode::{BlockSizes, DecoderMemory};
 use crate::api::device::DeviceTensor;
 use crate::backend::cuda::{
     ExactMask, Gpu, GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor,
@@ -413,23 +413,14 @@ impl<T: GpuElement> GpuDecoder<T> {
             ));
         }
         let state = &self.state;
-        let len = tokens.unwrap_or(q.shape()[1]);
-        for (name, tensor, heads, dim) in [
-            ("q", q, self.heads_q, state.dim_k),
-            ("k", k, state.heads_kv, state.dim_k),
-            ("v", v, state.heads_kv, state.dim_v),
-        ] {
-            let expected = [state.batch, len, heads, dim];
-            if tensor.shape() != expected {
-                let what = if tokens.is_some() { "step" } else { "block" };
-                return Err(Error::ShapeMismatch {
-                    detail: format!(
-                        "a decoding {what} takes {name} of shape {expected:?}, got {:?}",
-                        tensor.shape()
-                    ),
-                });
-            }
-        }
+        let sizes = BlockSizes {
+            batch: state.batch,
+            heads_q: self.heads_q,
+            heads_kv: state.heads_kv,
+            dim_qk: state.dim_k,
+            dim_v: state.dim_v,
+        };
+        sizes.check([q.shape(), k.shape(), v.shape()], tokens)?;
         self.attention.gpu_problem(q, k, v)
     }
 }

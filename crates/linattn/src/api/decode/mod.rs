@@ -80,6 +80,39 @@ impl Layout {
     }
 }
 
+/// The sizes a decoder's blocks of tokens must have, on either device.
+pub(crate) struct BlockSizes {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub dim_qk: usize,
+    pub dim_v: usize,
+}
+
+impl BlockSizes {
+    /// The tokens per sequence of a block of q, k and v of these `shapes` (`tokens` of
+    /// them for a step, any number but 0 for a block), or which one does not fit.
+    pub fn check(&self, shapes: [[usize; 4]; 3], tokens: Option<usize>) -> Result<usize> {
+        let len = tokens.unwrap_or(shapes[0][1]);
+        let expected = [
+            ("q", [self.batch, len, self.heads_q, self.dim_qk]),
+            ("k", [self.batch, len, self.heads_kv, self.dim_qk]),
+            ("v", [self.batch, len, self.heads_kv, self.dim_v]),
+        ];
+        for ((name, expected), shape) in expected.into_iter().zip(shapes) {
+            if shape != expected || len == 0 {
+                let what = if tokens.is_some() { "step" } else { "block" };
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "a decoding {what} takes {name} of shape {expected:?}, got {shape:?}"
+                    ),
+                });
+            }
+        }
+        Ok(len)
+    }
+}
+
 /// One sequence's share of the decoder.
 #[derive(Clone, Debug, PartialEq)]
 struct Sequence<T> {
@@ -162,32 +195,23 @@ impl<T: Element> Sequence<T> {
     ) where
         T: 'a,
     {
+        let position = self.position;
+        self.attend_exact(layout, scale, &query, &key, &value, out);
+        let Some(kernel) = kernel else { return };
         let dim_v = layout.dim_v;
-        if layout.split > 0 {
-            self.insert(layout, &key, &value);
-        }
-        self.position += 1;
-        let position = self.position - 1;
-        for g in 0..layout.heads_kv {
-            let (exact, kernelized) = layout.serves(g);
-            if kernelized {
-                let kernel = kernel.expect("kernelized heads have a kernel");
-                kernel.step(&mut self.states[g], position, key(g), value(g));
-            }
-            for h in g * layout.group()..(g + 1) * layout.group() {
+        for g in (0..layout.heads_kv).filter(|&g| layout.serves(g).1) {
+            kernel.step(&mut self.states[g], position, key(g), value(g));
+            let heads = (g * layout.group()).max(layout.split)..(g + 1) * layout.group();
+            for h in heads {
                 let dst = &mut out[h * dim_v..(h + 1) * dim_v];
-                if h < layout.split {
-                    debug_assert!(exact);
-                    self.attend(layout, scale, g, query(h), dst);
-                } else if let Some(kernel) = kernel {
-                    kernel.read(&self.states[g], position, query(h), dst);
-                }
+                kernel.read(&self.states[g], position, query(h), dst);
             }
         }
     }
 
     /// Takes one token into the cache and writes the exact heads' outputs into `out`
-    /// (heads × d_v): the kernelized heads' share of a block the engine computed.
+    /// (heads × d_v): all of a step for exact methods, the exact heads' share of one
+    /// otherwise (a block's kernelized heads the engine computes).
     fn attend_exact<'a>(
         &mut self,
         layout: &Layout,
@@ -583,22 +607,15 @@ impl<T: Element> Decoder<T> {
     ) -> Result<Tensor<T>> {
         let layout = self.layout;
         let batch = self.sequences.len();
-        let len = tokens.unwrap_or(q.shape()[1]);
-        for (name, tensor, heads, dim) in [
-            ("q", q, layout.heads_q, layout.dim_qk),
-            ("k", k, layout.heads_kv, layout.dim_qk),
-            ("v", v, layout.heads_kv, layout.dim_v),
-        ] {
-            let expected = [batch, len, heads, dim];
-            if tensor.shape() != expected || len == 0 {
-                let what = if tokens.is_some() { "step" } else { "block" };
-                return Err(Error::ShapeMismatch {
-                    detail: format!(
-                        "a decoding {what} takes {name} of shape {expected:?}, got {:?}",
-                        tensor.shape()
-                    ),
-                });
-            }
+        let sizes = BlockSizes {
+            batch,
+            heads_q: layout.heads_q,
+            heads_kv: layout.heads_kv,
+            dim_qk: layout.dim_qk,
+            dim_v: layout.dim_v,
+        };
+        let len = sizes.check([q.shape(), k.shape(), v.shape()], tokens)?;
+        for (name, tensor) in [("q", q), ("k", k), ("v", v)] {
             if let Some((index, value)) = tensor.first_non_finite() {
                 return Err(Error::NonFinite {
                     tensor: name,

@@ -294,10 +294,11 @@ impl Attention {
 /// # Ok::<(), linattn::Error>(())
 /// ```
 pub struct GpuDecoder<T> {
-    attention: Attention,
     gpu: Arc<Gpu>,
     state: GpuLinearState,
-    heads_q: usize,
+    /// The problem of one token per sequence, validated once: a block's differs only in
+    /// its length.
+    token: Problem,
     position: usize,
     element: PhantomData<T>,
 }
@@ -330,12 +331,10 @@ impl<T: GpuElement> GpuDecoder<T> {
             one(heads_kv, dim_qk),
             one(heads_kv, dim_v),
         )?;
-        attention.linear_problem(problem)?;
         Ok(Self {
+            token: attention.linear_problem(problem)?,
             state: GpuLinearState::zeros(gpu, batch, heads_kv, dim_qk, dim_v)?,
-            attention,
             gpu: gpu.handle(),
-            heads_q,
             position: 0,
             element: PhantomData,
         })
@@ -401,7 +400,7 @@ impl<T: GpuElement> GpuDecoder<T> {
     }
 
     /// The problem of a block of `tokens` per sequence (any number if `None`), checked
-    /// against the decoder's sizes and GPU.
+    /// against the decoder's sizes and GPU; nothing of the method is validated again.
     fn block_problem(
         &self,
         [q, k, v]: [&GpuTensor<T>; 3],
@@ -412,16 +411,20 @@ impl<T: GpuElement> GpuDecoder<T> {
                 "the tokens are on another GPU than the decoder's state".into(),
             ));
         }
-        let state = &self.state;
+        let token = self.token;
         let sizes = BlockSizes {
-            batch: state.batch,
-            heads_q: self.heads_q,
-            heads_kv: state.heads_kv,
-            dim_qk: state.dim_k,
-            dim_v: state.dim_v,
+            batch: token.batch,
+            heads_q: token.heads_q,
+            heads_kv: token.heads_kv,
+            dim_qk: token.dim_qk,
+            dim_v: token.dim_v,
         };
-        sizes.check([q.shape(), k.shape(), v.shape()], tokens)?;
-        self.attention.gpu_problem(q, k, v)
+        let len = sizes.check([q.shape(), k.shape(), v.shape()], tokens)?;
+        Ok(Problem {
+            len_q: len,
+            len_k: len,
+            ..token
+        })
     }
 }
 

@@ -28,7 +28,6 @@ use crate::methods::{AttentionMethod, Prepared};
 pub struct Plan<T> {
     attention: Attention,
     problem: Problem,
-    shapes: [[usize; 4]; 3],
     out_shape: [usize; 4],
     prepared: Prepared<T>,
     /// The bytes a call may use: the limit, or what was available at planning.
@@ -63,7 +62,7 @@ impl Attention {
         // Refused before anything is built or allocated.
         let needed = out_bytes + self.method.workspace_bytes(&problem, size_of::<T>());
         memory::ensure_within(&self.describe::<T>(&problem, [q, k, v]), needed, budget)?;
-        self.finish_plan(problem, [q, k, v], budget)
+        self.finish_plan(problem, budget)
     }
 
     /// A plan whose calls check their own memory (the backward's).
@@ -74,21 +73,15 @@ impl Attention {
         v: [usize; 4],
     ) -> Result<Plan<T>> {
         let problem = self.problem(q, k, v)?;
-        self.finish_plan(problem, [q, k, v], memory::budget(self.limit()))
+        self.finish_plan(problem, memory::budget(self.limit()))
     }
 
-    fn finish_plan<T: Element>(
-        &self,
-        problem: Problem,
-        shapes: [[usize; 4]; 3],
-        budget: u128,
-    ) -> Result<Plan<T>> {
+    fn finish_plan<T: Element>(&self, problem: Problem, budget: u128) -> Result<Plan<T>> {
         Ok(Plan {
             attention: self.clone(),
             out_shape: self.method.out_shape(&problem),
             prepared: self.method.prepare(&problem)?,
             problem,
-            shapes,
             budget,
         })
     }
@@ -204,7 +197,12 @@ impl<T: Element> Plan<T> {
                 });
             }
         }
-        let grads_bytes: u128 = self.shapes.iter().map(|&s| bytes_of::<T>(s)).sum();
+        let grads_bytes: u128 = self
+            .problem
+            .shapes()
+            .iter()
+            .map(|&s| bytes_of::<T>(s))
+            .sum();
         let needed = grads_bytes + method.backward_workspace_bytes(&self.problem, size_of::<T>());
         memory::ensure_within(
             &format!(
@@ -244,7 +242,11 @@ impl<T: Element> Plan<T> {
     }
 
     fn check_shapes(&self, inputs: [&Tensor<T>; 3]) -> Result<()> {
-        for ((name, tensor), planned) in ["q", "k", "v"].into_iter().zip(inputs).zip(self.shapes) {
+        for ((name, tensor), planned) in ["q", "k", "v"]
+            .into_iter()
+            .zip(inputs)
+            .zip(self.problem.shapes())
+        {
             if tensor.shape() != planned {
                 return Err(Error::ShapeMismatch {
                     detail: format!(

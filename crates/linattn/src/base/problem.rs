@@ -87,6 +87,16 @@ impl Problem {
         h / (self.heads_q / self.heads_kv)
     }
 
+    /// The shapes of q, k and v.
+    pub fn shapes(&self) -> [[usize; 4]; 3] {
+        let (b, lk) = (self.batch, self.len_k);
+        [
+            [b, self.len_q, self.heads_q, self.dim_qk],
+            [b, lk, self.heads_kv, self.dim_qk],
+            [b, lk, self.heads_kv, self.dim_v],
+        ]
+    }
+
     /// Shape of the output of every method but FNet: one d_v row per query and head.
     pub fn out_shape(&self) -> [usize; 4] {
         [self.batch, self.len_q, self.heads_q, self.dim_v]

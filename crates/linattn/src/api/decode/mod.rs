@@ -73,10 +73,9 @@ impl Layout {
         self.heads_q / self.heads_kv
     }
 
-    /// Whether kv head `g` serves an exact head, a kernelized one.
-    fn serves(&self, g: usize) -> (bool, bool) {
-        let heads = g * self.group()..(g + 1) * self.group();
-        (heads.start < self.split, heads.end > self.split)
+    /// Whether kv head `g` serves a kernelized head.
+    fn serves_kernelized(&self, g: usize) -> bool {
+        (g + 1) * self.group() > self.split
     }
 }
 
@@ -199,7 +198,7 @@ impl<T: Element> Sequence<T> {
         self.attend_exact(layout, scale, &query, &key, &value, out);
         let Some(kernel) = kernel else { return };
         let dim_v = layout.dim_v;
-        for g in (0..layout.heads_kv).filter(|&g| layout.serves(g).1) {
+        for g in (0..layout.heads_kv).filter(|&g| layout.serves_kernelized(g)) {
             kernel.step(&mut self.states[g], position, key(g), value(g));
             let heads = (g * layout.group()).max(layout.split)..(g + 1) * layout.group();
             for h in heads {

@@ -27,6 +27,7 @@ done
 "$bin" bench --device cuda --methods linear,softmax,performer --causal --seq 4096,16384 \
     --heads 16 --dim 128 --gpu-dtype bf16
 "$bin" decode --device cuda --method linear --prompt-len 1000 --tokens 64 --heads 16 --dim 128
+"$bin" decode --device cuda --method softmax --prompt-len 1000 --tokens 64 --heads 16 --dim 128
 port=8765
 "$bin" explore --device cuda --port $port > explore.log 2>&1 &
 server=$!

@@ -230,13 +230,19 @@ fn compare_on_gpu(
         }
         let tokens = (0..args.tokens).map(|index| token(args, index));
         let attention = args.attention(method.clone());
-        let (prefill, steps) = gpu::decode_steps(
+        let (prefill, steps, bytes_per_token) = gpu::decode_steps(
             &attention,
             [&prompt[0], &prompt[1], &prompt[2]],
             tokens,
             args.gpu_dtype,
         )?;
-        traces.push(MethodTrace::measured(name, prefill, &steps, 0, &settings));
+        traces.push(MethodTrace::measured(
+            name,
+            prefill,
+            &steps,
+            bytes_per_token,
+            &settings,
+        ));
     }
     Ok(DecodeReport {
         settings,

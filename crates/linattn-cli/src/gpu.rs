@@ -10,7 +10,8 @@ use clap::ValueEnum;
 pub enum Device {
     /// The CPU, every method.
     Cpu,
-    /// The first NVIDIA GPU, through CUDA (linear, performer, softmax and window so far).
+    /// The first NVIDIA GPU, through CUDA (linear, performer, softmax and window so far;
+    /// `Attention::supports` says which shapes and forms).
     Cuda,
 }
 
@@ -78,13 +79,13 @@ mod enabled {
 
     /// Prefills `prompt` on the GPU, then feeds `tokens` one step at a time through the
     /// recurrent state, timing each step on the device (the token's upload is not timed).
-    /// Returns the prefill's time and the steps.
+    /// Returns the prefill's time, the steps and the bytes each token adds to the state.
     pub fn decode_steps(
         attention: &Attention,
         prompt: [&Tensor<f32>; 3],
         tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
         dtype: GpuDtype,
-    ) -> Result<(Duration, Vec<crate::decode_report::Step>), CliError> {
+    ) -> Result<(Duration, Vec<crate::decode_report::Step>, usize), CliError> {
         let gpu = Gpu::open(0)?;
         match dtype {
             GpuDtype::F32 => decode_as::<f32>(&gpu, attention, prompt, tokens),
@@ -98,7 +99,7 @@ mod enabled {
         attention: &Attention,
         [q, k, v]: [&Tensor<f32>; 3],
         tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
-    ) -> Result<(Duration, Vec<crate::decode_report::Step>), CliError> {
+    ) -> Result<(Duration, Vec<crate::decode_report::Step>, usize), CliError> {
         let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x);
         let [batch, prompt_len, heads_q, dim_k] = q.shape();
         let [_, _, heads_kv, dim_v] = v.shape();
@@ -118,7 +119,11 @@ mod enabled {
                 state_bytes: decoder.memory().state_bytes,
             });
         }
-        Ok((milliseconds(prefill), steps))
+        Ok((
+            milliseconds(prefill),
+            steps,
+            decoder.memory().bytes_per_token,
+        ))
     }
 
     /// The GPU `bench` opens once: the device and its copy bandwidth, the floor of these
@@ -227,7 +232,7 @@ mod disabled {
         _: [&Tensor<f32>; 3],
         _: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
         _: GpuDtype,
-    ) -> Result<(std::time::Duration, Vec<crate::decode_report::Step>), CliError> {
+    ) -> Result<(std::time::Duration, Vec<crate::decode_report::Step>, usize), CliError> {
         Err(unavailable())
     }
 

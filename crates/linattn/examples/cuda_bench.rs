@@ -10,7 +10,7 @@
 //! or `bench` so the script can pick them out.
 
 use half::bf16;
-use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
+use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuPlan, GpuTensor};
 use linattn::{Attention, Method, Performer, Tensor, Window};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -142,6 +142,32 @@ fn time_decode(gpu: &Gpu) -> Result<f64> {
     Ok(ms * 1e3 / STEPS as f64)
 }
 
+/// Median microseconds of one exact decode step of B=4 H=16 D=128 bf16 against a cache of
+/// `context` tokens (prefilled once; each timed run's steps extend it a little).
+fn time_exact_decode(gpu: &Gpu, context: usize) -> Result<f64> {
+    let (batch, heads, dim) = (4, 16, 128);
+    let prompt = GpuTensor::<bf16>::upload(gpu, &random([batch, context, heads, dim], 8)?)?;
+    let token = GpuTensor::<bf16>::upload(gpu, &random([batch, 1, heads, dim], 9)?)?;
+    let attention = Attention::new(Method::softmax()).causal(true);
+    let mut decoder = GpuDecoder::<bf16>::new(gpu, &attention, batch, heads, heads, dim, dim)?;
+    decoder.prefill(&prompt, &prompt, &prompt)?;
+    const STEPS: usize = 10;
+    let ms = median_ms(gpu, || {
+        for _ in 0..STEPS {
+            decoder.step(&token, &token, &token)?;
+        }
+        Ok(())
+    })?;
+    Ok(ms * 1e3 / STEPS as f64)
+}
+
+/// Median milliseconds of `attention` through a [`GpuPlan`] made once.
+fn time_planned(gpu: &Gpu, attention: &Attention, shape: [usize; 4]) -> Result<f64> {
+    let x = GpuTensor::<bf16>::upload(gpu, &random(shape, 1)?)?;
+    let plan = GpuPlan::<bf16>::new(gpu, attention, shape, shape, shape)?;
+    median_ms(gpu, || plan.forward(&x, &x, &x).map(drop))
+}
+
 fn benches(gpu: &Gpu, quick: bool) -> Result<()> {
     let bandwidth = gpu.copy_bandwidth()?;
     println!(
@@ -229,11 +255,24 @@ fn benches(gpu: &Gpu, quick: bool) -> Result<()> {
         "bench,performer full 256 features,bf16,B=4 T=8192 H=16 D=128,{ms:.4} ms,{:.0} TFLOP/s",
         2.0 * b * h * t * (2.0 * 2.0 * d + 2.0 * d) * 256.0 / (ms * 1e-3) / 1e12
     );
+    let performer = Attention::new(Method::Performer(Performer::default()));
+    let ms = time_planned(gpu, &performer, main)?;
+    println!(
+        "bench,performer full 256 features (one plan; omega uploaded once),bf16,B=4 T=8192 H=16 D=128,{ms:.4} ms,{:.0} TFLOP/s",
+        2.0 * b * h * t * (2.0 * 2.0 * d + 2.0 * d) * 256.0 / (ms * 1e-3) / 1e12
+    );
     let state_bytes = 32.0 * 16.0 * (128.0 * 128.0 + 128.0) * 4.0;
     println!(
         "bench,linear decode step,bf16 tokens f32 state,B=32 H=16 D=128,{:.1} us,floor {:.1} us (state read + written)",
         time_decode(gpu)?,
         2.0 * state_bytes / bandwidth * 1e6
+    );
+    // Every key and value of the context read once: the floor of an exact decode step.
+    let cache_bytes = 2.0 * 4.0 * 8192.0 * 16.0 * 128.0 * 2.0;
+    println!(
+        "bench,softmax decode step (context 8192),bf16,B=4 H=16 D=128,{:.1} us,floor {:.1} us (keys and values read)",
+        time_exact_decode(gpu, 8192)?,
+        cache_bytes / bandwidth * 1e6
     );
     println!(
         "bench,linear causal forward+backward,bf16,B=4 T=8192 H=16 D=128,{:.4} ms",

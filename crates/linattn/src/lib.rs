@@ -41,7 +41,7 @@ mod methods;
 /// The CUDA backend: the GPU, its tensors and decoder (feature `cuda`).
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    pub use crate::api::cuda::GpuDecoder;
+    pub use crate::api::cuda::{GpuDecoder, GpuPlan};
     pub use crate::backend::cuda::*;
 }
 

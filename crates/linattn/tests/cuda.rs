@@ -9,7 +9,7 @@ mod gpu_checks;
 
 use half::bf16;
 use libtest_mimic::{Arguments, Failed, Trial};
-use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
+use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuPlan, GpuTensor};
 use linattn::{Attention, Cosformer, Error, Method, Performer, Tensor, Window, reference};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,6 +35,10 @@ const GPU_TESTS: &[(&str, fn())] = &[
     (
         "prefill_then_decode_equals_one_causal_call",
         prefill_then_decode_equals_one_causal_call,
+    ),
+    (
+        "plans_keep_what_they_prepared_and_refuse_other_shapes",
+        plans_keep_what_they_prepared_and_refuse_other_shapes,
     ),
     ("misuse_is_named", misuse_is_named),
     (
@@ -312,6 +316,39 @@ fn misuse_is_named() {
     // The backward takes bf16 only.
     assert!(matches!(
         causal.backward(&x, &x, &x, &x),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+fn plans_keep_what_they_prepared_and_refuse_other_shapes() {
+    let gpu = gpu();
+    let shape = [2, 100, 2, 32];
+    let upload = |seed| GpuTensor::<bf16>::upload(&gpu, &Tensor::randn(shape, seed).unwrap());
+    let [q, k, v] = [1, 2, 3].map(|seed| upload(seed).unwrap());
+    let performer = Attention::new(Method::Performer(Performer::new(64, 9)));
+    let plan = GpuPlan::<bf16>::new(&gpu, &performer, shape, shape, shape).unwrap();
+    assert_eq!(plan.output_shape(), shape);
+    // The ω the plan uploaded once is the one every call through it, and a call without
+    // a plan (which draws it again from the same seed), uses.
+    let direct = performer.forward(&q, &k, &v).unwrap().download().unwrap();
+    for _ in 0..2 {
+        let planned = plan.forward(&q, &k, &v).unwrap().download().unwrap();
+        assert_eq!(planned, direct);
+    }
+    let other = Attention::new(Method::Performer(Performer::new(64, 10)));
+    let other = other.forward(&q, &k, &v).unwrap().download().unwrap();
+    assert_ne!(other, direct, "another seed draws another ω");
+    // Shapes other than the planned ones are refused, not computed.
+    let longer =
+        GpuTensor::<bf16>::upload(&gpu, &Tensor::randn([2, 101, 2, 32], 0).unwrap()).unwrap();
+    assert!(matches!(
+        plan.forward(&longer, &longer, &longer),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    // What the GPU does not take is refused at planning.
+    let cosformer = Attention::new(Method::Cosformer(Cosformer::default()));
+    assert!(matches!(
+        GpuPlan::<bf16>::new(&gpu, &cosformer, shape, shape, shape),
         Err(Error::Unsupported(_))
     ));
 }

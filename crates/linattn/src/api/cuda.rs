@@ -1,21 +1,22 @@
-//! [`Attention`] on GPU tensors: [`DeviceTensor`] for [`GpuTensor`] reads the method (its
-//! scale, window, random features and constants) and calls the CUDA backend's launches;
-//! [`GpuDecoder`] continues causal calls from their state.
+//! [`Attention`] on GPU tensors: [`GpuPlan`] reads the method (its scale, window, random
+//! features and constants) once and calls the CUDA backend's launches, [`DeviceTensor`]
+//! for [`GpuTensor`] goes through it, and [`GpuDecoder`] continues causal calls from their
+//! state.
 
 use crate::api::attention::Attention;
 use crate::api::decode::{BlockSizes, DecoderMemory};
 use crate::api::device::DeviceTensor;
 use crate::backend::cuda::{
-    ExactMask, Gpu, GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor,
-    linear_backward, linear_causal, linear_decode, linear_forward_training, linear_full,
-    linear_prefill, performer_full, performer_supported, softmax_forward, softmax_supported,
+    ExactMask, Gpu, GpuElement, GpuForward, GpuGradients, GpuKvCache, GpuLinearState, GpuTensor,
+    PerformerOmega, linear_backward, linear_causal, linear_decode, linear_forward_training,
+    linear_full, linear_prefill, performer_full, performer_supported, softmax_forward,
+    softmax_supported,
 };
 use crate::base::{Error, Problem, Result};
 use crate::engine::feature_map::FAVOR_EPSILON;
 use crate::methods::{Device, LINEAR_EPSILON, Method, Performer, resolve_scale};
 use half::bf16;
 use std::any::Any;
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
@@ -32,41 +33,12 @@ impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
 
     /// Runs `linear` attention (full, and causal in the chunked form), non-causal
     /// `performer` (head dims multiples of 16 up to 128, up to 256 features) and exact
-    /// attention (`softmax`, `window`: full, causal or windowed, head dims up to 256);
-    /// other methods and forms are [`Error::Unsupported`] on the GPU for now.
+    /// attention (`softmax`, `window`: full, causal or windowed, head dims up to 256)
+    /// through a [`GpuPlan`]; other methods and forms are [`Error::Unsupported`] on the
+    /// GPU for now.
     fn forward(attention: &Attention, q: &Self, k: &Self, v: &Self) -> Result<Self> {
         let gpu = same_gpu([q, k, v])?;
-        let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
-        let epsilon = LINEAR_EPSILON as f32;
-        match route(attention, problem)? {
-            Route::Performer(performer, problem) => {
-                let omega = performer.omega(problem.dim_qk)?;
-                performer_full(gpu, &problem, &omega, FAVOR_EPSILON, [q, k, v])
-            }
-            Route::Exact(mask, problem) => {
-                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
-                softmax_forward(gpu, &problem, mask, [q, k, v], &mut out)?;
-                Ok(out)
-            }
-            Route::Linear(problem) => {
-                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
-                if problem.causal {
-                    linear_causal(
-                        gpu,
-                        &problem,
-                        [q, k, v],
-                        epsilon,
-                        &mut out,
-                        None,
-                        None,
-                        None,
-                    )?;
-                } else {
-                    linear_full(gpu, &problem, q, k, v, epsilon, &mut out)?;
-                }
-                Ok(out)
-            }
-        }
+        GpuPlan::new(gpu, attention, q.shape(), k.shape(), v.shape())?.forward(q, k, v)
     }
 
     /// Runs [`Attention::forward_training`] and [`Attention::backward_with`]: bf16 causal
@@ -135,6 +107,116 @@ fn route(attention: &Attention, problem: Problem) -> Result<Route<'_>> {
             Ok(Route::Exact(mask, problem))
         }
         None => attention.linear_problem(problem).map(Route::Linear),
+    }
+}
+
+/// An [`Attention`] prepared for GPU tensors of given shapes and element type `T`, the
+/// counterpart of the host's [`Plan`](crate::Plan): the shapes and options validated, the
+/// kernels chosen, and what the method builds before computing (Performer's ω, drawn and
+/// uploaded) kept on the GPU, so that calls through it redo none of that.
+///
+/// ```no_run
+/// use linattn::{Attention, Method, Performer, Tensor, cuda::{Gpu, GpuPlan, GpuTensor}};
+/// let gpu = Gpu::open(0)?;
+/// let attention = Attention::new(Method::Performer(Performer::new(256, 0)));
+/// let shape = [4, 8192, 16, 128];
+/// let plan = GpuPlan::<half::bf16>::new(&gpu, &attention, shape, shape, shape)?;
+/// for seed in 0..3 {
+///     let x = GpuTensor::upload(&gpu, &Tensor::randn(shape, seed)?)?;
+///     assert_eq!(plan.forward(&x, &x, &x)?.shape(), shape);
+/// }
+/// # Ok::<(), linattn::Error>(())
+/// ```
+pub struct GpuPlan<T> {
+    gpu: Arc<Gpu>,
+    problem: Problem,
+    shapes: [[usize; 4]; 3],
+    kernels: PlannedKernels<T>,
+}
+
+/// What a [`GpuPlan`] launches, with what it prepared for the launch.
+enum PlannedKernels<T> {
+    Performer(PerformerOmega<T>),
+    Exact(ExactMask),
+    Linear,
+}
+
+impl<T: GpuElement> GpuPlan<T> {
+    /// Prepares calls of `attention` on `gpu` for q, k and v of these shapes; fails as
+    /// [`Attention::forward`] would for anything but the inputs' values.
+    pub fn new(
+        gpu: &Gpu,
+        attention: &Attention,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+    ) -> Result<Self> {
+        let (kernels, problem) = match route(attention, attention.problem(q, k, v)?)? {
+            Route::Performer(performer, problem) => {
+                let omega = performer.omega(problem.dim_qk)?;
+                let omega = PerformerOmega::upload(gpu, &omega, problem.dim_qk)?;
+                (PlannedKernels::Performer(omega), problem)
+            }
+            Route::Exact(mask, problem) => (PlannedKernels::Exact(mask), problem),
+            Route::Linear(problem) => (PlannedKernels::Linear, problem),
+        };
+        Ok(Self {
+            gpu: gpu.handle(),
+            problem,
+            shapes: [q, k, v],
+            kernels,
+        })
+    }
+
+    /// The output's shape.
+    pub fn output_shape(&self) -> [usize; 4] {
+        self.problem.out_shape()
+    }
+
+    /// [`Attention::forward`] through the plan; the inputs must have the planned shapes
+    /// and be on the plan's GPU.
+    pub fn forward(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+    ) -> Result<GpuTensor<T>> {
+        let gpu = same_gpu([q, k, v])?;
+        if gpu.ordinal() != self.gpu.ordinal() {
+            return Err(Error::Unsupported(
+                "the tensors are on another GPU than the plan's".into(),
+            ));
+        }
+        let shapes = [q.shape(), k.shape(), v.shape()];
+        if shapes != self.shapes {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the plan is for q, k, v of shapes {:?}, not {shapes:?}",
+                    self.shapes
+                ),
+            });
+        }
+        let problem = &self.problem;
+        match &self.kernels {
+            PlannedKernels::Performer(omega) => {
+                performer_full(gpu, problem, omega, FAVOR_EPSILON, [q, k, v])
+            }
+            PlannedKernels::Exact(mask) => {
+                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+                softmax_forward(gpu, problem, *mask, [q, k, v], &mut out)?;
+                Ok(out)
+            }
+            PlannedKernels::Linear => {
+                let mut out = GpuTensor::for_output(gpu, problem.out_shape())?;
+                let epsilon = LINEAR_EPSILON as f32;
+                if problem.causal {
+                    linear_causal(gpu, problem, [q, k, v], epsilon, &mut out, None, None, None)?;
+                } else {
+                    linear_full(gpu, problem, q, k, v, epsilon, &mut out)?;
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
@@ -279,7 +361,8 @@ impl Attention {
 /// [`Decoder`](crate::Decoder): [`step`](Self::step) feeds one token per sequence,
 /// [`prefill`](Self::prefill) a block of them, both from the state so far (the initial
 /// state of a causal call) and leaving the state after them in place. Linear attention
-/// so far: its state is [`GpuLinearState`], of constant size.
+/// keeps [`GpuLinearState`], of constant size; exact attention (`softmax`, `window`) keeps
+/// the keys and values its later queries see.
 ///
 /// ```no_run
 /// use linattn::{Attention, Method, Tensor, cuda::{Gpu, GpuTensor}};
@@ -295,12 +378,17 @@ impl Attention {
 /// ```
 pub struct GpuDecoder<T> {
     gpu: Arc<Gpu>,
-    state: GpuLinearState,
+    state: DecodingState<T>,
     /// The problem of one token per sequence, validated once: a block's differs only in
     /// its length.
     token: Problem,
     position: usize,
-    element: PhantomData<T>,
+}
+
+/// What a [`GpuDecoder`] carries from one block to the next.
+enum DecodingState<T> {
+    Linear(GpuLinearState),
+    Exact(GpuKvCache<T>, ExactMask),
 }
 
 impl<T: GpuElement> GpuDecoder<T> {
@@ -331,17 +419,32 @@ impl<T: GpuElement> GpuDecoder<T> {
             one(heads_kv, dim_qk),
             one(heads_kv, dim_v),
         )?;
+        let (state, token) = match route(&attention, problem)? {
+            Route::Linear(token) => {
+                let state = GpuLinearState::zeros(gpu, batch, heads_kv, dim_qk, dim_v)?;
+                (DecodingState::Linear(state), token)
+            }
+            Route::Exact(mask, token) => {
+                let cache = GpuKvCache::new(gpu, &token, mask.left)?;
+                (DecodingState::Exact(cache, mask), token)
+            }
+            Route::Performer(..) => {
+                return Err(Error::Unsupported(
+                    "performer does not decode on the GPU yet (linear, softmax and window do)"
+                        .into(),
+                ));
+            }
+        };
         Ok(Self {
-            token: attention.linear_problem(problem)?,
-            state: GpuLinearState::zeros(gpu, batch, heads_kv, dim_qk, dim_v)?,
             gpu: gpu.handle(),
+            state,
+            token,
             position: 0,
-            element: PhantomData,
         })
     }
 
     /// Feeds one token per sequence (`[batch, 1, heads, ·]`) and returns its output.
-    /// Memory and time per step do not grow with the tokens seen.
+    /// Linear attention's memory and time per step do not grow with the tokens seen.
     pub fn step(
         &mut self,
         q: &GpuTensor<T>,
@@ -349,19 +452,20 @@ impl<T: GpuElement> GpuDecoder<T> {
         v: &GpuTensor<T>,
     ) -> Result<GpuTensor<T>> {
         let problem = self.block_problem([q, k, v], Some(1))?;
-        let out = linear_decode(
-            &self.gpu,
-            &problem,
-            [q, k, v],
-            LINEAR_EPSILON as f32,
-            &mut self.state,
-        )?;
+        let out = match &mut self.state {
+            DecodingState::Linear(state) => {
+                linear_decode(&self.gpu, &problem, [q, k, v], LINEAR_EPSILON as f32, state)?
+            }
+            DecodingState::Exact(cache, mask) => {
+                cache.attend(&self.gpu, &problem, *mask, [q, k, v])?
+            }
+        };
         self.position += 1;
         Ok(out)
     }
 
     /// Feeds a block of tokens per sequence (`[batch, n, heads, ·]`) and returns their
-    /// outputs: the causal chunked form from the state so far, leaving the state after
+    /// outputs: the causal form continued from the state so far, leaving the state after
     /// them.
     pub fn prefill(
         &mut self,
@@ -370,33 +474,52 @@ impl<T: GpuElement> GpuDecoder<T> {
         v: &GpuTensor<T>,
     ) -> Result<GpuTensor<T>> {
         let problem = self.block_problem([q, k, v], None)?;
-        let out = linear_prefill(
-            &self.gpu,
-            &problem,
-            [q, k, v],
-            LINEAR_EPSILON as f32,
-            &mut self.state,
-        )?;
+        let out = match &mut self.state {
+            DecodingState::Linear(state) => {
+                linear_prefill(&self.gpu, &problem, [q, k, v], LINEAR_EPSILON as f32, state)?
+            }
+            DecodingState::Exact(cache, mask) => {
+                cache.attend(&self.gpu, &problem, *mask, [q, k, v])?
+            }
+        };
         self.position += problem.len_q;
         Ok(out)
     }
 
     /// Tokens seen by each sequence.
     pub fn positions(&self) -> Vec<usize> {
-        vec![self.position; self.state.batch]
+        vec![self.position; self.token.batch]
     }
 
-    /// The GPU memory the state holds, which does not grow.
+    /// The GPU memory the state holds, and what each further token adds: nothing for
+    /// linear attention and windows, a key and a value per kv head and sequence for
+    /// full exact attention.
     pub fn memory(&self) -> DecoderMemory {
-        DecoderMemory {
-            state_bytes: self.state.bytes(),
-            bytes_per_token: 0,
+        let token = &self.token;
+        match &self.state {
+            DecodingState::Linear(state) => DecoderMemory {
+                state_bytes: state.bytes(),
+                bytes_per_token: 0,
+            },
+            DecodingState::Exact(cache, mask) => DecoderMemory {
+                state_bytes: cache.bytes(),
+                bytes_per_token: match mask.left {
+                    Some(_) => 0,
+                    None => {
+                        token.batch * token.heads_kv * (token.dim_qk + token.dim_v) * size_of::<T>()
+                    }
+                },
+            },
         }
     }
 
-    /// The state: `S` and `z` of every (sequence, kv head).
-    pub fn state(&self) -> &GpuLinearState {
-        &self.state
+    /// Linear attention's state, `S` and `z` of every (sequence, kv head); `None` for
+    /// exact attention, whose state is its keys and values.
+    pub fn linear_state(&self) -> Option<&GpuLinearState> {
+        match &self.state {
+            DecodingState::Linear(state) => Some(state),
+            DecodingState::Exact(..) => None,
+        }
     }
 
     /// The problem of a block of `tokens` per sequence (any number if `None`), checked

@@ -318,6 +318,9 @@ struct Case {
     attention: Attention,
     inputs: [Tensor<f32>; 3],
     peer: Peer,
+    /// For a decoder: the lengths of the blocks it is fed in turn (a decode step for one
+    /// token, prefill for more); empty for one call.
+    blocks: Vec<usize>,
 }
 
 impl Case {
@@ -351,12 +354,18 @@ impl Case {
         verdict(relative_error(&as_f64(&out), &exact), tolerance)
     }
 
-    /// `prompt` tokens through prefill, the rest one decode step at a time, in `P`,
-    /// against the reference's one causal call over all of them.
-    fn check_decode<P: Precision>(&self, gpu: &Gpu, prompt: usize) -> Result<()> {
+    /// The tokens through a decoder in the case's blocks (prefill for a block of more than
+    /// one token, a decode step for one), in `P`, against the reference's one causal call
+    /// over all of them.
+    fn check_decode<P: Precision>(&self, gpu: &Gpu) -> Result<()> {
         let (exact, tolerance) = self.judge::<P>()?;
         let [q, k, v] = self.inputs();
         let [batch, len, _, dim_k] = q.shape();
+        assert_eq!(
+            self.blocks.iter().sum::<usize>(),
+            len,
+            "the blocks cover the tokens"
+        );
         let part = |x: &Tensor<f32>, range| -> Result<GpuTensor<P>> {
             Ok(GpuTensor::upload(gpu, &x.slice_seq(range)?)?)
         };
@@ -369,22 +378,22 @@ impl Case {
             dim_k,
             v.head_dim(),
         )?;
-        let mut pieces = vec![
-            decoder
-                .prefill(
-                    &part(q, 0..prompt)?,
-                    &part(k, 0..prompt)?,
-                    &part(v, 0..prompt)?,
-                )?
-                .download()?,
-        ];
-        for t in prompt..len {
-            let step = decoder.step(
-                &part(q, t..t + 1)?,
-                &part(k, t..t + 1)?,
-                &part(v, t..t + 1)?,
-            )?;
-            pieces.push(step.download()?);
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for &block in &self.blocks {
+            let range = start..start + block;
+            let [q, k, v] = [q, k, v].map(|x| part(x, range.clone()));
+            let (q, k, v) = (q?, k?, v?);
+            let out = if block == 1 {
+                decoder.step(&q, &k, &v)?
+            } else {
+                decoder.prefill(&q, &k, &v)?
+            };
+            pieces.push(out.download()?);
+            start += block;
+        }
+        if decoder.positions() != vec![len; batch] {
+            return Err(format!("positions {:?} after {len} tokens", decoder.positions()).into());
         }
         // The pieces back in [B, T, H, D] order.
         let row = q.heads() * v.head_dim();
@@ -473,6 +482,7 @@ pub fn trials(gpu: Option<Arc<Gpu>>) -> Vec<Trial> {
                         attention: Attention::new(Method::linear()).causal(causal),
                         inputs,
                         peer: Peer::Linear(causal),
+                        blocks: Vec::new(),
                     });
                 add(family, case, check);
             }
@@ -512,6 +522,7 @@ pub fn trials(gpu: Option<Arc<Gpu>>) -> Vec<Trial> {
                         attention: exact_attention(causal, sides),
                         inputs,
                         peer: Peer::Exact(visible),
+                        blocks: Vec::new(),
                     }
                 });
             add(family, case, check);
@@ -537,52 +548,123 @@ pub fn trials(gpu: Option<Arc<Gpu>>) -> Vec<Trial> {
                         ))),
                         inputs,
                         peer: Peer::Performer { features, seed },
+                        blocks: Vec::new(),
                     }
                 });
             add(family, case, check);
         }
     }
 
-    // Prefill then decode, each case in one precision.
-    // q's shape, kv heads, the prompt's length, and the precision the case runs in.
-    type DecodeCase = ([usize; 4], usize, usize, (&'static str, Check));
-    let decode_cases: [DecodeCase; 4] = [
+    // Decoders fed blocks and single tokens in turn, each case in one precision: linear
+    // attention's state, and exact attention's cache of keys and values, grown past its
+    // first allocation (64 rows) and, for windows, dropping keys no query sees again;
+    // tensor-core (bf16 and f16, dims 64 and 128) and general kernels.
+    // The method, q's shape, kv heads, the blocks (a prompt, then the rest one token at a
+    // time but for one block of the given length), and the precision.
+    type DecodeCase = (
+        Attention,
+        [usize; 4],
+        usize,
+        [usize; 3],
+        (&'static str, Check),
+    );
+    let causal = |attention: Attention| attention.causal(true);
+    let linear = causal(Attention::new(Method::linear()));
+    let softmax = causal(Attention::new(Method::softmax()));
+    let window = |left| {
+        causal(Attention::new(Method::Window(Window::new(
+            Some(left),
+            None,
+        ))))
+    };
+    let decode_cases: [DecodeCase; 9] = [
         (
+            linear.clone(),
             [2, 150, 4, 64],
             2,
-            129,
-            ("f32", |c, g| c.check_decode::<f32>(g, 129)),
+            [129, 0, 0],
+            ("f32", |c, g| c.check_decode::<f32>(g)),
         ),
         (
+            linear.clone(),
             [3, 100, 2, 128],
             2,
-            64,
-            ("bf16", |c, g| c.check_decode::<bf16>(g, 64)),
+            [64, 0, 0],
+            ("bf16", |c, g| c.check_decode::<bf16>(g)),
         ),
         (
+            linear.clone(),
             [1, 70, 8, 32],
             1,
-            1,
-            ("f16", |c, g| c.check_decode::<f16>(g, 1)),
+            [1, 30, 20],
+            ("f16", |c, g| c.check_decode::<f16>(g)),
         ),
         (
+            linear,
             [1, 1700, 2, 64],
             2,
-            1650,
-            ("f32", |c, g| c.check_decode::<f32>(g, 1650)),
+            [1650, 0, 0],
+            ("f32", |c, g| c.check_decode::<f32>(g)),
+        ),
+        (
+            softmax.clone(),
+            [2, 150, 4, 48],
+            2,
+            [70, 10, 45],
+            ("f32", |c, g| c.check_decode::<f32>(g)),
+        ),
+        (
+            softmax.clone(),
+            [1, 300, 4, 128],
+            2,
+            [129, 5, 100],
+            ("bf16", |c, g| c.check_decode::<bf16>(g)),
+        ),
+        (
+            softmax,
+            [2, 90, 2, 64],
+            1,
+            [1, 40, 3],
+            ("f16", |c, g| c.check_decode::<f16>(g)),
+        ),
+        (
+            window(40),
+            [2, 260, 2, 64],
+            1,
+            [100, 30, 50],
+            ("bf16", |c, g| c.check_decode::<bf16>(g)),
+        ),
+        (
+            window(7),
+            [1, 200, 3, 40],
+            3,
+            [20, 100, 70],
+            ("f32", |c, g| c.check_decode::<f32>(g)),
         ),
     ];
-    for (index, (shape, heads_kv, prompt, (dtype, check))) in decode_cases.into_iter().enumerate() {
+    for (index, (attention, shape, heads_kv, [prompt, steps, block], (dtype, check))) in
+        decode_cases.into_iter().enumerate()
+    {
+        let len = shape[1];
+        let mut blocks = vec![prompt];
+        blocks.extend(std::iter::repeat_n(1, steps));
+        blocks.extend((block > 0).then_some(block));
+        blocks.extend(std::iter::repeat_n(1, len - blocks.iter().sum::<usize>()));
+        let peer = match attention.method() {
+            Method::Linear(_) => Peer::Linear(true),
+            Method::Window(window) => Peer::Exact((window.left, Some(0))),
+            _ => Peer::Exact((None, Some(0))),
+        };
+        let name = attention.method().name();
         let case =
-            inputs(shape, shape[1], heads_kv, shape[3], 100 + 3 * index as u64).map(|inputs| {
-                Case {
-                    attention: Attention::new(Method::linear()).causal(true),
-                    inputs,
-                    peer: Peer::Linear(true),
-                }
+            inputs(shape, len, heads_kv, shape[3], 100 + 3 * index as u64).map(|inputs| Case {
+                attention,
+                inputs,
+                peer,
+                blocks,
             });
         add(
-            format!("linear::prefill[{prompt}]+decode::{dtype}"),
+            format!("{name}::prefill[{prompt}]+decode[{steps}]+prefill[{block}]::{dtype}"),
             case,
             check,
         );

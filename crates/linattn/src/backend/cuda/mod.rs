@@ -16,7 +16,8 @@
 //! ```
 
 // The files: `device` (the GPU, its memory pool, launches, NVRTC and the compiled
-// modules), `ptx_cache` (compiled modules on disk), `tiles` (the tile constants host and
+// modules), `ptx_cache` (compiled modules on disk), `kv_cache` (exact attention's keys
+// and values while decoding), `tiles` (the tile constants host and
 // kernels share), `tensor` (device tensors and states), and one file of launches beside
 // each kernel family: `linear` (linear.cu: helpers and CUDA-core kernels; linear_mma.cu:
 // the tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
@@ -25,6 +26,7 @@
 // method: api/cuda.rs reads the method when `Attention` is called with GPU tensors.
 
 mod device;
+mod kv_cache;
 mod linear;
 mod linear_backward;
 mod performer;
@@ -40,7 +42,8 @@ pub use device::Gpu;
 pub use device::compile_all_kernels;
 pub use tensor::{GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor};
 
+pub(crate) use kv_cache::GpuKvCache;
 pub(crate) use linear::{linear_causal, linear_decode, linear_full, linear_prefill};
 pub(crate) use linear_backward::{linear_backward, linear_forward_training};
-pub(crate) use performer::{performer_full, performer_supported};
+pub(crate) use performer::{PerformerOmega, performer_full, performer_supported};
 pub(crate) use softmax::{ExactMask, softmax_forward, softmax_supported};

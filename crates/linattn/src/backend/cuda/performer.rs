@@ -6,7 +6,7 @@ use super::tensor::{GpuElement, GpuTensor};
 use super::tiles::{CHUNK, PAD, PERFORMER_MAX_FEATURES};
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// The widest heads the FAVOR+ kernels hold (the projection's rows in shared memory).
 const PERFORMER_MAX_DIM: usize = 128;
@@ -77,29 +77,47 @@ pub(crate) fn performer_supported(problem: &Problem, features: usize) -> Result<
     Ok(())
 }
 
+/// FAVOR+'s `m × D` projection on the GPU (row-major, m random features), scaled by
+/// `D^(-1/4)` (what FAVOR+ does to q and k, folded in) and rounded once to the inputs' type:
+/// uploaded once per plan, read by every call.
+pub(crate) struct PerformerOmega<T> {
+    data: CudaSlice<T>,
+    features: usize,
+}
+
+impl<T: GpuElement> PerformerOmega<T> {
+    /// Uploads `omega`, `features × dim` in f64 as the CPU draws it.
+    pub(crate) fn upload(gpu: &Gpu, omega: &[f64], dim: usize) -> Result<Self> {
+        let scale = (dim as f64).powf(-0.25);
+        let scaled: Vec<T> = omega
+            .iter()
+            .map(|&w| T::from_f32((w * scale) as f32))
+            .collect();
+        let data = gpu
+            .stream
+            .clone_htod(&scaled)
+            .map_err(|e| cuda_error("copying omega to the GPU", e))?;
+        Ok(Self {
+            data,
+            features: omega.len() / dim,
+        })
+    }
+}
+
 /// Non-causal Performer (FAVOR+) on the GPU: the key pass per span, the merge of the
-/// spans, the query pass, each mapping its rows itself. `omega` is the `m × D` projection
-/// (row-major, m random features), `epsilon` what FAVOR+ adds to every feature.
+/// spans, the query pass, each mapping its rows itself. `epsilon` is what FAVOR+ adds to
+/// every feature.
 pub(crate) fn performer_full<T: GpuElement>(
     gpu: &Gpu,
     problem: &Problem,
-    omega: &[f64],
+    omega: &PerformerOmega<T>,
     epsilon: f64,
     [q, k, v]: [&GpuTensor<T>; 3],
 ) -> Result<GpuTensor<T>> {
     let (dim, dim_v) = (problem.dim_qk, problem.dim_v);
-    let features = omega.len() / dim;
+    let features = omega.features;
     performer_supported(problem, features)?;
-    // x' = x d^(-1/4) folded into omega, rounded once to the inputs' type.
-    let scale = (dim as f64).powf(-0.25);
-    let omega: Vec<T> = omega
-        .iter()
-        .map(|&w| T::from_f32((w * scale) as f32))
-        .collect();
-    let omega = gpu
-        .stream
-        .clone_htod(&omega)
-        .map_err(|e| cuda_error("copying omega to the GPU", e))?;
+    let omega = &omega.data;
     let element = size_of::<T>();
     let block = value_block(dim_v);
     let shape = KernelShape::of(problem, block)?;
@@ -143,7 +161,7 @@ pub(crate) fn performer_full<T: GpuElement>(
     let params = PerformerParams {
         k: buffers.read(&k.data),
         v: buffers.read(&v.data),
-        omega: buffers.read(&omega),
+        omega: buffers.read(omega),
         states: buffers.write(&mut states),
         k_sums: buffers.write(&mut k_sums),
         v_sums: buffers.write(&mut v_sums),
@@ -201,7 +219,7 @@ pub(crate) fn performer_full<T: GpuElement>(
     let mut buffers = Buffers::on(&gpu.stream);
     let params = PerformerParams {
         q: buffers.read(&q.data),
-        omega: buffers.read(&omega),
+        omega: buffers.read(omega),
         out: buffers.write(&mut out.data),
         state: buffers.read(&state),
         k_sum: buffers.read(&k_sum),

@@ -15,7 +15,12 @@ namespace flash {
 
 struct Problem {
     int batch, len_q, len_k, heads_q, heads_kv;
-    // Key j is visible from query i when i - left <= j <= i + right; -1 is unbounded.
+    // Query row i sits at key position i + q_start (0 for one call, where queries and keys
+    // start together; a decoder's position in its cache otherwise), and k and v hold
+    // kv_rows rows per sequence (len_k for one call, a cache's capacity otherwise).
+    int q_start, kv_rows;
+    // Key j is visible from the query at position i when i - left <= j <= i + right; -1 is
+    // unbounded.
     int left, right;
     // The softmax scale times log2(e): the exponentials are exp2.
     float scale_log2;
@@ -47,16 +52,16 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     const int tile = gridDim.x - 1 - blockIdx.x;
     const int h = blockIdx.y, b = blockIdx.z, g = h / (p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q0 = tile * ROWS, rows = min(ROWS, p.len_q - q0);
-    const int first = p.left < 0 ? 0 : max(0, q0 - p.left) / KEYS * KEYS;
-    const int last = p.right < 0 ? p.len_k : min(p.len_k, q0 + rows + p.right);
+    const int q0 = tile * ROWS, rows = min(ROWS, p.len_q - q0), at0 = q0 + p.q_start;
+    const int first = p.left < 0 ? 0 : max(0, at0 - p.left) / KEYS * KEYS;
+    const int last = p.right < 0 ? p.len_k : min(p.len_k, at0 + rows + p.right);
 
     load_tile<D, THREADS>(qs, q, b, q0, rows, p.len_q, p.heads_q, h);
     auto issue = [&](int j0, int stage) {
         T* at = tiles + stage * 2 * TILE;
         const int keys = min(KEYS, p.len_k - j0);
-        load_tile<D, THREADS>(at, k, b, j0, keys, p.len_k, p.heads_kv, g);
-        load_tile<D, THREADS>(at + TILE, v, b, j0, keys, p.len_k, p.heads_kv, g);
+        load_tile<D, THREADS>(at, k, b, j0, keys, p.kv_rows, p.heads_kv, g);
+        load_tile<D, THREADS>(at + TILE, v, b, j0, keys, p.kv_rows, p.heads_kv, g);
     };
     if (first < last) issue(first, 0);
     commit_copies();
@@ -100,15 +105,15 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
             }
         }
         // Only tiles that cross the sequence's end or a mask edge test every score.
-        const bool edge = j0 + KEYS > p.len_k || (p.right >= 0 && j0 + KEYS - 1 > q0 + p.right) ||
-                          (p.left >= 0 && j0 < q0 + ROWS - 1 - p.left);
+        const bool edge = j0 + KEYS > p.len_k || (p.right >= 0 && j0 + KEYS - 1 > at0 + p.right) ||
+                          (p.left >= 0 && j0 < at0 + ROWS - 1 - p.left);
 #pragma unroll
         for (int n = 0; n < KEYS / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float x = s[n][e] * p.scale_log2;
                 if (edge) {
-                    const int i = upper + 8 * (e / 2), j = j0 + 8 * n + (lane % 4) * 2 + e % 2;
+                    const int i = upper + p.q_start + 8 * (e / 2), j = j0 + 8 * n + (lane % 4) * 2 + e % 2;
                     const bool visible = j < p.len_k && (p.left < 0 || j + p.left >= i) && (p.right < 0 || j <= i + p.right);
                     if (!visible) x = minus_infinity;
                 }
@@ -203,17 +208,18 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
         o[c] = 0.f;
     }
     float row_max = minus_infinity, row_sum = 0.f;
-    const int first = p.left < 0 ? 0 : max(0, q0 - p.left) / KEYS * KEYS;
-    const int last = p.right < 0 ? p.len_k : min(p.len_k, q0 + rows + p.right);
+    const int at0 = q0 + p.q_start, at = i + p.q_start;
+    const int first = p.left < 0 ? 0 : max(0, at0 - p.left) / KEYS * KEYS;
+    const int last = p.right < 0 ? p.len_k : min(p.len_k, at0 + rows + p.right);
     for (int j0 = first; j0 < last; j0 += KEYS) {
         __syncthreads();
         for (int idx = threadIdx.x; idx < KEYS * dim_k; idx += THREADS) {
             const int j = j0 + idx / dim_k;
-            ks[idx] = j < p.len_k ? to_float(k[((static_cast<size_t>(b) * p.len_k + j) * p.heads_kv + g) * dim_k + idx % dim_k]) : 0.f;
+            ks[idx] = j < p.len_k ? to_float(k[((static_cast<size_t>(b) * p.kv_rows + j) * p.heads_kv + g) * dim_k + idx % dim_k]) : 0.f;
         }
         for (int idx = threadIdx.x; idx < KEYS * dim_v; idx += THREADS) {
             const int j = j0 + idx / dim_v;
-            vs[idx] = j < p.len_k ? to_float(v[((static_cast<size_t>(b) * p.len_k + j) * p.heads_kv + g) * dim_v + idx % dim_v]) : 0.f;
+            vs[idx] = j < p.len_k ? to_float(v[((static_cast<size_t>(b) * p.kv_rows + j) * p.heads_kv + g) * dim_v + idx % dim_v]) : 0.f;
         }
         __syncthreads();
         for (int key = 0; key < KEYS; ++key) {
@@ -227,7 +233,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
             score += __shfl_xor_sync(0xffffffffu, score, 1);
             score += __shfl_xor_sync(0xffffffffu, score, 2);
             const int j = j0 + key;
-            const bool visible = j < p.len_k && (p.left < 0 || j + p.left >= i) && (p.right < 0 || j <= i + p.right);
+            const bool visible = j < p.len_k && (p.left < 0 || j + p.left >= at) && (p.right < 0 || j <= at + p.right);
             if (!visible) continue;
             const float x = score * p.scale_log2;
             const float largest = fmaxf(row_max, x);

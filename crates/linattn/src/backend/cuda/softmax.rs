@@ -8,7 +8,7 @@ use super::tiles::{
 };
 use crate::base::{Error, Problem, Result};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// Which keys exact attention sees (`left` keys back and `right` forward of each query's
 /// position, unbounded where `None`), and the scale of its scores.
@@ -28,6 +28,8 @@ struct FlashProblem {
     len_k: i32,
     heads_q: i32,
     heads_kv: i32,
+    q_start: i32,
+    kv_rows: i32,
     left: i32,
     right: i32,
     scale_log2: f32,
@@ -36,9 +38,27 @@ struct FlashProblem {
 // SAFETY: plain old data with the layout of the kernel's struct.
 unsafe impl DeviceRepr for FlashProblem {}
 
+/// Where the keys of a call lie: the key position of the first query and the rows each
+/// sequence's k and v hold (past `len_k` for a cache with room to grow).
+#[derive(Clone, Copy)]
+pub(crate) struct KeyRows {
+    pub(crate) q_start: usize,
+    pub(crate) rows: usize,
+}
+
 impl FlashProblem {
-    /// The kernels' arguments for `problem` with `mask`, or why they do not take it.
+    /// The kernels' arguments for one call on `problem` with `mask`, queries and keys
+    /// starting together, or why they do not take it.
     fn of(problem: &Problem, mask: ExactMask) -> Result<Self> {
+        let keys = KeyRows {
+            q_start: 0,
+            rows: problem.len_k,
+        };
+        Self::with_keys(problem, mask, keys)
+    }
+
+    /// The kernels' arguments for queries that start at `keys.q_start` among the keys.
+    fn with_keys(problem: &Problem, mask: ExactMask, keys: KeyRows) -> Result<Self> {
         let dim = problem.dim_qk;
         if dim.max(problem.dim_v) > GENERAL_EXACT_MAX_DIM {
             return Err(Error::Unsupported(format!(
@@ -67,6 +87,8 @@ impl FlashProblem {
             len_k,
             heads_q: int(problem.heads_q, "query heads")?,
             heads_kv: int(problem.heads_kv, "kv heads")?,
+            q_start: int(keys.q_start, "query position")?,
+            kv_rows: int(keys.rows, "key rows")?,
             left: bound(mask.left),
             right: bound(mask.right),
             scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
@@ -107,6 +129,36 @@ pub(crate) fn softmax_forward<T: GpuElement>(
     out: &mut GpuTensor<T>,
 ) -> Result<()> {
     let flash_problem = FlashProblem::of(problem, mask)?;
+    launch(
+        gpu,
+        problem,
+        flash_problem,
+        [&q.data, &k.data, &v.data],
+        out,
+    )
+}
+
+/// [`softmax_forward`] for queries at `keys.q_start` onwards over keys held in buffers of
+/// `keys.rows` rows per sequence: a decoder's block against its cache.
+pub(crate) fn softmax_continue<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    mask: ExactMask,
+    keys: KeyRows,
+    [q, k, v]: [&CudaSlice<T>; 3],
+    out: &mut GpuTensor<T>,
+) -> Result<()> {
+    let flash_problem = FlashProblem::with_keys(problem, mask, keys)?;
+    launch(gpu, problem, flash_problem, [q, k, v], out)
+}
+
+fn launch<T: GpuElement>(
+    gpu: &Gpu,
+    problem: &Problem,
+    flash_problem: FlashProblem,
+    [q, k, v]: [&CudaSlice<T>; 3],
+    out: &mut GpuTensor<T>,
+) -> Result<()> {
     let (dim_k, dim_v) = (problem.dim_qk, problem.dim_v);
     let blocks = |rows| problem.len_q.div_ceil(rows);
     let (name, config) = if size_of::<T>() == 2 && dim_k == dim_v && matches!(dim_k, 64 | 128) {
@@ -131,9 +183,9 @@ pub(crate) fn softmax_forward<T: GpuElement>(
     let function = gpu.kernel_of(Source::Softmax, &name, config.shared_mem_bytes)?;
     let mut buffers = Buffers::on(&gpu.stream);
     let params = SoftmaxParams {
-        q: buffers.read(&q.data),
-        k: buffers.read(&k.data),
-        v: buffers.read(&v.data),
+        q: buffers.read(q),
+        k: buffers.read(k),
+        v: buffers.read(v),
         out: buffers.write(&mut out.data),
         dim_k: dim_k as i32,
         dim_v: dim_v as i32,
@@ -149,18 +201,20 @@ mod tests {
 
     #[test]
     fn kernel_params_lay_out_as_their_c_declarations() {
-        // linattn::flash::Problem: seven ints and a float.
+        // linattn::flash::Problem: nine ints and a float.
         let problem = rust_fields!(FlashProblem {
             batch,
             len_q,
             len_k,
             heads_q,
             heads_kv,
+            q_start,
+            kv_rows,
             left,
             right,
             scale_log2,
         });
-        layout::assert_mirrors::<FlashProblem>(Source::Softmax, "Problem", 32, &problem);
+        layout::assert_mirrors::<FlashProblem>(Source::Softmax, "Problem", 40, &problem);
         // linattn::flash::SoftmaxParams: four pointers (32 bytes) and two ints.
         let params = rust_fields!(SoftmaxParams {
             q,
@@ -197,6 +251,8 @@ mod tests {
             (args.len_q, args.len_k, args.heads_q, args.heads_kv),
             (100, 300, 4, 2)
         );
+        // One call: queries start with the keys, which fill their buffers.
+        assert_eq!((args.q_start, args.kv_rows), (0, 300));
         // 7 keys back; 300 forward reach past every key, so they are no bound.
         assert_eq!((args.left, args.right), (7, -1));
         assert!((args.scale_log2 - std::f32::consts::LOG2_E / 8.0).abs() < 1e-6);

@@ -235,7 +235,7 @@ impl GpuLinearState {
     /// let gpu = Gpu::open(0)?;
     /// let attention = Attention::new(Method::linear());
     /// let decoder = GpuDecoder::<f32>::new(&gpu, &attention, 32, 16, 16, 128, 128)?;
-    /// assert_eq!(decoder.state().bytes(), 32 * 16 * (128 * 128 + 128) * 4);
+    /// assert_eq!(decoder.linear_state().unwrap().bytes(), 32 * 16 * (128 * 128 + 128) * 4);
     /// # Ok::<(), linattn::Error>(())
     /// ```
     pub fn bytes(&self) -> usize {
@@ -249,7 +249,7 @@ impl GpuLinearState {
     /// let gpu = Gpu::open(0)?;
     /// let attention = Attention::new(Method::linear());
     /// let decoder = GpuDecoder::<f32>::new(&gpu, &attention, 1, 2, 2, 4, 3)?;
-    /// let (kv, k_sum) = decoder.state().download()?;
+    /// let (kv, k_sum) = decoder.linear_state().unwrap().download()?;
     /// assert_eq!((kv.len(), k_sum.len()), (24, 8));
     /// # Ok::<(), linattn::Error>(())
     /// ```

@@ -39,7 +39,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cuda: Forms {
         full: true,
         causal: true,
-        recurrent: false,
+        recurrent: true,
     },
     weights: true,
     variants: &[],

@@ -40,7 +40,11 @@ fn serves_the_page_and_its_assets_from_loopback() {
             "cosformer",
             "linformer",
             "fnet",
-            "hybrid"
+            "hybrid",
+            "retention",
+            "gla",
+            "delta-rule",
+            "gated-delta-rule"
         ]
     );
     assert!(info["copy_bytes_per_s"].as_f64().unwrap() > 1e8);

@@ -56,7 +56,8 @@ pub use base::memory::total_bytes as total_memory;
 pub use base::{ByteSize, CausalForm, DEFAULT_CHUNK, Element, Error, Result, Tensor};
 pub use engine::feature_map::orthogonal_random_features;
 pub use methods::{
-    Cosformer, DEFAULT_FEATURES, Device, Fnet, Forms, GlobalHeads, Hybrid, Linear, Linformer,
-    Method, MethodInfo, MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Softmax,
-    SoftmaxAlgorithm, Variant, Window, catalogue, find_method, linformer_projections,
+    Cosformer, DEFAULT_FEATURES, DeltaRule, Device, Fnet, Forms, GateInputs, GatedDeltaRule,
+    GatedOutput, Gla, GlobalHeads, HeadLayout, Hybrid, Linear, Linformer, Method, MethodInfo,
+    MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Retention, Softmax,
+    SoftmaxAlgorithm, TokenInput, Variant, Window, catalogue, find_method, linformer_projections,
 };

@@ -4,7 +4,7 @@
 use crate::api::device::DeviceTensor;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
-use crate::methods::{AttentionMethod, Device, Method};
+use crate::methods::{AttentionMethod, Device, GateInputs, GatedOutput, HeadLayout, Method};
 
 /// Gradients of a scalar loss with respect to the inputs of an attention call, given
 /// the loss's gradient with respect to its output.
@@ -207,7 +207,10 @@ impl Attention {
     }
 
     pub(crate) fn problem(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Problem> {
-        let mut problem = Problem::new(q, k, v, self.causal)?;
+        let mut problem = match self.method.info().layout {
+            HeadLayout::SharedKeysValues => Problem::new(q, k, v, self.causal)?,
+            HeadLayout::GroupedValues => Problem::grouped_values(q, k, v, self.causal)?,
+        };
         problem.causal_form = self.causal_form;
         self.method.validate(&problem)?;
         Ok(problem)
@@ -248,6 +251,43 @@ impl Attention {
 
     /// [`Attention::forward`], also returning the final state of every kv head the
     /// chunked causal form computed (at `b · heads_kv + g`), for the decoder.
+    /// A call of the gated and delta-rule family (`retention`, `gla`, `delta-rule`,
+    /// `gated-delta-rule`) with its per-token inputs and initial state, returning the final
+    /// state beside the output: flash-linear-attention's `chunk_*` functions with
+    /// `initial_state` and `output_final_state`. q and k are `[B, T, H, d_k]`, v `[B, T,
+    /// HV, d_v]` with HV a multiple of H. A missing input the method reads, an input it
+    /// does not read, a positive log decay or a β out of range is a typed error naming
+    /// the tensor and the first bad position. A call of one token runs the recurrent form
+    /// (a decode step); longer ones the chunked form, or the parallel form where
+    /// [`Attention::causal_form`] asks for it.
+    ///
+    /// ```
+    /// use linattn::{Attention, GateInputs, Gla, Method, Tensor};
+    /// let attention = Attention::new(Method::Gla(Gla::default())).causal(true);
+    /// let x = Tensor::<f64>::randn([1, 60, 2, 8], 0)?;
+    /// let g = Tensor::from_vec(vec![-0.2; 60 * 2], [1, 60, 2, 1])?;
+    /// let whole = attention.forward_gated(&x, &x, &x, &GateInputs { g: Some(&g), ..GateInputs::default() })?;
+    /// // The same sequence in two calls, the second from the first's final state.
+    /// let (first, rest) = (|x: &Tensor<f64>| x.slice_seq(0..25).unwrap(), |x: &Tensor<f64>| x.slice_seq(25..60).unwrap());
+    /// let head = attention.forward_gated(&first(&x), &first(&x), &first(&x), &GateInputs { g: Some(&first(&g)), ..GateInputs::default() })?;
+    /// let tail_inputs = GateInputs { g: Some(&rest(&g)), beta: None, initial_state: Some(&head.final_state) };
+    /// let tail = attention.forward_gated(&rest(&x), &rest(&x), &rest(&x), &tail_inputs)?;
+    /// let error = (tail.final_state.as_slice().iter().zip(whole.final_state.as_slice()))
+    ///     .map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    /// assert!(error < 1e-12);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn forward_gated<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+    ) -> Result<GatedOutput<T>> {
+        let plan = self.plan_checked(q.shape(), k.shape(), v.shape(), true)?;
+        plan.forward_gated(q, k, v, inputs)
+    }
+
     pub(crate) fn forward_with_states<T: Element>(
         &self,
         q: &Tensor<T>,

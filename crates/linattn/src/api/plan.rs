@@ -3,9 +3,9 @@
 
 use crate::api::attention::{Attention, Gradients};
 use crate::base::memory;
-use crate::base::{Element, Error, Problem, Result, Tensor};
+use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
-use crate::methods::{AttentionMethod, Prepared};
+use crate::methods::{AttentionMethod, GateInputs, GatedOutput, Prepared};
 
 /// An [`Attention`] prepared for q, k and v of given shapes and element type `T`: the
 /// shapes and options validated, the memory decision made (against the limit, or the
@@ -157,6 +157,39 @@ impl<T: Element> Plan<T> {
         let mut out = Tensor::zeros_planned(self.out_shape)?;
         let states = self.compute(q, k, v, &mut out)?;
         Ok((out, states))
+    }
+
+    /// [`Attention::forward_gated`] through the plan.
+    pub fn forward_gated(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+    ) -> Result<GatedOutput<T>> {
+        self.check_shapes([q, k, v])?;
+        let (method, problem) = (&self.attention.method, &self.problem);
+        let rule = method.gated_rule(problem).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{} is not of the gated family (retention, gla, delta-rule, gated-delta-rule); \
+                 call Attention::forward",
+                method.name()
+            ))
+        })?;
+        check_inputs([q, k, v])?;
+        let mut out = Tensor::zeros_planned(self.out_shape)?;
+        let parallel = problem.causal_form == CausalForm::Parallel;
+        let final_state = rule.forward(problem, [q, k, v], inputs, parallel, &mut out)?;
+        for (tensor, result) in [("output", &out), ("final_state", &final_state)] {
+            if let Some((index, _)) = result.first_non_finite() {
+                return Err(Error::NonFiniteOutput {
+                    method: method.name(),
+                    tensor,
+                    index,
+                });
+            }
+        }
+        Ok(GatedOutput { out, final_state })
     }
 
     /// [`Attention::backward`] through the plan: its memory is checked against the

@@ -14,8 +14,9 @@
 //! ```
 
 use crate::api::attention::Attention;
-use crate::base::{Result, Tensor};
-use crate::methods::AttentionMethod;
+use crate::base::{Error, Result, Tensor};
+use crate::methods::gated::reference::recurrence;
+use crate::methods::{AttentionMethod, GateInputs, GatedOutput};
 
 /// The output of `attention` on `q`, `k`, `v`, computed from the definitions in f64.
 /// Validates exactly as [`Attention::forward`] does.
@@ -27,4 +28,33 @@ pub fn forward(
 ) -> Result<Tensor<f64>> {
     let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
     attention.method().reference(&problem, q, k, v)
+}
+
+/// [`Attention::forward_gated`] from the definitions in f64: the recurrence one token at
+/// a time. Validates exactly as `forward_gated` does.
+///
+/// ```
+/// use linattn::{Attention, GateInputs, Method, Retention, Tensor, reference};
+/// let x = Tensor::<f64>::randn([1, 9, 2, 4], 0)?;
+/// let attention = Attention::new(Method::Retention(Retention::default())).causal(true);
+/// let fast = attention.forward_gated(&x, &x, &x, &GateInputs::default())?;
+/// let exact = reference::forward_gated(&attention, &x, &x, &x, &GateInputs::default())?;
+/// assert!(fast.out.as_slice().iter().zip(exact.out.as_slice()).all(|(a, b)| (a - b).abs() < 1e-12));
+/// # Ok::<(), linattn::Error>(())
+/// ```
+pub fn forward_gated(
+    attention: &Attention,
+    q: &Tensor<f64>,
+    k: &Tensor<f64>,
+    v: &Tensor<f64>,
+    inputs: &GateInputs<'_, f64>,
+) -> Result<GatedOutput<f64>> {
+    let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
+    let rule = attention.method().gated_rule(&problem).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{} is not of the gated family",
+            attention.method().name()
+        ))
+    })?;
+    recurrence(&rule, &problem, [q, k, v], inputs)
 }

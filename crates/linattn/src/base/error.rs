@@ -83,7 +83,6 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
-    /// A configuration value is out of range or inconsistent.
     /// The CUDA driver, NVRTC or a kernel launch failed (feature `cuda`).
     #[error("CUDA: {0}")]
     Cuda(String),
@@ -92,8 +91,31 @@ pub enum Error {
     #[error("unsupported: {0}")]
     Unsupported(String),
 
+    /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// An input holds a value its method does not allow: a positive log decay, a step
+    /// size β outside its range.
+    #[error("{tensor} holds {value} at index {index:?}; {allowed}")]
+    OutOfRange {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Index of the first such element, in the tensor's own layout.
+        index: Vec<usize>,
+        /// The value found.
+        value: f64,
+        /// What the method allows, in words.
+        allowed: &'static str,
+    },
+    /// The method reads a per-token input the call did not give (the log decays g of
+    /// `gla`, the step sizes β of the delta rule).
+    #[error("{method} needs {input}; pass it in GateInputs to Attention::forward_gated")]
+    MissingInput {
+        /// The method.
+        method: &'static str,
+        /// The input, named as flash-linear-attention names it.
+        input: &'static str,
+    },
     /// Saved decoder state that cannot be restored: corrupt, truncated, or saved by a
     /// different method, precision or shape.
     #[error("cannot restore decoder state: {0}")]

@@ -4,7 +4,9 @@
 use super::error::{Error, Result};
 
 /// Shapes of one attention call, validated: q is `[batch, len_q, heads_q, dim_qk]`,
-/// k is `[batch, len_k, heads_kv, dim_qk]`, v is `[batch, len_k, heads_kv, dim_v]`.
+/// k is `[batch, len_k, heads_kv, dim_qk]`, v is `[batch, len_k, heads_v, dim_v]`: as many
+/// value heads as key heads (which groups of query heads share), or for the gated family
+/// ([`Problem::grouped_values`]) as many query as key heads and groups of value heads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Problem {
     pub batch: usize,
@@ -12,6 +14,7 @@ pub(crate) struct Problem {
     pub len_k: usize,
     pub heads_q: usize,
     pub heads_kv: usize,
+    pub heads_v: usize,
     pub dim_qk: usize,
     pub dim_v: usize,
     pub causal: bool,
@@ -74,11 +77,59 @@ impl Problem {
             len_k: k[1],
             heads_q: q[2],
             heads_kv: k[2],
+            heads_v: v[2],
             dim_qk: q[3],
             dim_v: v[3],
             causal,
             causal_form: CausalForm::Chunked,
         })
+    }
+
+    /// The shapes of the gated family (flash-linear-attention's): q and k `[batch, len,
+    /// heads, dim_k]`, v `[batch, len, heads_v, dim_v]` with `heads_v` a multiple of
+    /// `heads` (value head `hv` reads query and key head `hv / (heads_v / heads)`), as many
+    /// positions in each.
+    pub fn grouped_values(
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        causal: bool,
+    ) -> Result<Self> {
+        let mismatch = |detail: String| Err(Error::ShapeMismatch { detail });
+        if v.contains(&0) {
+            return Err(Error::Empty {
+                tensor: "v",
+                shape: v.to_vec(),
+            });
+        }
+        if v[0] != k[0] || v[1] != k[1] {
+            return mismatch(format!(
+                "v is {v:?} but k is {k:?}; they must have the same batch and length"
+            ));
+        }
+        if k[2] != q[2] {
+            return mismatch(format!(
+                "q has {} heads and k {}; here they must be the same (v may have a multiple \
+                 of them)",
+                q[2], k[2]
+            ));
+        }
+        if !v[2].is_multiple_of(k[2].max(1)) {
+            return mismatch(format!(
+                "v has {} heads, not a multiple of q and k's {}",
+                v[2], k[2]
+            ));
+        }
+        if q[1] != k[1] {
+            return mismatch(format!(
+                "q has {} positions and k {}; they must be the same",
+                q[1], k[1]
+            ));
+        }
+        let same_kv_heads = [k[0], k[1], k[2], v[3]];
+        let mut problem = Self::new(q, k, same_kv_heads, causal)?;
+        problem.heads_v = v[2];
+        Ok(problem)
     }
 
     /// The k/v head that query head `h` reads (GQA: consecutive q heads share one).
@@ -93,7 +144,7 @@ impl Problem {
         [
             [b, self.len_q, self.heads_q, self.dim_qk],
             [b, lk, self.heads_kv, self.dim_qk],
-            [b, lk, self.heads_kv, self.dim_v],
+            [b, lk, self.heads_v, self.dim_v],
         ]
     }
 

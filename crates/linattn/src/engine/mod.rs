@@ -52,8 +52,8 @@ impl Normalizer {
 }
 
 /// How the running state absorbs each token: the engine's axis beside the feature map.
-/// The kernelized methods sum (`S_t = S_{t−1} + φ(k_t) v_tᵀ`); decay, gates and the delta
-/// rule are further points on it, each with the per-token inputs it reads.
+/// The kernelized methods sum (`S_t = S_{t−1} + φ(k_t) v_tᵀ`) and normalise; decay, gates
+/// and the delta rule, with the per-token inputs they read, are [`gated`]'s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StateUpdate {
     /// `S_t = S_{t−1} + φ(k_t) v_tᵀ`: nothing forgotten, nothing overwritten.
@@ -280,6 +280,7 @@ mod chunked;
 mod elu_avx512;
 pub(crate) mod feature_map;
 mod full;
+pub(crate) mod gated;
 mod parallel;
 
 /// The final state of each kv head a chunked pass read, at `b · heads_kv + g`.

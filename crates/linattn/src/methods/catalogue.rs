@@ -4,7 +4,10 @@
 
 use super::info::{MethodInfo, Variant};
 use super::options::MethodOptions;
-use super::{Method, cosformer, fnet, hybrid, linear, linformer, performer, softmax, window};
+use super::{
+    Method, cosformer, delta_rule, fnet, gated_delta_rule, gla, hybrid, linear, linformer,
+    performer, retention, softmax, window,
+};
 use crate::base::{Error, Result};
 
 /// A method's entry and how its options build it.
@@ -13,7 +16,7 @@ struct Entry {
     build: fn(&MethodOptions) -> Result<Method>,
 }
 
-static CATALOGUE: [Entry; 8] = [
+static CATALOGUE: [Entry; 12] = [
     Entry {
         info: softmax::INFO,
         build: |o| softmax::Softmax::from_options(o).map(Method::Softmax),
@@ -45,6 +48,22 @@ static CATALOGUE: [Entry; 8] = [
     Entry {
         info: hybrid::INFO,
         build: |o| hybrid::Hybrid::from_options(o).map(Method::Hybrid),
+    },
+    Entry {
+        info: retention::INFO,
+        build: |o| retention::Retention::from_options(o).map(Method::Retention),
+    },
+    Entry {
+        info: gla::INFO,
+        build: |o| gla::Gla::from_options(o).map(Method::Gla),
+    },
+    Entry {
+        info: delta_rule::INFO,
+        build: |o| delta_rule::DeltaRule::from_options(o).map(Method::DeltaRule),
+    },
+    Entry {
+        info: gated_delta_rule::INFO,
+        build: |o| gated_delta_rule::GatedDeltaRule::from_options(o).map(Method::GatedDeltaRule),
     },
 ];
 

@@ -68,6 +68,38 @@ pub struct Variant {
     pub options: &'static [(&'static str, &'static str)],
 }
 
+/// How a method's heads pair up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// Groups of query heads share a key and value head (GQA, MQA): k and v have as many
+    /// heads, q a multiple of them.
+    SharedKeysValues,
+    /// Query and key heads pair up, and groups of value heads share one pair (the gated
+    /// family, as flash-linear-attention has it): v has a multiple of q's heads, and so
+    /// has the output.
+    GroupedValues,
+}
+
+/// An input beside q, k and v that a method reads one of per token (and value head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenInput {
+    /// `g`, the log decay of the state (≤ 0): `[B, T, HV, 1]`, or `[B, T, HV, d_k]` per
+    /// key channel.
+    LogDecay,
+    /// `beta`, the delta rule's step size: `[B, T, HV, 1]`.
+    StepSize,
+}
+
+impl TokenInput {
+    /// The input's name, as flash-linear-attention (and the command line) names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenInput::LogDecay => "g",
+            TokenInput::StepSize => "beta",
+        }
+    }
+}
+
 /// A method as everything that lists methods sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct MethodInfo {
@@ -85,6 +117,10 @@ pub struct MethodInfo {
     pub cpu: Forms,
     /// Its forms on an NVIDIA GPU.
     pub cuda: Forms,
+    /// How its heads pair up.
+    pub layout: HeadLayout,
+    /// What it reads per token beside q, k and v.
+    pub token_inputs: &'static [TokenInput],
     /// Whether each output row is a weighted sum of v's rows, one weight per query and
     /// key (FNet mixes tokens and features without such weights): the explorer draws them.
     pub weights: bool,

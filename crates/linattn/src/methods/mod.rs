@@ -5,7 +5,11 @@
 
 mod catalogue;
 mod cosformer;
+mod delta_rule;
 mod fnet;
+pub(crate) mod gated;
+mod gated_delta_rule;
+mod gla;
 mod hybrid;
 mod info;
 mod linear;
@@ -14,14 +18,19 @@ mod method;
 mod options;
 mod performer;
 pub(crate) mod reference;
+mod retention;
 mod softmax;
 mod window;
 
 pub use catalogue::{catalogue, find_method};
 pub use cosformer::Cosformer;
+pub use delta_rule::DeltaRule;
 pub use fnet::Fnet;
+pub use gated::{GateInputs, GatedOutput};
+pub use gated_delta_rule::GatedDeltaRule;
+pub use gla::Gla;
 pub use hybrid::{GlobalHeads, Hybrid};
-pub use info::{Device, Forms, MethodInfo, OptionInfo, Variant};
+pub use info::{Device, Forms, HeadLayout, MethodInfo, OptionInfo, TokenInput, Variant};
 #[cfg(feature = "cuda")]
 pub(crate) use linear::LINEAR_EPSILON;
 pub use linear::Linear;
@@ -29,6 +38,7 @@ pub use linformer::{Linformer, Projections, linformer_projections};
 pub(crate) use method::{AttentionMethod, Prepared, Recurrent};
 pub use options::MethodOptions;
 pub use performer::{DEFAULT_FEATURES, Performer, RandomFeatures};
+pub use retention::Retention;
 #[cfg(feature = "cuda")]
 pub(crate) use softmax::resolve_scale;
 pub use softmax::{Softmax, SoftmaxAlgorithm};
@@ -66,6 +76,14 @@ pub enum Method {
     Fnet(Fnet),
     /// Sliding-window heads beside linear global heads.
     Hybrid(Hybrid),
+    /// RetNet's retention: a fixed decay per head.
+    Retention(Retention),
+    /// Gated linear attention: a decay per token (per key channel).
+    Gla(Gla),
+    /// DeltaNet's delta rule.
+    DeltaRule(DeltaRule),
+    /// Gated DeltaNet (per key channel: Kimi Delta Attention).
+    GatedDeltaRule(GatedDeltaRule),
 }
 
 /// Runs `$body` with `$m` bound to the method's options, whichever method it is: the
@@ -81,6 +99,10 @@ macro_rules! each_method {
             Method::Linformer($m) => $body,
             Method::Fnet($m) => $body,
             Method::Hybrid($m) => $body,
+            Method::Retention($m) => $body,
+            Method::Gla($m) => $body,
+            Method::DeltaRule($m) => $body,
+            Method::GatedDeltaRule($m) => $body,
         }
     };
 }
@@ -104,6 +126,17 @@ impl Method {
     /// The method's entry in the [`catalogue`].
     pub fn info(&self) -> &'static MethodInfo {
         AttentionMethod::info(self)
+    }
+
+    /// The state update of a method of the gated family; `None` for the others.
+    pub(crate) fn gated_rule(&self, problem: &Problem) -> Option<gated::Rule> {
+        match self {
+            Method::Retention(m) => Some(m.rule(problem)),
+            Method::Gla(m) => Some(m.rule(problem)),
+            Method::DeltaRule(m) => Some(m.rule(problem)),
+            Method::GatedDeltaRule(m) => Some(m.rule(problem)),
+            _ => None,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use linattn::{Attention, Element, Method, MethodOptions, Tensor};
+use linattn::{Attention, Element, HeadLayout, Method, MethodOptions, Tensor};
 
 /// One problem shape: q `[batch, len_q, heads_q, dim]`, k `[batch, len_k, heads_kv, dim]`,
 /// v `[batch, len_k, heads_kv, dim_v]`.
@@ -141,10 +141,20 @@ pub fn applies(method: &Method, shape: &Shape, causal: bool) -> bool {
         Method::Fnet(_) => shape.len_k * shape.heads_kv * shape.dim_v <= 4096,
         _ => true,
     };
+    // The gated family is causal, pairs query and key heads, and (but for retention)
+    // reads per-token inputs these suites do not make: tests/gated.rs runs all of it.
+    let info = method.info();
+    let family_fits = match info.layout {
+        HeadLayout::SharedKeysValues => true,
+        HeadLayout::GroupedValues => {
+            causal && shape.heads_q == shape.heads_kv && info.token_inputs.is_empty()
+        }
+    };
     (!needs_self || shape.self_attention())
         && !(causal && no_causal)
         && local_heads_fit
         && reference_affordable
+        && family_fits
 }
 
 /// ‖a − b‖ / ‖b‖: the library's one measure of closeness ([`Tensor::relative_error`]).

@@ -34,6 +34,8 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: true,
     },
     cuda: Forms::NONE,
+    layout: super::info::HeadLayout::SharedKeysValues,
+    token_inputs: &[],
     weights: true,
     variants: &[],
     parameters: &[],

@@ -25,6 +25,8 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    layout: super::info::HeadLayout::SharedKeysValues,
+    token_inputs: &[],
     weights: false,
     variants: &[],
     parameters: &[],

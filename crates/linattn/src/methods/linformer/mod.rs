@@ -103,6 +103,8 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         recurrent: false,
     },
     cuda: Forms::NONE,
+    layout: super::info::HeadLayout::SharedKeysValues,
+    token_inputs: &[],
     weights: true,
     variants: &[],
     parameters: &["E", "F"],

@@ -59,6 +59,8 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: false,
         recurrent: false,
     },
+    layout: super::info::HeadLayout::SharedKeysValues,
+    token_inputs: &[],
     weights: true,
     variants: &[],
     parameters: &[],

@@ -41,6 +41,8 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: true,
     },
+    layout: super::info::HeadLayout::SharedKeysValues,
+    token_inputs: &[],
     weights: true,
     variants: &[],
     parameters: &[],

@@ -1,0 +1,306 @@
+//! The chunked form: within a chunk of C tokens the outputs and what the state absorbs are
+//! products of C-row matrices; the state passes from chunk to chunk. With C the whole
+//! sequence it is the parallel form.
+//!
+//! With `G_t` the log decays summed from the chunk's start through token t (per channel
+//! for a channel gate) and `S` the state before the chunk:
+//!
+//! - the values absorbed: `X = V` for the decayed sum; for the delta rule, `(I + A) X =
+//!   Diag(β) (V − (K ⊙ e^G) S)` with `A_ij = β_i Σ_c k_ic k_jc e^{G_ic − G_jc}` for j < i
+//!   (the UT transform of the WY representation), solved by forward substitution;
+//! - the outputs: `O = s ((Q ⊙ e^G) S + M X)`, `M_ij = Σ_c q_ic k_jc e^{G_ic − G_jc}` for
+//!   j ≤ i;
+//! - the state after: `e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X`.
+//!
+//! Every exponent above is ≤ 0, so no factor overflows however strong the decay (a
+//! factor that underflows to 0 is the right limit). Per-channel decays need the same of
+//! `M` and `A` computed as products: a row block's exponents are taken relative to the
+//! decay just before it, which leaves both factors ≤ 1 for every earlier column; only the
+//! diagonal blocks of [`SUB`] rows are summed pairwise.
+
+use super::{GatedShape, Gates, gather_rows};
+use crate::backend::cpu::matmul::matmul;
+use crate::base::simd;
+use crate::base::{Element, MatMut, MatRef, Tensor};
+use rayon::prelude::*;
+
+/// Rows of the diagonal blocks whose per-channel decays are summed pair by pair: 16, as
+/// flash-linear-attention's GLA kernels take, keeps that work a quarter of a 64-row
+/// chunk's products.
+const SUB: usize = 16;
+
+/// Runs q, k, v through `states` (`[batch, heads_v, dim_k, dim_v]`: the initial states,
+/// left as the final ones) in chunks of `chunk` tokens and writes `o_t = scale · S_tᵀ q_t`
+/// to `out` (`[batch, len, heads_v, dim_v]`).
+pub(crate) fn chunked<T: Element>(
+    shape: &GatedShape,
+    [q, k, v]: [&Tensor<T>; 3],
+    gates: &Gates<'_, T>,
+    scale: T,
+    chunk: usize,
+    states: &mut [T],
+    out: &mut Tensor<T>,
+) {
+    let out_heads = out.heads_mut();
+    states
+        .par_chunks_mut(shape.state_len())
+        .enumerate()
+        .for_each(|(unit, state)| {
+            let (b, hv) = (unit / shape.heads_v, unit % shape.heads_v);
+            let mut scratch = Scratch::new(shape, gates, chunk.min(shape.len));
+            for start in (0..shape.len).step_by(chunk) {
+                let len = chunk.min(shape.len - start);
+                // SAFETY: the rows of value head hv in sequence b belong to this unit alone.
+                let rows = unsafe { out_heads.block(b, hv, start, len) };
+                scratch.chunk(
+                    shape,
+                    [q, k, v],
+                    gates,
+                    b,
+                    hv,
+                    start,
+                    len,
+                    state,
+                    scale,
+                    rows,
+                );
+            }
+        });
+}
+
+/// One unit's buffers for a chunk of up to `rows` tokens.
+struct Scratch<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    /// The values the state absorbs (`X`).
+    x: Vec<T>,
+    /// `G`, `rows × width`.
+    log_decay: Vec<T>,
+    width: usize,
+    /// Rows of q or k times decay factors.
+    decayed: Vec<T>,
+    /// Earlier rows of k times decay factors (per-channel products).
+    decayed_keys: Vec<T>,
+    /// `M`, then `A`: `rows × rows`.
+    scores: Vec<T>,
+    /// Exponents of decay factors, `rows × width`.
+    exponents: Vec<T>,
+}
+
+impl<T: Element> Scratch<T> {
+    fn new(shape: &GatedShape, gates: &Gates<'_, T>, rows: usize) -> Self {
+        let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
+        let width = gates.width(shape);
+        Self {
+            q: vec![T::zero(); rows * dim_k],
+            k: vec![T::zero(); rows * dim_k],
+            x: vec![T::zero(); rows * dim_v],
+            log_decay: vec![T::zero(); rows * width],
+            width,
+            decayed: vec![T::zero(); rows * dim_k],
+            decayed_keys: vec![T::zero(); rows * dim_k],
+            scores: vec![T::zero(); rows * rows],
+            exponents: vec![T::zero(); rows * width],
+        }
+    }
+
+    /// Tokens `start..start + len` of unit (b, hv): their outputs into `rows`, the state
+    /// carried past them.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &mut self,
+        shape: &GatedShape,
+        [q, k, v]: [&Tensor<T>; 3],
+        gates: &Gates<'_, T>,
+        b: usize,
+        hv: usize,
+        start: usize,
+        len: usize,
+        state: &mut [T],
+        scale: T,
+        mut rows: MatMut<'_, T>,
+    ) {
+        let (dim_k, dim_v, width) = (shape.dim_k, shape.dim_v, self.width);
+        let h = shape.qk_head(hv);
+        gather_rows(q, b, h, start, &mut self.q[..len * dim_k]);
+        gather_rows(k, b, h, start, &mut self.k[..len * dim_k]);
+        gather_rows(v, b, hv, start, &mut self.x[..len * dim_v]);
+        let log_decay = &mut self.log_decay[..len * width];
+        gates.log_decays(shape, b, hv, start, log_decay);
+        for t in 1..len {
+            let (before, row) = log_decay.split_at_mut(t * width);
+            simd::add_scaled(&mut row[..width], &before[(t - 1) * width..], T::one());
+        }
+
+        if gates.beta.is_some() {
+            // X = Diag(β) (V − (K ⊙ e^G) S), then (I + A) X = that.
+            self.decay_rows(Operand::Keys, len, dim_k, |g, _| g);
+            matmul(
+                MatMut::contiguous(&mut self.x, len, dim_v),
+                MatRef::contiguous(&self.decayed, len, dim_k),
+                MatRef::contiguous(state, dim_k, dim_v),
+                true,
+                -T::one(),
+            );
+            let betas: Vec<T> = (0..len)
+                .map(|t| gates.beta(shape, b, hv, start + t).unwrap_or(T::one()))
+                .collect();
+            for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&betas) {
+                simd::scale(row, beta);
+            }
+            self.scores_into(Operand::Keys, len, dim_k, true);
+            for (i, &beta) in betas.iter().enumerate() {
+                let (solved, rest) = self.x.split_at_mut(i * dim_v);
+                let row = &mut rest[..dim_v];
+                for (j, x_j) in solved.chunks_exact(dim_v).enumerate() {
+                    simd::add_scaled(row, x_j, -beta * self.scores[i * len + j]);
+                }
+            }
+        }
+
+        // O = s ((Q ⊙ e^G) S + M X).
+        self.decay_rows(Operand::Queries, len, dim_k, |g, _| g);
+        matmul(
+            rows.rb(),
+            MatRef::contiguous(&self.decayed, len, dim_k),
+            MatRef::contiguous(state, dim_k, dim_v),
+            false,
+            scale,
+        );
+        self.scores_into(Operand::Queries, len, dim_k, false);
+        matmul(
+            rows.rb(),
+            MatRef::contiguous(&self.scores, len, len),
+            MatRef::contiguous(&self.x, len, dim_v),
+            true,
+            scale,
+        );
+
+        // S ← e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X.
+        if width > 0 {
+            let last = &self.log_decay[(len - 1) * width..len * width];
+            super::recurrent::decay(state, dim_v, last);
+        }
+        let last: Vec<T> = self.log_decay[(len - 1) * width..len * width].to_vec();
+        self.decay_rows(Operand::Keys, len, dim_k, |g, c| last[c] - g);
+        matmul(
+            MatMut::contiguous(state, dim_k, dim_v),
+            MatRef::contiguous(&self.decayed, len, dim_k).t(),
+            MatRef::contiguous(&self.x, len, dim_v),
+            true,
+            T::one(),
+        );
+    }
+
+    /// `decayed` = the first `len` rows of q or k, each scaled by `e^{exponent(G, c)}`,
+    /// `c` the channel of the decay (0 for a scalar gate); a copy without decay.
+    fn decay_rows(
+        &mut self,
+        operand: Operand,
+        len: usize,
+        dim_k: usize,
+        exponent: impl Fn(T, usize) -> T,
+    ) {
+        let source = match operand {
+            Operand::Queries => &self.q,
+            Operand::Keys => &self.k,
+        };
+        let decayed = &mut self.decayed[..len * dim_k];
+        decayed.copy_from_slice(&source[..len * dim_k]);
+        let width = self.width;
+        if width == 0 {
+            return;
+        }
+        let exponents = &mut self.exponents[..len * width];
+        for (e, (index, &g)) in exponents.iter_mut().zip(self.log_decay.iter().enumerate()) {
+            *e = exponent(g, index % width).exp();
+        }
+        for (row, factors) in decayed
+            .chunks_exact_mut(dim_k)
+            .zip(exponents.chunks_exact(width))
+        {
+            match factors {
+                [factor] => simd::scale(row, *factor),
+                _ => row.iter_mut().zip(factors).for_each(|(x, &f)| *x *= f),
+            }
+        }
+    }
+
+    /// `scores` (`len × len`) = `Σ_c a_ic k_jc e^{G_ic − G_jc}` for j ≤ i (j < i when
+    /// `strict`), 0 above; `a` is q or k.
+    fn scores_into(&mut self, rows_of: Operand, len: usize, dim_k: usize, strict: bool) {
+        let width = self.width;
+        let scores = &mut self.scores[..len * len];
+        let a = match rows_of {
+            Operand::Queries => &self.q[..len * dim_k],
+            Operand::Keys => &self.k[..len * dim_k],
+        };
+        let keys = &self.k[..len * dim_k];
+        let visible = |i: usize, j: usize| if strict { j < i } else { j <= i };
+        let g = &self.log_decay;
+        if width <= 1 {
+            matmul(
+                MatMut::contiguous(scores, len, len),
+                MatRef::contiguous(a, len, dim_k),
+                MatRef::contiguous(keys, len, dim_k).t(),
+                false,
+                T::one(),
+            );
+            for (i, row) in scores.chunks_exact_mut(len).enumerate() {
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = match (visible(i, j), width) {
+                        (false, _) => T::zero(),
+                        (true, 0) => *s,
+                        (true, _) => *s * (g[i] - g[j]).exp(),
+                    };
+                }
+            }
+            return;
+        }
+        scores.fill(T::zero());
+        for block in (0..len).step_by(SUB) {
+            let end = (block + SUB).min(len);
+            if block > 0 {
+                // Exponents against G just before the block: G_i − R ≤ 0 for the block's
+                // rows, R − G_j ≤ 0 for every earlier key.
+                let reference = &g[(block - 1) * dim_k..block * dim_k];
+                let rows = &mut self.decayed[..(end - block) * dim_k];
+                for (i, row) in rows.chunks_exact_mut(dim_k).enumerate() {
+                    let t = block + i;
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x = a[t * dim_k + c] * (g[t * dim_k + c] - reference[c]).exp();
+                    }
+                }
+                let earlier = &mut self.decayed_keys[..block * dim_k];
+                for (j, row) in earlier.chunks_exact_mut(dim_k).enumerate() {
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x = keys[j * dim_k + c] * (reference[c] - g[j * dim_k + c]).exp();
+                    }
+                }
+                matmul(
+                    MatMut::strided(&mut scores[block * len..], end - block, block, len),
+                    MatRef::contiguous(rows, end - block, dim_k),
+                    MatRef::contiguous(earlier, block, dim_k).t(),
+                    false,
+                    T::one(),
+                );
+            }
+            for i in block..end {
+                for j in (block..=i).filter(|&j| visible(i, j)) {
+                    let (a_i, k_j) = (&a[i * dim_k..][..dim_k], &keys[j * dim_k..][..dim_k]);
+                    let (g_i, g_j) = (&g[i * dim_k..][..dim_k], &g[j * dim_k..][..dim_k]);
+                    scores[i * len + j] = (0..dim_k)
+                        .map(|c| a_i[c] * k_j[c] * (g_i[c] - g_j[c]).exp())
+                        .sum();
+                }
+            }
+        }
+    }
+}
+
+/// Which rows a product reads.
+#[derive(Clone, Copy)]
+enum Operand {
+    Queries,
+    Keys,
+}

@@ -1,0 +1,111 @@
+//! The gated and delta-rule family: the engine's state updates beyond the plain sum. One
+//! state `S` of `d_k × d_v` per (sequence, value head) absorbs each token after decaying,
+//! and the output reads it without a denominator, `o_t = s · S_tᵀ q_t`:
+//!
+//! - decay: `S_t = Diag(e^{g_t}) S_{t−1} + k_t v_tᵀ`, the log decay `g_t ≤ 0` fixed per head
+//!   (retention), one per token and head (Mamba-2, simple GLA) or per key channel (GLA);
+//! - delta rule: `S' = Diag(e^{g_t}) S_{t−1}`, `S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ`
+//!   (DeltaNet without decay, Gated DeltaNet with a scalar gate, KDA per channel).
+//!
+//! q and k are `[B, T, H, d_k]`, v `[B, T, HV, d_v]` with HV a multiple of H (value head
+//! `hv` reads query and key head `hv / (HV / H)`), as in flash-linear-attention. Two forms:
+//! [`recurrent`] one token at a time, and [`chunked`], whose chunk may span the whole
+//! sequence (the parallel form: the masked quadratic product, and for the delta rule the
+//! triangular solve over every token).
+
+pub(crate) mod chunked;
+pub(crate) mod recurrent;
+
+use crate::base::{Element, Tensor};
+
+/// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
+/// dim_v]`, each state `dim_k × dim_v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GatedShape {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub heads_v: usize,
+    pub dim_k: usize,
+    pub dim_v: usize,
+}
+
+impl GatedShape {
+    /// The query and key head value head `hv` reads.
+    pub fn qk_head(&self, hv: usize) -> usize {
+        hv / (self.heads_v / self.heads)
+    }
+
+    /// Elements of one state.
+    pub fn state_len(&self) -> usize {
+        self.dim_k * self.dim_v
+    }
+}
+
+/// How each state decays before a token is absorbed, in log space (every value ≤ 0).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Decay<'a, T> {
+    /// Nothing decays (DeltaNet).
+    None,
+    /// One log decay per value head, the same for every token (RetNet's γ): `[heads_v]`.
+    Fixed(&'a [T]),
+    /// One per token and value head: `[batch, len, heads_v]`.
+    Token(&'a [T]),
+    /// One per token, value head and key channel: `[batch, len, heads_v, dim_k]`.
+    Channel(&'a [T]),
+}
+
+/// The per-token inputs of the state update.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gates<'a, T> {
+    pub decay: Decay<'a, T>,
+    /// The delta rule's step sizes `[batch, len, heads_v]`; `None` for the plain
+    /// (decayed) sum.
+    pub beta: Option<&'a [T]>,
+}
+
+impl<T: Element> Gates<'_, T> {
+    /// Log decays of tokens `start..start + len` of sequence `b`, value head `hv`, into
+    /// `out` (`len × width`, [`Self::width`]); nothing for [`Decay::None`].
+    fn log_decays(&self, shape: &GatedShape, b: usize, hv: usize, start: usize, out: &mut [T]) {
+        let len = out.len() / self.width(shape).max(1);
+        let token = |t: usize| (b * shape.len + start + t) * shape.heads_v + hv;
+        match self.decay {
+            Decay::None => {}
+            Decay::Fixed(per_head) => out.fill(per_head[hv]),
+            Decay::Token(g) => (0..len).for_each(|t| out[t] = g[token(t)]),
+            Decay::Channel(g) => {
+                let d = shape.dim_k;
+                for (t, row) in out.chunks_exact_mut(d).enumerate() {
+                    row.copy_from_slice(&g[token(t) * d..token(t) * d + d]);
+                }
+            }
+        }
+    }
+
+    /// Log decays per token: 0 without decay, 1 for a scalar gate, `dim_k` per channel.
+    fn width(&self, shape: &GatedShape) -> usize {
+        match self.decay {
+            Decay::None => 0,
+            Decay::Fixed(_) | Decay::Token(_) => 1,
+            Decay::Channel(_) => shape.dim_k,
+        }
+    }
+
+    /// β of token `t` of sequence `b`, value head `hv`.
+    fn beta(&self, shape: &GatedShape, b: usize, hv: usize, t: usize) -> Option<T> {
+        self.beta
+            .map(|beta| beta[(b * shape.len + t) * shape.heads_v + hv])
+    }
+}
+
+/// Rows `start..start + len` of head `h` of sequence `b` of a `[B, T, H, d]` tensor into
+/// `out` (`len × d`, row-major).
+fn gather_rows<T: Element>(x: &Tensor<T>, b: usize, h: usize, start: usize, out: &mut [T]) {
+    let [_, len_x, heads, d] = x.shape();
+    let data = x.as_slice();
+    for (t, row) in out.chunks_exact_mut(d).enumerate() {
+        let at = ((b * len_x + start + t) * heads + h) * d;
+        row.copy_from_slice(&data[at..at + d]);
+    }
+}

@@ -1,0 +1,471 @@
+//! What the gated and delta-rule family (`retention`, `gla`, `delta-rule`,
+//! `gated-delta-rule`) shares: each method is a [`Rule`] for the engine's state update
+//! ([`engine::gated`]); this checks a call's per-token inputs against it and runs it.
+//! Conventions are flash-linear-attention's, so that outputs compare one to one: q, k
+//! `[B, T, H, d_k]`, v `[B, T, HV, d_v]`, g and β `[B, T, HV, 1]` (g per key channel
+//! `[B, T, HV, d_k]`), states `[B, HV, d_k, d_v]`, `o_t = s · S_tᵀ q_t` with no
+//! denominator.
+
+pub(crate) mod reference;
+#[cfg(test)]
+mod tests;
+
+use crate::base::{Element, Error, Problem, Result, Tensor, per_thread};
+use crate::engine::gated::{Decay, GatedShape, Gates, chunked::chunked, recurrent::recurrent};
+
+/// The per-token inputs of a call of the gated family, and the states it starts from.
+///
+/// ```
+/// use linattn::{Attention, GateInputs, GatedDeltaRule, Method, Tensor};
+/// let [q, k] = [0, 1].map(|seed| Tensor::<f32>::randn([1, 50, 2, 16], seed).unwrap());
+/// let v = Tensor::<f32>::randn([1, 50, 4, 8], 2)?; // two value heads per q/k head
+/// let g = Tensor::from_vec(vec![-0.1f32; 50 * 4], [1, 50, 4, 1])?;
+/// let beta = Tensor::from_vec(vec![0.5f32; 50 * 4], [1, 50, 4, 1])?;
+/// let attention = Attention::new(Method::GatedDeltaRule(GatedDeltaRule::default())).causal(true);
+/// let inputs = GateInputs { g: Some(&g), beta: Some(&beta), ..GateInputs::default() };
+/// let result = attention.forward_gated(&q, &k, &v, &inputs)?;
+/// assert_eq!(result.out.shape(), [1, 50, 4, 8]);
+/// assert_eq!(result.final_state.shape(), [1, 4, 16, 8]);
+/// # Ok::<(), linattn::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct GateInputs<'a, T> {
+    /// The log decays `g` (every value ≤ 0): `[B, T, HV, 1]`, one per token and value head,
+    /// or `[B, T, HV, d_k]`, one per key channel (GLA, KDA). Read by `gla` and
+    /// `gated-delta-rule`.
+    pub g: Option<&'a Tensor<T>>,
+    /// The step sizes `β`, `[B, T, HV, 1]`: read by `delta-rule` and `gated-delta-rule`.
+    pub beta: Option<&'a Tensor<T>>,
+    /// The states to start from, `[B, HV, d_k, d_v]`; zeros if `None`.
+    pub initial_state: Option<&'a Tensor<T>>,
+}
+
+impl<T> Default for GateInputs<'_, T> {
+    fn default() -> Self {
+        Self {
+            g: None,
+            beta: None,
+            initial_state: None,
+        }
+    }
+}
+
+/// What a call of the gated family returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatedOutput<T> {
+    /// The output, `[B, T, HV, d_v]`.
+    pub out: Tensor<T>,
+    /// The state after the last token, `[B, HV, d_k, d_v]`: the next call's
+    /// `initial_state`.
+    pub final_state: Tensor<T>,
+}
+
+/// How one method of the family updates its state, as the engine runs it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Rule {
+    pub method: &'static str,
+    pub decay: RuleDecay,
+    /// Whether the update is the delta rule (reads β).
+    pub delta: bool,
+    /// The largest β allowed: 1, or 2 where negative eigenvalues are allowed.
+    pub beta_max: f64,
+    /// The output scale; `d_k^(-1/2)` if `None`.
+    pub scale: Option<f64>,
+    /// Whether q and k are L2-normalised inside (flash-linear-attention's
+    /// `use_qk_l2norm_in_kernel`).
+    pub l2norm_qk: bool,
+    /// Tokens per chunk of the chunked form.
+    pub chunk: usize,
+}
+
+/// Where a rule's decay comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RuleDecay {
+    /// None (DeltaNet).
+    None,
+    /// Fixed log decays, one per value head (retention's γ).
+    Fixed(Vec<f64>),
+    /// The call's `g`.
+    Input,
+}
+
+/// What flash-linear-attention's `l2norm` adds to the sum of squares.
+const L2NORM_EPSILON: f64 = 1e-6;
+
+impl Rule {
+    /// The output scale for heads of `dim_k`.
+    pub fn scale(&self, dim_k: usize) -> f64 {
+        self.scale.unwrap_or((dim_k as f64).powf(-0.5))
+    }
+
+    /// Checks the options: a chunk of at least one token, a finite positive scale.
+    pub fn validate(&self, problem: &Problem) -> Result<()> {
+        if !problem.causal {
+            return Err(Error::InvalidConfig(format!(
+                "{} is a causal recurrence: call it with causal(true)",
+                self.method
+            )));
+        }
+        if self.chunk == 0 {
+            return Err(Error::InvalidConfig(
+                "chunk must be at least 1 token".into(),
+            ));
+        }
+        if let RuleDecay::Fixed(per_head) = &self.decay
+            && per_head.iter().any(|g| !(g.is_finite() && *g <= 0.0))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "{}'s decays must lie in (0, 1], one for every value head or one per value \
+                 head ({})",
+                self.method, problem.heads_v
+            )));
+        }
+        if let Some(scale) = self.scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::InvalidConfig(format!(
+                "scale must be finite and positive, not {scale}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Scratch bytes of a forward call beyond inputs and output: the states, the
+    /// normalised q and k, and each thread's chunk buffers (`rows²` scores among them:
+    /// the parallel form's chunk is the whole sequence).
+    pub fn workspace_bytes(&self, problem: &Problem, element: usize, chunk: usize) -> u128 {
+        let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
+        let units = (problem.batch * problem.heads_v) as u128;
+        let rows = chunk.min(problem.len_q) as u128;
+        let normalised = if self.l2norm_qk {
+            2 * (problem.batch * problem.len_q * problem.heads_q) as u128 * dk
+        } else {
+            0
+        };
+        let scratch = rows * (5 * dk + dv + 2 * dk) + rows * rows;
+        (units * dk * dv + normalised) * element as u128
+            + per_thread(problem.batch * problem.heads_v, scratch * element as u128)
+    }
+
+    /// Floating-point operations of the chunked form with chunks of `chunk` tokens.
+    pub fn flops(&self, problem: &Problem, chunk: usize) -> f64 {
+        let (dk, dv) = (problem.dim_qk as f64, problem.dim_v as f64);
+        let c = chunk.min(problem.len_q) as f64;
+        // Per token: Q S and the state update (2 d_k d_v each), the intra-chunk products
+        // (c (d_k + d_v)); the delta rule adds K S and its triangular system.
+        let per_token = if self.delta {
+            6.0 * dk * dv + 2.0 * c * (dk + dv)
+        } else {
+            4.0 * dk * dv + c * (dk + dv)
+        };
+        (problem.batch * problem.heads_v * problem.len_q) as f64 * per_token
+    }
+
+    /// Runs the call: checks `inputs` against the rule and the problem, then the chunked
+    /// form (its chunk the whole sequence for the parallel form) from the initial states.
+    pub fn forward<T: Element>(
+        &self,
+        problem: &Problem,
+        [q, k, v]: [&Tensor<T>; 3],
+        inputs: &GateInputs<'_, T>,
+        parallel: bool,
+        out: &mut Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let shape = gated_shape(problem);
+        let checked = self.check_inputs(&shape, inputs)?;
+        let log_decays: Vec<T>;
+        let decay = match (&self.decay, checked.g) {
+            (RuleDecay::None, _) => Decay::None,
+            (RuleDecay::Fixed(per_head), _) => {
+                log_decays = per_head.iter().map(|&g| T::of_f64(g)).collect();
+                Decay::Fixed(&log_decays)
+            }
+            (RuleDecay::Input, Some(g)) if g.head_dim() == 1 => Decay::Token(g.as_slice()),
+            (RuleDecay::Input, Some(g)) => Decay::Channel(g.as_slice()),
+            (RuleDecay::Input, None) => unreachable!("check_inputs requires g"),
+        };
+        let gates = Gates {
+            decay,
+            beta: checked.beta.map(Tensor::as_slice),
+        };
+        let state_shape = [shape.batch, shape.heads_v, shape.dim_k, shape.dim_v];
+        let mut states = match inputs.initial_state {
+            Some(initial) => initial.clone(),
+            None => Tensor::zeros(state_shape)?,
+        };
+        let (normalised_q, normalised_k);
+        let (q, k) = if self.l2norm_qk {
+            normalised_q = l2_normalised(q)?;
+            normalised_k = l2_normalised(k)?;
+            (&normalised_q, &normalised_k)
+        } else {
+            (q, k)
+        };
+        let scale = T::of_f64(self.scale(shape.dim_k));
+        if shape.len == 1 {
+            // One token, a decode step: its chunk would be the recurrence with copies.
+            recurrent(&shape, [q, k, v], &gates, scale, states.as_mut_slice(), out);
+        } else {
+            let chunk = if parallel { shape.len } else { self.chunk };
+            chunked(
+                &shape,
+                [q, k, v],
+                &gates,
+                scale,
+                chunk,
+                states.as_mut_slice(),
+                out,
+            );
+        }
+        Ok(states)
+    }
+
+    /// The inputs this rule reads, checked: present where it reads them, absent where it
+    /// does not, of the right shapes, finite, and in range.
+    fn check_inputs<'a, T: Element>(
+        &self,
+        shape: &GatedShape,
+        inputs: &GateInputs<'a, T>,
+    ) -> Result<GateInputs<'a, T>> {
+        let reads_g = self.decay == RuleDecay::Input;
+        let given =
+            |name: &'static str, input: Option<&'a Tensor<T>>, reads: bool| match (input, reads) {
+                (None, true) => Err(Error::MissingInput {
+                    method: self.method,
+                    input: name,
+                }),
+                (Some(_), false) => Err(Error::InvalidConfig(format!(
+                    "{} reads no {name}; leave it out",
+                    self.method
+                ))),
+                (input, _) => Ok(input),
+            };
+        let g = given("g (the log decays)", inputs.g, reads_g)?;
+        let beta = given("beta (the step sizes)", inputs.beta, self.delta)?;
+        let (b, t, hv) = (shape.batch, shape.len, shape.heads_v);
+        let expect = |name: &str, tensor: &Tensor<T>, shapes: &[[usize; 4]]| {
+            if shapes.contains(&tensor.shape()) {
+                Ok(())
+            } else {
+                Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "{name} has shape {:?}; for v of {hv} heads over {t} tokens it must be {}",
+                        tensor.shape(),
+                        shapes
+                            .iter()
+                            .map(|s| format!("{s:?}"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                })
+            }
+        };
+        if let Some(g) = g {
+            expect("g", g, &[[b, t, hv, 1], [b, t, hv, shape.dim_k]])?;
+            check_values(g, "g", |x| x <= 0.0, "log decays must be ≤ 0")?;
+        }
+        if let Some(beta) = beta {
+            expect("beta", beta, &[[b, t, hv, 1]])?;
+            let allowed = if self.beta_max > 1.0 {
+                "β must lie in [0, 2] (negative eigenvalues allowed)"
+            } else {
+                "β must lie in [0, 1]"
+            };
+            check_values(
+                beta,
+                "beta",
+                |x| (0.0..=self.beta_max).contains(&x),
+                allowed,
+            )?;
+        }
+        if let Some(initial) = inputs.initial_state {
+            expect(
+                "initial_state",
+                initial,
+                &[[b, hv, shape.dim_k, shape.dim_v]],
+            )?;
+            if let Some((index, value)) = initial.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: "initial_state",
+                    index,
+                    value,
+                });
+            }
+        }
+        Ok(GateInputs {
+            g,
+            beta,
+            initial_state: inputs.initial_state,
+        })
+    }
+}
+
+/// The engine's view of a problem of the family.
+pub(crate) fn gated_shape(problem: &Problem) -> GatedShape {
+    GatedShape {
+        batch: problem.batch,
+        len: problem.len_q,
+        heads: problem.heads_q,
+        heads_v: problem.heads_v,
+        dim_k: problem.dim_qk,
+        dim_v: problem.dim_v,
+    }
+}
+
+/// Fails on the first value of `tensor` that is non-finite or not `allowed`.
+fn check_values<T: Element>(
+    tensor: &Tensor<T>,
+    name: &'static str,
+    allowed: impl Fn(f64) -> bool,
+    rule: &'static str,
+) -> Result<()> {
+    if let Some((index, value)) = tensor.first_non_finite() {
+        return Err(Error::NonFinite {
+            tensor: name,
+            index,
+            value,
+        });
+    }
+    match tensor.as_slice().iter().position(|x| !allowed(x.as_f64())) {
+        None => Ok(()),
+        Some(position) => Err(Error::OutOfRange {
+            tensor: name,
+            index: crate::base::tensor::unravel(position, &tensor.shape()),
+            value: tensor.as_slice()[position].as_f64(),
+            allowed: rule,
+        }),
+    }
+}
+
+/// Each row of `x` divided by `sqrt(Σ x² + 1e-6)`, as flash-linear-attention's `l2norm`.
+fn l2_normalised<T: Element>(x: &Tensor<T>) -> Result<Tensor<T>> {
+    let mut normalised = x.clone();
+    let epsilon = T::of_f64(L2NORM_EPSILON);
+    for row in normalised.as_mut_slice().chunks_exact_mut(x.head_dim()) {
+        let norm = (row.iter().map(|&a| a * a).sum::<T>() + epsilon).sqrt();
+        row.iter_mut().for_each(|a| *a /= norm);
+    }
+    Ok(normalised)
+}
+
+/// The options every method of the family has, as the catalogue lists them.
+macro_rules! common_options {
+    ($($more:expr),* $(,)?) => {
+        &[
+            OptionInfo {
+                name: "scale",
+                default: "1/√d_k",
+                what: "multiplies the output (flash-linear-attention's scale)",
+            },
+            OptionInfo {
+                name: "chunk",
+                default: "64",
+                what: "tokens per chunk of the chunked form",
+            },
+            $($more),*
+        ]
+    };
+}
+pub(crate) use common_options;
+
+/// [`AttentionMethod`](super::AttentionMethod) for a method of the family, from its
+/// `rule()` and `INFO`: called with q, k and v alone it runs with no g, β or initial
+/// state (which only `retention` does without), through
+/// [`Attention::forward_gated`](crate::Attention::forward_gated) with them.
+macro_rules! gated_method {
+    ($method:ty) => {
+        impl $crate::methods::AttentionMethod for $method {
+            fn validate(&self, problem: &$crate::base::Problem) -> $crate::base::Result<()> {
+                self.rule(problem).validate(problem)
+            }
+
+            fn out_shape(&self, problem: &$crate::base::Problem) -> [usize; 4] {
+                [problem.batch, problem.len_q, problem.heads_v, problem.dim_v]
+            }
+
+            fn workspace_bytes(&self, problem: &$crate::base::Problem, element: usize) -> u128 {
+                let rule = self.rule(problem);
+                let chunk = match problem.causal_form {
+                    $crate::base::CausalForm::Parallel => problem.len_q,
+                    $crate::base::CausalForm::Chunked => rule.chunk,
+                };
+                rule.workspace_bytes(problem, element, chunk)
+            }
+
+            fn backward_workspace_bytes(
+                &self,
+                _problem: &$crate::base::Problem,
+                _element: usize,
+            ) -> u128 {
+                0
+            }
+
+            fn forward<T: $crate::base::Element>(
+                &self,
+                problem: &$crate::base::Problem,
+                _prepared: &$crate::methods::Prepared<T>,
+                q: &$crate::base::Tensor<T>,
+                k: &$crate::base::Tensor<T>,
+                v: &$crate::base::Tensor<T>,
+                out: &mut $crate::base::Tensor<T>,
+                _heads: std::ops::Range<usize>,
+            ) -> $crate::base::Result<$crate::engine::KernelPass<T>> {
+                let parallel = problem.causal_form == $crate::base::CausalForm::Parallel;
+                let inputs = $crate::methods::gated::GateInputs::default();
+                self.rule(problem)
+                    .forward(problem, [q, k, v], &inputs, parallel, out)?;
+                Ok($crate::engine::KernelPass::unchecked())
+            }
+
+            fn backward<T: $crate::base::Element>(
+                &self,
+                _problem: &$crate::base::Problem,
+                _prepared: &$crate::methods::Prepared<T>,
+                _inputs: [&$crate::base::Tensor<T>; 4],
+                _grads: [&mut $crate::base::Tensor<T>; 3],
+            ) -> $crate::base::Result<Option<(Vec<f64>, Vec<f64>)>> {
+                Err($crate::base::Error::Unsupported(format!(
+                    "{} has no backward yet",
+                    INFO.name
+                )))
+            }
+
+            fn flops(&self, problem: &$crate::base::Problem) -> f64 {
+                let rule = self.rule(problem);
+                rule.flops(problem, rule.chunk)
+            }
+
+            fn reference(
+                &self,
+                problem: &$crate::base::Problem,
+                q: &$crate::base::Tensor<f64>,
+                k: &$crate::base::Tensor<f64>,
+                v: &$crate::base::Tensor<f64>,
+            ) -> $crate::base::Result<$crate::base::Tensor<f64>> {
+                let inputs = $crate::methods::gated::GateInputs::default();
+                $crate::methods::gated::reference::recurrence(
+                    &self.rule(problem),
+                    problem,
+                    [q, k, v],
+                    &inputs,
+                )
+                .map(|result| result.out)
+            }
+
+            fn recurrent(
+                &self,
+                _heads_q: usize,
+                _dim_qk: usize,
+            ) -> $crate::base::Result<$crate::methods::Recurrent> {
+                Err($crate::base::Error::Unsupported(format!(
+                    "{} does not decode through a Decoder yet; continue it with \
+                     Attention::forward_gated and its initial_state",
+                    INFO.name
+                )))
+            }
+
+            fn info(&self) -> &'static $crate::methods::MethodInfo {
+                &INFO
+            }
+        }
+    };
+}
+pub(crate) use gated_method;

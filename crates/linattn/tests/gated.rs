@@ -1,0 +1,351 @@
+//! The gated and delta-rule family through the public API: every method of the family
+//! (from the catalogue) continues from its final state, its forms agree, and bad inputs
+//! are typed errors naming the tensor and the first bad position.
+
+use linattn::{
+    Attention, CausalForm, Error, GateInputs, GatedDeltaRule, Gla, HeadLayout, Method,
+    MethodOptions, Tensor, TokenInput,
+};
+
+/// q, k `[B, T, H, d_k]`, v `[B, T, HV, d_v]`, and the per-token inputs `method` reads:
+/// log decays in [−1, 0] (per channel when `per_channel`), β in (0, 1).
+struct Inputs<T: linattn::Element> {
+    q: Tensor<T>,
+    k: Tensor<T>,
+    v: Tensor<T>,
+    g: Option<Tensor<T>>,
+    beta: Option<Tensor<T>>,
+}
+
+fn unit_interval(shape: [usize; 4], seed: u64) -> Tensor<f64> {
+    let mut x = Tensor::<f64>::randn(shape, seed).unwrap();
+    x.as_mut_slice()
+        .iter_mut()
+        .for_each(|a| *a = 1.0 / (1.0 + (-1.7 * *a).exp()));
+    x
+}
+
+fn inputs(method: &Method, [b, t, h, hv, dk, dv]: [usize; 6], per_channel: bool) -> Inputs<f64> {
+    let reads = |input| method.info().token_inputs.contains(&input);
+    let g = reads(TokenInput::LogDecay).then(|| {
+        let mut g = unit_interval([b, t, hv, if per_channel { dk } else { 1 }], 3);
+        g.as_mut_slice().iter_mut().for_each(|x| *x = -*x);
+        g
+    });
+    Inputs {
+        q: Tensor::randn([b, t, h, dk], 0).unwrap(),
+        k: Tensor::randn([b, t, h, dk], 1).unwrap(),
+        v: Tensor::randn([b, t, hv, dv], 2).unwrap(),
+        g,
+        beta: reads(TokenInput::StepSize).then(|| unit_interval([b, t, hv, 1], 4)),
+    }
+}
+
+impl<T: linattn::Element> Inputs<T> {
+    fn gates<'a>(&'a self, initial_state: Option<&'a Tensor<T>>) -> GateInputs<'a, T> {
+        GateInputs {
+            g: self.g.as_ref(),
+            beta: self.beta.as_ref(),
+            initial_state,
+        }
+    }
+
+    /// Tokens `range` of every tensor.
+    fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        let part = |x: &Tensor<T>| x.slice_seq(range.clone()).unwrap();
+        Inputs {
+            q: part(&self.q),
+            k: part(&self.k),
+            v: part(&self.v),
+            g: self.g.as_ref().map(part),
+            beta: self.beta.as_ref().map(part),
+        }
+    }
+
+    fn cast<U: linattn::Element>(&self) -> Inputs<U> {
+        Inputs {
+            q: self.q.cast(),
+            k: self.k.cast(),
+            v: self.v.cast(),
+            g: self.g.as_ref().map(Tensor::cast),
+            beta: self.beta.as_ref().map(Tensor::cast),
+        }
+    }
+}
+
+/// Every method of the family, with each of its catalogue examples' options.
+fn family() -> Vec<(String, Method)> {
+    let mut methods = Vec::new();
+    for info in linattn::catalogue().filter(|info| info.layout == HeadLayout::GroupedValues) {
+        for example in info.examples {
+            let mut options = MethodOptions::new(0, 0);
+            for (name, value) in example.iter() {
+                options.set(name, value);
+            }
+            let method = Method::from_options(info.name, &options).unwrap();
+            methods.push((format!("{}{example:?}", info.name), method));
+        }
+    }
+    assert_eq!(
+        methods
+            .iter()
+            .map(|(_, m)| m.name())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        4,
+        "retention, gla, delta-rule and gated-delta-rule"
+    );
+    methods
+}
+
+fn max_relative(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-300);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn widen<T: linattn::Element>(x: &Tensor<T>) -> Vec<f64> {
+    x.as_slice().iter().map(|a| a.as_f64()).collect()
+}
+
+#[test]
+fn a_sequence_in_pieces_from_each_final_state_equals_one_call() {
+    for (name, method) in family() {
+        for per_channel in [false, true] {
+            let attention = Attention::new(method.clone()).causal(true);
+            let whole_inputs = inputs(&method, [2, 83, 2, 4, 12, 10], per_channel);
+            let whole = attention
+                .forward_gated(
+                    &whole_inputs.q,
+                    &whole_inputs.k,
+                    &whole_inputs.v,
+                    &whole_inputs.gates(None),
+                )
+                .unwrap();
+            // Pieces of one token, of a few, and the rest, each from the last state.
+            let mut state: Option<Tensor<f64>> = None;
+            let mut outputs = Vec::new();
+            for range in [0..1, 1..18, 18..19, 19..83] {
+                let piece = whole_inputs.slice(range);
+                let result = attention
+                    .forward_gated(&piece.q, &piece.k, &piece.v, &piece.gates(state.as_ref()))
+                    .unwrap();
+                outputs.push(result.out);
+                state = Some(result.final_state);
+            }
+            let what = format!("{name} per channel {per_channel}");
+            let state = state.unwrap();
+            let error = max_relative(&widen(&state), &widen(&whole.final_state));
+            assert!(error < 1e-12, "{what}: final states differ by {error:.2e}");
+            // The pieces' outputs in [B, T, HV, d_v] order.
+            let row = 4 * 10;
+            let mut joined = Vec::new();
+            for b in 0..2 {
+                for out in &outputs {
+                    let rows = out.seq_len();
+                    joined.extend_from_slice(&out.as_slice()[b * rows * row..(b + 1) * rows * row]);
+                }
+            }
+            let error = max_relative(&joined, whole.out.as_slice());
+            assert!(error < 1e-12, "{what}: outputs differ by {error:.2e}");
+        }
+    }
+}
+
+#[test]
+fn chunked_parallel_and_reference_agree_in_f64_and_f32() {
+    for (name, method) in family() {
+        let chunked = Attention::new(method.clone()).causal(true);
+        let parallel = chunked.clone().causal_form(CausalForm::Parallel);
+        let inputs = inputs(&method, [1, 70, 1, 2, 16, 8], true);
+        let initial = Tensor::<f64>::randn([1, 2, 16, 8], 9).unwrap();
+        let gates = inputs.gates(Some(&initial));
+        let reference =
+            linattn::reference::forward_gated(&chunked, &inputs.q, &inputs.k, &inputs.v, &gates)
+                .unwrap();
+        for (form, attention) in [("chunked", &chunked), ("parallel", &parallel)] {
+            let result = attention
+                .forward_gated(&inputs.q, &inputs.k, &inputs.v, &gates)
+                .unwrap();
+            for (what, got, want) in [
+                ("output", &result.out, &reference.out),
+                ("final state", &result.final_state, &reference.final_state),
+            ] {
+                let error = max_relative(&widen(got), &widen(want));
+                assert!(error < 1e-12, "{name} {form} f64 {what}: {error:.2e}");
+            }
+            let narrow = inputs.cast::<f32>();
+            let initial = initial.cast::<f32>();
+            let result = attention
+                .forward_gated(
+                    &narrow.q,
+                    &narrow.k,
+                    &narrow.v,
+                    &narrow.gates(Some(&initial)),
+                )
+                .unwrap();
+            let error = max_relative(&widen(&result.out), &widen(&reference.out));
+            assert!(error < 1e-5, "{name} {form} f32 output: {error:.2e}");
+        }
+    }
+}
+
+#[test]
+fn retention_runs_without_inputs_and_the_others_name_what_they_need() {
+    for (name, method) in family() {
+        let attention = Attention::new(method.clone()).causal(true);
+        let x = Tensor::<f64>::randn([1, 20, 2, 8], 0).unwrap();
+        let result = attention.forward(&x, &x, &x);
+        if method.info().token_inputs.is_empty() {
+            let gated = attention
+                .forward_gated(&x, &x, &x, &GateInputs::default())
+                .unwrap();
+            assert_eq!(result.unwrap(), gated.out, "{name}");
+        } else {
+            let error = result.unwrap_err();
+            assert!(
+                matches!(error, Error::MissingInput { .. }),
+                "{name}: {error}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_naming_the_first_bad_position() {
+    let gdn = Attention::new(Method::GatedDeltaRule(GatedDeltaRule::default())).causal(true);
+    let good = inputs(gdn.method(), [1, 10, 2, 4, 8, 8], false);
+    let call = |attention: &Attention, g: Option<&Tensor<f64>>, beta: Option<&Tensor<f64>>| {
+        let gates = GateInputs {
+            g,
+            beta,
+            initial_state: None,
+        };
+        attention
+            .forward_gated(&good.q, &good.k, &good.v, &gates)
+            .unwrap_err()
+    };
+    let (g, beta) = (good.g.as_ref().unwrap(), good.beta.as_ref().unwrap());
+    // A positive log decay at [0, 6, 3, 0].
+    let mut positive = g.clone();
+    positive.as_mut_slice()[6 * 4 + 3] = 0.25;
+    let error = call(&gdn, Some(&positive), Some(beta));
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "g", index, value, .. } if index == &[0, 6, 3, 0] && *value == 0.25),
+        "{error}"
+    );
+    // A non-finite one.
+    let mut nan = g.clone();
+    nan.as_mut_slice()[5] = f64::NAN;
+    assert!(matches!(
+        call(&gdn, Some(&nan), Some(beta)),
+        Error::NonFinite { tensor: "g", .. }
+    ));
+    // β past 1, and past 2 where negative eigenvalues allow up to 2.
+    let mut large = beta.clone();
+    large.as_mut_slice()[9] = 1.5;
+    let error = call(&gdn, Some(g), Some(&large));
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "beta", index, .. } if index == &[0, 2, 1, 0]),
+        "{error}"
+    );
+    let negative = Attention::new(Method::GatedDeltaRule(GatedDeltaRule {
+        negative_eigenvalues: true,
+        ..GatedDeltaRule::default()
+    }))
+    .causal(true);
+    let gates = GateInputs {
+        g: Some(g),
+        beta: Some(&large),
+        initial_state: None,
+    };
+    assert!(
+        negative
+            .forward_gated(&good.q, &good.k, &good.v, &gates)
+            .is_ok()
+    );
+    large.as_mut_slice()[9] = 2.5;
+    assert!(matches!(
+        call(&negative, Some(g), Some(&large)),
+        Error::OutOfRange { tensor: "beta", .. }
+    ));
+    // Missing inputs, and inputs the method does not read.
+    assert!(
+        matches!(call(&gdn, None, Some(beta)), Error::MissingInput { input, .. } if input.starts_with('g'))
+    );
+    assert!(
+        matches!(call(&gdn, Some(g), None), Error::MissingInput { input, .. } if input.starts_with("beta"))
+    );
+    let gla = Attention::new(Method::Gla(Gla::default())).causal(true);
+    assert!(matches!(
+        call(&gla, Some(g), Some(beta)),
+        Error::InvalidConfig(_)
+    ));
+    // Gates of another head count, HV not a multiple of H, and a wrong initial state.
+    let other_heads = Tensor::<f64>::zeros([1, 10, 2, 1]).unwrap();
+    assert!(matches!(
+        call(&gdn, Some(&other_heads), Some(beta)),
+        Error::ShapeMismatch { .. }
+    ));
+    let v3 = Tensor::<f64>::zeros([1, 10, 3, 8]).unwrap();
+    let error = gdn
+        .forward_gated(&good.q, &good.k, &v3, &good.gates(None))
+        .unwrap_err();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+    let wrong_state = Tensor::<f64>::zeros([1, 4, 8, 7]).unwrap();
+    let error = gdn
+        .forward_gated(&good.q, &good.k, &good.v, &good.gates(Some(&wrong_state)))
+        .unwrap_err();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+    // The family is causal only.
+    let full = gdn.clone().causal(false);
+    assert!(matches!(
+        full.forward_gated(&good.q, &good.k, &good.v, &good.gates(None)),
+        Err(Error::InvalidConfig(_))
+    ));
+    // Another family's method through forward_gated.
+    let linear = Attention::new(Method::linear()).causal(true);
+    let q = Tensor::<f64>::zeros([1, 10, 2, 8]).unwrap();
+    assert!(matches!(
+        linear.forward_gated(&q, &q, &q, &GateInputs::default()),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+#[test]
+fn the_backward_says_it_is_not_written_yet() {
+    let attention = Attention::new(Method::Retention(linattn::Retention::default())).causal(true);
+    let x = Tensor::<f64>::randn([1, 8, 2, 4], 0).unwrap();
+    let error = attention.backward(&x, &x, &x, &x).unwrap_err();
+    assert!(matches!(error, Error::Unsupported(_)), "{error}");
+}
+
+#[test]
+fn l2norm_inside_equals_normalising_q_and_k_before() {
+    let inner = Method::GatedDeltaRule(GatedDeltaRule {
+        l2norm_qk: true,
+        ..GatedDeltaRule::default()
+    });
+    let outer = Method::GatedDeltaRule(GatedDeltaRule::default());
+    let x = inputs(&inner, [1, 40, 2, 2, 16, 16], false);
+    let normalised = |t: &Tensor<f64>| {
+        let mut t = t.clone();
+        for row in t.as_mut_slice().chunks_exact_mut(16) {
+            let norm = (row.iter().map(|a| a * a).sum::<f64>() + 1e-6).sqrt();
+            row.iter_mut().for_each(|a| *a /= norm);
+        }
+        t
+    };
+    let a = Attention::new(inner)
+        .causal(true)
+        .forward_gated(&x.q, &x.k, &x.v, &x.gates(None))
+        .unwrap();
+    let (q, k) = (normalised(&x.q), normalised(&x.k));
+    let b = Attention::new(outer)
+        .causal(true)
+        .forward_gated(&q, &k, &x.v, &x.gates(None))
+        .unwrap();
+    assert!(max_relative(a.out.as_slice(), b.out.as_slice()) < 1e-13);
+}

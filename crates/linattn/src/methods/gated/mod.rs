@@ -372,7 +372,7 @@ pub(crate) use common_options;
 /// [`Attention::forward_gated`](crate::Attention::forward_gated) with them.
 macro_rules! gated_method {
     ($method:ty) => {
-        impl $crate::methods::AttentionMethod for $method {
+        impl $crate::methods::method::AttentionMethod for $method {
             fn validate(&self, problem: &$crate::base::Problem) -> $crate::base::Result<()> {
                 self.rule(problem).validate(problem)
             }
@@ -401,7 +401,7 @@ macro_rules! gated_method {
             fn forward<T: $crate::base::Element>(
                 &self,
                 problem: &$crate::base::Problem,
-                _prepared: &$crate::methods::Prepared<T>,
+                _prepared: &$crate::methods::method::Prepared<T>,
                 q: &$crate::base::Tensor<T>,
                 k: &$crate::base::Tensor<T>,
                 v: &$crate::base::Tensor<T>,
@@ -418,7 +418,7 @@ macro_rules! gated_method {
             fn backward<T: $crate::base::Element>(
                 &self,
                 _problem: &$crate::base::Problem,
-                _prepared: &$crate::methods::Prepared<T>,
+                _prepared: &$crate::methods::method::Prepared<T>,
                 _inputs: [&$crate::base::Tensor<T>; 4],
                 _grads: [&mut $crate::base::Tensor<T>; 3],
             ) -> $crate::base::Result<Option<(Vec<f64>, Vec<f64>)>> {
@@ -454,7 +454,7 @@ macro_rules! gated_method {
                 &self,
                 _heads_q: usize,
                 _dim_qk: usize,
-            ) -> $crate::base::Result<$crate::methods::Recurrent> {
+            ) -> $crate::base::Result<$crate::methods::method::Recurrent> {
                 Err($crate::base::Error::Unsupported(format!(
                     "{} does not decode through a Decoder yet; continue it with \
                      Attention::forward_gated and its initial_state",
@@ -462,7 +462,7 @@ macro_rules! gated_method {
                 )))
             }
 
-            fn info(&self) -> &'static $crate::methods::MethodInfo {
+            fn info(&self) -> &'static $crate::methods::info::MethodInfo {
                 &INFO
             }
         }

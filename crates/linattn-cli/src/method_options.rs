@@ -124,7 +124,8 @@ impl GlobalKind {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Method options")]
 pub struct MethodOptions {
-    /// softmax, window, hybrid: score scale [default: 1/√head_dim]
+    /// softmax, window, hybrid: score scale [default: 1/√head_dim]; the gated family
+    /// (retention, gla, delta-rule, gated-delta-rule): output scale [default: 1/√head_dim]
     #[arg(long)]
     scale: Option<f64>,
     /// softmax: how to compute it [default: tiled]
@@ -133,7 +134,8 @@ pub struct MethodOptions {
     /// window, hybrid: keys seen before and after each query; -1 is unbounded
     #[arg(long, value_name = "L,R", value_parser = parse_window, allow_hyphen_values = true)]
     window: Option<WindowSpan>,
-    /// linear, performer, cosformer, hybrid: tokens per chunk of the causal form [default: 64]
+    /// linear, performer, cosformer, hybrid and the gated family: tokens per chunk of the
+    /// causal form [default: 64]
     #[arg(long)]
     chunk: Option<usize>,
     /// performer: the projection ω, a 2-D [features, head_dim] .npy file
@@ -158,6 +160,16 @@ pub struct MethodOptions {
     /// cosformer: M of the cosine reweighting, fixed [default: each call's longest sequence]
     #[arg(long, value_name = "M")]
     max_len: Option<usize>,
+    /// retention: the decay per value head, comma-separated, or one for every head
+    /// [default: 1 − 2^(−5−h)]
+    #[arg(long, value_name = "G[,G...]")]
+    gamma: Option<String>,
+    /// delta-rule, gated-delta-rule: L2-normalise q and k inside [default: false]
+    #[arg(long, value_name = "BOOL")]
+    l2norm_qk: Option<bool>,
+    /// gated-delta-rule: allow β up to 2 (negative eigenvalues) [default: false]
+    #[arg(long, value_name = "BOOL")]
+    negative_eigenvalues: Option<bool>,
     /// hybrid: how many leading query heads use the window
     #[arg(long, value_name = "N")]
     local_heads: Option<usize>,
@@ -216,6 +228,12 @@ impl MethodOptions {
             ("max-len", self.max_len.map(|m| m.to_string())),
             ("local-heads", self.local_heads.map(|l| l.to_string())),
             ("global", self.global.map(|g| g.name().to_string())),
+            ("gamma", self.gamma.clone()),
+            ("l2norm-qk", self.l2norm_qk.map(|b| b.to_string())),
+            (
+                "negative-eigenvalues",
+                self.negative_eigenvalues.map(|b| b.to_string()),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name.to_string(), value?)))

@@ -133,6 +133,9 @@ impl MethodSettings {
             ),
             ("chunk", self.chunk.to_string()),
             ("seed", METHOD_SEED.to_string()),
+            // The delta rule on keys of unit length, as DeltaNet layers give it: random
+            // keys of length √d make I − β k kᵀ expand the state until it overflows.
+            ("l2norm-qk", "true".to_string()),
         ];
         for (name, value) in values {
             if takes(name) {

@@ -14,6 +14,7 @@ mod decode_report;
 mod dtype;
 mod error;
 mod explore;
+mod gates;
 mod gpu;
 mod measure;
 mod method_options;

@@ -2,7 +2,8 @@
 //! the memory each timed call allocates beyond its output.
 
 use crate::alloc::ALLOCATOR;
-use linattn::{Attention, Element, Tensor};
+use crate::gates::RandomGates;
+use linattn::{Attention, Element, HeadLayout, Tensor};
 use std::time::{Duration, Instant};
 
 /// Timed runs stop once they add up to this...
@@ -30,13 +31,19 @@ pub struct Measurement<T> {
 
 /// Runs `attention` once to warm up (thread pool, page faults), then times it writing
 /// into the output of the warm-up, as a caller that serves many requests would: a fresh
-/// output per call would time the kernel's zeroing of new pages as well.
+/// output per call would time the kernel's zeroing of new pages as well. The gated
+/// family runs with random gates ([`RandomGates`]) and returns its output and final
+/// state each call.
 pub fn measure<T: Element>(
     attention: &Attention,
     q: &Tensor<T>,
     k: &Tensor<T>,
     v: &Tensor<T>,
 ) -> linattn::Result<Measurement<T>> {
+    if attention.method().info().layout == HeadLayout::GroupedValues {
+        let gates = RandomGates::for_call(attention.method(), v.shape(), q.head_dim())?;
+        return time_runs(|| Ok(attention.forward_gated(q, k, v, &gates.inputs())?.out));
+    }
     let warm_up_start = Instant::now();
     let mut output = attention.forward(q, k, v)?;
     let warm_up = warm_up_start.elapsed();
@@ -48,6 +55,35 @@ pub fn measure<T: Element>(
         attention.forward_into(q, k, v, &mut output)?;
         times.push(start.elapsed());
         extra_bytes = extra_bytes.max(ALLOCATOR.peak().saturating_sub(before));
+        if !wants_another_run(&times, warm_up) {
+            return Ok(Measurement {
+                median: median(&mut times),
+                runs: times.len(),
+                extra_bytes,
+                output,
+            });
+        }
+    }
+}
+
+/// Times `call` (its first run a warm-up) as [`measure`] does, each run making its own
+/// output (not counted in its extra bytes).
+fn time_runs<T: Element>(
+    call: impl Fn() -> linattn::Result<Tensor<T>>,
+) -> linattn::Result<Measurement<T>> {
+    let warm_up_start = Instant::now();
+    call()?;
+    let warm_up = warm_up_start.elapsed();
+    let mut times = Vec::new();
+    let mut extra_bytes = 0;
+    loop {
+        let before = ALLOCATOR.mark();
+        let start = Instant::now();
+        let output = call()?;
+        times.push(start.elapsed());
+        let output_bytes = std::mem::size_of_val(output.as_slice());
+        let peak = ALLOCATOR.peak().saturating_sub(before);
+        extra_bytes = extra_bytes.max(peak.saturating_sub(output_bytes));
         if !wants_another_run(&times, warm_up) {
             return Ok(Measurement {
                 median: median(&mut times),

@@ -217,3 +217,42 @@ mod tests {
         }
     }
 }
+
+/// `x ← eˣ` for every element.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn exp_in_place<T: Element>(xs: &mut [T]) {
+    for x in xs {
+        *x = x.fast_exp();
+    }
+}
+
+/// `x ← x · e^{a − b}` elementwise: a row scaled by decay factors given as log-space
+/// differences.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn scale_by_exp_difference<T: Element>(xs: &mut [T], a: &[T], b: &[T]) {
+    for ((x, &a), &b) in xs.iter_mut().zip(a).zip(b) {
+        *x *= (a - b).fast_exp();
+    }
+}
+
+/// `Σ x_c y_c e^{a_c − b_c}`: two rows' product under per-channel decay factors.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn decayed_dot<T: Element>(x: &[T], y: &[T], a: &[T], b: &[T]) -> T {
+    let mut partial = [T::zero(); LANES];
+    let rows = x
+        .chunks_exact(LANES)
+        .zip(y.chunks_exact(LANES))
+        .zip(a.chunks_exact(LANES).zip(b.chunks_exact(LANES)));
+    for ((x, y), (a, b)) in rows {
+        for (((acc, &x), &y), (&a, &b)) in partial.iter_mut().zip(x).zip(y).zip(a.iter().zip(b)) {
+            *acc += x * y * (a - b).fast_exp();
+        }
+    }
+    let whole = x.len() / LANES * LANES;
+    let tail = x[whole..]
+        .iter()
+        .zip(&y[whole..])
+        .zip(a[whole..].iter().zip(&b[whole..]));
+    let sum = tail.fold(T::zero(), |s, ((&x, &y), (&a, &b))| s + x * y * (a - b).fast_exp());
+    partial.iter().fold(sum, |s, &p| s + p)
+}

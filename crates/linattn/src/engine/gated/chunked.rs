@@ -18,7 +18,7 @@
 //! decay just before it, which leaves both factors ≤ 1 for every earlier column; only the
 //! diagonal blocks of [`SUB`] rows are summed pairwise.
 
-use super::{GatedShape, Gates, gather_rows};
+use super::{GatedShape, Gates, gather_rows, l2_normalise_rows};
 use crate::backend::cpu::matmul::matmul;
 use crate::base::simd;
 use crate::base::{Element, MatMut, MatRef, Tensor};
@@ -85,6 +85,8 @@ struct Scratch<T> {
     scores: Vec<T>,
     /// Exponents of decay factors, `rows × width`.
     exponents: Vec<T>,
+    /// β of the chunk's tokens.
+    betas: Vec<T>,
 }
 
 impl<T: Element> Scratch<T> {
@@ -101,6 +103,7 @@ impl<T: Element> Scratch<T> {
             decayed_keys: vec![T::zero(); rows * dim_k],
             scores: vec![T::zero(); rows * rows],
             exponents: vec![T::zero(); rows * width],
+            betas: vec![T::zero(); rows],
         }
     }
 
@@ -124,6 +127,10 @@ impl<T: Element> Scratch<T> {
         let h = shape.qk_head(hv);
         gather_rows(q, b, h, start, &mut self.q[..len * dim_k]);
         gather_rows(k, b, h, start, &mut self.k[..len * dim_k]);
+        if gates.l2norm_qk {
+            l2_normalise_rows(&mut self.q[..len * dim_k], dim_k);
+            l2_normalise_rows(&mut self.k[..len * dim_k], dim_k);
+        }
         gather_rows(v, b, hv, start, &mut self.x[..len * dim_v]);
         let log_decay = &mut self.log_decay[..len * width];
         gates.log_decays(shape, b, hv, start, log_decay);
@@ -134,7 +141,7 @@ impl<T: Element> Scratch<T> {
 
         if gates.beta.is_some() {
             // X = Diag(β) (V − (K ⊙ e^G) S), then (I + A) X = that.
-            self.decay_rows(Operand::Keys, len, dim_k, |g, _| g);
+            self.decay_rows(Operand::Keys, len, dim_k, Towards::Start);
             matmul(
                 MatMut::contiguous(&mut self.x, len, dim_v),
                 MatRef::contiguous(&self.decayed, len, dim_k),
@@ -142,14 +149,14 @@ impl<T: Element> Scratch<T> {
                 true,
                 -T::one(),
             );
-            let betas: Vec<T> = (0..len)
-                .map(|t| gates.beta(shape, b, hv, start + t).unwrap_or(T::one()))
-                .collect();
-            for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&betas) {
+            for (t, beta) in self.betas[..len].iter_mut().enumerate() {
+                *beta = gates.beta(shape, b, hv, start + t).unwrap_or(T::one());
+            }
+            for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&self.betas) {
                 simd::scale(row, beta);
             }
             self.scores_into(Operand::Keys, len, dim_k, true);
-            for (i, &beta) in betas.iter().enumerate() {
+            for (i, &beta) in self.betas[..len].iter().enumerate() {
                 let (solved, rest) = self.x.split_at_mut(i * dim_v);
                 let row = &mut rest[..dim_v];
                 for (j, x_j) in solved.chunks_exact(dim_v).enumerate() {
@@ -159,7 +166,7 @@ impl<T: Element> Scratch<T> {
         }
 
         // O = s ((Q ⊙ e^G) S + M X).
-        self.decay_rows(Operand::Queries, len, dim_k, |g, _| g);
+        self.decay_rows(Operand::Queries, len, dim_k, Towards::Start);
         matmul(
             rows.rb(),
             MatRef::contiguous(&self.decayed, len, dim_k),
@@ -181,8 +188,7 @@ impl<T: Element> Scratch<T> {
             let last = &self.log_decay[(len - 1) * width..len * width];
             super::recurrent::decay(state, dim_v, last);
         }
-        let last: Vec<T> = self.log_decay[(len - 1) * width..len * width].to_vec();
-        self.decay_rows(Operand::Keys, len, dim_k, |g, c| last[c] - g);
+        self.decay_rows(Operand::Keys, len, dim_k, Towards::Last);
         matmul(
             MatMut::contiguous(state, dim_k, dim_v),
             MatRef::contiguous(&self.decayed, len, dim_k).t(),
@@ -192,15 +198,10 @@ impl<T: Element> Scratch<T> {
         );
     }
 
-    /// `decayed` = the first `len` rows of q or k, each scaled by `e^{exponent(G, c)}`,
-    /// `c` the channel of the decay (0 for a scalar gate); a copy without decay.
-    fn decay_rows(
-        &mut self,
-        operand: Operand,
-        len: usize,
-        dim_k: usize,
-        exponent: impl Fn(T, usize) -> T,
-    ) {
+    /// `decayed` = the first `len` rows of q or k, row t scaled by `e^{G_t}`
+    /// ([`Towards::Start`]) or `e^{G_last − G_t}` ([`Towards::Last`]), per channel for a
+    /// channel gate; a copy without decay.
+    fn decay_rows(&mut self, operand: Operand, len: usize, dim_k: usize, towards: Towards) {
         let source = match operand {
             Operand::Queries => &self.q,
             Operand::Keys => &self.k,
@@ -211,17 +212,19 @@ impl<T: Element> Scratch<T> {
         if width == 0 {
             return;
         }
-        let exponents = &mut self.exponents[..len * width];
-        for (e, (index, &g)) in exponents.iter_mut().zip(self.log_decay.iter().enumerate()) {
-            *e = exponent(g, index % width).exp();
-        }
-        for (row, factors) in decayed
-            .chunks_exact_mut(dim_k)
-            .zip(exponents.chunks_exact(width))
-        {
-            match factors {
-                [factor] => simd::scale(row, *factor),
-                _ => row.iter_mut().zip(factors).for_each(|(x, &f)| *x *= f),
+        let g = &self.log_decay[..len * width];
+        let last = &g[(len - 1) * width..];
+        // e^{G_t} is e^{G_t − 0}: a row of zeros as the subtrahend.
+        let zeros = &mut self.exponents[..width];
+        zeros.fill(T::zero());
+        for (row, g_t) in decayed.chunks_exact_mut(dim_k).zip(g.chunks_exact(width)) {
+            let (a, b) = match towards {
+                Towards::Start => (g_t, &*zeros),
+                Towards::Last => (last, g_t),
+            };
+            match (a, b) {
+                ([a], [b]) => simd::scale(row, (*a - *b).exp()),
+                _ => simd::scale_by_exp_difference(row, a, b),
             }
         }
     }
@@ -247,12 +250,12 @@ impl<T: Element> Scratch<T> {
                 T::one(),
             );
             for (i, row) in scores.chunks_exact_mut(len).enumerate() {
-                for (j, s) in row.iter_mut().enumerate() {
-                    *s = match (visible(i, j), width) {
-                        (false, _) => T::zero(),
-                        (true, 0) => *s,
-                        (true, _) => *s * (g[i] - g[j]).exp(),
-                    };
+                let seen = if strict { i } else { i + 1 };
+                row[seen..].fill(T::zero());
+                if width == 1 {
+                    // e^{G_i − G_j} for the keys row i sees.
+                    let reference = &vec_of(g[i], seen, &mut self.exponents);
+                    simd::scale_by_exp_difference(&mut row[..seen], reference, &g[..seen]);
                 }
             }
             return;
@@ -265,17 +268,15 @@ impl<T: Element> Scratch<T> {
                 // rows, R − G_j ≤ 0 for every earlier key.
                 let reference = &g[(block - 1) * dim_k..block * dim_k];
                 let rows = &mut self.decayed[..(end - block) * dim_k];
+                rows.copy_from_slice(&a[block * dim_k..end * dim_k]);
                 for (i, row) in rows.chunks_exact_mut(dim_k).enumerate() {
-                    let t = block + i;
-                    for (c, x) in row.iter_mut().enumerate() {
-                        *x = a[t * dim_k + c] * (g[t * dim_k + c] - reference[c]).exp();
-                    }
+                    let g_t = &g[(block + i) * dim_k..][..dim_k];
+                    simd::scale_by_exp_difference(row, g_t, reference);
                 }
                 let earlier = &mut self.decayed_keys[..block * dim_k];
+                earlier.copy_from_slice(&keys[..block * dim_k]);
                 for (j, row) in earlier.chunks_exact_mut(dim_k).enumerate() {
-                    for (c, x) in row.iter_mut().enumerate() {
-                        *x = keys[j * dim_k + c] * (reference[c] - g[j * dim_k + c]).exp();
-                    }
+                    simd::scale_by_exp_difference(row, reference, &g[j * dim_k..][..dim_k]);
                 }
                 matmul(
                     MatMut::strided(&mut scores[block * len..], end - block, block, len),
@@ -289,13 +290,25 @@ impl<T: Element> Scratch<T> {
                 for j in (block..=i).filter(|&j| visible(i, j)) {
                     let (a_i, k_j) = (&a[i * dim_k..][..dim_k], &keys[j * dim_k..][..dim_k]);
                     let (g_i, g_j) = (&g[i * dim_k..][..dim_k], &g[j * dim_k..][..dim_k]);
-                    scores[i * len + j] = (0..dim_k)
-                        .map(|c| a_i[c] * k_j[c] * (g_i[c] - g_j[c]).exp())
-                        .sum();
+                    scores[i * len + j] = simd::decayed_dot(a_i, k_j, g_i, g_j);
                 }
             }
         }
     }
+}
+
+/// `buffer`'s first `len` elements set to `value`, as a slice.
+fn vec_of<T: Copy>(value: T, len: usize, buffer: &mut [T]) -> &[T] {
+    buffer[..len].fill(value);
+    &buffer[..len]
+}
+
+/// Where [`Scratch::decay_rows`] carries each row's decay: from the chunk's start to the
+/// row, or from the row to the chunk's last token.
+#[derive(Clone, Copy)]
+enum Towards {
+    Start,
+    Last,
 }
 
 /// Which rows a product reads.

@@ -55,13 +55,16 @@ pub(crate) enum Decay<'a, T> {
     Channel(&'a [T]),
 }
 
-/// The per-token inputs of the state update.
+/// The per-token inputs of the state update, and how q and k are read.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Gates<'a, T> {
     pub decay: Decay<'a, T>,
     /// The delta rule's step sizes `[batch, len, heads_v]`; `None` for the plain
     /// (decayed) sum.
     pub beta: Option<&'a [T]>,
+    /// Whether each row of q and k is divided by `sqrt(Σ x² + 1e-6)` as it is read
+    /// (flash-linear-attention's `use_qk_l2norm_in_kernel`).
+    pub l2norm_qk: bool,
 }
 
 impl<T: Element> Gates<'_, T> {
@@ -96,6 +99,18 @@ impl<T: Element> Gates<'_, T> {
     fn beta(&self, shape: &GatedShape, b: usize, hv: usize, t: usize) -> Option<T> {
         self.beta
             .map(|beta| beta[(b * shape.len + t) * shape.heads_v + hv])
+    }
+}
+
+/// What flash-linear-attention's `l2norm` adds to the sum of squares.
+const L2NORM_EPSILON: f64 = 1e-6;
+
+/// Divides each `d`-element row of `rows` by `sqrt(Σ x² + 1e-6)`.
+pub(crate) fn l2_normalise_rows<T: Element>(rows: &mut [T], d: usize) {
+    let epsilon = T::of_f64(L2NORM_EPSILON);
+    for row in rows.chunks_exact_mut(d) {
+        let norm = (crate::base::simd::dot(row, row) + epsilon).sqrt();
+        crate::base::simd::scale(row, T::one() / norm);
     }
 }
 

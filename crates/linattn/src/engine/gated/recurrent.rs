@@ -1,7 +1,7 @@
 //! The recurrent form: each state decays and absorbs one token at a time, and the token's
 //! output reads it. What a decode step runs; O(d_k · d_v) per token and head.
 
-use super::{GatedShape, Gates};
+use super::{GatedShape, Gates, l2_normalise_rows};
 use crate::base::simd;
 use crate::base::{Element, Tensor};
 use rayon::prelude::*;
@@ -31,6 +31,7 @@ pub(crate) fn recurrent<'a, T: Element>(
             let mut rows = unsafe { out_heads.block(b, hv, 0, shape.len) };
             let mut decays = vec![T::zero(); width];
             let mut update = vec![T::zero(); dim_v];
+            let (mut q_t, mut k_t) = (vec![T::zero(); dim_k], vec![T::zero(); dim_k]);
             for t in 0..shape.len {
                 gates.log_decays(shape, b, hv, t, &mut decays);
                 decay(state, dim_v, &decays);
@@ -38,25 +39,30 @@ pub(crate) fn recurrent<'a, T: Element>(
                     let at = ((b * shape.len + t) * heads + head) * d;
                     &x[at..at + d]
                 };
-                let k_t = row(k, shape.heads, h, dim_k);
+                q_t.copy_from_slice(row(q, shape.heads, h, dim_k));
+                k_t.copy_from_slice(row(k, shape.heads, h, dim_k));
+                if gates.l2norm_qk {
+                    l2_normalise_rows(&mut q_t, dim_k);
+                    l2_normalise_rows(&mut k_t, dim_k);
+                }
                 let v_t = row(v, shape.heads_v, hv, dim_v);
                 match gates.beta(shape, b, hv, t) {
                     // β (v − S'ᵀ k), then S' + k (that)ᵀ.
                     Some(beta) => {
                         update.copy_from_slice(v_t);
-                        for (s_c, &k_c) in state.chunks_exact(dim_v).zip(k_t) {
+                        for (s_c, &k_c) in state.chunks_exact(dim_v).zip(&k_t) {
                             simd::add_scaled(&mut update, s_c, -k_c);
                         }
                         simd::scale(&mut update, beta);
                     }
                     None => update.copy_from_slice(v_t),
                 }
-                for (s_c, &k_c) in state.chunks_exact_mut(dim_v).zip(k_t) {
+                for (s_c, &k_c) in state.chunks_exact_mut(dim_v).zip(&k_t) {
                     simd::add_scaled(s_c, &update, k_c);
                 }
                 let o = rows.row_mut(t);
                 o.fill(T::zero());
-                for (s_c, &q_c) in state.chunks_exact(dim_v).zip(row(q, shape.heads, h, dim_k)) {
+                for (s_c, &q_c) in state.chunks_exact(dim_v).zip(&q_t) {
                     simd::add_scaled(o, s_c, q_c * scale);
                 }
             }

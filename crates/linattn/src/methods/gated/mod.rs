@@ -89,9 +89,6 @@ pub(crate) enum RuleDecay {
     Input,
 }
 
-/// What flash-linear-attention's `l2norm` adds to the sum of squares.
-const L2NORM_EPSILON: f64 = 1e-6;
-
 impl Rule {
     /// The output scale for heads of `dim_k`.
     pub fn scale(&self, dim_k: usize) -> f64 {
@@ -128,20 +125,15 @@ impl Rule {
         Ok(())
     }
 
-    /// Scratch bytes of a forward call beyond inputs and output: the states, the
-    /// normalised q and k, and each thread's chunk buffers (`rows²` scores among them:
-    /// the parallel form's chunk is the whole sequence).
+    /// Scratch bytes of a forward call beyond inputs and output: the states and each
+    /// thread's chunk buffers (`rows²` scores among them: the parallel form's chunk is
+    /// the whole sequence).
     pub fn workspace_bytes(&self, problem: &Problem, element: usize, chunk: usize) -> u128 {
         let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
         let units = (problem.batch * problem.heads_v) as u128;
         let rows = chunk.min(problem.len_q) as u128;
-        let normalised = if self.l2norm_qk {
-            2 * (problem.batch * problem.len_q * problem.heads_q) as u128 * dk
-        } else {
-            0
-        };
-        let scratch = rows * (5 * dk + dv + 2 * dk) + rows * rows;
-        (units * dk * dv + normalised) * element as u128
+        let scratch = rows * (5 * dk + dv + 2 * dk + 1) + rows * rows + dk;
+        units * dk * dv * element as u128
             + per_thread(problem.batch * problem.heads_v, scratch * element as u128)
     }
 
@@ -185,19 +177,12 @@ impl Rule {
         let gates = Gates {
             decay,
             beta: checked.beta.map(Tensor::as_slice),
+            l2norm_qk: self.l2norm_qk,
         };
         let state_shape = [shape.batch, shape.heads_v, shape.dim_k, shape.dim_v];
         let mut states = match inputs.initial_state {
             Some(initial) => initial.clone(),
             None => Tensor::zeros(state_shape)?,
-        };
-        let (normalised_q, normalised_k);
-        let (q, k) = if self.l2norm_qk {
-            normalised_q = l2_normalised(q)?;
-            normalised_k = l2_normalised(k)?;
-            (&normalised_q, &normalised_k)
-        } else {
-            (q, k)
         };
         let scale = T::of_f64(self.scale(shape.dim_k));
         if shape.len == 1 {
@@ -333,17 +318,6 @@ fn check_values<T: Element>(
             allowed: rule,
         }),
     }
-}
-
-/// Each row of `x` divided by `sqrt(Σ x² + 1e-6)`, as flash-linear-attention's `l2norm`.
-fn l2_normalised<T: Element>(x: &Tensor<T>) -> Result<Tensor<T>> {
-    let mut normalised = x.clone();
-    let epsilon = T::of_f64(L2NORM_EPSILON);
-    for row in normalised.as_mut_slice().chunks_exact_mut(x.head_dim()) {
-        let norm = (row.iter().map(|&a| a * a).sum::<T>() + epsilon).sqrt();
-        row.iter_mut().for_each(|a| *a /= norm);
-    }
-    Ok(normalised)
 }
 
 /// The options every method of the family has, as the catalogue lists them.

@@ -29,7 +29,7 @@ pub(crate) fn recurrence(
         if !rule.l2norm_qk {
             return x.to_vec();
         }
-        let norm = (x.iter().map(|a| a * a).sum::<f64>() + super::L2NORM_EPSILON).sqrt();
+        let norm = (x.iter().map(|a| a * a).sum::<f64>() + 1e-6).sqrt();
         x.iter().map(|a| a / norm).collect()
     };
     for b in 0..shape.batch {

@@ -141,6 +141,7 @@ impl Case {
         let gates = Gates {
             decay,
             beta: beta.as_ref().map(Tensor::as_slice),
+            l2norm_qk: self.rule.l2norm_qk,
         };
         let shape = gated_shape(&self.problem);
         let mut states = cast(&self.initial);

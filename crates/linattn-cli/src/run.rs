@@ -311,8 +311,16 @@ impl RunArgs {
     fn destinations(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.out.clone()];
         if let Some(prefix) = &self.grads_prefix {
-            let parameters = self.method.info().parameters.iter();
-            let names = ["q", "k", "v"].iter().chain(parameters);
+            let info = self.method.info();
+            let parameters = info.parameters.iter().copied();
+            // The gated family: dg and dbeta where it reads them, and the initial state's.
+            let token_inputs = info.token_inputs.iter().map(|input| input.name());
+            let initial = self.initial_state.as_ref().map(|_| "_initial_state");
+            let names = ["q", "k", "v"]
+                .into_iter()
+                .chain(parameters)
+                .chain(token_inputs);
+            let names = names.chain(initial);
             paths.extend(names.map(|name| prefixed(prefix, &format!("d{name}"))));
         }
         paths.extend(self.final_state.clone());
@@ -352,13 +360,32 @@ fn compute<T: Float>(
         if let Some(index) = final_state {
             outputs.write(index, &result.final_state)?;
         }
+        drop(result);
+        if let Some(d_out) = d_out {
+            let grads = attention.backward_gated(q, k, v, &gates, d_out, None)?;
+            let optional = [grads.dg.as_ref(), grads.dbeta.as_ref()];
+            let initial = tensors
+                .initial_state
+                .as_ref()
+                .map(|_| &grads.d_initial_state);
+            let written = [Some(&grads.dq), Some(&grads.dk), Some(&grads.dv)].into_iter();
+            for (index, gradient) in written
+                .chain(optional)
+                .chain([initial])
+                .flatten()
+                .enumerate()
+            {
+                outputs.write(1 + index, gradient)?;
+            }
+        }
     } else {
         let output = attention.forward(q, k, v)?;
         outputs.write(0, &output)?;
-    }
-    if let Some(d_out) = d_out {
-        let gradients = attention.backward(q, k, v, d_out)?;
-        write_gradients(attention.method(), &gradients, outputs)?;
+        drop(output);
+        if let Some(d_out) = d_out {
+            let gradients = attention.backward(q, k, v, d_out)?;
+            write_gradients(attention.method(), &gradients, outputs)?;
+        }
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use std::io::BufReader;
 use std::path::Path;
 
 fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
-    let file = npyz::NpyFile::new(BufReader::new(File::open(path).unwrap())).unwrap();
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = npyz::NpyFile::new(BufReader::new(file)).unwrap();
     let shape = file.shape().iter().map(|&d| d as usize).collect();
     (shape, file.into_vec().unwrap())
 }
@@ -41,6 +42,7 @@ fn run_continues_from_a_state_and_writes_the_next() {
     let beta = unit_interval([b, t, hv, 1], 5);
     let initial = Tensor::<f64>::randn([b, hv, dk, dv], 6).unwrap();
     let (out, state) = (scratch.path("o.npy"), scratch.path("s.npy"));
+    let d_out = Tensor::<f64>::randn([b, t, hv, dv], 7).unwrap();
     let output = linattn([
         "run".to_string(),
         "--method".into(),
@@ -67,6 +69,10 @@ fn run_continues_from_a_state_and_writes_the_next() {
         arg(&state),
         "--out".into(),
         arg(&out),
+        "--grad-out".into(),
+        arg(&scratch.tensor("do.npy", &d_out)),
+        "--grads-prefix".into(),
+        arg(&scratch.path("grad_")),
     ]);
     assert!(
         output.status.success(),
@@ -85,9 +91,27 @@ fn run_continues_from_a_state_and_writes_the_next() {
     };
     let attention = Attention::new(method).causal(true);
     let expected = reference::forward_gated(&attention, &q, &k, &v, &inputs).unwrap();
-    for (path, want) in [(&out, &expected.out), (&state, &expected.final_state)] {
+    let grads = attention
+        .backward_gated(&q, &k, &v, &inputs, &d_out, None)
+        .unwrap();
+    let gradient = |name: &str| scratch.path(&format!("grad_d{name}.npy"));
+    let (dg, dbeta) = (grads.dg.unwrap(), grads.dbeta.unwrap());
+    // dg and dbeta in the files' [B, T, HV] layout: the same values.
+    for (path, want) in [
+        (&out, &expected.out),
+        (&state, &expected.final_state),
+        (&gradient("q"), &grads.dq),
+        (&gradient("k"), &grads.dk),
+        (&gradient("v"), &grads.dv),
+        (&gradient("g"), &dg),
+        (&gradient("beta"), &dbeta),
+        (&gradient("_initial_state"), &grads.d_initial_state),
+    ] {
         let (shape, got) = read_npy(path);
-        assert_eq!(shape, want.shape());
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            want.shape().iter().product::<usize>()
+        );
         let error = got
             .iter()
             .zip(want.as_slice())

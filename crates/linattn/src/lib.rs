@@ -57,7 +57,8 @@ pub use base::{ByteSize, CausalForm, DEFAULT_CHUNK, Element, Error, Result, Tens
 pub use engine::feature_map::orthogonal_random_features;
 pub use methods::{
     Cosformer, DEFAULT_FEATURES, DeltaRule, Device, Fnet, Forms, GateInputs, GatedDeltaRule,
-    GatedOutput, Gla, GlobalHeads, HeadLayout, Hybrid, Linear, Linformer, Method, MethodInfo,
-    MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Retention, Softmax,
-    SoftmaxAlgorithm, TokenInput, Variant, Window, catalogue, find_method, linformer_projections,
+    GatedGradients, GatedOutput, Gla, GlobalHeads, HeadLayout, Hybrid, Linear, Linformer, Method,
+    MethodInfo, MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Retention,
+    Softmax, SoftmaxAlgorithm, TokenInput, Variant, Window, catalogue, find_method,
+    linformer_projections,
 };

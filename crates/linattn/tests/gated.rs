@@ -315,14 +315,6 @@ fn bad_inputs_are_typed_errors_naming_the_first_bad_position() {
 }
 
 #[test]
-fn the_backward_says_it_is_not_written_yet() {
-    let attention = Attention::new(Method::Retention(linattn::Retention::default())).causal(true);
-    let x = Tensor::<f64>::randn([1, 8, 2, 4], 0).unwrap();
-    let error = attention.backward(&x, &x, &x, &x).unwrap_err();
-    assert!(matches!(error, Error::Unsupported(_)), "{error}");
-}
-
-#[test]
 fn l2norm_inside_equals_normalising_q_and_k_before() {
     let inner = Method::GatedDeltaRule(GatedDeltaRule {
         l2norm_qk: true,
@@ -348,4 +340,141 @@ fn l2norm_inside_equals_normalising_q_and_k_before() {
         .forward_gated(&q, &k, &x.v, &x.gates(None))
         .unwrap();
     assert!(max_relative(a.out.as_slice(), b.out.as_slice()) < 1e-13);
+}
+
+/// `Σ d_out ∘ out + Σ d_final ∘ final_state` of the f64 reference.
+fn loss(
+    attention: &Attention,
+    x: &Inputs<f64>,
+    initial: &Tensor<f64>,
+    [d_out, d_final]: [&Tensor<f64>; 2],
+) -> f64 {
+    let result =
+        linattn::reference::forward_gated(attention, &x.q, &x.k, &x.v, &x.gates(Some(initial)))
+            .unwrap();
+    let dot = |a: &Tensor<f64>, b: &Tensor<f64>| {
+        a.as_slice()
+            .iter()
+            .zip(b.as_slice())
+            .map(|(x, y)| x * y)
+            .sum::<f64>()
+    };
+    dot(&result.out, d_out) + dot(&result.final_state, d_final)
+}
+
+#[test]
+fn gradients_match_finite_differences_of_the_reference() {
+    for (name, method) in family() {
+        for per_channel in [false, true] {
+            let attention = Attention::new(method.clone()).causal(true);
+            let (b, t, h, hv, dk, dv) = (2, 9, 1, 2, 3, 2);
+            let mut x = inputs(&method, [b, t, h, hv, dk, dv], per_channel);
+            // Log decays kept away from 0, where a step up would leave their range.
+            if let Some(g) = &mut x.g {
+                g.as_mut_slice().iter_mut().for_each(|a| *a -= 0.05);
+            }
+            let initial = Tensor::<f64>::randn([b, hv, dk, dv], 5).unwrap();
+            let d_out = Tensor::<f64>::randn([b, t, hv, dv], 6).unwrap();
+            let d_final = Tensor::<f64>::randn([b, hv, dk, dv], 7).unwrap();
+            let grads = attention
+                .backward_gated(
+                    &x.q,
+                    &x.k,
+                    &x.v,
+                    &x.gates(Some(&initial)),
+                    &d_out,
+                    Some(&d_final),
+                )
+                .unwrap();
+            let what = format!("{name} per channel {per_channel}");
+            // Each input (q, k, v, the initial state, g, β), perturbed element by element.
+            let numeric = |which: usize, count: usize| {
+                (0..count)
+                    .map(|i| {
+                        let at = |step: f64| {
+                            let (mut x, mut initial) = (x.slice(0..t), initial.clone());
+                            let input = match which {
+                                0 => &mut x.q,
+                                1 => &mut x.k,
+                                2 => &mut x.v,
+                                3 => &mut initial,
+                                4 => x.g.as_mut().unwrap(),
+                                _ => x.beta.as_mut().unwrap(),
+                            };
+                            input.as_mut_slice()[i] += step;
+                            loss(&attention, &x, &initial, [&d_out, &d_final])
+                        };
+                        let h = 1e-6;
+                        (at(h) - at(-h)) / (2.0 * h)
+                    })
+                    .collect::<Vec<f64>>()
+            };
+            let len = |x: &Tensor<f64>| x.as_slice().len();
+            let mut checks: Vec<(&str, &Tensor<f64>, Vec<f64>)> = vec![
+                ("dq", &grads.dq, numeric(0, len(&x.q))),
+                ("dk", &grads.dk, numeric(1, len(&x.k))),
+                ("dv", &grads.dv, numeric(2, len(&x.v))),
+                (
+                    "d_initial_state",
+                    &grads.d_initial_state,
+                    numeric(3, len(&initial)),
+                ),
+            ];
+            if let (Some(dg), Some(g)) = (&grads.dg, &x.g) {
+                checks.push(("dg", dg, numeric(4, len(g))));
+            }
+            if let (Some(dbeta), Some(beta)) = (&grads.dbeta, &x.beta) {
+                checks.push(("dbeta", dbeta, numeric(5, len(beta))));
+            }
+            assert_eq!(grads.dg.is_some(), x.g.is_some(), "{what}");
+            assert_eq!(grads.dbeta.is_some(), x.beta.is_some(), "{what}");
+            for (input, analytic, numeric) in checks {
+                let error = max_relative(analytic.as_slice(), &numeric);
+                assert!(error < 1e-6, "{what} {input}: {error:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_gradients_match_f64_gradients() {
+    for (name, method) in family() {
+        let attention = Attention::new(method.clone()).causal(true);
+        let x = inputs(&method, [1, 150, 2, 4, 16, 8], true);
+        let initial = Tensor::<f64>::randn([1, 4, 16, 8], 5).unwrap();
+        let d_out = Tensor::<f64>::randn([1, 150, 4, 8], 6).unwrap();
+        let exact = attention
+            .backward_gated(&x.q, &x.k, &x.v, &x.gates(Some(&initial)), &d_out, None)
+            .unwrap();
+        let narrow = x.cast::<f32>();
+        let initial = initial.cast::<f32>();
+        let single = attention
+            .backward_gated(
+                &narrow.q,
+                &narrow.k,
+                &narrow.v,
+                &narrow.gates(Some(&initial)),
+                &d_out.cast(),
+                None,
+            )
+            .unwrap();
+        let pairs = [
+            ("dq", Some(&single.dq), Some(&exact.dq)),
+            ("dk", Some(&single.dk), Some(&exact.dk)),
+            ("dv", Some(&single.dv), Some(&exact.dv)),
+            ("dg", single.dg.as_ref(), exact.dg.as_ref()),
+            ("dbeta", single.dbeta.as_ref(), exact.dbeta.as_ref()),
+            (
+                "d_initial_state",
+                Some(&single.d_initial_state),
+                Some(&exact.d_initial_state),
+            ),
+        ];
+        for (input, a, b) in pairs {
+            if let (Some(a), Some(b)) = (a, b) {
+                let error = max_relative(&widen(a), &widen(b));
+                assert!(error < 1e-4, "{name} {input}: {error:.2e}");
+            }
+        }
+    }
 }

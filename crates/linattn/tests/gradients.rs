@@ -6,8 +6,8 @@ mod common;
 
 use common::{Shape, attention, relative_error};
 use linattn::{
-    Attention, Cosformer, GlobalHeads, HeadLayout, Hybrid, Linear, Linformer, Method, Performer,
-    Tensor, Window, reference,
+    Attention, Cosformer, GlobalHeads, Hybrid, Linear, Linformer, Method, Performer, Tensor,
+    Window, reference,
 };
 
 /// Every method of the catalogue, with chunks small enough that a dozen tokens span
@@ -71,11 +71,6 @@ fn check(
     let Ok(out) = attention.forward(&inputs[0], &inputs[1], &inputs[2]) else {
         return; // no such form
     };
-    if method.info().layout == HeadLayout::GroupedValues {
-        // The gated family's backward is not written yet: tests/gated.rs checks that it
-        // says so.
-        return;
-    }
     let d_out = Tensor::<f64>::randn(out.shape(), seed + 7).unwrap();
     let grads = attention
         .backward(&inputs[0], &inputs[1], &inputs[2], &d_out)
@@ -219,9 +214,6 @@ fn f32_gradients_match_f64_gradients() {
             let Ok(out) = attention.forward(&q, &k, &v) else {
                 continue;
             };
-            if method.info().layout == HeadLayout::GroupedValues {
-                continue; // no backward yet, as above
-            }
             let d_out = Tensor::<f64>::randn(out.shape(), 10).unwrap();
             let exact = attention.backward(&q, &k, &v, &d_out).unwrap();
             let single = attention

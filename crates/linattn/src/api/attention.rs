@@ -4,7 +4,9 @@
 use crate::api::device::DeviceTensor;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
-use crate::methods::{AttentionMethod, Device, GateInputs, GatedOutput, HeadLayout, Method};
+use crate::methods::{
+    AttentionMethod, Device, GateInputs, GatedGradients, GatedOutput, HeadLayout, Method,
+};
 
 /// Gradients of a scalar loss with respect to the inputs of an attention call, given
 /// the loss's gradient with respect to its output.
@@ -286,6 +288,34 @@ impl Attention {
     ) -> Result<GatedOutput<T>> {
         let plan = self.plan_checked(q.shape(), k.shape(), v.shape(), true)?;
         plan.forward_gated(q, k, v, inputs)
+    }
+
+    /// Gradients of `Σ d_out ∘ out + Σ d_final_state ∘ final_state` of a
+    /// [`forward_gated`](Self::forward_gated) call with respect to q, k, v, g, β and the
+    /// initial state. Recomputes what it needs of the forward.
+    ///
+    /// ```
+    /// use linattn::{Attention, GateInputs, GatedDeltaRule, Method, Tensor};
+    /// let attention = Attention::new(Method::GatedDeltaRule(GatedDeltaRule { l2norm_qk: true, ..GatedDeltaRule::default() })).causal(true);
+    /// let x = Tensor::<f64>::randn([1, 30, 2, 8], 0)?;
+    /// let g = Tensor::from_vec(vec![-0.1; 60], [1, 30, 2, 1])?;
+    /// let beta = Tensor::from_vec(vec![0.5; 60], [1, 30, 2, 1])?;
+    /// let inputs = GateInputs { g: Some(&g), beta: Some(&beta), ..GateInputs::default() };
+    /// let grads = attention.backward_gated(&x, &x, &x, &inputs, &x, None)?;
+    /// assert_eq!(grads.dbeta.unwrap().shape(), beta.shape());
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn backward_gated<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+        d_out: &Tensor<T>,
+        d_final_state: Option<&Tensor<T>>,
+    ) -> Result<GatedGradients<T>> {
+        let plan = self.plan_unchecked(q.shape(), k.shape(), v.shape())?;
+        plan.backward_gated(q, k, v, inputs, d_out, d_final_state)
     }
 
     pub(crate) fn forward_with_states<T: Element>(

@@ -5,7 +5,7 @@ use crate::api::attention::{Attention, Gradients};
 use crate::base::memory;
 use crate::base::{CausalForm, Element, Error, Problem, Result, Tensor};
 use crate::engine::FinalStates;
-use crate::methods::{AttentionMethod, GateInputs, GatedOutput, Prepared};
+use crate::methods::{AttentionMethod, GateInputs, GatedGradients, GatedOutput, Prepared};
 
 /// An [`Attention`] prepared for q, k and v of given shapes and element type `T`: the
 /// shapes and options validated, the memory decision made (against the limit, or the
@@ -169,13 +169,7 @@ impl<T: Element> Plan<T> {
     ) -> Result<GatedOutput<T>> {
         self.check_shapes([q, k, v])?;
         let (method, problem) = (&self.attention.method, &self.problem);
-        let rule = method.gated_rule(problem).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{} is not of the gated family (retention, gla, delta-rule, gated-delta-rule); \
-                 call Attention::forward",
-                method.name()
-            ))
-        })?;
+        let rule = self.gated_rule()?;
         check_inputs([q, k, v])?;
         let mut out = Tensor::zeros_planned(self.out_shape)?;
         let parallel = problem.causal_form == CausalForm::Parallel;
@@ -190,6 +184,91 @@ impl<T: Element> Plan<T> {
             }
         }
         Ok(GatedOutput { out, final_state })
+    }
+
+    /// Fails unless the gradients and the backward's scratch fit the plan's budget.
+    fn ensure_backward_memory(&self) -> Result<()> {
+        let method = &self.attention.method;
+        let grads_bytes: u128 = self
+            .problem
+            .shapes()
+            .iter()
+            .map(|&s| bytes_of::<T>(s))
+            .sum();
+        let needed = grads_bytes + method.backward_workspace_bytes(&self.problem, size_of::<T>());
+        memory::ensure_within(
+            &format!(
+                "the backward of {} attention with q {:?}",
+                method.name(),
+                self.problem.shapes()[0]
+            ),
+            needed,
+            self.budget,
+        )
+    }
+
+    /// [`Attention::backward_gated`] through the plan.
+    pub fn backward_gated(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+        d_out: &Tensor<T>,
+        d_final_state: Option<&Tensor<T>>,
+    ) -> Result<GatedGradients<T>> {
+        self.check_shapes([q, k, v])?;
+        let rule = self.gated_rule()?;
+        if d_out.shape() != self.out_shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output gradient has shape {:?} but the output has shape {:?}",
+                    d_out.shape(),
+                    self.out_shape
+                ),
+            });
+        }
+        check_inputs([q, k, v])?;
+        let given = [("d_out", Some(d_out)), ("d_final_state", d_final_state)];
+        for (name, tensor) in given.into_iter().filter_map(|(n, t)| Some((n, t?))) {
+            if let Some((index, value)) = tensor.first_non_finite() {
+                return Err(Error::NonFinite {
+                    tensor: name,
+                    index,
+                    value,
+                });
+            }
+        }
+        self.ensure_backward_memory()?;
+        let grads = rule.backward(&self.problem, [q, k, v], inputs, d_out, d_final_state)?;
+        let all = [
+            Some(&grads.dq),
+            Some(&grads.dk),
+            Some(&grads.dv),
+            grads.dg.as_ref(),
+        ];
+        for (name, tensor) in ["dq", "dk", "dv", "dg"].into_iter().zip(all) {
+            if let Some((index, _)) = tensor.and_then(Tensor::first_non_finite) {
+                return Err(Error::NonFiniteOutput {
+                    method: self.attention.method.name(),
+                    tensor: name,
+                    index,
+                });
+            }
+        }
+        Ok(grads)
+    }
+
+    /// The method's state update, for the gated family's calls.
+    fn gated_rule(&self) -> Result<crate::methods::gated::Rule> {
+        let method = &self.attention.method;
+        method.gated_rule(&self.problem).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{} is not of the gated family (retention, gla, delta-rule, gated-delta-rule); \
+                 call Attention::forward",
+                method.name()
+            ))
+        })
     }
 
     /// [`Attention::backward`] through the plan: its memory is checked against the
@@ -230,22 +309,7 @@ impl<T: Element> Plan<T> {
                 });
             }
         }
-        let grads_bytes: u128 = self
-            .problem
-            .shapes()
-            .iter()
-            .map(|&s| bytes_of::<T>(s))
-            .sum();
-        let needed = grads_bytes + method.backward_workspace_bytes(&self.problem, size_of::<T>());
-        memory::ensure_within(
-            &format!(
-                "the backward of {} attention with q {:?}",
-                method.name(),
-                q.shape()
-            ),
-            needed,
-            self.budget,
-        )?;
+        self.ensure_backward_memory()?;
         let (mut dq, mut dk, mut dv) = (
             Tensor::zeros_planned(q.shape())?,
             Tensor::zeros_planned(k.shape())?,

@@ -253,6 +253,8 @@ pub(crate) fn decayed_dot<T: Element>(x: &[T], y: &[T], a: &[T], b: &[T]) -> T {
         .iter()
         .zip(&y[whole..])
         .zip(a[whole..].iter().zip(&b[whole..]));
-    let sum = tail.fold(T::zero(), |s, ((&x, &y), (&a, &b))| s + x * y * (a - b).fast_exp());
+    let sum = tail.fold(T::zero(), |s, ((&x, &y), (&a, &b))| {
+        s + x * y * (a - b).fast_exp()
+    });
     partial.iter().fold(sum, |s, &p| s + p)
 }

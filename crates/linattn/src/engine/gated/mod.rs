@@ -13,6 +13,7 @@
 //! sequence (the parallel form: the masked quadratic product, and for the delta rule the
 //! triangular solve over every token).
 
+pub(crate) mod backward;
 pub(crate) mod chunked;
 pub(crate) mod recurrent;
 
@@ -103,7 +104,7 @@ impl<T: Element> Gates<'_, T> {
 }
 
 /// What flash-linear-attention's `l2norm` adds to the sum of squares.
-const L2NORM_EPSILON: f64 = 1e-6;
+pub(crate) const L2NORM_EPSILON: f64 = 1e-6;
 
 /// Divides each `d`-element row of `rows` by `sqrt(Σ x² + 1e-6)`.
 pub(crate) fn l2_normalise_rows<T: Element>(rows: &mut [T], d: usize) {

@@ -11,6 +11,7 @@ pub(crate) mod reference;
 mod tests;
 
 use crate::base::{Element, Error, Problem, Result, Tensor, per_thread};
+use crate::engine::gated::backward::SEGMENT as BACKWARD_SEGMENT;
 use crate::engine::gated::{Decay, GatedShape, Gates, chunked::chunked, recurrent::recurrent};
 
 /// The per-token inputs of a call of the gated family, and the states it starts from.
@@ -58,6 +59,23 @@ pub struct GatedOutput<T> {
     /// The state after the last token, `[B, HV, d_k, d_v]`: the next call's
     /// `initial_state`.
     pub final_state: Tensor<T>,
+}
+
+/// Gradients of a call of the gated family ([`Attention::backward_gated`](crate::Attention::backward_gated)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatedGradients<T> {
+    /// ∂loss/∂q.
+    pub dq: Tensor<T>,
+    /// ∂loss/∂k.
+    pub dk: Tensor<T>,
+    /// ∂loss/∂v.
+    pub dv: Tensor<T>,
+    /// ∂loss/∂g, of g's shape, where the call read g.
+    pub dg: Option<Tensor<T>>,
+    /// ∂loss/∂β, of β's shape, where the call read β.
+    pub dbeta: Option<Tensor<T>>,
+    /// ∂loss/∂(initial state), `[B, HV, d_k, d_v]`.
+    pub d_initial_state: Tensor<T>,
 }
 
 /// How one method of the family updates its state, as the engine runs it.
@@ -137,6 +155,22 @@ impl Rule {
             + per_thread(problem.batch * problem.heads_v, scratch * element as u128)
     }
 
+    /// Scratch bytes of a backward call beyond inputs and gradients: each unit's
+    /// gradients before they are summed into q's and k's heads, the initial states, and
+    /// each thread's checkpoints and recomputed segment.
+    pub fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
+        let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
+        let (len, units) = (
+            problem.len_q as u128,
+            (problem.batch * problem.heads_v) as u128,
+        );
+        let per_unit = len * (3 * dk + dv + 1);
+        let segments = len.div_ceil(BACKWARD_SEGMENT as u128);
+        let thread = (segments + BACKWARD_SEGMENT as u128 + 2) * dk * dv + 4 * (dk + dv);
+        (units * (per_unit + dk * dv)) * element as u128
+            + per_thread(problem.batch * problem.heads_v, thread * element as u128)
+    }
+
     /// Floating-point operations of the chunked form with chunks of `chunk` tokens.
     pub fn flops(&self, problem: &Problem, chunk: usize) -> f64 {
         let (dk, dv) = (problem.dim_qk as f64, problem.dim_v as f64);
@@ -163,27 +197,9 @@ impl Rule {
     ) -> Result<Tensor<T>> {
         let shape = gated_shape(problem);
         let checked = self.check_inputs(&shape, inputs)?;
-        let log_decays: Vec<T>;
-        let decay = match (&self.decay, checked.g) {
-            (RuleDecay::None, _) => Decay::None,
-            (RuleDecay::Fixed(per_head), _) => {
-                log_decays = per_head.iter().map(|&g| T::of_f64(g)).collect();
-                Decay::Fixed(&log_decays)
-            }
-            (RuleDecay::Input, Some(g)) if g.head_dim() == 1 => Decay::Token(g.as_slice()),
-            (RuleDecay::Input, Some(g)) => Decay::Channel(g.as_slice()),
-            (RuleDecay::Input, None) => unreachable!("check_inputs requires g"),
-        };
-        let gates = Gates {
-            decay,
-            beta: checked.beta.map(Tensor::as_slice),
-            l2norm_qk: self.l2norm_qk,
-        };
-        let state_shape = [shape.batch, shape.heads_v, shape.dim_k, shape.dim_v];
-        let mut states = match inputs.initial_state {
-            Some(initial) => initial.clone(),
-            None => Tensor::zeros(state_shape)?,
-        };
+        let fixed = self.fixed_decays::<T>();
+        let gates = self.gates(&checked, &fixed);
+        let mut states = self.initial_states(&shape, &checked)?;
         let scale = T::of_f64(self.scale(shape.dim_k));
         if shape.len == 1 {
             // One token, a decode step: its chunk would be the recurrence with copies.
@@ -201,6 +217,94 @@ impl Rule {
             );
         }
         Ok(states)
+    }
+
+    /// The gradients of `Σ d_out ∘ out (+ Σ d_final ∘ final state)` of the call with
+    /// these inputs, through the recurrence in reverse (states recomputed from
+    /// checkpoints).
+    pub fn backward<T: Element>(
+        &self,
+        problem: &Problem,
+        [q, k, v]: [&Tensor<T>; 3],
+        inputs: &GateInputs<'_, T>,
+        d_out: &Tensor<T>,
+        d_final: Option<&Tensor<T>>,
+    ) -> Result<GatedGradients<T>> {
+        let shape = gated_shape(problem);
+        let checked = self.check_inputs(&shape, inputs)?;
+        let state_shape = [shape.batch, shape.heads_v, shape.dim_k, shape.dim_v];
+        if let Some(d_final) = d_final
+            && d_final.shape() != state_shape
+        {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the final state's gradient has shape {:?}, not the state's {state_shape:?}",
+                    d_final.shape()
+                ),
+            });
+        }
+        let fixed = self.fixed_decays::<T>();
+        let gates = self.gates(&checked, &fixed);
+        let initial = self.initial_states(&shape, &checked)?;
+        let scale = T::of_f64(self.scale(shape.dim_k));
+        let grads = crate::engine::gated::backward::backward(
+            &shape,
+            [q, k, v],
+            &gates,
+            checked.g.is_some(),
+            scale,
+            initial.as_slice(),
+            d_out,
+            d_final.map(Tensor::as_slice),
+        );
+        let shaped = |values: Option<Vec<T>>, like: Option<&Tensor<T>>| match (values, like) {
+            (Some(values), Some(like)) => Tensor::from_vec(values, like.shape()).map(Some),
+            _ => Ok(None),
+        };
+        Ok(GatedGradients {
+            dq: grads.dq,
+            dk: grads.dk,
+            dv: grads.dv,
+            dg: shaped(grads.dg, checked.g)?,
+            dbeta: shaped(grads.dbeta, checked.beta)?,
+            d_initial_state: Tensor::from_vec(grads.d_initial, state_shape)?,
+        })
+    }
+
+    /// Retention's fixed log decays in `T` (empty for the other rules).
+    fn fixed_decays<T: Element>(&self) -> Vec<T> {
+        match &self.decay {
+            RuleDecay::Fixed(per_head) => per_head.iter().map(|&g| T::of_f64(g)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The engine's view of checked inputs.
+    fn gates<'a, T: Element>(&self, checked: &GateInputs<'a, T>, fixed: &'a [T]) -> Gates<'a, T> {
+        let decay = match (&self.decay, checked.g) {
+            (RuleDecay::None, _) => Decay::None,
+            (RuleDecay::Fixed(_), _) => Decay::Fixed(fixed),
+            (RuleDecay::Input, Some(g)) if g.head_dim() == 1 => Decay::Token(g.as_slice()),
+            (RuleDecay::Input, Some(g)) => Decay::Channel(g.as_slice()),
+            (RuleDecay::Input, None) => unreachable!("check_inputs requires g"),
+        };
+        Gates {
+            decay,
+            beta: checked.beta.map(Tensor::as_slice),
+            l2norm_qk: self.l2norm_qk,
+        }
+    }
+
+    /// The states a call starts from: the given ones, or zeros.
+    fn initial_states<T: Element>(
+        &self,
+        shape: &GatedShape,
+        checked: &GateInputs<'_, T>,
+    ) -> Result<Tensor<T>> {
+        match checked.initial_state {
+            Some(initial) => Ok(initial.clone()),
+            None => Tensor::zeros([shape.batch, shape.heads_v, shape.dim_k, shape.dim_v]),
+        }
     }
 
     /// The inputs this rule reads, checked: present where it reads them, absent where it
@@ -366,10 +470,11 @@ macro_rules! gated_method {
 
             fn backward_workspace_bytes(
                 &self,
-                _problem: &$crate::base::Problem,
-                _element: usize,
+                problem: &$crate::base::Problem,
+                element: usize,
             ) -> u128 {
-                0
+                self.rule(problem)
+                    .backward_workspace_bytes(problem, element)
             }
 
             fn forward<T: $crate::base::Element>(
@@ -391,15 +496,17 @@ macro_rules! gated_method {
 
             fn backward<T: $crate::base::Element>(
                 &self,
-                _problem: &$crate::base::Problem,
+                problem: &$crate::base::Problem,
                 _prepared: &$crate::methods::method::Prepared<T>,
-                _inputs: [&$crate::base::Tensor<T>; 4],
-                _grads: [&mut $crate::base::Tensor<T>; 3],
+                [q, k, v, d_out]: [&$crate::base::Tensor<T>; 4],
+                [dq, dk, dv]: [&mut $crate::base::Tensor<T>; 3],
             ) -> $crate::base::Result<Option<(Vec<f64>, Vec<f64>)>> {
-                Err($crate::base::Error::Unsupported(format!(
-                    "{} has no backward yet",
-                    INFO.name
-                )))
+                let inputs = $crate::methods::gated::GateInputs::default();
+                let grads =
+                    self.rule(problem)
+                        .backward(problem, [q, k, v], &inputs, d_out, None)?;
+                (*dq, *dk, *dv) = (grads.dq, grads.dk, grads.dv);
+                Ok(None)
             }
 
             fn flops(&self, problem: &$crate::base::Problem) -> f64 {

@@ -47,6 +47,7 @@ impl<T: linattn::Element> Inputs<T> {
             g: self.g.as_ref(),
             beta: self.beta.as_ref(),
             initial_state,
+            cu_seqlens: None,
         }
     }
 
@@ -221,7 +222,7 @@ fn bad_inputs_are_typed_errors_naming_the_first_bad_position() {
         let gates = GateInputs {
             g,
             beta,
-            initial_state: None,
+            ..GateInputs::default()
         };
         attention
             .forward_gated(&good.q, &good.k, &good.v, &gates)
@@ -259,7 +260,7 @@ fn bad_inputs_are_typed_errors_naming_the_first_bad_position() {
     let gates = GateInputs {
         g: Some(g),
         beta: Some(&large),
-        initial_state: None,
+        ..GateInputs::default()
     };
     assert!(
         negative
@@ -475,6 +476,100 @@ fn f32_gradients_match_f64_gradients() {
                 let error = max_relative(&widen(a), &widen(b));
                 assert!(error < 1e-4, "{name} {input}: {error:.2e}");
             }
+        }
+    }
+}
+
+#[test]
+fn packed_sequences_run_as_separate_calls_each_from_its_own_state() {
+    let lengths = [5, 0, 37, 1, 20];
+    let total: usize = lengths.iter().sum();
+    let cu: Vec<usize> = std::iter::once(0)
+        .chain(lengths.iter().scan(0, |end, &l| {
+            *end += l;
+            Some(*end)
+        }))
+        .collect();
+    for (name, method) in family() {
+        let attention = Attention::new(method.clone()).causal(true);
+        let x = inputs(&method, [1, total, 2, 4, 8, 6], true);
+        let initial = Tensor::<f64>::randn([lengths.len(), 4, 8, 6], 3).unwrap();
+        let d_out = Tensor::<f64>::randn([1, total, 4, 6], 4).unwrap();
+        let packed_inputs = GateInputs {
+            cu_seqlens: Some(&cu),
+            ..x.gates(Some(&initial))
+        };
+        let packed = attention
+            .forward_gated(&x.q, &x.k, &x.v, &packed_inputs)
+            .unwrap();
+        let grads = attention
+            .backward_gated(&x.q, &x.k, &x.v, &packed_inputs, &d_out, None)
+            .unwrap();
+        assert_eq!(packed.final_state.shape(), initial.shape(), "{name}");
+        let state = |t: &Tensor<f64>, n: usize| {
+            let size = 4 * 8 * 6;
+            Tensor::from_vec(
+                t.as_slice()[n * size..(n + 1) * size].to_vec(),
+                [1, 4, 8, 6],
+            )
+            .unwrap()
+        };
+        for (n, range) in cu.windows(2).map(|w| w[0]..w[1]).enumerate() {
+            let own = state(&initial, n);
+            if range.is_empty() {
+                // No token: the state passes through, and so does its gradient (none).
+                assert_eq!(state(&packed.final_state, n), own, "{name}");
+                continue;
+            }
+            let piece = x.slice(range.clone());
+            let alone = attention
+                .forward_gated(&piece.q, &piece.k, &piece.v, &piece.gates(Some(&own)))
+                .unwrap();
+            let rows = |t: &Tensor<f64>| t.slice_seq(range.clone()).unwrap();
+            let error = max_relative(rows(&packed.out).as_slice(), alone.out.as_slice());
+            assert!(error < 1e-12, "{name} sequence {n}: outputs {error:.2e}");
+            let error = max_relative(
+                state(&packed.final_state, n).as_slice(),
+                alone.final_state.as_slice(),
+            );
+            assert!(
+                error < 1e-12,
+                "{name} sequence {n}: final state {error:.2e}"
+            );
+            let alone_grads = attention
+                .backward_gated(
+                    &piece.q,
+                    &piece.k,
+                    &piece.v,
+                    &piece.gates(Some(&own)),
+                    &rows(&d_out),
+                    None,
+                )
+                .unwrap();
+            let error = max_relative(rows(&grads.dk).as_slice(), alone_grads.dk.as_slice());
+            assert!(error < 1e-12, "{name} sequence {n}: dk {error:.2e}");
+            let error = max_relative(
+                state(&grads.d_initial_state, n).as_slice(),
+                alone_grads.d_initial_state.as_slice(),
+            );
+            assert!(
+                error < 1e-12,
+                "{name} sequence {n}: d initial state {error:.2e}"
+            );
+        }
+        // Offsets that do not cover the tokens, or go back, are named.
+        for bad in [vec![0, 5, 3, total], vec![1, total], vec![0, total - 1]] {
+            let inputs = GateInputs {
+                cu_seqlens: Some(&bad),
+                ..x.gates(None)
+            };
+            let error = attention
+                .forward_gated(&x.q, &x.k, &x.v, &inputs)
+                .unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidConfig(ref m) if m.contains("cu_seqlens")),
+                "{error}"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@
 //! memory grows by one state per segment rather than per token.
 
 use super::recurrent::decay;
-use super::{GatedShape, Gates, l2_normalise_rows};
+use super::{GatedShape, Gates, Span, l2_normalise_rows};
 use crate::base::simd;
 use crate::base::{Element, Tensor};
 use rayon::prelude::*;
@@ -50,16 +50,16 @@ pub(crate) fn backward<T: Element>(
 ) -> GatedGrads<T> {
     let (dim_k, dim_v, len) = (shape.dim_k, shape.dim_v, shape.len);
     let width = gates.width(shape);
-    let units = shape.batch * shape.heads_v;
+    let units = gates.units(shape);
     let state_len = shape.state_len();
     // Each unit's gradients, then summed into the shared q and k heads.
     let per_unit: Vec<UnitGrads<T>> = (0..units)
         .into_par_iter()
         .map(|unit| {
-            let (b, hv) = (unit / shape.heads_v, unit % shape.heads_v);
+            let span = gates.span(shape, unit);
             let start = &initial[unit * state_len..(unit + 1) * state_len];
             let d_end = d_final.map(|d| &d[unit * state_len..(unit + 1) * state_len]);
-            unit_backward(shape, [q, k, v], gates, scale, b, hv, start, d_out, d_end)
+            unit_backward(shape, [q, k, v], gates, scale, span, start, d_out, d_end)
         })
         .collect();
 
@@ -72,11 +72,12 @@ pub(crate) fn backward<T: Element>(
         .map(|_| vec![T::zero(); shape.batch * len * shape.heads_v]);
     let mut d_initial = vec![T::zero(); units * state_len];
     for (unit, grads) in per_unit.into_iter().enumerate() {
-        let (b, hv) = (unit / shape.heads_v, unit % shape.heads_v);
+        let Span { b, hv, first, .. } = gates.span(shape, unit);
         let h = shape.qk_head(hv);
-        for t in 0..len {
-            let qk = ((b * len + t) * shape.heads + h) * dim_k;
-            let token = (b * len + t) * shape.heads_v + hv;
+        for t in 0..grads.dbeta.len() {
+            let row = b * len + first + t;
+            let qk = (row * shape.heads + h) * dim_k;
+            let token = row * shape.heads_v + hv;
             simd::add_scaled(
                 &mut dq.as_mut_slice()[qk..qk + dim_k],
                 &grads.dq[t * dim_k..][..dim_k],
@@ -150,18 +151,19 @@ fn unit_backward<T: Element>(
     [q, k, v]: [&Tensor<T>; 3],
     gates: &Gates<'_, T>,
     scale: T,
-    b: usize,
-    hv: usize,
+    Span { b, hv, first, len }: Span,
     initial: &[T],
     d_out: &Tensor<T>,
     d_final: Option<&[T]>,
 ) -> UnitGrads<T> {
-    let (dim_k, dim_v, len) = (shape.dim_k, shape.dim_v, shape.len);
+    let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
     let state_len = shape.state_len();
     let width = gates.width(shape);
     let h = shape.qk_head(hv);
     let mut token = Token::new(shape, width);
-    let read = |token: &mut Token<T>, t: usize| token.read(shape, [q, k, v], gates, b, h, hv, t);
+    // Tokens by their place in the unit, t = 0..len.
+    let read =
+        |token: &mut Token<T>, t: usize| token.read(shape, [q, k, v], gates, b, h, hv, first + t);
 
     // The state before each segment.
     let segments = len.div_ceil(SEGMENT);
@@ -189,25 +191,26 @@ fn unit_backward<T: Element>(
     let (mut du, mut dr) = (vec![T::zero(); dim_v], vec![T::zero(); dim_v]);
     let mut s_t = vec![T::zero(); state_len];
     for segment in (0..segments).rev() {
-        let first = segment * SEGMENT;
-        let end = (first + SEGMENT).min(len);
+        let segment_start = segment * SEGMENT;
+        let end = (segment_start + SEGMENT).min(len);
         state.copy_from_slice(&checkpoints[segment * state_len..(segment + 1) * state_len]);
-        for t in first..end {
+        for t in segment_start..end {
             read(&mut token, t);
             decay(&mut state, dim_v, &token.decays);
-            decayed[(t - first) * state_len..][..state_len].copy_from_slice(&state);
+            decayed[(t - segment_start) * state_len..][..state_len].copy_from_slice(&state);
             token.absorb(&mut state, dim_v);
         }
-        for t in (first..end).rev() {
+        for t in (segment_start..end).rev() {
             read(&mut token, t);
-            let s_prime = &decayed[(t - first) * state_len..][..state_len];
+            let s_prime = &decayed[(t - segment_start) * state_len..][..state_len];
             // S_t = S' + k uᵀ, rebuilt from S' (u needs S' for the delta rule).
             token.prepare_update(s_prime, dim_v);
             s_t.copy_from_slice(s_prime);
             for (row, &k_c) in s_t.chunks_exact_mut(dim_v).zip(&token.k) {
                 simd::add_scaled(row, &token.u, k_c);
             }
-            let d_o = &d_out.as_slice()[((b * len + t) * shape.heads_v + hv) * dim_v..][..dim_v];
+            let row = b * shape.len + first + t;
+            let d_o = &d_out.as_slice()[(row * shape.heads_v + hv) * dim_v..][..dim_v];
             // ∂q = s S_t ∂o; ∂S_t += s q ∂oᵀ.
             for ((dq_c, row), (ds_row, &q_c)) in grads.dq[t * dim_k..][..dim_k]
                 .iter_mut()

@@ -18,7 +18,7 @@
 //! decay just before it, which leaves both factors ≤ 1 for every earlier column; only the
 //! diagonal blocks of [`SUB`] rows are summed pairwise.
 
-use super::{GatedShape, Gates, gather_rows, l2_normalise_rows};
+use super::{GatedShape, Gates, Span, gather_rows, l2_normalise_rows};
 use crate::backend::cpu::matmul::matmul;
 use crate::base::simd;
 use crate::base::{Element, MatMut, MatRef, Tensor};
@@ -46,10 +46,11 @@ pub(crate) fn chunked<T: Element>(
         .par_chunks_mut(shape.state_len())
         .enumerate()
         .for_each(|(unit, state)| {
-            let (b, hv) = (unit / shape.heads_v, unit % shape.heads_v);
-            let mut scratch = Scratch::new(shape, gates, chunk.min(shape.len));
-            for start in (0..shape.len).step_by(chunk) {
-                let len = chunk.min(shape.len - start);
+            let Span { b, hv, first, len } = gates.span(shape, unit);
+            let mut scratch = Scratch::new(shape, gates, chunk.min(len));
+            let end = first + len;
+            for start in (first..end).step_by(chunk) {
+                let len = chunk.min(end - start);
                 // SAFETY: the rows of value head hv in sequence b belong to this unit alone.
                 let rows = unsafe { out_heads.block(b, hv, start, len) };
                 scratch.chunk(

@@ -66,9 +66,48 @@ pub(crate) struct Gates<'a, T> {
     /// Whether each row of q and k is divided by `sqrt(Σ x² + 1e-6)` as it is read
     /// (flash-linear-attention's `use_qk_l2norm_in_kernel`).
     pub l2norm_qk: bool,
+    /// Sequences packed along the length of a batch of one, sequence n over tokens
+    /// `cu_seqlens[n]..cu_seqlens[n + 1]` with a state of its own; `None`: each batch
+    /// row is a sequence.
+    pub cu_seqlens: Option<&'a [usize]>,
+}
+
+/// The tokens of one unit (a sequence and value head), which share a state: `len` tokens
+/// from `first` in batch row `b`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Span {
+    pub b: usize,
+    pub hv: usize,
+    pub first: usize,
+    pub len: usize,
 }
 
 impl<T: Element> Gates<'_, T> {
+    /// Units (sequences × value heads): the states of a call.
+    pub fn units(&self, shape: &GatedShape) -> usize {
+        let sequences = self.cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
+        sequences * shape.heads_v
+    }
+
+    /// The tokens of `unit`, whose state is the `unit`-th.
+    pub fn span(&self, shape: &GatedShape, unit: usize) -> Span {
+        let (sequence, hv) = (unit / shape.heads_v, unit % shape.heads_v);
+        match self.cu_seqlens {
+            None => Span {
+                b: sequence,
+                hv,
+                first: 0,
+                len: shape.len,
+            },
+            Some(cu) => Span {
+                b: 0,
+                hv,
+                first: cu[sequence],
+                len: cu[sequence + 1] - cu[sequence],
+            },
+        }
+    }
+
     /// Log decays of tokens `start..start + len` of sequence `b`, value head `hv`, into
     /// `out` (`len × width`, [`Self::width`]); nothing for [`Decay::None`].
     fn log_decays(&self, shape: &GatedShape, b: usize, hv: usize, start: usize, out: &mut [T]) {

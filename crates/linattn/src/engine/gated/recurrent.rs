@@ -1,7 +1,7 @@
 //! The recurrent form: each state decays and absorbs one token at a time, and the token's
 //! output reads it. What a decode step runs; O(d_k · d_v) per token and head.
 
-use super::{GatedShape, Gates, l2_normalise_rows};
+use super::{GatedShape, Gates, Span, l2_normalise_rows};
 use crate::base::simd;
 use crate::base::{Element, Tensor};
 use rayon::prelude::*;
@@ -25,14 +25,14 @@ pub(crate) fn recurrent<'a, T: Element>(
         .par_chunks_mut(shape.state_len())
         .enumerate()
         .for_each(|(unit, state)| {
-            let (b, hv) = (unit / shape.heads_v, unit % shape.heads_v);
+            let Span { b, hv, first, len } = gates.span(shape, unit);
             let h = shape.qk_head(hv);
-            // SAFETY: the rows of value head hv in sequence b belong to this unit alone.
-            let mut rows = unsafe { out_heads.block(b, hv, 0, shape.len) };
+            // SAFETY: these rows of value head hv belong to this unit alone.
+            let mut rows = unsafe { out_heads.block(b, hv, first, len) };
             let mut decays = vec![T::zero(); width];
             let mut update = vec![T::zero(); dim_v];
             let (mut q_t, mut k_t) = (vec![T::zero(); dim_k], vec![T::zero(); dim_k]);
-            for t in 0..shape.len {
+            for (i, t) in (first..first + len).enumerate() {
                 gates.log_decays(shape, b, hv, t, &mut decays);
                 decay(state, dim_v, &decays);
                 let row = |x: &'a [T], heads: usize, head: usize, d: usize| -> &'a [T] {
@@ -60,7 +60,7 @@ pub(crate) fn recurrent<'a, T: Element>(
                 for (s_c, &k_c) in state.chunks_exact_mut(dim_v).zip(&k_t) {
                     simd::add_scaled(s_c, &update, k_c);
                 }
-                let o = rows.row_mut(t);
+                let o = rows.row_mut(i);
                 o.fill(T::zero());
                 for (s_c, &q_c) in state.chunks_exact(dim_v).zip(&q_t) {
                     simd::add_scaled(o, s_c, q_c * scale);

@@ -37,8 +37,13 @@ pub struct GateInputs<'a, T> {
     pub g: Option<&'a Tensor<T>>,
     /// The step sizes `β`, `[B, T, HV, 1]`: read by `delta-rule` and `gated-delta-rule`.
     pub beta: Option<&'a Tensor<T>>,
-    /// The states to start from, `[B, HV, d_k, d_v]`; zeros if `None`.
+    /// The states to start from, `[B, HV, d_k, d_v]` (`[N, HV, d_k, d_v]` with
+    /// `cu_seqlens`); zeros if `None`.
     pub initial_state: Option<&'a Tensor<T>>,
+    /// N sequences of any lengths packed along the length of a batch of one (flash-
+    /// linear-attention's varlen): sequence n is tokens `cu_seqlens[n]..cu_seqlens[n +
+    /// 1]`, from 0 to the length, each with a state of its own.
+    pub cu_seqlens: Option<&'a [usize]>,
 }
 
 impl<T> Default for GateInputs<'_, T> {
@@ -47,6 +52,7 @@ impl<T> Default for GateInputs<'_, T> {
             g: None,
             beta: None,
             initial_state: None,
+            cu_seqlens: None,
         }
     }
 }
@@ -232,7 +238,7 @@ impl Rule {
     ) -> Result<GatedGradients<T>> {
         let shape = gated_shape(problem);
         let checked = self.check_inputs(&shape, inputs)?;
-        let state_shape = [shape.batch, shape.heads_v, shape.dim_k, shape.dim_v];
+        let state_shape = state_shape(&shape, &checked);
         if let Some(d_final) = d_final
             && d_final.shape() != state_shape
         {
@@ -292,6 +298,7 @@ impl Rule {
             decay,
             beta: checked.beta.map(Tensor::as_slice),
             l2norm_qk: self.l2norm_qk,
+            cu_seqlens: checked.cu_seqlens,
         }
     }
 
@@ -303,7 +310,7 @@ impl Rule {
     ) -> Result<Tensor<T>> {
         match checked.initial_state {
             Some(initial) => Ok(initial.clone()),
-            None => Tensor::zeros([shape.batch, shape.heads_v, shape.dim_k, shape.dim_v]),
+            None => Tensor::zeros(state_shape(shape, checked)),
         }
     }
 
@@ -365,12 +372,11 @@ impl Rule {
                 allowed,
             )?;
         }
+        if let Some(cu) = inputs.cu_seqlens {
+            check_cu_seqlens(cu, shape)?;
+        }
         if let Some(initial) = inputs.initial_state {
-            expect(
-                "initial_state",
-                initial,
-                &[[b, hv, shape.dim_k, shape.dim_v]],
-            )?;
+            expect("initial_state", initial, &[state_shape(shape, inputs)])?;
             if let Some((index, value)) = initial.first_non_finite() {
                 return Err(Error::NonFinite {
                     tensor: "initial_state",
@@ -383,7 +389,43 @@ impl Rule {
             g,
             beta,
             initial_state: inputs.initial_state,
+            cu_seqlens: inputs.cu_seqlens,
         })
+    }
+}
+
+/// The shape of a call's states: one per sequence and value head.
+fn state_shape<T>(shape: &GatedShape, inputs: &GateInputs<'_, T>) -> [usize; 4] {
+    let sequences = inputs.cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
+    [sequences, shape.heads_v, shape.dim_k, shape.dim_v]
+}
+
+/// Fails unless `cu` starts at 0, never decreases and ends at the length of a batch of
+/// one, naming the first offset that does not.
+fn check_cu_seqlens(cu: &[usize], shape: &GatedShape) -> Result<()> {
+    let bad = |detail: String| Err(Error::InvalidConfig(format!("cu_seqlens {detail}")));
+    if shape.batch != 1 {
+        return bad(format!(
+            "packs sequences along a batch of one, not {}",
+            shape.batch
+        ));
+    }
+    match cu {
+        [] | [_] => return bad("needs at least two offsets (one sequence)".into()),
+        [first, ..] if *first != 0 => return bad(format!("must start at 0, not {first}")),
+        [.., last] if *last != shape.len => {
+            return bad(format!("must end at the length {}, not {last}", shape.len));
+        }
+        _ => {}
+    }
+    match cu.windows(2).position(|pair| pair[1] < pair[0]) {
+        Some(n) => bad(format!(
+            "must not decrease: offset {} is {} after {}",
+            n + 1,
+            cu[n + 1],
+            cu[n]
+        )),
+        None => Ok(()),
     }
 }
 

@@ -117,6 +117,7 @@ impl Case {
             g: self.g.as_ref(),
             beta: self.beta.as_ref(),
             initial_state: Some(&self.initial),
+            cu_seqlens: None,
         }
     }
 
@@ -142,6 +143,7 @@ impl Case {
             decay,
             beta: beta.as_ref().map(Tensor::as_slice),
             l2norm_qk: self.rule.l2norm_qk,
+            cu_seqlens: None,
         };
         let shape = gated_shape(&self.problem);
         let mut states = cast(&self.initial);

@@ -45,7 +45,7 @@ impl<T: Element> RandomGates<T> {
         GateInputs {
             g: self.g.as_ref(),
             beta: self.beta.as_ref(),
-            initial_state: None,
+            ..GateInputs::default()
         }
     }
 }

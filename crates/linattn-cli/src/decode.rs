@@ -6,12 +6,13 @@
 use crate::decode_report::{DecodeReport, MethodTrace, Settings, Step};
 use crate::dtype::Dtype;
 use crate::error::CliError;
+use crate::gates::RandomGates;
 use crate::gpu::{self, Device, GpuDtype};
 use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions, method_name_parser};
 use crate::window_span::WindowSpan;
 use clap::Args;
 use clap::builder::RangedU64ValueParser;
-use linattn::{Attention, Decoder, Element, Method, Tensor};
+use linattn::{Attention, Decoder, Element, HeadLayout, Method, Tensor};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -126,6 +127,8 @@ impl DecodeArgs {
             local_heads: Some(self.heads / 2),
             k_proj: Some(256),
             max_len: Some(self.final_context()),
+            // The delta rule on keys of unit length, as DeltaNet layers give it.
+            l2norm_qk: Some(true),
         };
         let methods = self.options.methods(&names, dims, fallbacks)?;
         Ok(names.into_iter().zip(methods).collect())
@@ -263,6 +266,9 @@ fn decode_method<T: Element>(
     args: &DecodeArgs,
     prompt: &[Tensor<T>; 3],
 ) -> linattn::Result<Trace> {
+    if attention.method().info().layout == HeadLayout::GroupedValues {
+        return decode_gated(attention, args, prompt);
+    }
     let [q, k, v] = prompt;
     let start = Instant::now();
     let (prompt_output, mut decoder) = attention.prefill(q, k, v)?;
@@ -279,6 +285,45 @@ fn decode_method<T: Element>(
         prefill,
         steps,
         bytes_per_token: decoder.memory().bytes_per_token,
+    })
+}
+
+/// [`decode_method`] for the gated family, its gates drawn as `bench` draws them
+/// ([`RandomGates`]): the same for every step, which costs what any other would.
+fn decode_gated<T: Element>(
+    attention: &Attention,
+    args: &DecodeArgs,
+    [q, k, v]: &[Tensor<T>; 3],
+) -> linattn::Result<Trace> {
+    let method = attention.method();
+    let gates = RandomGates::for_call(method, v.shape(), q.head_dim())?;
+    let start = Instant::now();
+    let (prompt_output, mut decoder) = attention.prefill_gated(q, k, v, &gates.inputs())?;
+    let prefill = start.elapsed();
+    drop(prompt_output);
+    let [batch, _, heads_v, dim_v] = v.shape();
+    let token_gates = RandomGates::for_call(method, [batch, 1, heads_v, dim_v], q.head_dim())?;
+    let (g, beta) = (token_gates.inputs().g, token_gates.inputs().beta);
+    let mut progress = Progress::new();
+    let steps = (0..args.tokens)
+        .map(|index| {
+            progress.report(|| format!("step {}/{}", index + 1, args.tokens));
+            let [q, k, v] = token(args, index)?;
+            let start = Instant::now();
+            let output = decoder.step(&q, &k, &v, g, beta)?;
+            let latency = start.elapsed();
+            drop(output);
+            Ok(Step {
+                context: args.prompt_len + index + 1,
+                latency,
+                state_bytes: decoder.memory().state_bytes,
+            })
+        })
+        .collect::<linattn::Result<_>>()?;
+    Ok(Trace {
+        prefill,
+        steps,
+        bytes_per_token: 0,
     })
 }
 

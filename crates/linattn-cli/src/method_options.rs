@@ -212,6 +212,8 @@ pub struct Fallbacks {
     pub k_proj: Option<usize>,
     /// cosformer, linformer: `--max-len`, the longest sequence (cosFormer's fixed M).
     pub max_len: Option<usize>,
+    /// delta-rule, gated-delta-rule: `--l2norm-qk`.
+    pub l2norm_qk: Option<bool>,
 }
 
 impl MethodOptions {
@@ -288,6 +290,7 @@ impl MethodOptions {
             ("local-heads", fallbacks.local_heads.map(|l| l.to_string())),
             ("k-proj", fallbacks.k_proj.map(|k| k.to_string())),
             ("max-len", fallbacks.max_len.map(|m| m.to_string())),
+            ("l2norm-qk", fallbacks.l2norm_qk.map(|b| b.to_string())),
         ];
         for (name, value) in fallback_values {
             if let Some(value) = value {

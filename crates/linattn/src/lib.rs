@@ -47,7 +47,7 @@ pub mod cuda {
 
 pub use api::attention::{Attention, Gradients};
 pub use api::cost::{Ceilings, Cost};
-pub use api::decode::{Decoder, DecoderMemory};
+pub use api::decode::{Decoder, DecoderMemory, GatedDecoder};
 pub use api::device::DeviceTensor;
 pub use api::plan::Plan;
 pub use api::reference;

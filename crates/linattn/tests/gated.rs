@@ -573,3 +573,127 @@ fn packed_sequences_run_as_separate_calls_each_from_its_own_state() {
         }
     }
 }
+
+#[test]
+fn decoders_continue_a_prefill_in_steps_and_blocks_and_restore_from_bytes() {
+    use linattn::GatedDecoder;
+    for (name, method) in family() {
+        for per_channel in [false, true] {
+            let attention = Attention::new(method.clone()).causal(true);
+            let (b, t) = (2, 60);
+            let x = inputs(&method, [b, t, 2, 4, 8, 6], per_channel);
+            let whole = attention
+                .forward_gated(&x.q, &x.k, &x.v, &x.gates(None))
+                .unwrap();
+            let prompt = x.slice(0..30);
+            let (first, mut decoder) = attention
+                .prefill_gated(&prompt.q, &prompt.k, &prompt.v, &prompt.gates(None))
+                .unwrap();
+            let mut pieces = vec![first];
+            // Single steps, a block, a save and restore, single steps again.
+            for range in [30..31, 31..32, 32..45, 45..46, 46..60] {
+                if range.start == 45 {
+                    let bytes = decoder.to_bytes();
+                    decoder = GatedDecoder::from_bytes(&attention, &bytes).unwrap();
+                }
+                for piece_range in if range.len() == 14 {
+                    (range.start..range.end)
+                        .map(|i| i..i + 1)
+                        .collect::<Vec<_>>()
+                } else {
+                    vec![range]
+                } {
+                    let p = x.slice(piece_range.clone());
+                    let out = if piece_range.len() == 1 {
+                        decoder.step(&p.q, &p.k, &p.v, p.g.as_ref(), p.beta.as_ref())
+                    } else {
+                        decoder.prefill(&p.q, &p.k, &p.v, p.g.as_ref(), p.beta.as_ref())
+                    }
+                    .unwrap();
+                    pieces.push(out);
+                }
+            }
+            assert_eq!(decoder.positions(), vec![t; b], "{name}");
+            let what = format!("{name} per channel {per_channel}");
+            let error = max_relative(decoder.state().as_slice(), whole.final_state.as_slice());
+            assert!(error < 1e-12, "{what}: final state {error:.2e}");
+            let row = 4 * 6;
+            let mut joined = Vec::new();
+            for batch in 0..b {
+                for piece in &pieces {
+                    let rows = piece.seq_len();
+                    joined.extend_from_slice(
+                        &piece.as_slice()[batch * rows * row..(batch + 1) * rows * row],
+                    );
+                }
+            }
+            let error = max_relative(&joined, whole.out.as_slice());
+            assert!(error < 1e-12, "{what}: outputs {error:.2e}");
+        }
+    }
+}
+
+#[test]
+fn decoder_misuse_and_corrupt_state_are_typed_errors() {
+    use linattn::GatedDecoder;
+    let attention = Attention::new(Method::Gla(Gla::default())).causal(true);
+    let mut decoder = attention.gated_decoder::<f32>(1, 2, 2, 4, 4).unwrap();
+    let token = Tensor::<f32>::randn([1, 1, 2, 4], 0).unwrap();
+    let g = Tensor::from_vec(vec![-0.1f32; 2], [1, 1, 2, 1]).unwrap();
+    // Missing g, a block of two through step, a positive g.
+    assert!(matches!(
+        decoder.step(&token, &token, &token, None, None),
+        Err(Error::MissingInput { .. })
+    ));
+    let two = Tensor::<f32>::randn([1, 2, 2, 4], 0).unwrap();
+    let g2 = Tensor::from_vec(vec![-0.1f32; 4], [1, 2, 2, 1]).unwrap();
+    assert!(matches!(
+        decoder.step(&two, &two, &two, Some(&g2), None),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let positive = Tensor::from_vec(vec![-0.1f32, 0.3], [1, 1, 2, 1]).unwrap();
+    assert!(matches!(
+        decoder.step(&token, &token, &token, Some(&positive), None),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert_eq!(decoder.positions(), vec![0], "refused steps change nothing");
+    decoder
+        .step(&token, &token, &token, Some(&g), None)
+        .unwrap();
+    let bytes = decoder.to_bytes();
+    for cut in [0, 8, 20, bytes.len() - 1] {
+        let error = GatedDecoder::<f32>::from_bytes(&attention, &bytes[..cut])
+            .err()
+            .unwrap();
+        assert!(
+            matches!(error, Error::InvalidState(_)),
+            "cut at {cut}: {error}"
+        );
+    }
+    let other = Attention::new(Method::Gla(Gla {
+        chunk: 8,
+        ..Gla::default()
+    }))
+    .causal(true);
+    assert!(matches!(
+        GatedDecoder::<f32>::from_bytes(&other, &bytes),
+        Err(Error::InvalidState(_))
+    ));
+    assert!(matches!(
+        GatedDecoder::<f64>::from_bytes(&attention, &bytes),
+        Err(Error::InvalidState(_))
+    ));
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(
+        GatedDecoder::<f32>::from_bytes(&attention, &longer),
+        Err(Error::InvalidState(_))
+    ));
+    let restored = GatedDecoder::<f32>::from_bytes(&attention, &bytes).unwrap();
+    assert_eq!(restored.state(), decoder.state());
+    // Methods outside the family have their own decoder.
+    assert!(matches!(
+        Attention::new(Method::linear()).gated_decoder::<f32>(1, 2, 2, 4, 4),
+        Err(Error::Unsupported(_))
+    ));
+}

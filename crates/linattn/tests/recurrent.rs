@@ -5,8 +5,8 @@ mod common;
 
 use common::{Shape, relative_error};
 use linattn::{
-    Attention, CausalForm, Cosformer, Decoder, Element, Error, Linear, Linformer, Method,
-    Performer, Tensor, Window,
+    Attention, CausalForm, Cosformer, Decoder, Element, Error, HeadLayout, Linear, Linformer,
+    Method, Performer, Tensor, Window,
 };
 
 /// Every method of the catalogue that decodes, with chunks short enough that a few dozen
@@ -357,8 +357,9 @@ fn decoders_continue_from_their_state_in_blocks_of_any_length() {
     for (name, method) in common::named_methods() {
         let attention = Attention::new(method).causal(true);
         if attention.decoder::<f64>(2, 4, 2, 16, 8).is_err() {
+            // The gated family decodes through GatedDecoder (tests/gated.rs).
             assert!(
-                !attention.method().info().cpu.recurrent
+                attention.method().info().layout == HeadLayout::GroupedValues
                     || ["linformer", "fnet", "cosformer"]
                         .iter()
                         .any(|m| name.starts_with(m)),

@@ -216,12 +216,16 @@ impl<T: Element> Tensor<T> {
     /// assert_eq!(x.first_non_finite(), Some((vec![0, 2, 0, 1], f64::INFINITY)));
     /// ```
     pub fn first_non_finite(&self) -> Option<(Vec<usize>, f64)> {
-        // A pass over memory: large tensors are checked by every thread.
+        // A pass over memory: large tensors are checked by every thread, small ones (a
+        // decode step's) on this one, where waking the others would cost more.
         const PIECE: usize = 1 << 16;
-        let finite = self
-            .data
-            .par_chunks(PIECE)
-            .all(crate::base::simd::all_finite);
+        let finite = if self.data.len() <= PIECE {
+            crate::base::simd::all_finite(&self.data)
+        } else {
+            self.data
+                .par_chunks(PIECE)
+                .all(crate::base::simd::all_finite)
+        };
         if finite {
             return None;
         }

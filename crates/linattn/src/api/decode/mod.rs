@@ -11,7 +11,10 @@ use crate::engine::{FeatureMap, Kernel, LinearState, Start};
 use crate::methods::AttentionMethod;
 use rayon::prelude::*;
 
+mod gated;
 mod saved;
+
+pub use gated::GatedDecoder;
 
 /// How a [`Decoder`]'s memory behaves as the sequences grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

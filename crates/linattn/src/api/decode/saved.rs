@@ -166,11 +166,11 @@ impl<T: Element> Decoder<T> {
     }
 }
 
-fn put_u64(out: &mut Vec<u8>, x: usize) {
+pub(super) fn put_u64(out: &mut Vec<u8>, x: usize) {
     out.extend_from_slice(&(x as u64).to_le_bytes());
 }
 
-fn put_floats<T: Element>(out: &mut Vec<u8>, xs: &[T]) {
+pub(super) fn put_floats<T: Element>(out: &mut Vec<u8>, xs: &[T]) {
     put_u64(out, xs.len());
     for &x in xs {
         match size_of::<T>() {
@@ -180,17 +180,17 @@ fn put_floats<T: Element>(out: &mut Vec<u8>, xs: &[T]) {
     }
 }
 
-fn truncated() -> Error {
+pub(super) fn truncated() -> Error {
     Error::InvalidState("truncated".into())
 }
 
 /// Reads saved state, checking every length against the bytes left before allocating.
-struct StateReader<'a> {
-    bytes: &'a [u8],
+pub(super) struct StateReader<'a> {
+    pub(super) bytes: &'a [u8],
 }
 
 impl<'a> StateReader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.bytes.len() {
             return Err(truncated());
         }
@@ -199,13 +199,13 @@ impl<'a> StateReader<'a> {
         Ok(head)
     }
 
-    fn u64(&mut self) -> Result<usize> {
+    pub(super) fn u64(&mut self) -> Result<usize> {
         let x = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
         usize::try_from(x).map_err(|_| Error::InvalidState(format!("{x} does not fit in memory")))
     }
 
     /// A count of items of `item_bytes` each, no more than the bytes left could hold.
-    fn length(&mut self, item_bytes: usize) -> Result<usize> {
+    pub(super) fn length(&mut self, item_bytes: usize) -> Result<usize> {
         let n = self.u64()?;
         if n.saturating_mul(item_bytes) > self.bytes.len() {
             return Err(truncated());
@@ -213,9 +213,14 @@ impl<'a> StateReader<'a> {
         Ok(n)
     }
 
-    fn floats<T: Element>(&mut self) -> Result<Vec<T>> {
+    pub(super) fn floats<T: Element>(&mut self) -> Result<Vec<T>> {
+        let n = self.length(size_of::<T>())?;
+        self.floats_of(n)
+    }
+
+    /// `n` floats, their count already read.
+    pub(super) fn floats_of<T: Element>(&mut self, n: usize) -> Result<Vec<T>> {
         let size = size_of::<T>();
-        let n = self.length(size)?;
         Ok(self
             .take(n * size)?
             .chunks_exact(size)

@@ -278,7 +278,7 @@ impl Rule {
     }
 
     /// Retention's fixed log decays in `T` (empty for the other rules).
-    fn fixed_decays<T: Element>(&self) -> Vec<T> {
+    pub(crate) fn fixed_decays<T: Element>(&self) -> Vec<T> {
         match &self.decay {
             RuleDecay::Fixed(per_head) => per_head.iter().map(|&g| T::of_f64(g)).collect(),
             _ => Vec::new(),
@@ -286,7 +286,11 @@ impl Rule {
     }
 
     /// The engine's view of checked inputs.
-    fn gates<'a, T: Element>(&self, checked: &GateInputs<'a, T>, fixed: &'a [T]) -> Gates<'a, T> {
+    pub(crate) fn gates<'a, T: Element>(
+        &self,
+        checked: &GateInputs<'a, T>,
+        fixed: &'a [T],
+    ) -> Gates<'a, T> {
         let decay = match (&self.decay, checked.g) {
             (RuleDecay::None, _) => Decay::None,
             (RuleDecay::Fixed(_), _) => Decay::Fixed(fixed),
@@ -316,7 +320,7 @@ impl Rule {
 
     /// The inputs this rule reads, checked: present where it reads them, absent where it
     /// does not, of the right shapes, finite, and in range.
-    fn check_inputs<'a, T: Element>(
+    pub(crate) fn check_inputs<'a, T: Element>(
         &self,
         shape: &GatedShape,
         inputs: &GateInputs<'a, T>,
@@ -579,8 +583,8 @@ macro_rules! gated_method {
                 _dim_qk: usize,
             ) -> $crate::base::Result<$crate::methods::method::Recurrent> {
                 Err($crate::base::Error::Unsupported(format!(
-                    "{} does not decode through a Decoder yet; continue it with \
-                     Attention::forward_gated and its initial_state",
+                    "{} decodes through a GatedDecoder (Attention::prefill_gated or \
+                     gated_decoder), which takes its g and β",
                     INFO.name
                 )))
             }

@@ -17,7 +17,7 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
     cpu: Forms {
         full: false,
         causal: true,
-        recurrent: false,
+        recurrent: true,
     },
     cuda: Forms::NONE,
     layout: HeadLayout::GroupedValues,

@@ -32,58 +32,36 @@ pub struct Measurement<T> {
 /// Runs `attention` once to warm up (thread pool, page faults), then times it writing
 /// into the output of the warm-up, as a caller that serves many requests would: a fresh
 /// output per call would time the kernel's zeroing of new pages as well. The gated
-/// family runs with random gates ([`RandomGates`]) and returns its output and final
-/// state each call.
+/// family runs with random gates ([`RandomGates`]), its final state made anew each call.
 pub fn measure<T: Element>(
     attention: &Attention,
     q: &Tensor<T>,
     k: &Tensor<T>,
     v: &Tensor<T>,
 ) -> linattn::Result<Measurement<T>> {
-    if attention.method().info().layout == HeadLayout::GroupedValues {
-        let gates = RandomGates::for_call(attention.method(), v.shape(), q.head_dim())?;
-        return time_runs(|| Ok(attention.forward_gated(q, k, v, &gates.inputs())?.out));
-    }
+    let gated = attention.method().info().layout == HeadLayout::GroupedValues;
+    let gates = RandomGates::for_call(attention.method(), v.shape(), q.head_dim())?;
+    let into = |output: &mut Tensor<T>| match gated {
+        true => attention
+            .forward_gated_into(q, k, v, &gates.inputs(), output)
+            .map(drop),
+        false => attention.forward_into(q, k, v, output),
+    };
     let warm_up_start = Instant::now();
-    let mut output = attention.forward(q, k, v)?;
+    let mut output = if gated {
+        attention.forward_gated(q, k, v, &gates.inputs())?.out
+    } else {
+        attention.forward(q, k, v)?
+    };
     let warm_up = warm_up_start.elapsed();
     let mut times = Vec::new();
     let mut extra_bytes = 0;
     loop {
         let before = ALLOCATOR.mark();
         let start = Instant::now();
-        attention.forward_into(q, k, v, &mut output)?;
+        into(&mut output)?;
         times.push(start.elapsed());
         extra_bytes = extra_bytes.max(ALLOCATOR.peak().saturating_sub(before));
-        if !wants_another_run(&times, warm_up) {
-            return Ok(Measurement {
-                median: median(&mut times),
-                runs: times.len(),
-                extra_bytes,
-                output,
-            });
-        }
-    }
-}
-
-/// Times `call` (its first run a warm-up) as [`measure`] does, each run making its own
-/// output (not counted in its extra bytes).
-fn time_runs<T: Element>(
-    call: impl Fn() -> linattn::Result<Tensor<T>>,
-) -> linattn::Result<Measurement<T>> {
-    let warm_up_start = Instant::now();
-    call()?;
-    let warm_up = warm_up_start.elapsed();
-    let mut times = Vec::new();
-    let mut extra_bytes = 0;
-    loop {
-        let before = ALLOCATOR.mark();
-        let start = Instant::now();
-        let output = call()?;
-        times.push(start.elapsed());
-        let output_bytes = std::mem::size_of_val(output.as_slice());
-        let peak = ALLOCATOR.peak().saturating_sub(before);
-        extra_bytes = extra_bytes.max(peak.saturating_sub(output_bytes));
         if !wants_another_run(&times, warm_up) {
             return Ok(Measurement {
                 median: median(&mut times),

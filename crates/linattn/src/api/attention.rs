@@ -290,6 +290,30 @@ impl Attention {
         plan.forward_gated(q, k, v, inputs)
     }
 
+    /// [`Attention::forward_gated`] into an output the caller already holds (of the
+    /// output's shape, `[B, T, HV, d_v]`); returns the final state.
+    ///
+    /// ```
+    /// use linattn::{Attention, GateInputs, Method, Retention, Tensor};
+    /// let attention = Attention::new(Method::Retention(Retention::default())).causal(true);
+    /// let x = Tensor::<f32>::randn([1, 64, 2, 16], 0)?;
+    /// let mut out = Tensor::zeros(x.shape())?;
+    /// let state = attention.forward_gated_into(&x, &x, &x, &GateInputs::default(), &mut out)?;
+    /// assert_eq!(state.shape(), [1, 2, 16, 16]);
+    /// # Ok::<(), linattn::Error>(())
+    /// ```
+    pub fn forward_gated_into<T: Element>(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+        out: &mut Tensor<T>,
+    ) -> Result<Tensor<T>> {
+        let plan = self.plan_checked(q.shape(), k.shape(), v.shape(), false)?;
+        plan.forward_gated_into(q, k, v, inputs, out)
+    }
+
     /// Gradients of `Σ d_out ∘ out + Σ d_final_state ∘ final_state` of a
     /// [`forward_gated`](Self::forward_gated) call with respect to q, k, v, g, β and the
     /// initial state. Recomputes what it needs of the forward.

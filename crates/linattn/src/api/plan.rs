@@ -167,14 +167,36 @@ impl<T: Element> Plan<T> {
         v: &Tensor<T>,
         inputs: &GateInputs<'_, T>,
     ) -> Result<GatedOutput<T>> {
+        let mut out = Tensor::zeros_planned(self.out_shape)?;
+        let final_state = self.forward_gated_into(q, k, v, inputs, &mut out)?;
+        Ok(GatedOutput { out, final_state })
+    }
+
+    /// [`Attention::forward_gated_into`] through the plan.
+    pub fn forward_gated_into(
+        &self,
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        v: &Tensor<T>,
+        inputs: &GateInputs<'_, T>,
+        out: &mut Tensor<T>,
+    ) -> Result<Tensor<T>> {
         self.check_shapes([q, k, v])?;
+        if out.shape() != self.out_shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "the output tensor has shape {:?} but the output is {:?}",
+                    out.shape(),
+                    self.out_shape
+                ),
+            });
+        }
         let (method, problem) = (&self.attention.method, &self.problem);
         let rule = self.gated_rule()?;
         check_inputs([q, k, v])?;
-        let mut out = Tensor::zeros_planned(self.out_shape)?;
         let parallel = problem.causal_form == CausalForm::Parallel;
-        let final_state = rule.forward(problem, [q, k, v], inputs, parallel, &mut out)?;
-        for (tensor, result) in [("output", &out), ("final_state", &final_state)] {
+        let final_state = rule.forward(problem, [q, k, v], inputs, parallel, out)?;
+        for (tensor, result) in [("output", &*out), ("final_state", &final_state)] {
             if let Some((index, _)) = result.first_non_finite() {
                 return Err(Error::NonFiniteOutput {
                     method: method.name(),
@@ -183,7 +205,7 @@ impl<T: Element> Plan<T> {
                 });
             }
         }
-        Ok(GatedOutput { out, final_state })
+        Ok(final_state)
     }
 
     /// Fails unless the gradients and the backward's scratch fit the plan's budget.

@@ -272,7 +272,7 @@ impl Attention {
     /// // The same sequence in two calls, the second from the first's final state.
     /// let (first, rest) = (|x: &Tensor<f64>| x.slice_seq(0..25).unwrap(), |x: &Tensor<f64>| x.slice_seq(25..60).unwrap());
     /// let head = attention.forward_gated(&first(&x), &first(&x), &first(&x), &GateInputs { g: Some(&first(&g)), ..GateInputs::default() })?;
-    /// let tail_inputs = GateInputs { g: Some(&rest(&g)), beta: None, initial_state: Some(&head.final_state) };
+    /// let tail_inputs = GateInputs { g: Some(&rest(&g)), initial_state: Some(&head.final_state), ..GateInputs::default() };
     /// let tail = attention.forward_gated(&rest(&x), &rest(&x), &rest(&x), &tail_inputs)?;
     /// let error = (tail.final_state.as_slice().iter().zip(whole.final_state.as_slice()))
     ///     .map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

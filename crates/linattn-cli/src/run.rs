@@ -354,7 +354,7 @@ fn compute<T: Float>(
             g: tensors.g.as_ref(),
             beta: tensors.beta.as_ref(),
             initial_state: tensors.initial_state.as_ref(),
-            cu_seqlens: None,
+            ..GateInputs::default()
         };
         let result = attention.forward_gated(q, k, v, &gates)?;
         outputs.write(0, &result.out)?;

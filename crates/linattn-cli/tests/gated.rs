@@ -88,7 +88,7 @@ fn run_continues_from_a_state_and_writes_the_next() {
         g: Some(&g),
         beta: Some(&beta),
         initial_state: Some(&initial),
-        cu_seqlens: None,
+        ..GateInputs::default()
     };
     let attention = Attention::new(method).causal(true);
     let expected = reference::forward_gated(&attention, &q, &k, &v, &inputs).unwrap();

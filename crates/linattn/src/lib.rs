@@ -58,7 +58,7 @@ pub use engine::feature_map::orthogonal_random_features;
 pub use methods::{
     Cosformer, DEFAULT_FEATURES, DeltaRule, Device, Fnet, Forms, GateInputs, GatedDeltaRule,
     GatedGradients, GatedOutput, Gla, GlobalHeads, HeadLayout, Hybrid, Linear, Linformer, Method,
-    MethodInfo, MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, Retention,
-    Softmax, SoftmaxAlgorithm, TokenInput, Variant, Window, catalogue, find_method,
-    linformer_projections,
+    MethodInfo, MethodOptions, OptionInfo, Performer, Projections, RandomFeatures, RawGate,
+    RawGateGradients, Retention, Softmax, SoftmaxAlgorithm, TokenInput, Variant, Window, catalogue,
+    find_method, linformer_projections,
 };

@@ -1,3 +1,6 @@
+//! Why this file is long: it is the gated family's one public-API suite, and every test
+//! shares its inputs, the family read from the catalogue and the comparisons.
+//!
 //! The gated and delta-rule family through the public API: every method of the family
 //! (from the catalogue) continues from its final state, its forms agree, and bad inputs
 //! are typed errors naming the tensor and the first bad position.
@@ -47,7 +50,7 @@ impl<T: linattn::Element> Inputs<T> {
             g: self.g.as_ref(),
             beta: self.beta.as_ref(),
             initial_state,
-            cu_seqlens: None,
+            ..GateInputs::default()
         }
     }
 
@@ -696,4 +699,154 @@ fn decoder_misuse_and_corrupt_state_are_typed_errors() {
         Attention::new(Method::linear()).gated_decoder::<f32>(1, 2, 2, 4, 4),
         Err(Error::Unsupported(_))
     ));
+}
+
+#[test]
+fn raw_gates_and_beta_logits_match_their_values_and_their_gradients() {
+    use linattn::RawGate;
+    for per_channel in [false, true] {
+        let attention = Attention::new(Method::GatedDeltaRule(GatedDeltaRule {
+            l2norm_qk: true,
+            ..GatedDeltaRule::default()
+        }))
+        .causal(true);
+        let (b, t, hv, dk) = (1, 11, 2, 3);
+        let x = inputs(attention.method(), [b, t, 1, hv, dk, 2], false);
+        let width = if per_channel { dk } else { 1 };
+        let a = Tensor::<f64>::randn([b, t, hv, width], 21).unwrap();
+        let logits = Tensor::<f64>::randn([b, t, hv, 1], 22).unwrap();
+        let a_log = vec![0.3, -0.4];
+        let dt_bias: Vec<f64> = (0..hv * width).map(|i| 0.1 * i as f64 - 0.2).collect();
+        let raw = |a: &Tensor<f64>,
+                   a_log: &[f64],
+                   dt_bias: &[f64],
+                   logits: &Tensor<f64>|
+         -> (Tensor<f64>, Tensor<f64>) {
+            let gate = RawGate { a, a_log, dt_bias };
+            let inputs = GateInputs {
+                raw_gate: Some(gate),
+                beta_logits: Some(logits),
+                ..GateInputs::default()
+            };
+            let result =
+                linattn::reference::forward_gated(&attention, &x.q, &x.k, &x.v, &inputs).unwrap();
+            (result.out, result.final_state)
+        };
+        // The same as g and β given: g = −exp(A_log)·softplus(a + dt_bias), β = σ(logits).
+        let g: Vec<f64> = a
+            .as_slice()
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let (h, c) = ((i / width) % hv, i % width);
+                -f64::exp(a_log[h]) * (1.0 + f64::exp(a + dt_bias[h * width + c])).ln()
+            })
+            .collect();
+        let g = Tensor::from_vec(g, a.shape()).unwrap();
+        let beta = Tensor::from_vec(
+            logits
+                .as_slice()
+                .iter()
+                .map(|&z| 1.0 / (1.0 + (-z).exp()))
+                .collect(),
+            logits.shape(),
+        )
+        .unwrap();
+        let given = GateInputs {
+            g: Some(&g),
+            beta: Some(&beta),
+            ..GateInputs::default()
+        };
+        let expected = attention.forward_gated(&x.q, &x.k, &x.v, &given).unwrap();
+        let (out, _) = raw(&a, &a_log, &dt_bias, &logits);
+        assert!(max_relative(out.as_slice(), expected.out.as_slice()) < 1e-12);
+        // Gradients of Σ d_out ∘ out against central differences of the reference.
+        let d_out = Tensor::<f64>::randn([b, t, hv, 2], 23).unwrap();
+        let gate = RawGate {
+            a: &a,
+            a_log: &a_log,
+            dt_bias: &dt_bias,
+        };
+        let inputs = GateInputs {
+            raw_gate: Some(gate),
+            beta_logits: Some(&logits),
+            ..GateInputs::default()
+        };
+        let grads = attention
+            .backward_gated(&x.q, &x.k, &x.v, &inputs, &d_out, None)
+            .unwrap();
+        let raw_grads = grads.raw_gate.expect("a raw gate was given");
+        let loss = |a: &Tensor<f64>, a_log: &[f64], dt_bias: &[f64], logits: &Tensor<f64>| {
+            let (out, _) = raw(a, a_log, dt_bias, logits);
+            out.as_slice()
+                .iter()
+                .zip(d_out.as_slice())
+                .map(|(o, d)| o * d)
+                .sum::<f64>()
+        };
+        let h = 1e-6;
+        let numeric = |which: usize, count: usize| -> Vec<f64> {
+            (0..count)
+                .map(|i| {
+                    let at = |step: f64| {
+                        let (mut a, mut a_log, mut dt_bias, mut logits) =
+                            (a.clone(), a_log.clone(), dt_bias.clone(), logits.clone());
+                        match which {
+                            0 => a.as_mut_slice()[i] += step,
+                            1 => a_log[i] += step,
+                            2 => dt_bias[i] += step,
+                            _ => logits.as_mut_slice()[i] += step,
+                        }
+                        loss(&a, &a_log, &dt_bias, &logits)
+                    };
+                    (at(h) - at(-h)) / (2.0 * h)
+                })
+                .collect()
+        };
+        let dbeta_logits = grads.dbeta_logits.expect("logits were given");
+        for (input, analytic, numeric) in [
+            (
+                "da",
+                raw_grads.da.as_slice(),
+                numeric(0, a.as_slice().len()),
+            ),
+            ("dA_log", &raw_grads.d_a_log[..], numeric(1, a_log.len())),
+            (
+                "ddt_bias",
+                &raw_grads.d_dt_bias[..],
+                numeric(2, dt_bias.len()),
+            ),
+            (
+                "dlogits",
+                dbeta_logits.as_slice(),
+                numeric(3, logits.as_slice().len()),
+            ),
+        ] {
+            let error = max_relative(analytic, &numeric);
+            assert!(
+                error < 1e-6,
+                "per channel {per_channel} {input}: {error:.2e}"
+            );
+        }
+        // Given both ways, or with parameters of the wrong length: named.
+        let both = GateInputs {
+            g: Some(&g),
+            ..inputs
+        };
+        assert!(matches!(
+            attention.forward_gated(&x.q, &x.k, &x.v, &both),
+            Err(Error::InvalidConfig(_))
+        ));
+        let short = GateInputs {
+            raw_gate: Some(RawGate {
+                a_log: &a_log[..1],
+                ..gate
+            }),
+            ..inputs
+        };
+        assert!(matches!(
+            attention.forward_gated(&x.q, &x.k, &x.v, &short),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
 }

@@ -26,7 +26,7 @@ pub use catalogue::{catalogue, find_method};
 pub use cosformer::Cosformer;
 pub use delta_rule::DeltaRule;
 pub use fnet::Fnet;
-pub use gated::{GateInputs, GatedGradients, GatedOutput};
+pub use gated::{GateInputs, GatedGradients, GatedOutput, RawGate, RawGateGradients};
 pub use gated_delta_rule::GatedDeltaRule;
 pub use gla::Gla;
 pub use hybrid::{GlobalHeads, Hybrid};

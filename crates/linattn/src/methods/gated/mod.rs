@@ -6,9 +6,13 @@
 //! `[B, T, HV, d_k]`), states `[B, HV, d_k, d_v]`, `o_t = s · S_tᵀ q_t` with no
 //! denominator.
 
+mod raw;
 pub(crate) mod reference;
 #[cfg(test)]
 mod tests;
+
+use raw::{Computed, gate_backward, logits_backward};
+pub use raw::{RawGate, RawGateGradients};
 
 use crate::base::{Element, Error, Problem, Result, Tensor, per_thread};
 use crate::engine::gated::backward::SEGMENT as BACKWARD_SEGMENT;
@@ -44,6 +48,10 @@ pub struct GateInputs<'a, T> {
     /// linear-attention's varlen): sequence n is tokens `cu_seqlens[n]..cu_seqlens[n +
     /// 1]`, from 0 to the length, each with a state of its own.
     pub cu_seqlens: Option<&'a [usize]>,
+    /// g computed inside the call from a layer's raw inputs, in place of `g`.
+    pub raw_gate: Option<RawGate<'a, T>>,
+    /// β's logits, `β = σ(logits)` computed inside the call, in place of `beta`.
+    pub beta_logits: Option<&'a Tensor<T>>,
 }
 
 impl<T> Default for GateInputs<'_, T> {
@@ -53,6 +61,8 @@ impl<T> Default for GateInputs<'_, T> {
             beta: None,
             initial_state: None,
             cu_seqlens: None,
+            raw_gate: None,
+            beta_logits: None,
         }
     }
 }
@@ -82,6 +92,10 @@ pub struct GatedGradients<T> {
     pub dbeta: Option<Tensor<T>>,
     /// ∂loss/∂(initial state), `[B, HV, d_k, d_v]`.
     pub d_initial_state: Tensor<T>,
+    /// ∂loss/∂a, ∂A_log, ∂dt_bias where the call gave a [`RawGate`].
+    pub raw_gate: Option<RawGateGradients<T>>,
+    /// ∂loss/∂(β's logits) where the call gave them.
+    pub dbeta_logits: Option<Tensor<T>>,
 }
 
 /// How one method of the family updates its state, as the engine runs it.
@@ -202,7 +216,8 @@ impl Rule {
         out: &mut Tensor<T>,
     ) -> Result<Tensor<T>> {
         let shape = gated_shape(problem);
-        let checked = self.check_inputs(&shape, inputs)?;
+        let computed = Computed::of(inputs)?;
+        let checked = self.check_inputs(&shape, &computed.inputs(inputs))?;
         let fixed = self.fixed_decays::<T>();
         let gates = self.gates(&checked, &fixed);
         let mut states = self.initial_states(&shape, &checked)?;
@@ -237,7 +252,8 @@ impl Rule {
         d_final: Option<&Tensor<T>>,
     ) -> Result<GatedGradients<T>> {
         let shape = gated_shape(problem);
-        let checked = self.check_inputs(&shape, inputs)?;
+        let computed = Computed::of(inputs)?;
+        let checked = self.check_inputs(&shape, &computed.inputs(inputs))?;
         let state_shape = state_shape(&shape, &checked);
         if let Some(d_final) = d_final
             && d_final.shape() != state_shape
@@ -267,13 +283,27 @@ impl Rule {
             (Some(values), Some(like)) => Tensor::from_vec(values, like.shape()).map(Some),
             _ => Ok(None),
         };
+        let (dg, dbeta) = (
+            shaped(grads.dg, checked.g)?,
+            shaped(grads.dbeta, checked.beta)?,
+        );
+        let raw_gate = match (inputs.raw_gate, &computed.g, &dg) {
+            (Some(raw), Some(g), Some(dg)) => Some(gate_backward(raw, g, dg)?),
+            _ => None,
+        };
+        let dbeta_logits = match (&computed.beta, &dbeta) {
+            (Some(beta), Some(dbeta)) => Some(logits_backward(beta, dbeta)?),
+            _ => None,
+        };
         Ok(GatedGradients {
             dq: grads.dq,
             dk: grads.dk,
             dv: grads.dv,
-            dg: shaped(grads.dg, checked.g)?,
-            dbeta: shaped(grads.dbeta, checked.beta)?,
+            dg,
+            dbeta,
             d_initial_state: Tensor::from_vec(grads.d_initial, state_shape)?,
+            raw_gate,
+            dbeta_logits,
         })
     }
 
@@ -389,12 +419,7 @@ impl Rule {
                 });
             }
         }
-        Ok(GateInputs {
-            g,
-            beta,
-            initial_state: inputs.initial_state,
-            cu_seqlens: inputs.cu_seqlens,
-        })
+        Ok(GateInputs { g, beta, ..*inputs })
     }
 }
 

@@ -16,7 +16,8 @@ pub(crate) fn recurrence(
     inputs: &GateInputs<'_, f64>,
 ) -> Result<GatedOutput<f64>> {
     let shape = gated_shape(problem);
-    let inputs = rule.check_inputs(&shape, inputs)?;
+    let computed = super::raw::Computed::of(inputs)?;
+    let inputs = rule.check_inputs(&shape, &computed.inputs(inputs))?;
     let (dk, dv) = (shape.dim_k, shape.dim_v);
     let group = shape.heads_v / shape.heads;
     let scale = rule.scale(dk);

@@ -117,7 +117,7 @@ impl Case {
             g: self.g.as_ref(),
             beta: self.beta.as_ref(),
             initial_state: Some(&self.initial),
-            cu_seqlens: None,
+            ..GateInputs::default()
         }
     }
 

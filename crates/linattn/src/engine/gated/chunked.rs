@@ -15,8 +15,10 @@
 //! Every exponent above is ≤ 0, so no factor overflows however strong the decay (a
 //! factor that underflows to 0 is the right limit). Per-channel decays need the same of
 //! `M` and `A` computed as products: a row block's exponents are taken relative to the
-//! decay just before it, which leaves both factors ≤ 1 for every earlier column; only the
-//! diagonal blocks of [`SUB`] rows are summed pairwise.
+//! decay just before it, which leaves both factors ≤ 1 for every earlier column. Within
+//! the diagonal block of [`SUB`] rows the keys' factors exceed 1 by at most the block's
+//! own decay: where that stays below [`FACTORED_SPAN`] the block is part of the product,
+//! otherwise it is summed pair by pair.
 
 use super::{GatedShape, Gates, Span, gather_rows, l2_normalise_rows};
 use crate::backend::cpu::matmul::matmul;
@@ -264,34 +266,53 @@ impl<T: Element> Scratch<T> {
         scores.fill(T::zero());
         for block in (0..len).step_by(SUB) {
             let end = (block + SUB).min(len);
-            if block > 0 {
-                // Exponents against G just before the block: G_i − R ≤ 0 for the block's
-                // rows, R − G_j ≤ 0 for every earlier key.
-                let reference = &g[(block - 1) * dim_k..block * dim_k];
-                let rows = &mut self.decayed[..(end - block) * dim_k];
-                rows.copy_from_slice(&a[block * dim_k..end * dim_k]);
-                for (i, row) in rows.chunks_exact_mut(dim_k).enumerate() {
-                    let g_t = &g[(block + i) * dim_k..][..dim_k];
-                    simd::scale_by_exp_difference(row, g_t, reference);
-                }
-                let earlier = &mut self.decayed_keys[..block * dim_k];
-                earlier.copy_from_slice(&keys[..block * dim_k]);
-                for (j, row) in earlier.chunks_exact_mut(dim_k).enumerate() {
-                    simd::scale_by_exp_difference(row, reference, &g[j * dim_k..][..dim_k]);
-                }
-                matmul(
-                    MatMut::strided(&mut scores[block * len..], end - block, block, len),
-                    MatRef::contiguous(rows, end - block, dim_k),
-                    MatRef::contiguous(earlier, block, dim_k).t(),
-                    false,
-                    T::one(),
-                );
+            // Exponents against R, G just before the block (0 before the chunk): G_i − R ≤ 0
+            // for the block's rows, R − G_j ≤ 0 for every earlier key, and R − G_j at most
+            // the block's own decay for its keys.
+            let zeros = vec_of(T::zero(), dim_k, &mut self.exponents);
+            let reference = if block > 0 {
+                &g[(block - 1) * dim_k..block * dim_k]
+            } else {
+                zeros
+            };
+            let last = &g[(end - 1) * dim_k..end * dim_k];
+            let span = reference
+                .iter()
+                .zip(last)
+                .fold(T::zero(), |m, (&r, &l)| m.max(r - l));
+            // A block whose keys' factors stay small is one product, its diagonal included;
+            // a strongly decaying one sums its diagonal pair by pair.
+            let factored = span <= T::of_f64(FACTORED_SPAN);
+            let keys_to = if factored { end } else { block };
+            let rows = &mut self.decayed[..(end - block) * dim_k];
+            rows.copy_from_slice(&a[block * dim_k..end * dim_k]);
+            for (i, row) in rows.chunks_exact_mut(dim_k).enumerate() {
+                let g_t = &g[(block + i) * dim_k..][..dim_k];
+                simd::scale_by_exp_difference(row, g_t, reference);
             }
+            let earlier = &mut self.decayed_keys[..keys_to * dim_k];
+            earlier.copy_from_slice(&keys[..keys_to * dim_k]);
+            for (j, row) in earlier.chunks_exact_mut(dim_k).enumerate() {
+                simd::scale_by_exp_difference(row, reference, &g[j * dim_k..][..dim_k]);
+            }
+            matmul(
+                MatMut::strided(&mut scores[block * len..], end - block, keys_to, len),
+                MatRef::contiguous(rows, end - block, dim_k),
+                MatRef::contiguous(earlier, keys_to, dim_k).t(),
+                false,
+                T::one(),
+            );
             for i in block..end {
+                let row = &mut scores[i * len..(i + 1) * len];
+                if factored {
+                    let seen = if strict { i } else { i + 1 };
+                    row[seen..end].fill(T::zero());
+                    continue;
+                }
                 for j in (block..=i).filter(|&j| visible(i, j)) {
                     let (a_i, k_j) = (&a[i * dim_k..][..dim_k], &keys[j * dim_k..][..dim_k]);
                     let (g_i, g_j) = (&g[i * dim_k..][..dim_k], &g[j * dim_k..][..dim_k]);
-                    scores[i * len + j] = simd::decayed_dot(a_i, k_j, g_i, g_j);
+                    row[j] = simd::decayed_dot(a_i, k_j, g_i, g_j);
                 }
             }
         }
@@ -311,6 +332,11 @@ enum Towards {
     Start,
     Last,
 }
+
+/// The largest decay within a block (in log space, over any channel) for which its keys'
+/// factors `e^{R − G_j}`, at most `e^20 ≈ 5·10⁸`, are taken in one product: far from f32's
+/// range, and each factor rounded once.
+const FACTORED_SPAN: f64 = 20.0;
 
 /// Which rows a product reads.
 #[derive(Clone, Copy)]

@@ -7,7 +7,7 @@ mod counting;
 
 use common::{Shape, attention, methods};
 use counting::scratch_of;
-use linattn::{CausalForm, Fnet, Linformer, Method, Tensor};
+use linattn::{CausalForm, Fnet, Linformer, Method, Retention, Tensor};
 use rayon::ThreadPoolBuilder;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,6 +92,11 @@ fn measured_scratch_stays_within_the_estimate_at_any_thread_count() {
     methods.push(Method::Linformer(Linformer::new(1024, 12, 5)));
     let shapes = [
         (Shape::new(2, 700, 4, 2, 32, 24), methods.as_slice()),
+        // The gated family pairs q and k heads: retention, which needs no gates.
+        (
+            Shape::new(2, 700, 2, 2, 32, 24),
+            &[Method::Retention(Retention::default())][..],
+        ),
         // FFT plans of prime (701, 5), power-of-two and mixed-radix lengths.
         (Shape::new(1, 701, 1, 1, 4, 5), &[Method::Fnet(Fnet)]),
         (Shape::new(1, 512, 3, 3, 8, 12), &[Method::Fnet(Fnet)]),

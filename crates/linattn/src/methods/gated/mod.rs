@@ -176,18 +176,21 @@ impl Rule {
     }
 
     /// Scratch bytes of a backward call beyond inputs and gradients: each unit's
-    /// gradients before they are summed into q's and k's heads, the initial states, and
-    /// each thread's checkpoints and recomputed segment.
+    /// gradients before they are summed into q's and k's heads, the engine's ∂q, ∂k, ∂v
+    /// beside the ones a plan allocated, ∂g and ∂β, three states per unit (the initial
+    /// one, its gradient, the gradients' copy), and each thread's checkpoints, recomputed
+    /// segment and working states.
     pub fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
         let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
-        let (len, units) = (
-            problem.len_q as u128,
-            (problem.batch * problem.heads_v) as u128,
-        );
-        let per_unit = len * (3 * dk + dv + 1);
+        let (batch, len) = (problem.batch as u128, problem.len_q as u128);
+        let units = (problem.batch * problem.heads_v) as u128;
+        let state = dk * dv;
+        let per_unit = len * (3 * dk + dv + 1) + 3 * state;
+        let qkv = batch * len * (2 * problem.heads_q as u128 * dk + problem.heads_v as u128 * dv);
+        let gates = units * len * (dk + 1);
         let segments = len.div_ceil(BACKWARD_SEGMENT as u128);
-        let thread = (segments + BACKWARD_SEGMENT as u128 + 2) * dk * dv + 4 * (dk + dv);
-        (units * (per_unit + dk * dv)) * element as u128
+        let thread = (segments + BACKWARD_SEGMENT as u128 + 4) * state + 4 * (dk + dv);
+        (units * per_unit + qkv + gates) * element as u128
             + per_thread(problem.batch * problem.heads_v, thread * element as u128)
     }
 

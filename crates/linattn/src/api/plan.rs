@@ -196,16 +196,25 @@ impl<T: Element> Plan<T> {
         check_inputs([q, k, v])?;
         let parallel = problem.causal_form == CausalForm::Parallel;
         let final_state = rule.forward(problem, [q, k, v], inputs, parallel, out)?;
-        for (tensor, result) in [("output", &*out), ("final_state", &final_state)] {
-            if let Some((index, _)) = result.first_non_finite() {
-                return Err(Error::NonFiniteOutput {
-                    method: method.name(),
-                    tensor,
-                    index,
-                });
-            }
-        }
+        check_results(
+            method.name(),
+            [("output", &*out), ("final_state", &final_state)],
+        )?;
         Ok(final_state)
+    }
+
+    /// Fails unless `d_out` has the output's shape.
+    fn check_output_gradient(&self, d_out: &Tensor<T>) -> Result<()> {
+        if d_out.shape() == self.out_shape {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            detail: format!(
+                "the output gradient has shape {:?} but the output has shape {:?}",
+                d_out.shape(),
+                self.out_shape
+            ),
+        })
     }
 
     /// Fails unless the gradients and the backward's scratch fit the plan's budget.
@@ -241,43 +250,18 @@ impl<T: Element> Plan<T> {
     ) -> Result<GatedGradients<T>> {
         self.check_shapes([q, k, v])?;
         let rule = self.gated_rule()?;
-        if d_out.shape() != self.out_shape {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "the output gradient has shape {:?} but the output has shape {:?}",
-                    d_out.shape(),
-                    self.out_shape
-                ),
-            });
-        }
-        check_inputs([q, k, v])?;
-        let given = [("d_out", Some(d_out)), ("d_final_state", d_final_state)];
-        for (name, tensor) in given.into_iter().filter_map(|(n, t)| Some((n, t?))) {
-            if let Some((index, value)) = tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: name,
-                    index,
-                    value,
-                });
-            }
-        }
+        self.check_output_gradient(d_out)?;
+        let final_gradient = d_final_state.map(|d| ("d_final_state", d));
+        check_finite(
+            [("q", q), ("k", k), ("v", v), ("d_out", d_out)]
+                .into_iter()
+                .chain(final_gradient),
+        )?;
         self.ensure_backward_memory()?;
         let grads = rule.backward(&self.problem, [q, k, v], inputs, d_out, d_final_state)?;
-        let all = [
-            Some(&grads.dq),
-            Some(&grads.dk),
-            Some(&grads.dv),
-            grads.dg.as_ref(),
-        ];
-        for (name, tensor) in ["dq", "dk", "dv", "dg"].into_iter().zip(all) {
-            if let Some((index, _)) = tensor.and_then(Tensor::first_non_finite) {
-                return Err(Error::NonFiniteOutput {
-                    method: self.attention.method.name(),
-                    tensor: name,
-                    index,
-                });
-            }
-        }
+        let dg = grads.dg.as_ref().map(|dg| ("dg", dg));
+        let results = [("dq", &grads.dq), ("dk", &grads.dk), ("dv", &grads.dv)];
+        check_results(self.attention.method.name(), results.into_iter().chain(dg))?;
         Ok(grads)
     }
 
@@ -313,24 +297,8 @@ impl<T: Element> Plan<T> {
     ) -> Result<Gradients<T>> {
         self.check_shapes([q, k, v])?;
         let method = &self.attention.method;
-        if d_out.shape() != self.out_shape {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "the output gradient has shape {:?} but the output has shape {:?}",
-                    d_out.shape(),
-                    self.out_shape
-                ),
-            });
-        }
-        for (name, tensor) in [("q", q), ("k", k), ("v", v), ("d_out", d_out)] {
-            if let Some((index, value)) = tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: name,
-                    index,
-                    value,
-                });
-            }
-        }
+        self.check_output_gradient(d_out)?;
+        check_finite([("q", q), ("k", k), ("v", v), ("d_out", d_out)])?;
         self.ensure_backward_memory()?;
         let (mut dq, mut dk, mut dv) = (
             Tensor::zeros_planned(q.shape())?,
@@ -343,15 +311,7 @@ impl<T: Element> Plan<T> {
             [q, k, v, d_out],
             [&mut dq, &mut dk, &mut dv],
         )?;
-        for (name, tensor) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
-            if let Some((index, _)) = tensor.first_non_finite() {
-                return Err(Error::NonFiniteOutput {
-                    method: method.name(),
-                    tensor: name,
-                    index,
-                });
-            }
-        }
+        check_results(method.name(), [("dq", &dq), ("dk", &dk), ("dv", &dv)])?;
         Ok(Gradients {
             dq,
             dk,
@@ -399,13 +359,7 @@ impl<T: Element> Plan<T> {
             if checked_in_pass {
                 check_inputs([q, k, v])?;
             }
-            if let Some((index, _)) = out.first_non_finite() {
-                return Err(Error::NonFiniteOutput {
-                    method: method.name(),
-                    tensor: "output",
-                    index,
-                });
-            }
+            check_results(method.name(), [("output", &*out)])?;
         }
         Ok(pass.states)
     }
@@ -418,13 +372,38 @@ fn bytes_of<T>(shape: [usize; 4]) -> u128 {
 }
 
 /// [`Error::NonFinite`] for the first NaN or infinity in q, k or v.
-fn check_inputs<T: Element>(inputs: [&Tensor<T>; 3]) -> Result<()> {
-    for (name, tensor) in ["q", "k", "v"].into_iter().zip(inputs) {
-        if let Some((index, value)) = tensor.first_non_finite() {
+fn check_inputs<T: Element>([q, k, v]: [&Tensor<T>; 3]) -> Result<()> {
+    check_finite([("q", q), ("k", k), ("v", v)])
+}
+
+/// [`Error::NonFinite`] for the first NaN or infinity in the named inputs.
+fn check_finite<'a, T: Element>(
+    inputs: impl IntoIterator<Item = (&'static str, &'a Tensor<T>)>,
+) -> Result<()> {
+    for (tensor, input) in inputs {
+        if let Some((index, value)) = input.first_non_finite() {
             return Err(Error::NonFinite {
-                tensor: name,
+                tensor,
                 index,
                 value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// [`Error::NonFiniteOutput`] for the first NaN or infinity in the named results of
+/// `method`, computed from finite inputs.
+fn check_results<'a, T: Element>(
+    method: &'static str,
+    results: impl IntoIterator<Item = (&'static str, &'a Tensor<T>)>,
+) -> Result<()> {
+    for (tensor, result) in results {
+        if let Some((index, _)) = result.first_non_finite() {
+            return Err(Error::NonFiniteOutput {
+                method,
+                tensor,
+                index,
             });
         }
     }

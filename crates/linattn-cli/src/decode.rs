@@ -12,7 +12,7 @@ use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions, met
 use crate::window_span::WindowSpan;
 use clap::Args;
 use clap::builder::RangedU64ValueParser;
-use linattn::{Attention, Decoder, Element, HeadLayout, Method, Tensor};
+use linattn::{Attention, Element, HeadLayout, Method, Tensor};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -274,13 +274,11 @@ fn decode_method<T: Element>(
     let (prompt_output, mut decoder) = attention.prefill(q, k, v)?;
     let prefill = start.elapsed();
     drop(prompt_output);
-    let mut progress = Progress::new();
-    let steps = (0..args.tokens)
-        .map(|index| {
-            progress.report(|| format!("step {}/{}", index + 1, args.tokens));
-            timed_step(&mut decoder, args, index)
-        })
-        .collect::<linattn::Result<_>>()?;
+    let steps = timed_steps(args, |[q, k, v]| {
+        let start = Instant::now();
+        drop(decoder.step(q, k, v)?);
+        Ok((start.elapsed(), decoder.memory().state_bytes))
+    })?;
     Ok(Trace {
         prefill,
         steps,
@@ -304,22 +302,11 @@ fn decode_gated<T: Element>(
     let [batch, _, heads_v, dim_v] = v.shape();
     let token_gates = RandomGates::for_call(method, [batch, 1, heads_v, dim_v], q.head_dim())?;
     let (g, beta) = (token_gates.inputs().g, token_gates.inputs().beta);
-    let mut progress = Progress::new();
-    let steps = (0..args.tokens)
-        .map(|index| {
-            progress.report(|| format!("step {}/{}", index + 1, args.tokens));
-            let [q, k, v] = token(args, index)?;
-            let start = Instant::now();
-            let output = decoder.step(&q, &k, &v, g, beta)?;
-            let latency = start.elapsed();
-            drop(output);
-            Ok(Step {
-                context: args.prompt_len + index + 1,
-                latency,
-                state_bytes: decoder.memory().state_bytes,
-            })
-        })
-        .collect::<linattn::Result<_>>()?;
+    let steps = timed_steps(args, |[q, k, v]| {
+        let start = Instant::now();
+        drop(decoder.step(q, k, v, g, beta)?);
+        Ok((start.elapsed(), decoder.memory().state_bytes))
+    })?;
     Ok(Trace {
         prefill,
         steps,
@@ -381,20 +368,22 @@ fn token<T: Element>(args: &DecodeArgs, index: usize) -> linattn::Result<[Tensor
     ])
 }
 
-/// Feeds generated token `index`; only the step itself is timed, not drawing the token.
-fn timed_step<T: Element>(
-    decoder: &mut Decoder<T>,
+/// Feeds `args.tokens` random tokens one at a time to `step`, which returns the time its
+/// decoder took and the bytes its state holds after it (the token's making is not timed).
+fn timed_steps<T: Element>(
     args: &DecodeArgs,
-    index: usize,
-) -> linattn::Result<Step> {
-    let [q, k, v] = token(args, index)?;
-    let start = Instant::now();
-    let output = decoder.step(&q, &k, &v)?;
-    let latency = start.elapsed();
-    drop(output);
-    Ok(Step {
-        context: args.prompt_len + index + 1,
-        latency,
-        state_bytes: decoder.memory().state_bytes,
-    })
+    mut step: impl FnMut(&[Tensor<T>; 3]) -> linattn::Result<(Duration, usize)>,
+) -> linattn::Result<Vec<Step>> {
+    let mut progress = Progress::new();
+    (0..args.tokens)
+        .map(|index| {
+            progress.report(|| format!("step {}/{}", index + 1, args.tokens));
+            let (latency, state_bytes) = step(&token(args, index)?)?;
+            Ok(Step {
+                context: args.prompt_len + index + 1,
+                latency,
+                state_bytes,
+            })
+        })
+        .collect()
 }

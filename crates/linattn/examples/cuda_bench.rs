@@ -132,14 +132,23 @@ fn time_decode(gpu: &Gpu) -> Result<f64> {
     let token = GpuTensor::<bf16>::upload(gpu, &random([batch, 1, heads, dim], 7)?)?;
     let attention = Attention::new(Method::linear()).causal(true);
     let mut decoder = GpuDecoder::<bf16>::new(gpu, &attention, batch, heads, heads, dim, dim)?;
-    const STEPS: usize = 50;
+    median_step_us(gpu, &mut decoder, &token, 50)
+}
+
+/// Median microseconds of one of `steps` decode steps of `token` in a row.
+fn median_step_us(
+    gpu: &Gpu,
+    decoder: &mut GpuDecoder<bf16>,
+    token: &GpuTensor<bf16>,
+    steps: usize,
+) -> Result<f64> {
     let ms = median_ms(gpu, || {
-        for _ in 0..STEPS {
-            decoder.step(&token, &token, &token)?;
+        for _ in 0..steps {
+            decoder.step(token, token, token)?;
         }
         Ok(())
     })?;
-    Ok(ms * 1e3 / STEPS as f64)
+    Ok(ms * 1e3 / steps as f64)
 }
 
 /// Median microseconds of one exact decode step of B=4 H=16 D=128 bf16 against a cache of
@@ -151,14 +160,7 @@ fn time_exact_decode(gpu: &Gpu, context: usize) -> Result<f64> {
     let attention = Attention::new(Method::softmax()).causal(true);
     let mut decoder = GpuDecoder::<bf16>::new(gpu, &attention, batch, heads, heads, dim, dim)?;
     decoder.prefill(&prompt, &prompt, &prompt)?;
-    const STEPS: usize = 10;
-    let ms = median_ms(gpu, || {
-        for _ in 0..STEPS {
-            decoder.step(&token, &token, &token)?;
-        }
-        Ok(())
-    })?;
-    Ok(ms * 1e3 / STEPS as f64)
+    median_step_us(gpu, &mut decoder, &token, 10)
 }
 
 /// Median milliseconds of `attention` through a [`GpuPlan`] made once.

@@ -377,7 +377,7 @@ fn check_inputs<T: Element>([q, k, v]: [&Tensor<T>; 3]) -> Result<()> {
 }
 
 /// [`Error::NonFinite`] for the first NaN or infinity in the named inputs.
-fn check_finite<'a, T: Element>(
+pub(crate) fn check_finite<'a, T: Element>(
     inputs: impl IntoIterator<Item = (&'static str, &'a Tensor<T>)>,
 ) -> Result<()> {
     for (tensor, input) in inputs {
@@ -394,7 +394,7 @@ fn check_finite<'a, T: Element>(
 
 /// [`Error::NonFiniteOutput`] for the first NaN or infinity in the named results of
 /// `method`, computed from finite inputs.
-fn check_results<'a, T: Element>(
+pub(crate) fn check_results<'a, T: Element>(
     method: &'static str,
     results: impl IntoIterator<Item = (&'static str, &'a Tensor<T>)>,
 ) -> Result<()> {

@@ -87,8 +87,8 @@ impl Problem {
 
     /// The shapes of the gated family (flash-linear-attention's): q and k `[batch, len,
     /// heads, dim_k]`, v `[batch, len, heads_v, dim_v]` with `heads_v` a multiple of
-    /// `heads` (value head `hv` reads query and key head `hv / (heads_v / heads)`), as many
-    /// positions in each.
+    /// `heads` (value head `hv` reads query and key head `hv / (heads_v / heads)`); the
+    /// family is causal, so as many positions in each.
     pub fn grouped_values(
         q: [usize; 4],
         k: [usize; 4],
@@ -101,11 +101,6 @@ impl Problem {
                 tensor: "v",
                 shape: v.to_vec(),
             });
-        }
-        if v[0] != k[0] || v[1] != k[1] {
-            return mismatch(format!(
-                "v is {v:?} but k is {k:?}; they must have the same batch and length"
-            ));
         }
         if k[2] != q[2] {
             return mismatch(format!(
@@ -120,14 +115,8 @@ impl Problem {
                 v[2], k[2]
             ));
         }
-        if q[1] != k[1] {
-            return mismatch(format!(
-                "q has {} positions and k {}; they must be the same",
-                q[1], k[1]
-            ));
-        }
-        let same_kv_heads = [k[0], k[1], k[2], v[3]];
-        let mut problem = Self::new(q, k, same_kv_heads, causal)?;
+        // Everything else as for shared key and value heads: v read with k's head count.
+        let mut problem = Self::new(q, k, [v[0], v[1], k[2], v[3]], causal)?;
         problem.heads_v = v[2];
         Ok(problem)
     }

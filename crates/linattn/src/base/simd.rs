@@ -235,6 +235,22 @@ pub(crate) fn scale_by_exp_difference<T: Element>(xs: &mut [T], a: &[T], b: &[T]
     }
 }
 
+/// `x ← x · e^{a − b_j}` elementwise: a row scaled by decay factors from one log decay.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn scale_by_exp_from<T: Element>(xs: &mut [T], a: T, b: &[T]) {
+    for (x, &b) in xs.iter_mut().zip(b) {
+        *x *= (a - b).fast_exp();
+    }
+}
+
+/// `x ← x · y` elementwise.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn mul_assign<T: Element>(xs: &mut [T], ys: &[T]) {
+    for (x, &y) in xs.iter_mut().zip(ys) {
+        *x *= y;
+    }
+}
+
 /// `Σ x_c y_c e^{a_c − b_c}`: two rows' product under per-channel decay factors.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
 pub(crate) fn decayed_dot<T: Element>(x: &[T], y: &[T], a: &[T], b: &[T]) -> T {

@@ -253,9 +253,23 @@ impl<T: Element> Tensor<T> {
         heads: Range<usize>,
         dst: &mut [T],
     ) -> bool {
+        let width = heads.len() * self.shape[3];
+        let len = rows.len();
+        self.copy_rows(b, rows, heads, dst);
+        crate::base::simd::all_finite(&dst[..len * width])
+    }
+
+    /// [`gather`](Self::gather) without the check, for callers whose inputs were
+    /// checked before.
+    pub(crate) fn copy_rows(
+        &self,
+        b: usize,
+        rows: Range<usize>,
+        heads: Range<usize>,
+        dst: &mut [T],
+    ) {
         let [_, seq, all_heads, dim] = self.shape;
         let width = heads.len() * dim;
-        let len = rows.len();
         for (i, t) in rows.enumerate() {
             let start = ((b * seq + t) * all_heads + heads.start) * dim;
             crate::base::simd::copy(
@@ -263,7 +277,6 @@ impl<T: Element> Tensor<T> {
                 &self.data[start..start + width],
             );
         }
-        crate::base::simd::all_finite(&dst[..len * width])
     }
 
     /// Rows `rows` of heads `heads` in batch `b` as [`gather`](Self::gather) lays them out,

@@ -5,8 +5,8 @@
 use super::DecoderMemory;
 use super::saved::{StateReader, put_floats, put_u64};
 use crate::api::attention::Attention;
+use crate::api::plan::{check_finite, check_results};
 use crate::base::{Element, Error, Problem, Result, Tensor, memory};
-use crate::engine::gated::{chunked::chunked, recurrent::recurrent};
 use crate::methods::AttentionMethod;
 use crate::methods::gated::{GateInputs, Rule, gated_shape};
 
@@ -172,15 +172,7 @@ impl<T: Element> GatedDecoder<T> {
                 ),
             });
         }
-        for (name, tensor) in [("q", q), ("k", k), ("v", v)] {
-            if let Some((index, value)) = tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: name,
-                    index,
-                    value,
-                });
-            }
-        }
+        check_finite([("q", q), ("k", k), ("v", v)])?;
         let shape = gated_shape(&problem);
         let inputs = GateInputs {
             g,
@@ -188,9 +180,6 @@ impl<T: Element> GatedDecoder<T> {
             ..GateInputs::default()
         };
         let checked = self.rule.check_inputs(&shape, &inputs)?;
-        let fixed = self.rule.fixed_decays::<T>();
-        let gates = self.rule.gates(&checked, &fixed);
-        let scale = T::of_f64(self.rule.scale(shape.dim_k));
         // The output has v's shape: a row of d_v per token and value head.
         let method = self.attention.method();
         let out_bytes = std::mem::size_of_val(v.as_slice()) as u128;
@@ -199,19 +188,9 @@ impl<T: Element> GatedDecoder<T> {
         memory::ensure_within(&what, needed, self.budget)?;
         let mut out = Tensor::zeros_planned(expected[2])?;
         let states = self.states.as_mut_slice();
-        if len == 1 {
-            recurrent(&shape, [q, k, v], &gates, scale, states, &mut out);
-        } else {
-            let chunk = self.rule.chunk;
-            chunked(&shape, [q, k, v], &gates, scale, chunk, states, &mut out);
-        }
-        if let Some((index, _)) = out.first_non_finite() {
-            return Err(Error::NonFiniteOutput {
-                method: self.attention.method().name(),
-                tensor: "output",
-                index,
-            });
-        }
+        self.rule
+            .run(&shape, [q, k, v], &checked, false, states, &mut out);
+        check_results(method.name(), [("output", &out)])?;
         self.position += len;
         Ok(out)
     }

@@ -12,8 +12,8 @@
 //! The states are recomputed forwards from checkpoints kept every [`SEGMENT`] tokens, so
 //! memory grows by one state per segment rather than per token.
 
-use super::recurrent::decay;
-use super::{GatedShape, Gates, Span, l2_normalise_rows};
+use super::recurrent::{Token, decay};
+use super::{GatedShape, Gates, Span};
 use crate::base::simd;
 use crate::base::{Element, Tensor};
 use rayon::prelude::*;
@@ -118,18 +118,17 @@ pub(crate) fn backward<T: Element>(
 /// those of `x`: `∂x = (∂x̂ − x̂ (x̂ · ∂x̂)) / n`.
 fn normalisation_backward<T: Element>(x: &Tensor<T>, dx: &mut Tensor<T>) {
     let d = x.head_dim();
-    let mut unit = vec![T::zero(); d];
+    let epsilon = T::of_f64(super::L2NORM_EPSILON);
     for (row, d_row) in x
         .as_slice()
         .chunks_exact(d)
         .zip(dx.as_mut_slice().chunks_exact_mut(d))
     {
-        unit.copy_from_slice(row);
-        l2_normalise_rows(&mut unit, d);
-        let norm = (simd::dot(row, row) + T::of_f64(super::L2NORM_EPSILON)).sqrt();
-        let along = simd::dot(&unit, d_row);
-        simd::add_scaled(d_row, &unit, -along);
-        simd::scale(d_row, T::one() / norm);
+        // With n² = Σ x² + ε: ∂x = (∂x̂ − x (x · ∂x̂) / n²) / n.
+        let norm_squared = simd::dot(row, row) + epsilon;
+        let along = simd::dot(row, d_row) / norm_squared;
+        simd::add_scaled(d_row, row, -along);
+        simd::scale(d_row, T::one() / norm_squared.sqrt());
     }
 }
 
@@ -160,10 +159,10 @@ fn unit_backward<T: Element>(
     let state_len = shape.state_len();
     let width = gates.width(shape);
     let h = shape.qk_head(hv);
-    let mut token = Token::new(shape, width);
     // Tokens by their place in the unit, t = 0..len.
     let read =
         |token: &mut Token<T>, t: usize| token.read(shape, [q, k, v], gates, b, h, hv, first + t);
+    let mut token = Token::new(shape, width);
 
     // The state before each segment.
     let segments = len.div_ceil(SEGMENT);
@@ -188,36 +187,35 @@ fn unit_backward<T: Element>(
     let mut d_state = d_final.map_or_else(|| vec![T::zero(); state_len], <[T]>::to_vec);
     // S' of each token of a segment (after its decay, before it absorbs).
     let mut decayed = vec![T::zero(); SEGMENT * state_len];
+    // A segment's tokens as the recomputation read them, with what each absorbed.
+    let mut tokens: Vec<Token<T>> = (0..SEGMENT).map(|_| Token::new(shape, width)).collect();
     let (mut du, mut dr) = (vec![T::zero(); dim_v], vec![T::zero(); dim_v]);
-    let mut s_t = vec![T::zero(); state_len];
     for segment in (0..segments).rev() {
         let segment_start = segment * SEGMENT;
         let end = (segment_start + SEGMENT).min(len);
         state.copy_from_slice(&checkpoints[segment * state_len..(segment + 1) * state_len]);
         for t in segment_start..end {
-            read(&mut token, t);
+            let token = &mut tokens[t - segment_start];
+            read(token, t);
             decay(&mut state, dim_v, &token.decays);
             decayed[(t - segment_start) * state_len..][..state_len].copy_from_slice(&state);
             token.absorb(&mut state, dim_v);
         }
         for t in (segment_start..end).rev() {
-            read(&mut token, t);
+            let token = &tokens[t - segment_start];
             let s_prime = &decayed[(t - segment_start) * state_len..][..state_len];
-            // S_t = S' + k uᵀ, rebuilt from S' (u needs S' for the delta rule).
-            token.prepare_update(s_prime, dim_v);
-            s_t.copy_from_slice(s_prime);
-            for (row, &k_c) in s_t.chunks_exact_mut(dim_v).zip(&token.k) {
-                simd::add_scaled(row, &token.u, k_c);
-            }
             let row = b * shape.len + first + t;
             let d_o = &d_out.as_slice()[(row * shape.heads_v + hv) * dim_v..][..dim_v];
-            // ∂q = s S_t ∂o; ∂S_t += s q ∂oᵀ.
-            for ((dq_c, row), (ds_row, &q_c)) in grads.dq[t * dim_k..][..dim_k]
+            // ∂q = s S_t ∂o with S_t = S' + k uᵀ, so s (S' ∂o + k (u · ∂o));
+            // ∂S_t += s q ∂oᵀ.
+            let u_d_o = simd::dot(&token.u, d_o);
+            for (((dq_c, row), &k_c), (ds_row, &q_c)) in grads.dq[t * dim_k..][..dim_k]
                 .iter_mut()
-                .zip(s_t.chunks_exact(dim_v))
+                .zip(s_prime.chunks_exact(dim_v))
+                .zip(&token.k)
                 .zip(d_state.chunks_exact_mut(dim_v).zip(&token.q))
             {
-                *dq_c = scale * simd::dot(row, d_o);
+                *dq_c = scale * (simd::dot(row, d_o) + k_c * u_d_o);
                 simd::add_scaled(ds_row, d_o, scale * q_c);
             }
             // ∂k = ∂S u; ∂u = ∂Sᵀ k.
@@ -268,88 +266,4 @@ fn unit_backward<T: Element>(
     }
     grads.d_initial = d_state;
     grads
-}
-
-/// One token of one unit, as the backward reads and recomputes it.
-struct Token<T> {
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
-    decays: Vec<T>,
-    beta: Option<T>,
-    /// What the state absorbs: `u_t`.
-    u: Vec<T>,
-    /// `v_t − S'ᵀ k_t` (the delta rule).
-    residual: Vec<T>,
-}
-
-impl<T: Element> Token<T> {
-    fn new(shape: &GatedShape, width: usize) -> Self {
-        Self {
-            q: vec![T::zero(); shape.dim_k],
-            k: vec![T::zero(); shape.dim_k],
-            v: vec![T::zero(); shape.dim_v],
-            decays: vec![T::zero(); width],
-            beta: None,
-            u: vec![T::zero(); shape.dim_v],
-            residual: vec![T::zero(); shape.dim_v],
-        }
-    }
-
-    /// Token t's q and k rows (normalised if asked), v row, decays and β.
-    #[allow(clippy::too_many_arguments)]
-    fn read(
-        &mut self,
-        shape: &GatedShape,
-        [q, k, v]: [&Tensor<T>; 3],
-        gates: &Gates<'_, T>,
-        b: usize,
-        h: usize,
-        hv: usize,
-        t: usize,
-    ) {
-        let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
-        let qk = ((b * shape.len + t) * shape.heads + h) * dim_k;
-        let token = (b * shape.len + t) * shape.heads_v + hv;
-        self.q.copy_from_slice(&q.as_slice()[qk..qk + dim_k]);
-        self.k.copy_from_slice(&k.as_slice()[qk..qk + dim_k]);
-        if gates.l2norm_qk {
-            l2_normalise_rows(&mut self.q, dim_k);
-            l2_normalise_rows(&mut self.k, dim_k);
-        }
-        self.v
-            .copy_from_slice(&v.as_slice()[token * dim_v..(token + 1) * dim_v]);
-        gates.log_decays(shape, b, hv, t, &mut self.decays);
-        self.beta = gates.beta(shape, b, hv, t);
-    }
-
-    /// `u` (and the residual) from the decayed state `S'`.
-    fn prepare_update(&mut self, s_prime: &[T], dim_v: usize) {
-        match self.beta {
-            Some(beta) => {
-                self.residual.copy_from_slice(&self.v);
-                for (row, &k_c) in s_prime.chunks_exact(dim_v).zip(&self.k) {
-                    simd::add_scaled(&mut self.residual, row, -k_c);
-                }
-                for (u, &r) in self.u.iter_mut().zip(&self.residual) {
-                    *u = beta * r;
-                }
-            }
-            None => self.u.copy_from_slice(&self.v),
-        }
-    }
-
-    /// `S ← S + k uᵀ` for the decayed state `S`.
-    fn absorb(&mut self, state: &mut [T], dim_v: usize) {
-        self.prepare_update(state, dim_v);
-        for (row, &k_c) in state.chunks_exact_mut(dim_v).zip(&self.k) {
-            simd::add_scaled(row, &self.u, k_c);
-        }
-    }
-
-    /// One whole step: decay, then absorb.
-    fn step(&mut self, state: &mut [T], dim_v: usize) {
-        decay(state, dim_v, &self.decays);
-        self.absorb(state, dim_v);
-    }
 }

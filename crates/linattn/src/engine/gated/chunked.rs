@@ -20,7 +20,7 @@
 //! own decay: where that stays below [`FACTORED_SPAN`] the block is part of the product,
 //! otherwise it is summed pair by pair.
 
-use super::{GatedShape, Gates, Span, gather_rows, l2_normalise_rows};
+use super::{GatedShape, Gates, Span, l2_normalise_rows};
 use crate::backend::cpu::matmul::matmul;
 use crate::base::simd;
 use crate::base::{Element, MatMut, MatRef, Tensor};
@@ -86,8 +86,10 @@ struct Scratch<T> {
     decayed_keys: Vec<T>,
     /// `M`, then `A`: `rows × rows`.
     scores: Vec<T>,
-    /// Exponents of decay factors, `rows × width`.
-    exponents: Vec<T>,
+    /// `e^{G_t}`, `rows × width`: what q (and for the delta rule k) rows are scaled by.
+    from_start: Vec<T>,
+    /// `G` before the chunk's first token: zeros, one per key channel.
+    zero_row: Vec<T>,
     /// β of the chunk's tokens.
     betas: Vec<T>,
 }
@@ -105,7 +107,8 @@ impl<T: Element> Scratch<T> {
             decayed: vec![T::zero(); rows * dim_k],
             decayed_keys: vec![T::zero(); rows * dim_k],
             scores: vec![T::zero(); rows * rows],
-            exponents: vec![T::zero(); rows * width],
+            from_start: vec![T::zero(); rows * width],
+            zero_row: vec![T::zero(); dim_k],
             betas: vec![T::zero(); rows],
         }
     }
@@ -128,19 +131,23 @@ impl<T: Element> Scratch<T> {
     ) {
         let (dim_k, dim_v, width) = (shape.dim_k, shape.dim_v, self.width);
         let h = shape.qk_head(hv);
-        gather_rows(q, b, h, start, &mut self.q[..len * dim_k]);
-        gather_rows(k, b, h, start, &mut self.k[..len * dim_k]);
+        let tokens = start..start + len;
+        q.copy_rows(b, tokens.clone(), h..h + 1, &mut self.q);
+        k.copy_rows(b, tokens.clone(), h..h + 1, &mut self.k);
         if gates.l2norm_qk {
             l2_normalise_rows(&mut self.q[..len * dim_k], dim_k);
             l2_normalise_rows(&mut self.k[..len * dim_k], dim_k);
         }
-        gather_rows(v, b, hv, start, &mut self.x[..len * dim_v]);
+        v.copy_rows(b, tokens, hv..hv + 1, &mut self.x);
         let log_decay = &mut self.log_decay[..len * width];
         gates.log_decays(shape, b, hv, start, log_decay);
         for t in 1..len {
             let (before, row) = log_decay.split_at_mut(t * width);
             simd::add_scaled(&mut row[..width], &before[(t - 1) * width..], T::one());
         }
+        let from_start = &mut self.from_start[..len * width];
+        from_start.copy_from_slice(log_decay);
+        simd::exp_in_place(from_start);
 
         if gates.beta.is_some() {
             // X = Diag(β) (V − (K ⊙ e^G) S), then (I + A) X = that.
@@ -202,8 +209,8 @@ impl<T: Element> Scratch<T> {
     }
 
     /// `decayed` = the first `len` rows of q or k, row t scaled by `e^{G_t}`
-    /// ([`Towards::Start`]) or `e^{G_last − G_t}` ([`Towards::Last`]), per channel for a
-    /// channel gate; a copy without decay.
+    /// ([`Towards::Start`], computed once per chunk) or `e^{G_last − G_t}`
+    /// ([`Towards::Last`]), per channel for a channel gate; a copy without decay.
     fn decay_rows(&mut self, operand: Operand, len: usize, dim_k: usize, towards: Towards) {
         let source = match operand {
             Operand::Queries => &self.q,
@@ -217,17 +224,23 @@ impl<T: Element> Scratch<T> {
         }
         let g = &self.log_decay[..len * width];
         let last = &g[(len - 1) * width..];
-        // e^{G_t} is e^{G_t − 0}: a row of zeros as the subtrahend.
-        let zeros = &mut self.exponents[..width];
-        zeros.fill(T::zero());
-        for (row, g_t) in decayed.chunks_exact_mut(dim_k).zip(g.chunks_exact(width)) {
-            let (a, b) = match towards {
-                Towards::Start => (g_t, &*zeros),
-                Towards::Last => (last, g_t),
-            };
-            match (a, b) {
-                ([a], [b]) => simd::scale(row, (*a - *b).exp()),
-                _ => simd::scale_by_exp_difference(row, a, b),
+        let rows = decayed.chunks_exact_mut(dim_k);
+        match towards {
+            Towards::Start => {
+                for (row, factors) in rows.zip(self.from_start.chunks_exact(width)) {
+                    match factors {
+                        [factor] => simd::scale(row, *factor),
+                        _ => simd::mul_assign(row, factors),
+                    }
+                }
+            }
+            Towards::Last => {
+                for (row, g_t) in rows.zip(g.chunks_exact(width)) {
+                    match (last, g_t) {
+                        ([last], [g_t]) => simd::scale(row, (*last - *g_t).exp()),
+                        _ => simd::scale_by_exp_difference(row, last, g_t),
+                    }
+                }
             }
         }
     }
@@ -257,8 +270,7 @@ impl<T: Element> Scratch<T> {
                 row[seen..].fill(T::zero());
                 if width == 1 {
                     // e^{G_i − G_j} for the keys row i sees.
-                    let reference = &vec_of(g[i], seen, &mut self.exponents);
-                    simd::scale_by_exp_difference(&mut row[..seen], reference, &g[..seen]);
+                    simd::scale_by_exp_from(&mut row[..seen], g[i], &g[..seen]);
                 }
             }
             return;
@@ -269,11 +281,10 @@ impl<T: Element> Scratch<T> {
             // Exponents against R, G just before the block (0 before the chunk): G_i − R ≤ 0
             // for the block's rows, R − G_j ≤ 0 for every earlier key, and R − G_j at most
             // the block's own decay for its keys.
-            let zeros = vec_of(T::zero(), dim_k, &mut self.exponents);
             let reference = if block > 0 {
                 &g[(block - 1) * dim_k..block * dim_k]
             } else {
-                zeros
+                &self.zero_row
             };
             let last = &g[(end - 1) * dim_k..end * dim_k];
             let span = reference
@@ -317,12 +328,6 @@ impl<T: Element> Scratch<T> {
             }
         }
     }
-}
-
-/// `buffer`'s first `len` elements set to `value`, as a slice.
-fn vec_of<T: Copy>(value: T, len: usize, buffer: &mut [T]) -> &[T] {
-    buffer[..len].fill(value);
-    &buffer[..len]
 }
 
 /// Where [`Scratch::decay_rows`] carries each row's decay: from the chunk's start to the

@@ -17,7 +17,7 @@ pub(crate) mod backward;
 pub(crate) mod chunked;
 pub(crate) mod recurrent;
 
-use crate::base::{Element, Tensor};
+use crate::base::Element;
 
 /// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
 /// dim_v]`, each state `dim_k × dim_v`.
@@ -151,16 +151,5 @@ pub(crate) fn l2_normalise_rows<T: Element>(rows: &mut [T], d: usize) {
     for row in rows.chunks_exact_mut(d) {
         let norm = (crate::base::simd::dot(row, row) + epsilon).sqrt();
         crate::base::simd::scale(row, T::one() / norm);
-    }
-}
-
-/// Rows `start..start + len` of head `h` of sequence `b` of a `[B, T, H, d]` tensor into
-/// `out` (`len × d`, row-major).
-fn gather_rows<T: Element>(x: &Tensor<T>, b: usize, h: usize, start: usize, out: &mut [T]) {
-    let [_, len_x, heads, d] = x.shape();
-    let data = x.as_slice();
-    for (t, row) in out.chunks_exact_mut(d).enumerate() {
-        let at = ((b * len_x + start + t) * heads + h) * d;
-        row.copy_from_slice(&data[at..at + d]);
     }
 }

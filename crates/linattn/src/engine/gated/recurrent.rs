@@ -13,57 +13,29 @@ const SEQUENTIAL_WORK: usize = 1 << 16;
 /// Runs every token of q, k, v through `states` (`[batch, heads_v, dim_k, dim_v]`: the
 /// initial states, left as the final ones) and writes `o_t = scale · S_tᵀ q_t` to `out`
 /// (`[batch, len, heads_v, dim_v]`).
-pub(crate) fn recurrent<'a, T: Element>(
+pub(crate) fn recurrent<T: Element>(
     shape: &GatedShape,
-    [q, k, v]: [&'a Tensor<T>; 3],
+    [q, k, v]: [&Tensor<T>; 3],
     gates: &Gates<'_, T>,
     scale: T,
     states: &mut [T],
     out: &mut Tensor<T>,
 ) {
-    let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
+    let dim_v = shape.dim_v;
     let width = gates.width(shape);
     let out_heads = out.heads_mut();
-    let [q, k, v] = [q, k, v].map(Tensor::as_slice);
     let run = |(unit, state): (usize, &mut [T])| {
         let Span { b, hv, first, len } = gates.span(shape, unit);
         let h = shape.qk_head(hv);
         // SAFETY: these rows of value head hv belong to this unit alone.
         let mut rows = unsafe { out_heads.block(b, hv, first, len) };
-        let mut decays = vec![T::zero(); width];
-        let mut update = vec![T::zero(); dim_v];
-        let (mut q_t, mut k_t) = (vec![T::zero(); dim_k], vec![T::zero(); dim_k]);
+        let mut token = Token::new(shape, width);
         for (i, t) in (first..first + len).enumerate() {
-            gates.log_decays(shape, b, hv, t, &mut decays);
-            decay(state, dim_v, &decays);
-            let row = |x: &'a [T], heads: usize, head: usize, d: usize| -> &'a [T] {
-                let at = ((b * shape.len + t) * heads + head) * d;
-                &x[at..at + d]
-            };
-            q_t.copy_from_slice(row(q, shape.heads, h, dim_k));
-            k_t.copy_from_slice(row(k, shape.heads, h, dim_k));
-            if gates.l2norm_qk {
-                l2_normalise_rows(&mut q_t, dim_k);
-                l2_normalise_rows(&mut k_t, dim_k);
-            }
-            let v_t = row(v, shape.heads_v, hv, dim_v);
-            match gates.beta(shape, b, hv, t) {
-                // β (v − S'ᵀ k), then S' + k (that)ᵀ.
-                Some(beta) => {
-                    update.copy_from_slice(v_t);
-                    for (s_c, &k_c) in state.chunks_exact(dim_v).zip(&k_t) {
-                        simd::add_scaled(&mut update, s_c, -k_c);
-                    }
-                    simd::scale(&mut update, beta);
-                }
-                None => update.copy_from_slice(v_t),
-            }
-            for (s_c, &k_c) in state.chunks_exact_mut(dim_v).zip(&k_t) {
-                simd::add_scaled(s_c, &update, k_c);
-            }
+            token.read(shape, [q, k, v], gates, b, h, hv, t);
+            token.step(state, dim_v);
             let o = rows.row_mut(i);
             o.fill(T::zero());
-            for (s_c, &q_c) in state.chunks_exact(dim_v).zip(&q_t) {
+            for (s_c, &q_c) in state.chunks_exact(dim_v).zip(&token.q) {
                 simd::add_scaled(o, s_c, q_c * scale);
             }
         }
@@ -94,5 +66,86 @@ pub(crate) fn decay<T: Element>(state: &mut [T], dim_v: usize, log_decays: &[T])
                 simd::scale(row, g.exp());
             }
         }
+    }
+}
+
+/// One token of one unit as the recurrence reads it (q and k normalised where asked),
+/// and what the state absorbs of it.
+pub(super) struct Token<T> {
+    pub(super) q: Vec<T>,
+    pub(super) k: Vec<T>,
+    pub(super) v: Vec<T>,
+    pub(super) decays: Vec<T>,
+    pub(super) beta: Option<T>,
+    /// What the state absorbs: `u_t`.
+    pub(super) u: Vec<T>,
+    /// `v_t − S'ᵀ k_t` (the delta rule).
+    pub(super) residual: Vec<T>,
+}
+
+impl<T: Element> Token<T> {
+    pub(super) fn new(shape: &GatedShape, width: usize) -> Self {
+        Self {
+            q: vec![T::zero(); shape.dim_k],
+            k: vec![T::zero(); shape.dim_k],
+            v: vec![T::zero(); shape.dim_v],
+            decays: vec![T::zero(); width],
+            beta: None,
+            u: vec![T::zero(); shape.dim_v],
+            residual: vec![T::zero(); shape.dim_v],
+        }
+    }
+
+    /// Token t's q and k rows (normalised if asked), v row, decays and β.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read(
+        &mut self,
+        shape: &GatedShape,
+        [q, k, v]: [&Tensor<T>; 3],
+        gates: &Gates<'_, T>,
+        b: usize,
+        h: usize,
+        hv: usize,
+        t: usize,
+    ) {
+        let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
+        let qk = ((b * shape.len + t) * shape.heads + h) * dim_k;
+        let token = (b * shape.len + t) * shape.heads_v + hv;
+        self.q.copy_from_slice(&q.as_slice()[qk..qk + dim_k]);
+        self.k.copy_from_slice(&k.as_slice()[qk..qk + dim_k]);
+        if gates.l2norm_qk {
+            l2_normalise_rows(&mut self.q, dim_k);
+            l2_normalise_rows(&mut self.k, dim_k);
+        }
+        self.v
+            .copy_from_slice(&v.as_slice()[token * dim_v..(token + 1) * dim_v]);
+        gates.log_decays(shape, b, hv, t, &mut self.decays);
+        self.beta = gates.beta(shape, b, hv, t);
+    }
+
+    /// `S ← S + k uᵀ` for the decayed state `S`, keeping `u` (`β (v − Sᵀ k)` for the
+    /// delta rule, with the residual `v − Sᵀ k`; `v` for the plain sum).
+    pub(super) fn absorb(&mut self, state: &mut [T], dim_v: usize) {
+        match self.beta {
+            Some(beta) => {
+                self.residual.copy_from_slice(&self.v);
+                for (row, &k_c) in state.chunks_exact(dim_v).zip(&self.k) {
+                    simd::add_scaled(&mut self.residual, row, -k_c);
+                }
+                for (u, &r) in self.u.iter_mut().zip(&self.residual) {
+                    *u = beta * r;
+                }
+            }
+            None => self.u.copy_from_slice(&self.v),
+        }
+        for (row, &k_c) in state.chunks_exact_mut(dim_v).zip(&self.k) {
+            simd::add_scaled(row, &self.u, k_c);
+        }
+    }
+
+    /// One whole step: decay, then absorb.
+    pub(super) fn step(&mut self, state: &mut [T], dim_v: usize) {
+        decay(state, dim_v, &self.decays);
+        self.absorb(state, dim_v);
     }
 }

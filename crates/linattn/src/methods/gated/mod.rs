@@ -178,8 +178,8 @@ impl Rule {
     /// Scratch bytes of a backward call beyond inputs and gradients: each unit's
     /// gradients before they are summed into q's and k's heads, the engine's ∂q, ∂k, ∂v
     /// beside the ones a plan allocated, ∂g and ∂β, three states per unit (the initial
-    /// one, its gradient, the gradients' copy), and each thread's checkpoints, recomputed
-    /// segment and working states.
+    /// one, its gradient, the gradients' copy), and each thread's checkpoints and
+    /// recomputed segment.
     pub fn backward_workspace_bytes(&self, problem: &Problem, element: usize) -> u128 {
         let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
         let (batch, len) = (problem.batch as u128, problem.len_q as u128);
@@ -189,7 +189,10 @@ impl Rule {
         let qkv = batch * len * (2 * problem.heads_q as u128 * dk + problem.heads_v as u128 * dv);
         let gates = units * len * (dk + 1);
         let segments = len.div_ceil(BACKWARD_SEGMENT as u128);
-        let thread = (segments + BACKWARD_SEGMENT as u128 + 4) * state + 4 * (dk + dv);
+        // Checkpoints, the segment's decayed states, the state and its gradient; the
+        // segment's tokens (q, k, v, u, residual, decays) and ∂u, ∂r.
+        let segment = BACKWARD_SEGMENT as u128;
+        let thread = (segments + segment + 2) * state + (segment + 1) * (3 * dk + 3 * dv) + 2 * dv;
         (units * per_unit + qkv + gates) * element as u128
             + per_thread(problem.batch * problem.heads_v, thread * element as u128)
     }
@@ -208,8 +211,10 @@ impl Rule {
         (problem.batch * problem.heads_v * problem.len_q) as f64 * per_token
     }
 
-    /// Runs the call: checks `inputs` against the rule and the problem, then the chunked
-    /// form (its chunk the whole sequence for the parallel form) from the initial states.
+    /// Runs the call: checks `inputs` against the rule and the problem, then [`run`]s
+    /// the tokens from the initial states.
+    ///
+    /// [`run`]: Self::run
     pub fn forward<T: Element>(
         &self,
         problem: &Problem,
@@ -221,26 +226,42 @@ impl Rule {
         let shape = gated_shape(problem);
         let computed = Computed::of(inputs)?;
         let checked = self.check_inputs(&shape, &computed.inputs(inputs))?;
-        let fixed = self.fixed_decays::<T>();
-        let gates = self.gates(&checked, &fixed);
         let mut states = self.initial_states(&shape, &checked)?;
+        self.run(
+            &shape,
+            [q, k, v],
+            &checked,
+            parallel,
+            states.as_mut_slice(),
+            out,
+        );
+        Ok(states)
+    }
+
+    /// Runs the tokens through `states` in place with inputs [`check_inputs`] passed: the
+    /// recurrent form for one token (a decode step, whose chunk would be the recurrence
+    /// with copies), else the chunked form, its chunk the whole sequence when
+    /// `parallel`.
+    ///
+    /// [`check_inputs`]: Self::check_inputs
+    pub(crate) fn run<T: Element>(
+        &self,
+        shape: &GatedShape,
+        [q, k, v]: [&Tensor<T>; 3],
+        checked: &GateInputs<'_, T>,
+        parallel: bool,
+        states: &mut [T],
+        out: &mut Tensor<T>,
+    ) {
+        let fixed = self.fixed_decays::<T>();
+        let gates = self.gates(checked, &fixed);
         let scale = T::of_f64(self.scale(shape.dim_k));
         if shape.len == 1 {
-            // One token, a decode step: its chunk would be the recurrence with copies.
-            recurrent(&shape, [q, k, v], &gates, scale, states.as_mut_slice(), out);
+            recurrent(shape, [q, k, v], &gates, scale, states, out);
         } else {
             let chunk = if parallel { shape.len } else { self.chunk };
-            chunked(
-                &shape,
-                [q, k, v],
-                &gates,
-                scale,
-                chunk,
-                states.as_mut_slice(),
-                out,
-            );
+            chunked(shape, [q, k, v], &gates, scale, chunk, states, out);
         }
-        Ok(states)
     }
 
     /// The gradients of `Σ d_out ∘ out (+ Σ d_final ∘ final state)` of the call with
@@ -311,7 +332,7 @@ impl Rule {
     }
 
     /// Retention's fixed log decays in `T` (empty for the other rules).
-    pub(crate) fn fixed_decays<T: Element>(&self) -> Vec<T> {
+    fn fixed_decays<T: Element>(&self) -> Vec<T> {
         match &self.decay {
             RuleDecay::Fixed(per_head) => per_head.iter().map(|&g| T::of_f64(g)).collect(),
             _ => Vec::new(),
@@ -319,11 +340,7 @@ impl Rule {
     }
 
     /// The engine's view of checked inputs.
-    pub(crate) fn gates<'a, T: Element>(
-        &self,
-        checked: &GateInputs<'a, T>,
-        fixed: &'a [T],
-    ) -> Gates<'a, T> {
+    fn gates<'a, T: Element>(&self, checked: &GateInputs<'a, T>, fixed: &'a [T]) -> Gates<'a, T> {
         let decay = match (&self.decay, checked.g) {
             (RuleDecay::None, _) => Decay::None,
             (RuleDecay::Fixed(_), _) => Decay::Fixed(fixed),

@@ -102,6 +102,94 @@ pub(crate) fn add_scaled<T: Element>(acc: &mut [T], x: &[T], a: T) {
     }
 }
 
+/// Columns a recurrent step keeps in registers while it walks a state's rows: four
+/// AVX-512 vectors of f32, so that sums over rows chain in registers, not through memory.
+const STATE_BLOCK: usize = 4 * LANES;
+
+/// `acc ← acc + Σ_c a_c · row_c` for the rows `rows` (`a.len()` rows of `acc.len()`):
+/// `Sᵀ a` for a state `S` stored row by row.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn add_rows_scaled<T: Element>(acc: &mut [T], rows: &[T], a: &[T]) {
+    let n = acc.len();
+    let mut blocks = acc.chunks_exact_mut(STATE_BLOCK);
+    for (block, acc) in (&mut blocks).enumerate() {
+        let j0 = block * STATE_BLOCK;
+        // An array, not a slice, so that the sum lives in registers.
+        let mut sum: [T; STATE_BLOCK] = (*acc).try_into().expect("a whole block");
+        for (c, &a_c) in a.iter().enumerate() {
+            let row: &[T; STATE_BLOCK] = rows[c * n + j0..][..STATE_BLOCK]
+                .try_into()
+                .expect("a whole block");
+            for (s, &x) in sum.iter_mut().zip(row) {
+                *s += a_c * x;
+            }
+        }
+        acc.copy_from_slice(&sum);
+    }
+    let tail = blocks.into_remainder();
+    let j0 = n - tail.len();
+    if tail.is_empty() {
+        return;
+    }
+    for (c, &a_c) in a.iter().enumerate() {
+        add_scaled(tail, &rows[c * n + j0..(c + 1) * n], a_c);
+    }
+}
+
+/// For each row c of `rows` (`f.len()` rows of `u.len()`): `row_c ← f_c·row_c + a_c·u`,
+/// and where `read` gives `(out, b)`, `out = Σ_c b_c · row_c` of the new rows: a
+/// recurrent step's decay, update and output in one pass over the state.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn decay_update_rows<T: Element>(
+    rows: &mut [T],
+    f: &[T],
+    u: &[T],
+    a: &[T],
+    read: Option<(&mut [T], &[T])>,
+) {
+    let n = u.len();
+    let (mut out, b) = match read {
+        Some((out, b)) => (Some(out), b),
+        None => (None, &[][..]),
+    };
+    let whole = n - n % STATE_BLOCK;
+    for j0 in (0..whole).step_by(STATE_BLOCK) {
+        let u: &[T; STATE_BLOCK] = u[j0..j0 + STATE_BLOCK].try_into().expect("a whole block");
+        let mut sum = [T::zero(); STATE_BLOCK];
+        for (c, (&f_c, &a_c)) in f.iter().zip(a).enumerate() {
+            let row: &mut [T; STATE_BLOCK] = (&mut rows[c * n + j0..][..STATE_BLOCK])
+                .try_into()
+                .expect("a whole block");
+            for (x, &u) in row.iter_mut().zip(u) {
+                *x = f_c * *x + a_c * u;
+            }
+            if let Some(&b_c) = b.get(c) {
+                for (s, &x) in sum.iter_mut().zip(row.iter()) {
+                    *s += b_c * x;
+                }
+            }
+        }
+        if let Some(out) = out.as_deref_mut() {
+            out[j0..j0 + STATE_BLOCK].copy_from_slice(&sum);
+        }
+    }
+    if whole == n {
+        return;
+    }
+    if let Some(out) = out.as_deref_mut() {
+        out[whole..].fill(T::zero());
+    }
+    for (c, (&f_c, &a_c)) in f.iter().zip(a).enumerate() {
+        let row = &mut rows[c * n + whole..(c + 1) * n];
+        for (x, &u) in row.iter_mut().zip(&u[whole..]) {
+            *x = f_c * *x + a_c * u;
+        }
+        if let (Some(out), Some(&b_c)) = (out.as_deref_mut(), b.get(c)) {
+            add_scaled(&mut out[whole..], row, b_c);
+        }
+    }
+}
+
 /// `out ← elu(x) + 1`, which is x + 1 for x > 0 and eˣ otherwise.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
 pub(crate) fn elu_plus_one<T: Element>(xs: &[T], out: &mut [T]) {

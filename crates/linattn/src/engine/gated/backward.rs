@@ -172,7 +172,7 @@ fn unit_backward<T: Element>(
         checkpoints[segment * state_len..(segment + 1) * state_len].copy_from_slice(&state);
         for t in segment * SEGMENT..((segment + 1) * SEGMENT).min(len) {
             read(&mut token, t);
-            token.step(&mut state, dim_v);
+            token.step(&mut state, None);
         }
     }
 

@@ -21,37 +21,29 @@ pub(crate) fn recurrent<T: Element>(
     states: &mut [T],
     out: &mut Tensor<T>,
 ) {
-    let dim_v = shape.dim_v;
     let width = gates.width(shape);
     let out_heads = out.heads_mut();
-    let run = |(unit, state): (usize, &mut [T])| {
+    let run = |token: &mut Token<T>, (unit, state): (usize, &mut [T])| {
         let Span { b, hv, first, len } = gates.span(shape, unit);
         let h = shape.qk_head(hv);
         // SAFETY: these rows of value head hv belong to this unit alone.
         let mut rows = unsafe { out_heads.block(b, hv, first, len) };
-        let mut token = Token::new(shape, width);
         for (i, t) in (first..first + len).enumerate() {
             token.read(shape, [q, k, v], gates, b, h, hv, t);
-            token.step(state, dim_v);
-            let o = rows.row_mut(i);
-            o.fill(T::zero());
-            for (s_c, &q_c) in state.chunks_exact(dim_v).zip(&token.q) {
-                simd::add_scaled(o, s_c, q_c * scale);
-            }
+            token.step(state, Some((rows.row_mut(i), scale)));
         }
     };
     // A decode step's few states take microseconds: waking another thread for them
     // would take longer than the work.
     if states.len() * shape.len <= SEQUENTIAL_WORK {
-        states
-            .chunks_mut(shape.state_len())
-            .enumerate()
-            .for_each(run);
+        let mut token = Token::new(shape, width);
+        let units = states.chunks_mut(shape.state_len()).enumerate();
+        units.for_each(|unit| run(&mut token, unit));
     } else {
         states
             .par_chunks_mut(shape.state_len())
             .enumerate()
-            .for_each(run);
+            .for_each_init(|| Token::new(shape, width), run);
     }
 }
 
@@ -76,6 +68,10 @@ pub(super) struct Token<T> {
     pub(super) k: Vec<T>,
     pub(super) v: Vec<T>,
     pub(super) decays: Vec<T>,
+    /// `e^g` per key channel: the decays as factors.
+    factors: Vec<T>,
+    /// A key-length row of coefficients: the negated decayed keys, then `s · q`.
+    scaled: Vec<T>,
     pub(super) beta: Option<T>,
     /// What the state absorbs: `u_t`.
     pub(super) u: Vec<T>,
@@ -90,6 +86,8 @@ impl<T: Element> Token<T> {
             k: vec![T::zero(); shape.dim_k],
             v: vec![T::zero(); shape.dim_v],
             decays: vec![T::zero(); width],
+            factors: Vec::with_capacity(shape.dim_k),
+            scaled: vec![T::zero(); shape.dim_k],
             beta: None,
             u: vec![T::zero(); shape.dim_v],
             residual: vec![T::zero(); shape.dim_v],
@@ -143,9 +141,42 @@ impl<T: Element> Token<T> {
         }
     }
 
-    /// One whole step: decay, then absorb.
-    pub(super) fn step(&mut self, state: &mut [T], dim_v: usize) {
-        decay(state, dim_v, &self.decays);
-        self.absorb(state, dim_v);
+    /// One whole step, decay then absorb, in two passes over the state: `S'ᵀ k` read
+    /// through the decay factors (the delta rule only), then each row decayed and
+    /// updated, the output `o = s · S_tᵀ q` of the new rows summed where `out` gives
+    /// `(o, s)`.
+    pub(super) fn step(&mut self, state: &mut [T], out: Option<(&mut [T], T)>) {
+        let dim_k = self.k.len();
+        self.factors.clear();
+        match self.decays.as_slice() {
+            [] => self.factors.resize(dim_k, T::one()),
+            [g] => self.factors.resize(dim_k, g.exp()),
+            per_channel => {
+                self.factors.extend_from_slice(per_channel);
+                simd::exp_in_place(&mut self.factors);
+            }
+        }
+        let u = match self.beta {
+            Some(beta) => {
+                // The decayed keys, k ⊙ e^g, reuse u's neighbour `scaled` until u is known.
+                for ((s, &k), &f) in self.scaled.iter_mut().zip(&self.k).zip(&self.factors) {
+                    *s = -(f * k);
+                }
+                self.residual.copy_from_slice(&self.v);
+                simd::add_rows_scaled(&mut self.residual, state, &self.scaled);
+                for (u, &r) in self.u.iter_mut().zip(&self.residual) {
+                    *u = beta * r;
+                }
+                &self.u
+            }
+            None => &self.v,
+        };
+        let read = out.map(|(o, scale)| {
+            for (s, &q) in self.scaled.iter_mut().zip(&self.q) {
+                *s = scale * q;
+            }
+            (o, &self.scaled[..])
+        });
+        simd::decay_update_rows(state, &self.factors, u, &self.k, read);
     }
 }

@@ -13,13 +13,14 @@ use crate::methods::gated::gated_shape;
 type Sizes = (usize, usize, usize, usize, usize, usize);
 
 /// Lengths of one token, odd, off the chunk and past several chunks; HV = H and 2H; d_k
-/// unlike d_v.
-const SIZES: [Sizes; 5] = [
+/// unlike d_v; a d_v past the recurrent step's register block of 64 columns.
+const SIZES: [Sizes; 6] = [
     (1, 1, 1, 1, 4, 3),
     (2, 37, 2, 4, 8, 5),
     (1, 100, 1, 2, 16, 16),
     (2, 65, 2, 2, 7, 9),
     (1, 130, 2, 2, 32, 24),
+    (1, 67, 1, 1, 64, 136),
 ];
 
 /// Which decay a case runs.

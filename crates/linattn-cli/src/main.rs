@@ -40,7 +40,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Compute attention on .npy inputs and write the output as .npy
-    Run(run::RunArgs),
+    // Boxed: its many input files make it several times the size of the others.
+    Run(Box<run::RunArgs>),
     /// Time methods over sequence lengths: median time, tokens/s, extra memory, error
     Bench(bench::BenchArgs),
     /// Prefill a prompt, then generate token by token: step latency and state memory

@@ -6,7 +6,10 @@ use crate::gpu::{self, Device, GpuDtype};
 use crate::method_options::{InputDims, MethodName, MethodOptions, method_name_parser};
 use crate::npy::{self, Array, Elements, Float};
 use clap::Args;
-use linattn::{Attention, GateInputs, Gradients, HeadLayout, Method, Tensor, TokenInput};
+use linattn::{
+    Attention, GateInputs, GatedGradients, Gradients, HeadLayout, Method, RawGate, Tensor,
+    TokenInput,
+};
 use std::path::{Path, PathBuf};
 
 /// The layout q, k and v must have.
@@ -39,20 +42,44 @@ pub struct RunArgs {
     /// also compute the backward pass (needs --grads-prefix)
     #[arg(long, value_name = "FILE")]
     grad_out: Option<PathBuf>,
-    /// Where the gradients go: PATH + dq.npy, dk.npy, dv.npy, and for linformer dE.npy,
-    /// dF.npy (needs --grad-out)
+    /// Where the gradients go: PATH + dq.npy, dk.npy, dv.npy, for linformer dE.npy,
+    /// dF.npy, and for the gated family the gradient of each input it read, in that
+    /// input's shape: dg.npy or da.npy, dA_log.npy, ddt_bias.npy; dbeta.npy or
+    /// dbeta_logits.npy; d_initial_state.npy (needs --grad-out)
     #[arg(long, value_name = "PATH")]
     grads_prefix: Option<PathBuf>,
     /// The gated family's log decays g, every value ≤ 0: [batch, seq, heads_v] or, per
     /// key channel, [batch, seq, heads_v, head_dim] (gla, gated-delta-rule)
     #[arg(long, value_name = "FILE")]
     g: Option<PathBuf>,
+    /// In place of --g, g computed inside from a layer's raw gate input a, [batch, seq,
+    /// heads_v] or per key channel [batch, seq, heads_v, head_dim]: g = −exp(A_log) ·
+    /// softplus(a + dt_bias) (flash-linear-attention's use_gate_in_kernel; needs
+    /// --a-log and --dt-bias)
+    #[arg(long, value_name = "FILE", conflicts_with = "g", requires_all = ["a_log", "dt_bias"])]
+    gate_a: Option<PathBuf>,
+    /// With --gate-a: A_log, 1-D, one value per value head
+    #[arg(long, value_name = "FILE", requires = "gate_a")]
+    a_log: Option<PathBuf>,
+    /// With --gate-a: dt_bias, 1-D, one value per value head or, for a per key channel,
+    /// heads_v · head_dim values (row-major)
+    #[arg(long, value_name = "FILE", requires = "gate_a")]
+    dt_bias: Option<PathBuf>,
     /// The delta rule's step sizes β, [batch, seq, heads_v] (delta-rule,
     /// gated-delta-rule)
     #[arg(long, value_name = "FILE")]
     beta: Option<PathBuf>,
-    /// The gated family's states to start from, [batch, heads_v, head_dim, head_dim_v]
-    /// (zeros without it)
+    /// In place of --beta, β's logits, [batch, seq, heads_v]: β = sigmoid(logits)
+    /// computed inside
+    #[arg(long, value_name = "FILE", conflicts_with = "beta")]
+    beta_logits: Option<PathBuf>,
+    /// The gated family's sequences packed along a batch of one (flash-linear-attention's
+    /// varlen): comma-separated token offsets from 0 to the length, never decreasing,
+    /// sequence n over tokens OFFSETS[n]..OFFSETS[n+1] with a state of its own
+    #[arg(long, value_name = "OFFSETS", value_delimiter = ',')]
+    cu_seqlens: Option<Vec<usize>>,
+    /// The gated family's states to start from, [batch, heads_v, head_dim, head_dim_v],
+    /// or [sequences, heads_v, head_dim, head_dim_v] with --cu-seqlens (zeros without it)
     #[arg(long, value_name = "FILE")]
     initial_state: Option<PathBuf>,
     /// Where to write the gated family's state after the last token, as --initial-state
@@ -74,45 +101,73 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Refuses per-token inputs and states the method does not read, and asks for those
-    /// it does.
+    /// Refuses per-token inputs, states and packed sequences the method does not read,
+    /// and asks for the inputs it does.
     fn check_gate_files(&self) -> Result<(), CliError> {
         let info = self.method.info();
-        for (input, file) in [
-            (TokenInput::LogDecay, &self.g),
-            (TokenInput::StepSize, &self.beta),
+        for (input, flag) in [
+            (TokenInput::LogDecay, self.decay_flag()),
+            (TokenInput::StepSize, self.step_size_flag()),
         ] {
-            let flag = input.name();
-            match (info.token_inputs.contains(&input), file) {
+            let name = input.name();
+            match (info.token_inputs.contains(&input), flag) {
                 (true, None) => {
                     return Err(CliError::Usage(format!(
-                        "{} needs --{flag} FILE: {}",
+                        "{} needs --{name} FILE: {}",
                         info.name,
                         match input {
                             TokenInput::LogDecay =>
-                                "the log decays, [batch, seq, heads_v(, head_dim)]",
-                            TokenInput::StepSize => "the step sizes β, [batch, seq, heads_v]",
+                                "the log decays, [batch, seq, heads_v(, head_dim)] (or --gate-a, \
+                                 --a-log and --dt-bias, the gate's raw inputs)",
+                            TokenInput::StepSize =>
+                                "the step sizes β, [batch, seq, heads_v] (or --beta-logits)",
                         }
                     )));
                 }
-                (false, Some(_)) => {
+                (false, Some(flag)) => {
                     return Err(CliError::Usage(format!(
-                        "{} reads no {flag}; leave --{flag} out",
+                        "{} reads no {name}; leave --{flag} out",
                         info.name
                     )));
                 }
                 _ => {}
             }
         }
+        let gated = info.layout == HeadLayout::GroupedValues;
         let states = self.initial_state.is_some() || self.final_state.is_some();
-        if states && info.layout != HeadLayout::GroupedValues {
+        if states && !gated {
             return Err(CliError::Usage(format!(
                 "--initial-state and --final-state are for retention, gla, delta-rule and \
                  gated-delta-rule; {} continues a sequence through `linattn decode`",
                 info.name
             )));
         }
+        if self.cu_seqlens.is_some() && !gated {
+            return Err(CliError::Usage(format!(
+                "--cu-seqlens is for retention, gla, delta-rule and gated-delta-rule, whose \
+                 packed sequences each keep a state; {} reads no packed sequences",
+                info.name
+            )));
+        }
         Ok(())
+    }
+
+    /// The flag that gave the log decays: `g`, or `gate-a` for the gate's raw inputs.
+    fn decay_flag(&self) -> Option<&'static str> {
+        match (&self.g, &self.gate_a) {
+            (Some(_), _) => Some("g"),
+            (None, Some(_)) => Some("gate-a"),
+            (None, None) => None,
+        }
+    }
+
+    /// The flag that gave the step sizes: `beta`, or `beta-logits`.
+    fn step_size_flag(&self) -> Option<&'static str> {
+        match (&self.beta, &self.beta_logits) {
+            (Some(_), _) => Some("beta"),
+            (None, Some(_)) => Some("beta-logits"),
+            (None, None) => None,
+        }
     }
 
     /// The output gradient's file when the backward pass is asked for; one of
@@ -144,16 +199,35 @@ struct Tensors<T> {
     q: Tensor<T>,
     k: Tensor<T>,
     v: Tensor<T>,
-    g: Option<Tensor<T>>,
-    beta: Option<Tensor<T>>,
+    g: Option<PerToken<T>>,
+    raw_gate: Option<RawGateInputs<T>>,
+    beta: Option<PerToken<T>>,
+    beta_logits: Option<PerToken<T>>,
     initial_state: Option<Tensor<T>>,
     d_out: Option<Tensor<T>>,
+}
+
+/// A per-token input as the library reads it, `[batch, seq, heads_v, 1 or head_dim]`,
+/// and the shape its file had, which its gradient is written in.
+struct PerToken<T> {
+    tensor: Tensor<T>,
+    file_shape: Vec<usize>,
+}
+
+/// The raw inputs of the gate `g = −exp(A_log) · softplus(a + dt_bias)`.
+struct RawGateInputs<T> {
+    a: PerToken<T>,
+    a_log: Vec<T>,
+    dt_bias: Vec<T>,
 }
 
 /// The files beside q, k and v, read.
 struct Extra {
     g: Option<Array>,
+    /// a, A_log and dt_bias.
+    raw_gate: Option<[Array; 3]>,
     beta: Option<Array>,
+    beta_logits: Option<Array>,
     initial_state: Option<Array>,
     d_out: Option<Array>,
 }
@@ -208,33 +282,78 @@ impl<T: Float> Tensors<T> {
             }
             None => None,
         };
+        let raw_gate = match extra.raw_gate {
+            Some([a, a_log, dt_bias]) => Some(RawGateInputs {
+                a: per_token(a, "a")?,
+                a_log: vector(a_log, "A_log", "1-D, one value per value head")?,
+                dt_bias: vector(
+                    dt_bias,
+                    "dt_bias",
+                    "1-D, one value per value head or heads_v · head_dim values",
+                )?,
+            }),
+            None => None,
+        };
+        let per_token = |array: Option<Array>, role| array.map(|a| per_token(a, role));
         Ok(Self {
             q: Tensor::from_vec(q, shapes[0])?,
             k: Tensor::from_vec(k, shapes[1])?,
             v: Tensor::from_vec(v, shapes[2])?,
-            g: extra.g.map(|a| per_token::<T>(a, "g")).transpose()?,
-            beta: extra.beta.map(|a| per_token::<T>(a, "beta")).transpose()?,
+            g: per_token(extra.g, "g").transpose()?,
+            raw_gate,
+            beta: per_token(extra.beta, "beta").transpose()?,
+            beta_logits: per_token(extra.beta_logits, "beta_logits").transpose()?,
             initial_state: extra.initial_state.map(|a| state::<T>(a)).transpose()?,
             d_out,
         })
     }
+
+    /// The gated family's inputs of the call, packed along `cu_seqlens` if given.
+    fn gate_inputs<'a>(&'a self, cu_seqlens: Option<&'a [usize]>) -> GateInputs<'a, T> {
+        GateInputs {
+            g: self.g.as_ref().map(|g| &g.tensor),
+            beta: self.beta.as_ref().map(|beta| &beta.tensor),
+            initial_state: self.initial_state.as_ref(),
+            cu_seqlens,
+            raw_gate: self.raw_gate.as_ref().map(|raw| RawGate {
+                a: &raw.a.tensor,
+                a_log: &raw.a_log,
+                dt_bias: &raw.dt_bias,
+            }),
+            beta_logits: self.beta_logits.as_ref().map(|logits| &logits.tensor),
+        }
+    }
 }
 
 /// A per-token input: `[batch, seq, heads_v]` (read as `[.., 1]`) or 4-D, in `T`.
-fn per_token<T: Float>(array: Array, role: &'static str) -> Result<Tensor<T>, CliError> {
+fn per_token<T: Float>(array: Array, role: &'static str) -> Result<PerToken<T>, CliError> {
     const LAYOUT: &str = "[batch, seq, heads_v] or [batch, seq, heads_v, head_dim]";
     let shape = match array.shape.as_slice() {
         &[b, t, h] => [b, t, h, 1],
         _ => array.dims::<4>(role, LAYOUT)?,
     };
-    Ok(Tensor::from_vec(values_of::<T>(array)?, shape)?)
+    let file_shape = array.shape.clone();
+    Ok(PerToken {
+        tensor: Tensor::from_vec(values_of::<T>(array)?, shape)?,
+        file_shape,
+    })
+}
+
+/// The values of a 1-D array, in `T`.
+fn vector<T: Float>(
+    array: Array,
+    role: &'static str,
+    layout: &'static str,
+) -> Result<Vec<T>, CliError> {
+    array.dims::<1>(role, layout)?;
+    values_of::<T>(array)
 }
 
 /// The states `[batch, heads_v, head_dim, head_dim_v]`, in `T`.
 fn state<T: Float>(array: Array) -> Result<Tensor<T>, CliError> {
     let shape = array.dims::<4>(
         "the initial state",
-        "4-D [batch, heads_v, head_dim, head_dim_v]",
+        "4-D [batch or sequences, heads_v, head_dim, head_dim_v]",
     )?;
     Ok(Tensor::from_vec(values_of::<T>(array)?, shape)?)
 }
@@ -260,9 +379,18 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     // none of them is an input.
     let mut outputs = npy::Outputs::create(&args.destinations(), &args.input_files())?;
     let read = |file: &Option<PathBuf>| file.as_deref().map(npy::read).transpose();
+    let raw_gate = match (&args.gate_a, &args.a_log, &args.dt_bias) {
+        (Some(a), Some(a_log), Some(dt_bias)) => {
+            Some([npy::read(a)?, npy::read(a_log)?, npy::read(dt_bias)?])
+        }
+        // clap requires all three or none.
+        _ => None,
+    };
     let extra = Extra {
         g: read(&args.g)?,
+        raw_gate,
         beta: read(&args.beta)?,
+        beta_logits: read(&args.beta_logits)?,
         initial_state: read(&args.initial_state)?,
         d_out: gradients.map(npy::read).transpose()?,
     };
@@ -297,9 +425,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             .final_state
             .is_some()
             .then(|| args.destinations().len() - 1);
+        let cu_seqlens = args.cu_seqlens.as_deref();
         match &inputs {
-            Inputs::F32(tensors) => compute(&attention, tensors, final_state, &mut outputs)?,
-            Inputs::F64(tensors) => compute(&attention, tensors, final_state, &mut outputs)?,
+            Inputs::F32(t) => compute(&attention, t, cu_seqlens, final_state, &mut outputs)?,
+            Inputs::F64(t) => compute(&attention, t, cu_seqlens, final_state, &mut outputs)?,
         }
     }
     outputs.commit()
@@ -307,33 +436,58 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
 
 impl RunArgs {
     /// Every file the command writes, in order: the output, then dq, dk, dv (and
-    /// Linformer's dE, dF) under the gradients' prefix, then the final state.
+    /// Linformer's dE, dF) under the gradients' prefix, the gradients of the gated
+    /// family's inputs ([`Self::gate_gradients`]), then the final state.
     fn destinations(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.out.clone()];
         if let Some(prefix) = &self.grads_prefix {
-            let info = self.method.info();
-            let parameters = info.parameters.iter().copied();
-            // The gated family: dg and dbeta where it reads them, and the initial state's.
-            let token_inputs = info.token_inputs.iter().map(|input| input.name());
-            let initial = self.initial_state.as_ref().map(|_| "_initial_state");
+            let parameters = self.method.info().parameters.iter().copied();
             let names = ["q", "k", "v"]
                 .into_iter()
                 .chain(parameters)
-                .chain(token_inputs);
-            let names = names.chain(initial);
+                .chain(self.gate_gradients());
             paths.extend(names.map(|name| prefixed(prefix, &format!("d{name}"))));
         }
         paths.extend(self.final_state.clone());
         paths
     }
 
+    /// The gated family's inputs whose gradients are written after dq, dk and dv, in
+    /// order: g (or a, A_log and dt_bias), beta (or beta_logits), the initial state.
+    fn gate_gradients(&self) -> Vec<&'static str> {
+        let reads = |input| self.method.info().token_inputs.contains(&input);
+        let mut names = Vec::new();
+        if reads(TokenInput::LogDecay) {
+            match self.gate_a {
+                Some(_) => names.extend(["a", "A_log", "dt_bias"]),
+                None => names.push("g"),
+            }
+        }
+        if reads(TokenInput::StepSize) {
+            names.push(match self.beta_logits {
+                Some(_) => "beta_logits",
+                None => "beta",
+            });
+        }
+        names.extend(self.initial_state.as_ref().map(|_| "_initial_state"));
+        names
+    }
+
     /// Every file the command reads.
     fn input_files(&self) -> Vec<&Path> {
         let mut files = vec![self.q.as_path(), self.k.as_path(), self.v.as_path()];
-        files.extend(self.grad_out.as_deref());
-        files.extend(self.g.as_deref());
-        files.extend(self.beta.as_deref());
-        files.extend(self.initial_state.as_deref());
+        for file in [
+            &self.grad_out,
+            &self.g,
+            &self.gate_a,
+            &self.a_log,
+            &self.dt_bias,
+            &self.beta,
+            &self.beta_logits,
+            &self.initial_state,
+        ] {
+            files.extend(file.as_deref());
+        }
         files.extend(self.options.input_files());
         files
     }
@@ -345,17 +499,13 @@ impl RunArgs {
 fn compute<T: Float>(
     attention: &Attention,
     tensors: &Tensors<T>,
+    cu_seqlens: Option<&[usize]>,
     final_state: Option<usize>,
     outputs: &mut npy::Outputs,
 ) -> Result<(), CliError> {
     let Tensors { q, k, v, d_out, .. } = tensors;
     if attention.method().info().layout == HeadLayout::GroupedValues {
-        let gates = GateInputs {
-            g: tensors.g.as_ref(),
-            beta: tensors.beta.as_ref(),
-            initial_state: tensors.initial_state.as_ref(),
-            ..GateInputs::default()
-        };
+        let gates = tensors.gate_inputs(cu_seqlens);
         let result = attention.forward_gated(q, k, v, &gates)?;
         outputs.write(0, &result.out)?;
         if let Some(index) = final_state {
@@ -364,19 +514,9 @@ fn compute<T: Float>(
         drop(result);
         if let Some(d_out) = d_out {
             let grads = attention.backward_gated(q, k, v, &gates, d_out, None)?;
-            let optional = [grads.dg.as_ref(), grads.dbeta.as_ref()];
-            let initial = tensors
-                .initial_state
-                .as_ref()
-                .map(|_| &grads.d_initial_state);
-            let written = [Some(&grads.dq), Some(&grads.dk), Some(&grads.dv)].into_iter();
-            for (index, gradient) in written
-                .chain(optional)
-                .chain([initial])
-                .flatten()
-                .enumerate()
+            for (index, (shape, values)) in gated_gradients(tensors, &grads).into_iter().enumerate()
             {
-                outputs.write(1 + index, gradient)?;
+                outputs.write_array(1 + index, &shape, values)?;
             }
         }
     } else {
@@ -389,6 +529,43 @@ fn compute<T: Float>(
         }
     }
     Ok(())
+}
+
+/// The gated family's gradients in the order of [`RunArgs::gate_gradients`] after dq,
+/// dk and dv, each with the shape its input's file had: a g or β given `[batch, seq,
+/// heads_v]` gets its gradient so, as flash-linear-attention returns it.
+fn gated_gradients<'a, T: Float>(
+    tensors: &Tensors<T>,
+    grads: &'a GatedGradients<T>,
+) -> Vec<(Vec<usize>, &'a [T])> {
+    let whole = |tensor: &'a Tensor<T>| (tensor.shape().to_vec(), tensor.as_slice());
+    let like = |input: &PerToken<T>, gradient: &'a Tensor<T>| {
+        (input.file_shape.clone(), gradient.as_slice())
+    };
+    let mut written = vec![whole(&grads.dq), whole(&grads.dk), whole(&grads.dv)];
+    match (&tensors.raw_gate, &grads.raw_gate, &tensors.g, &grads.dg) {
+        (Some(raw), Some(raw_grads), _, _) => written.extend([
+            like(&raw.a, &raw_grads.da),
+            (vec![raw.a_log.len()], raw_grads.d_a_log.as_slice()),
+            (vec![raw.dt_bias.len()], raw_grads.d_dt_bias.as_slice()),
+        ]),
+        (None, _, Some(g), Some(dg)) => written.push(like(g, dg)),
+        _ => {}
+    }
+    match (
+        &tensors.beta_logits,
+        &grads.dbeta_logits,
+        &tensors.beta,
+        &grads.dbeta,
+    ) {
+        (Some(logits), Some(d_logits), _, _) => written.push(like(logits, d_logits)),
+        (None, _, Some(beta), Some(dbeta)) => written.push(like(beta, dbeta)),
+        _ => {}
+    }
+    if tensors.initial_state.is_some() {
+        written.push(whole(&grads.d_initial_state));
+    }
+    written
 }
 
 /// Writes dq, dk, dv in the inputs' precision and Linformer's dE, dF as float64

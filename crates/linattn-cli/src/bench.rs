@@ -3,6 +3,7 @@
 
 use crate::dtype::Dtype;
 use crate::error::CliError;
+use crate::gates::{self, Gate};
 use crate::gpu::{self, Device, GpuDtype};
 use crate::measure::measure;
 use crate::method_options::{MethodName, method_name_parser};
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     dtype: Dtype,
     #[command(flatten)]
     settings: MethodSettings,
+    /// gla, gated-delta-rule: their random log decays per value head (log σ(x)) or per
+    /// key channel (log σ(x)/16) [default: gla per channel, gated-delta-rule per head]
+    #[arg(long, value_enum)]
+    gate: Option<Gate>,
     /// Caps the bytes each call may allocate (to exercise the out-of-memory path)
     #[arg(long, value_name = "BYTES", hide = true)]
     memory_limit: Option<u64>,
@@ -162,6 +167,7 @@ impl BenchArgs {
     fn case(&self, method: MethodName, seq: usize, dtype: &'static str) -> Case {
         Case {
             method: method.name(),
+            gate: Gate::of(method.info(), self.gate),
             causal: self.causal,
             batch: self.batch,
             seq,
@@ -200,10 +206,12 @@ pub fn positive_seconds(text: &str) -> Result<f64, String> {
 
 impl BenchArgs {
     /// Refuses, before anything is measured, what `run` would refuse: options no method
-    /// accepts (a chunk or feature count of 0, more local heads than heads), and a
-    /// `--plot` directory that cannot be written. A method that has no form for the
-    /// sweep (no causal form, say) is not an error: its cases are skipped with the reason.
+    /// accepts (a chunk or feature count of 0, more local heads than heads, a gate for
+    /// methods that read none), and a `--plot` directory that cannot be written. A method
+    /// that has no form for the sweep (no causal form, say) is not an error: its cases are
+    /// skipped with the reason.
     fn validate(&self) -> Result<(), CliError> {
+        gates::check_read(self.gate, &self.methods())?;
         if let Some(local) = self.settings.local_heads
             && local > self.heads
         {
@@ -318,7 +326,7 @@ fn sweep<T: Element>(args: &BenchArgs, ceilings: &Ceilings) -> Vec<Record> {
                 records.push(Record::skipped(case(method), reason));
                 continue;
             }
-            let record = match measure(&attention, &q, &k, &v) {
+            let record = match measure(&attention, args.gate, &q, &k, &v) {
                 Ok(measured) => {
                     last_measured.insert(method, (flops, measured.median.as_secs_f64()));
                     log(format!(

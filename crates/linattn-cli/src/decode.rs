@@ -6,7 +6,7 @@
 use crate::decode_report::{DecodeReport, MethodTrace, Settings, Step};
 use crate::dtype::Dtype;
 use crate::error::CliError;
-use crate::gates::RandomGates;
+use crate::gates::{self, Gate, RandomGates};
 use crate::gpu::{self, Device, GpuDtype};
 use crate::method_options::{Fallbacks, InputDims, MethodName, MethodOptions, method_name_parser};
 use crate::window_span::WindowSpan;
@@ -69,6 +69,10 @@ pub struct DecodeArgs {
     /// Print one JSON object on stdout instead of the tables
     #[arg(long)]
     json: bool,
+    /// gla, gated-delta-rule: their random log decays per value head (log σ(x)) or per
+    /// key channel (log σ(x)/16) [default: gla per channel, gated-delta-rule per head]
+    #[arg(long, value_enum)]
+    gate: Option<Gate>,
     /// Caps the bytes the prefill and each step may allocate
     #[arg(long, value_name = "BYTES")]
     memory_limit: Option<u64>,
@@ -130,6 +134,7 @@ impl DecodeArgs {
             // The delta rule on keys of unit length, as DeltaNet layers give it.
             l2norm_qk: Some(true),
         };
+        gates::check_read(self.gate, &names)?;
         let methods = self.options.methods(&names, dims, fallbacks)?;
         Ok(names.into_iter().zip(methods).collect())
     }
@@ -184,12 +189,13 @@ fn compare<T: Element>(
     let traces = methods
         .iter()
         .map(|(name, method)| {
+            let gate = Gate::of(name.info(), args.gate);
             let name = name.name();
             eprint!(
                 "decode: {name:<9} prefill {} + {} steps ... ",
                 args.prompt_len, args.tokens
             );
-            match decode_method(&args.attention(method.clone()), args, &prompt) {
+            let trace = match decode_method(&args.attention(method.clone()), args, &prompt) {
                 Ok(trace) => {
                     eprintln!("{:.3} ms prefill", trace.prefill.as_secs_f64() * 1e3);
                     MethodTrace::measured(
@@ -204,7 +210,8 @@ fn compare<T: Element>(
                     eprintln!("skipped: {error}");
                     MethodTrace::skipped(name, error.to_string())
                 }
-            }
+            };
+            MethodTrace { gate, ..trace }
         })
         .collect();
     Ok(DecodeReport {
@@ -287,20 +294,22 @@ fn decode_method<T: Element>(
 }
 
 /// [`decode_method`] for the gated family, its gates drawn as `bench` draws them
-/// ([`RandomGates`]): the same for every step, which costs what any other would.
+/// ([`RandomGates`], g for `--gate`): the same for every step, which costs what any
+/// other would.
 fn decode_gated<T: Element>(
     attention: &Attention,
     args: &DecodeArgs,
     [q, k, v]: &[Tensor<T>; 3],
 ) -> linattn::Result<Trace> {
     let method = attention.method();
-    let gates = RandomGates::for_call(method, v.shape(), q.head_dim())?;
+    let gates = RandomGates::for_call(method, args.gate, v.shape(), q.head_dim())?;
     let start = Instant::now();
     let (prompt_output, mut decoder) = attention.prefill_gated(q, k, v, &gates.inputs())?;
     let prefill = start.elapsed();
     drop(prompt_output);
     let [batch, _, heads_v, dim_v] = v.shape();
-    let token_gates = RandomGates::for_call(method, [batch, 1, heads_v, dim_v], q.head_dim())?;
+    let token_gates =
+        RandomGates::for_call(method, args.gate, [batch, 1, heads_v, dim_v], q.head_dim())?;
     let (g, beta) = (token_gates.inputs().g, token_gates.inputs().beta);
     let steps = timed_steps(args, |[q, k, v]| {
         let start = Instant::now();

@@ -1,6 +1,7 @@
 //! What `linattn decode` measured, and its two renderings: one JSON object for programs,
 //! tables for people.
 
+use crate::gates::{self, Gate};
 use crate::measure::median;
 use crate::table::{self, Align};
 use linattn::ByteSize;
@@ -88,6 +89,9 @@ pub struct Summary {
 pub struct MethodTrace {
     /// The method as `--method` spells it.
     pub method: &'static str,
+    /// The gate its random g was drawn with, for a method that reads g (`null` for the
+    /// others).
+    pub gate: Option<Gate>,
     /// Time of the prefill, in milliseconds.
     pub prefill_ms: Option<f64>,
     /// One per `every` steps, and one for the last.
@@ -130,6 +134,7 @@ impl MethodTrace {
         });
         Self {
             method,
+            gate: None,
             prefill_ms: Some(prefill.as_secs_f64() * 1e3),
             samples,
             summary,
@@ -137,10 +142,16 @@ impl MethodTrace {
         }
     }
 
+    /// The method as the summary names it, with its gate: `gla (channel gate)`.
+    pub fn label(&self) -> String {
+        gates::label(self.method, self.gate)
+    }
+
     /// A method the library refused.
     pub fn skipped(method: &'static str, reason: String) -> Self {
         Self {
             method,
+            gate: None,
             prefill_ms: None,
             samples: Vec::new(),
             summary: None,
@@ -254,7 +265,7 @@ fn write_summary(methods: &[&MethodTrace], out: &mut impl Write) -> io::Result<(
         .filter_map(|m| {
             let summary = m.summary.as_ref()?;
             Some(vec![
-                m.method.to_string(),
+                m.label(),
                 format!("{:.3}", m.prefill_ms?),
                 format!("{:.1}", summary.median_step_us),
                 ByteSize(summary.state_bytes as u128).to_string(),

@@ -2,7 +2,7 @@
 //! the memory each timed call allocates beyond its output.
 
 use crate::alloc::ALLOCATOR;
-use crate::gates::RandomGates;
+use crate::gates::{Gate, RandomGates};
 use linattn::{Attention, Element, HeadLayout, Tensor};
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,17 @@ pub struct Measurement<T> {
 /// Runs `attention` once to warm up (thread pool, page faults), then times it writing
 /// into the output of the warm-up, as a caller that serves many requests would: a fresh
 /// output per call would time the kernel's zeroing of new pages as well. The gated
-/// family runs with random gates ([`RandomGates`]), its final state made anew each call.
+/// family runs with random gates ([`RandomGates`], g drawn for `gate`), its final state
+/// made anew each call.
 pub fn measure<T: Element>(
     attention: &Attention,
+    gate: Option<Gate>,
     q: &Tensor<T>,
     k: &Tensor<T>,
     v: &Tensor<T>,
 ) -> linattn::Result<Measurement<T>> {
     let gated = attention.method().info().layout == HeadLayout::GroupedValues;
-    let gates = RandomGates::for_call(attention.method(), v.shape(), q.head_dim())?;
+    let gates = RandomGates::for_call(attention.method(), gate, v.shape(), q.head_dim())?;
     let into = |output: &mut Tensor<T>| match gated {
         true => attention
             .forward_gated_into(q, k, v, &gates.inputs(), output)

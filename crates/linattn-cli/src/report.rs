@@ -5,6 +5,7 @@
 //! and its columns are one list: measured machine ceilings are meant to become one more
 //! section before the rows, and a fraction-of-floor figure one more column.
 
+use crate::gates::{self, Gate};
 use crate::table::{self, Align};
 use linattn::ByteSize;
 use serde::Serialize;
@@ -16,6 +17,9 @@ use std::time::Duration;
 pub struct Case {
     /// The method as `--methods` spells it.
     pub method: &'static str,
+    /// The gate its random g was drawn with, for a method that reads g (`null` for the
+    /// others).
+    pub gate: Option<Gate>,
     /// Whether the attention is causal.
     pub causal: bool,
     /// Batch size.
@@ -28,6 +32,13 @@ pub struct Case {
     pub dim: usize,
     /// Element type (`float32`, `float64`).
     pub dtype: &'static str,
+}
+
+impl Case {
+    /// The method as the table names it, with its gate: `gla (channel gate)`.
+    pub fn label(&self) -> String {
+        gates::label(self.method, self.gate)
+    }
 }
 
 /// What was measured for a [`Case`], or why it was skipped; `None` is JSON `null`.
@@ -176,7 +187,7 @@ const COLUMNS: &[Column] = &[
     Column {
         header: "method",
         align: Align::Left,
-        cell: |r| r.case.method.to_string(),
+        cell: |r| r.case.label(),
     },
     Column {
         header: "causal",
@@ -295,7 +306,8 @@ fn write_exponents(records: &[Record], out: &mut impl Write) -> io::Result<()> {
                 writeln!(out)?;
             }
             let causal = if key.1 { " (causal)" } else { "" };
-            writeln!(out, "time ∝ seq^{exponent:.2} for {}{causal}", key.0)?;
+            let label = record.case.label();
+            writeln!(out, "time ∝ seq^{exponent:.2} for {label}{causal}")?;
         }
     }
     Ok(())
@@ -319,7 +331,12 @@ fn write_skip_notes(records: &[Record], out: &mut impl Write) -> io::Result<()> 
         writeln!(out)?;
     }
     for (case, reason) in skipped {
-        writeln!(out, "skipped {} at seq {}: {reason}", case.method, case.seq)?;
+        writeln!(
+            out,
+            "skipped {} at seq {}: {reason}",
+            case.label(),
+            case.seq
+        )?;
     }
     Ok(())
 }
@@ -331,6 +348,7 @@ mod tests {
     fn case(method: &'static str) -> Case {
         Case {
             method,
+            gate: None,
             causal: false,
             batch: 1,
             seq: 1024,

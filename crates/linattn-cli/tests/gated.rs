@@ -1,7 +1,8 @@
 //! `linattn run` for the gated and delta-rule family: g and β in flash-linear-attention's
 //! 3-D layout, the initial state in and the final state out, against the library's f64
 //! recurrence; packed sequences against separate runs; the gate's raw inputs against g
-//! and β computed from them; and the inputs a method does or does not read, named.
+//! and β computed from them; the inputs a method does or does not read, named; and the
+//! gate `bench` and `decode` draw, named in their records.
 
 mod common;
 
@@ -438,5 +439,94 @@ fn inputs_a_method_reads_or_does_not_are_named() {
     assert!(
         message.contains("[0, 6, 1, 0]") && message.contains("≤ 0"),
         "{message}"
+    );
+}
+
+/// Runs `linattn` with `args` and parses the JSON it prints.
+fn json(args: &[&str]) -> serde_json::Value {
+    let output = linattn(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{args:?}: {stderr}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn bench_and_decode_name_the_gate_their_random_g_is_drawn_with() {
+    let tiny = ["--heads", "2", "--dim", "8"];
+    let methods = "retention,gla,delta-rule,gated-delta-rule";
+    let bench = |gate: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--json",
+            "--causal",
+            "--seq",
+            "32",
+            "--methods",
+            methods,
+        ];
+        args.extend(tiny.iter().chain(gate));
+        json(&args)
+    };
+    let decode = |gate: &[&str]| {
+        let mut args = vec!["decode", "--json", "--prompt-len", "8", "--tokens", "2"];
+        args.extend(["--method", methods].iter().chain(&tiny).chain(gate));
+        json(&args)["methods"].clone()
+    };
+    let gates = |records: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        let records = records.as_array().unwrap();
+        for record in records {
+            assert!(record["skipped"].is_null(), "{record}");
+        }
+        records
+            .iter()
+            .map(|r| (r["method"].as_str().unwrap().to_string(), r["gate"].clone()))
+            .collect()
+    };
+    let expect = |gla: &str, gated_delta_rule: &str| {
+        [
+            ("retention", serde_json::Value::Null),
+            ("gla", gla.into()),
+            ("delta-rule", serde_json::Value::Null),
+            ("gated-delta-rule", gated_delta_rule.into()),
+        ]
+        .map(|(method, gate)| (method.to_string(), gate))
+        .to_vec()
+    };
+    // Each layer's own gate by default: GLA's per key channel, Gated DeltaNet's per head;
+    // KDA's and simple GLA's when asked.
+    assert_eq!(gates(&bench(&[])), expect("channel", "head"));
+    assert_eq!(
+        gates(&bench(&["--gate", "channel"])),
+        expect("channel", "channel")
+    );
+    assert_eq!(gates(&decode(&["--gate", "head"])), expect("head", "head"));
+    assert_eq!(gates(&decode(&[])), expect("channel", "head"));
+    // The tables name the gate beside the method.
+    let output = linattn([
+        "bench",
+        "--causal",
+        "--seq",
+        "32",
+        "--methods",
+        "gated-delta-rule",
+        "--gate",
+        "channel",
+        "--heads",
+        "2",
+        "--dim",
+        "8",
+    ]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("\ngated-delta-rule (channel gate)  yes"),
+        "{table}"
+    );
+    // A gate for methods that read none is refused.
+    let output = linattn(["bench", "--methods", "linear,retention", "--gate", "head"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--gate applies to none of linear, retention"),
+        "{stderr}"
     );
 }

@@ -5,6 +5,7 @@
 use super::supervise::{self, CancelOnDrop, Ended};
 use super::{ApiError, Body, Shared, check_range};
 use crate::decode::recurrent_methods;
+use crate::gates::Gate;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -23,6 +24,9 @@ pub struct DecodeRequest {
     tokens: usize,
     heads: usize,
     dim: usize,
+    /// gla, gated-delta-rule: `linattn decode --gate`.
+    #[serde(default)]
+    gate: Option<Gate>,
 }
 
 impl DecodeRequest {
@@ -57,6 +61,9 @@ impl DecodeRequest {
             ("--memory-limit", memory_budget.to_string()),
         ] {
             args.extend([flag.to_string(), value]);
+        }
+        if let Some(gate) = self.gate {
+            args.extend(["--gate".to_string(), gate.name().to_string()]);
         }
         args
     }

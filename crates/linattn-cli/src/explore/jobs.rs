@@ -14,6 +14,7 @@ use super::supervise::{self, Ended};
 use super::worker::{self, Event};
 use super::{InputSource, MeasureRequest, ServerLimits};
 use crate::bench::{exact_softmax, random_inputs, too_slow};
+use crate::gates::Gate;
 use crate::gpu::{self, GpuDtype};
 use crate::method_options::MethodName;
 use crate::report::{self, Case, Record};
@@ -484,6 +485,7 @@ impl<'a> Length<'a> {
     fn case(&self, method: MethodName) -> Case {
         Case {
             method: method.name(),
+            gate: Gate::of(method.info(), self.request.gate),
             causal: self.request.causal,
             batch: self.request.uploaded.as_ref().map_or(1, |u| u.q.batch()),
             seq: self.seq,
@@ -538,6 +540,7 @@ impl<'a> Length<'a> {
             features: request.features,
             k_proj: request.k_proj,
             window: request.window,
+            gate: request.gate,
             inputs,
             memory_limit,
         }

@@ -16,6 +16,7 @@ pub mod worker;
 
 use crate::bench::MethodSettings;
 use crate::error::CliError;
+use crate::gates::Gate;
 use crate::gpu::Device;
 use crate::method_options::MethodName;
 use axum::Router;
@@ -119,6 +120,10 @@ pub struct MeasureRequest {
     /// Keys each query sees on each side (window, hybrid); the right side is 0 when causal.
     #[serde(default = "default_window")]
     pub window: usize,
+    /// gla, gated-delta-rule: random log decays per value head or per key channel (each
+    /// method's own when left out: see [`Gate::of`]).
+    #[serde(default)]
+    pub gate: Option<Gate>,
     /// What to measure on: random inputs, or prefixes of the uploaded or the model's.
     #[serde(default)]
     pub inputs: InputSource,
@@ -230,8 +235,8 @@ impl MeasureRequest {
             .as_ref()
             .map_or("random", |u| u.label.as_str());
         format!(
-            "{inputs} heads {} dim {} causal {} features {} k_proj {} window {}",
-            self.heads, self.dim, self.causal, self.features, self.k_proj, self.window
+            "{inputs} heads {} dim {} causal {} features {} k_proj {} window {} gate {:?}",
+            self.heads, self.dim, self.causal, self.features, self.k_proj, self.window, self.gate
         )
     }
 }

@@ -6,6 +6,7 @@
 use super::uploads::model_inputs;
 use crate::bench::{MethodSettings, exact_softmax, random_inputs};
 use crate::error::CliError;
+use crate::gates::Gate;
 use crate::measure::measure;
 use crate::method_options::MethodName;
 use crate::npy::{self, Elements};
@@ -26,6 +27,8 @@ pub struct Cases {
     pub features: usize,
     pub k_proj: usize,
     pub window: usize,
+    /// The gate of gla's and gated-delta-rule's random g (each one's own if `None`).
+    pub gate: Option<Gate>,
     pub inputs: Inputs,
     /// Bytes the worker may allocate: inputs, outputs, scratch and the f64 reference.
     pub memory_limit: u64,
@@ -109,7 +112,7 @@ pub fn work() -> Result<(), CliError> {
         let attention = Attention::new(settings.method(method, cases.seq, cases.dim, cases.heads))
             .causal(cases.causal)
             .memory_limit(limit);
-        let event = match measure(&attention, q, k, v) {
+        let event = match measure(&attention, cases.gate, q, k, v) {
             Ok(measured) => {
                 let output_bytes = measured.output.size_bytes() as u64;
                 let rel_err = exact

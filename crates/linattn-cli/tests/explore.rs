@@ -379,3 +379,44 @@ fn a_real_models_attention_inputs_are_bundled() {
         .fold(0.0, f64::max);
     assert!(peak > 0.2, "largest weight {peak}");
 }
+
+#[test]
+fn the_gated_family_is_measured_on_the_models_inputs_with_random_gates() {
+    let server = Server::start();
+    let methods = ["retention", "gla", "delta-rule", "gated-delta-rule"];
+    // Each layer's own gate (GLA's per key channel, Gated DeltaNet's per head), then KDA's.
+    for (gate, expected) in [
+        (
+            json!(null),
+            [json!(null), json!("channel"), json!(null), json!("head")],
+        ),
+        (
+            json!("channel"),
+            [json!(null), json!("channel"), json!(null), json!("channel")],
+        ),
+    ] {
+        let request = json!({"methods": methods, "min_seq": 128, "max_seq": 4096, "heads": 1,
+                             "dim": 8, "causal": true, "inputs": "model", "gate": gate});
+        let (status, job) = server.post("/api/measure", &request.to_string());
+        assert_eq!(status, 202, "{job}");
+        let job = server.wait(job["id"].as_u64().unwrap());
+        assert_eq!(job["state"], "done", "{job}");
+        let records = job["records"].as_array().unwrap();
+        assert_eq!(
+            records.len(),
+            3 * methods.len(),
+            "128, 256 and all 304 tokens"
+        );
+        for (index, record) in records.iter().enumerate() {
+            assert_eq!(record["method"], methods[index % methods.len()], "{record}");
+            assert!(record["skipped"].is_null(), "{record}");
+            assert!(record["median_ms"].as_f64().unwrap() > 0.0, "{record}");
+            assert!(record["rel_err"].as_f64().unwrap().is_finite(), "{record}");
+            assert_eq!(
+                (record["heads"].as_u64(), record["dim"].as_u64()),
+                (Some(12), Some(32))
+            );
+            assert_eq!(record["gate"], expected[index % methods.len()], "{record}");
+        }
+    }
+}

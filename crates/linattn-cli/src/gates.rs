@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Gate {
-    /// One (simple GLA, Gated DeltaNet, Mamba-2).
+    /// One log decay per token and value head (simple GLA, Gated DeltaNet, Mamba-2)
     Head,
-    /// One per key channel (GLA, KDA).
+    /// One per token, value head and key channel (GLA, KDA)
     Channel,
 }
 

@@ -319,6 +319,57 @@ fn bad_inputs_are_typed_errors_naming_the_first_bad_position() {
 }
 
 #[test]
+fn values_checked_as_the_chunked_form_reads_them_are_named_like_those_checked_before() {
+    // A channel gate and q, k, v are checked while the chunked form reads them; what it
+    // finds must be the same typed error, at the first bad position, in every form, and
+    // an output that overflows from finite inputs is named as such.
+    let kda = Attention::new(Method::GatedDeltaRule(GatedDeltaRule::default())).causal(true);
+    let good = inputs(kda.method(), [2, 70, 2, 4, 8, 8], true);
+    let g = good.g.as_ref().unwrap();
+    let forms = [CausalForm::Chunked, CausalForm::Parallel];
+    for (form, attention) in forms.map(|form| (form, kda.clone().causal_form(form))) {
+        let call = |q: &Tensor<f64>, v: &Tensor<f64>, g: &Tensor<f64>| {
+            let gates = GateInputs {
+                g: Some(g),
+                ..good.gates(None)
+            };
+            attention.forward_gated(q, &good.k, v, &gates).unwrap_err()
+        };
+        // g [2, 70, 4, 8]: positive at [1, 65, 2, 3], then also NaN later in the same row.
+        let mut positive = g.clone();
+        let at = |[b, t, h, c]: [usize; 4]| ((b * 70 + t) * 4 + h) * 8 + c;
+        positive.as_mut_slice()[at([1, 65, 2, 3])] = 0.5;
+        positive.as_mut_slice()[at([1, 65, 2, 5])] = f64::NAN;
+        let error = call(&good.q, &good.v, &positive);
+        assert!(
+            matches!(&error, Error::OutOfRange { tensor: "g", index, .. } if index == &[1, 65, 2, 3]),
+            "{form:?}: {error}"
+        );
+        let mut nan = g.clone();
+        nan.as_mut_slice()[at([0, 3, 1, 0])] = f64::NEG_INFINITY;
+        let error = call(&good.q, &good.v, &nan);
+        assert!(
+            matches!(&error, Error::NonFinite { tensor: "g", index, .. } if index == &[0, 3, 1, 0]),
+            "{form:?}: {error}"
+        );
+        let mut q = good.q.clone();
+        q.as_mut_slice()[(70 + 40) * 2 * 8 + 8 + 1] = f64::INFINITY;
+        let error = call(&q, &good.v, g);
+        assert!(
+            matches!(&error, Error::NonFinite { tensor: "q", index, .. } if index == &[1, 40, 1, 1]),
+            "{form:?}: {error}"
+        );
+        let mut huge = good.v.clone();
+        huge.as_mut_slice().iter_mut().for_each(|x| *x *= 1e306);
+        let error = call(&good.q, &huge, g);
+        assert!(
+            matches!(&error, Error::NonFiniteOutput { .. }),
+            "{form:?}: {error}"
+        );
+    }
+}
+
+#[test]
 fn l2norm_inside_equals_normalising_q_and_k_before() {
     let inner = Method::GatedDeltaRule(GatedDeltaRule {
         l2norm_qk: true,

@@ -214,6 +214,20 @@ pub(crate) fn copy<T: Element>(dst: &mut [T], src: &[T]) {
     }
 }
 
+/// Whether every element lies in `[low, high]` (NaN does not).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn all_within<T: Element>(xs: &[T], low: T, high: T) -> bool {
+    let mut inside = [true; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (acc, &x) in inside.iter_mut().zip(chunk) {
+            *acc &= (x >= low) & (x <= high);
+        }
+    }
+    let rest = chunks.remainder().iter().all(|&x| x >= low && x <= high);
+    rest && inside.iter().all(|&x| x)
+}
+
 /// Whether every element is finite.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
 pub(crate) fn all_finite<T: Element>(xs: &[T]) -> bool {
@@ -336,6 +350,14 @@ pub(crate) fn scale_by_exp_from<T: Element>(xs: &mut [T], a: T, b: &[T]) {
 pub(crate) fn mul_assign<T: Element>(xs: &mut [T], ys: &[T]) {
     for (x, &y) in xs.iter_mut().zip(ys) {
         *x *= y;
+    }
+}
+
+/// `x ← y · z` elementwise.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn mul_into<T: Element>(xs: &mut [T], ys: &[T], zs: &[T]) {
+    for ((x, &y), &z) in xs.iter_mut().zip(ys).zip(zs) {
+        *x = y * z;
     }
 }
 

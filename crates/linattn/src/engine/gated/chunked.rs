@@ -20,20 +20,29 @@
 //! own decay: where that stays below [`FACTORED_SPAN`] the block is part of the product,
 //! otherwise it is summed pair by pair.
 
-use super::{GatedShape, Gates, Span, l2_normalise_rows};
+use super::{Decay, GatedShape, Gates, Span, l2_normalise_rows};
 use crate::backend::cpu::matmul::matmul;
 use crate::base::simd;
 use crate::base::{Element, MatMut, MatRef, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Rows of the diagonal blocks whose per-channel decays are summed pair by pair: 16, as
 /// flash-linear-attention's GLA kernels take, keeps that work a quarter of a 64-row
 /// chunk's products.
 const SUB: usize = 16;
 
+/// Bytes of one chunk's rows (q, k, v and channel gates) a group of value heads gathers
+/// at once: a sweep of memory in order, which the prefetchers follow, where each head
+/// alone would stride a whole token between rows; small enough to stay in L2.
+const GROUP_BYTES: usize = 256 << 10;
+
 /// Runs q, k, v through `states` (`[batch, heads_v, dim_k, dim_v]`: the initial states,
 /// left as the final ones) in chunks of `chunk` tokens and writes `o_t = scale · S_tᵀ q_t`
-/// to `out` (`[batch, len, heads_v, dim_v]`).
+/// to `out` (`[batch, len, heads_v, dim_v]`). Each task takes a sequence's group of
+/// value heads through the chunks together. Returns whether every value of q, k, v and
+/// a channel gate was finite (the gate's ≤ 0) and so is every output and final state,
+/// checked while each piece is in cache.
 pub(crate) fn chunked<T: Element>(
     shape: &GatedShape,
     [q, k, v]: [&Tensor<T>; 3],
@@ -42,33 +51,168 @@ pub(crate) fn chunked<T: Element>(
     chunk: usize,
     states: &mut [T],
     out: &mut Tensor<T>,
-) {
+) -> bool {
     let out_heads = out.heads_mut();
+    let state_len = shape.state_len();
+    let sequences = gates.units(shape) / shape.heads_v;
+    let per_group = heads_per_group(shape, gates, chunk, sequences);
     states
-        .par_chunks_mut(shape.state_len())
+        .par_chunks_mut(shape.heads_v * state_len)
         .enumerate()
-        .for_each(|(unit, state)| {
-            let Span { b, hv, first, len } = gates.span(shape, unit);
-            let mut scratch = Scratch::new(shape, gates, chunk.min(len));
+        .flat_map(|(sequence, states)| {
+            let groups = states.par_chunks_mut(per_group * state_len).enumerate();
+            groups.map(move |(group, states)| (sequence, group * per_group, states))
+        })
+        .map(|(sequence, first_hv, states)| {
+            let heads_v = first_hv..first_hv + states.len() / state_len;
+            let Span { b, first, len, .. } = gates.span(shape, sequence * shape.heads_v);
+            let rows = chunk.min(len);
+            let mut group = GroupRows::new(shape, gates, heads_v.clone(), rows);
+            let mut scratch = Scratch::new(shape, gates, rows);
             let end = first + len;
+            let mut clean = true;
             for start in (first..end).step_by(chunk) {
                 let len = chunk.min(end - start);
-                // SAFETY: the rows of value head hv in sequence b belong to this unit alone.
-                let rows = unsafe { out_heads.block(b, hv, start, len) };
-                scratch.chunk(
-                    shape,
-                    [q, k, v],
-                    gates,
-                    b,
-                    hv,
-                    start,
-                    len,
-                    state,
-                    scale,
-                    rows,
-                );
+                clean &= group.gather(shape, [q, k, v], gates, b, start..start + len);
+                for (hv, state) in heads_v.clone().zip(states.chunks_mut(state_len)) {
+                    // SAFETY: the rows of value head hv in sequence b belong to this task.
+                    let rows = unsafe { out_heads.block(b, hv, start, len) };
+                    clean &=
+                        scratch.chunk(shape, &group, gates, b, hv, start, len, state, scale, rows);
+                }
             }
-        });
+            clean && simd::all_finite(states)
+        })
+        // Not `all`: it would stop the other tasks at the first unclean one.
+        .reduce(|| true, |a, b| a && b)
+}
+
+/// Value heads a task takes together: enough tasks for every thread, each gathering at
+/// most about [`GROUP_BYTES`] a chunk.
+fn heads_per_group<T: Element>(
+    shape: &GatedShape,
+    gates: &Gates<'_, T>,
+    chunk: usize,
+    sequences: usize,
+) -> usize {
+    let wanted = rayon::current_num_threads()
+        .div_ceil(sequences.max(1))
+        .max(1);
+    let by_threads = shape.heads_v.div_ceil(wanted.min(shape.heads_v));
+    let grouped = shape.heads_v / shape.heads;
+    let channels = match gates.decay {
+        Decay::Channel(_) => shape.dim_k,
+        _ => 0,
+    };
+    // q and k rows shared by `grouped` value heads, v's and the gates' of each.
+    let per_head = chunk * (2 * shape.dim_k / grouped + shape.dim_v + channels);
+    let by_size = (GROUP_BYTES / (per_head * std::mem::size_of::<T>()).max(1)).max(1);
+    by_threads.min(by_size)
+}
+
+/// One chunk's rows of a group of value heads and the q and k heads they read, gathered
+/// row by row (`[row][head][dim]`).
+struct GroupRows<T> {
+    heads_v: Range<usize>,
+    heads_qk: Range<usize>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    /// Channel gates' log decays; empty for other decays.
+    g: Vec<T>,
+}
+
+impl<T: Element> GroupRows<T> {
+    fn new(shape: &GatedShape, gates: &Gates<'_, T>, heads_v: Range<usize>, rows: usize) -> Self {
+        let heads_qk = shape.qk_head(heads_v.start)..shape.qk_head(heads_v.end - 1) + 1;
+        let channels = match gates.decay {
+            Decay::Channel(_) => rows * heads_v.len() * shape.dim_k,
+            _ => 0,
+        };
+        Self {
+            q: vec![T::zero(); rows * heads_qk.len() * shape.dim_k],
+            k: vec![T::zero(); rows * heads_qk.len() * shape.dim_k],
+            v: vec![T::zero(); rows * heads_v.len() * shape.dim_v],
+            g: vec![T::zero(); channels],
+            heads_v,
+            heads_qk,
+        }
+    }
+
+    /// The rows of `tokens` in batch row `b`; whether every value is finite and every
+    /// channel gate's ≤ 0.
+    fn gather(
+        &mut self,
+        shape: &GatedShape,
+        [q, k, v]: [&Tensor<T>; 3],
+        gates: &Gates<'_, T>,
+        b: usize,
+        tokens: Range<usize>,
+    ) -> bool {
+        let mut clean = q.gather(b, tokens.clone(), self.heads_qk.clone(), &mut self.q);
+        clean &= k.gather(b, tokens.clone(), self.heads_qk.clone(), &mut self.k);
+        clean &= v.gather(b, tokens.clone(), self.heads_v.clone(), &mut self.v);
+        if let Decay::Channel(g) = gates.decay {
+            let width = self.heads_v.len() * shape.dim_k;
+            let len = tokens.len();
+            for (t, row) in tokens.zip(self.g.chunks_exact_mut(width)) {
+                let first =
+                    ((b * shape.len + t) * shape.heads_v + self.heads_v.start) * shape.dim_k;
+                simd::copy(row, &g[first..first + width]);
+            }
+            clean &= simd::all_within(&self.g[..len * width], T::min_value(), T::zero());
+        }
+        clean
+    }
+
+    /// The first `len` rows of one head of `rows` (`heads` heads of `dim` per row) into
+    /// `dst`.
+    fn head_rows(rows: &[T], heads: usize, slot: usize, dim: usize, len: usize, dst: &mut [T]) {
+        let sources = rows.chunks_exact(heads * dim).take(len);
+        for (source, row) in sources.zip(dst.chunks_exact_mut(dim)) {
+            row.copy_from_slice(&source[slot * dim..(slot + 1) * dim]);
+        }
+    }
+
+    /// q's rows of the q and k head `h`.
+    fn queries(&self, h: usize, dim: usize, len: usize, dst: &mut [T]) {
+        let slot = h - self.heads_qk.start;
+        Self::head_rows(&self.q, self.heads_qk.len(), slot, dim, len, dst);
+    }
+
+    /// k's rows of the q and k head `h`.
+    fn keys(&self, h: usize, dim: usize, len: usize, dst: &mut [T]) {
+        let slot = h - self.heads_qk.start;
+        Self::head_rows(&self.k, self.heads_qk.len(), slot, dim, len, dst);
+    }
+
+    /// v's rows of value head `hv`.
+    fn values(&self, hv: usize, dim: usize, len: usize, dst: &mut [T]) {
+        let slot = hv - self.heads_v.start;
+        Self::head_rows(&self.v, self.heads_v.len(), slot, dim, len, dst);
+    }
+
+    /// The log decays of value head `hv` for the chunk's `len` tokens from `start`:
+    /// channel gates from the gathered rows, the others as [`Gates`] reads them.
+    #[allow(clippy::too_many_arguments)]
+    fn log_decays(
+        &self,
+        shape: &GatedShape,
+        gates: &Gates<'_, T>,
+        b: usize,
+        hv: usize,
+        start: usize,
+        len: usize,
+        dst: &mut [T],
+    ) {
+        match gates.decay {
+            Decay::Channel(_) => {
+                let slot = hv - self.heads_v.start;
+                Self::head_rows(&self.g, self.heads_v.len(), slot, shape.dim_k, len, dst);
+            }
+            _ => gates.log_decays(shape, b, hv, start, dst),
+        }
+    }
 }
 
 /// One unit's buffers for a chunk of up to `rows` tokens.
@@ -84,6 +228,12 @@ struct Scratch<T> {
     decayed: Vec<T>,
     /// Earlier rows of k times decay factors (per-channel products).
     decayed_keys: Vec<T>,
+    /// With a channel gate, `k_j e^{E − G_j}` for E the log decay at the end of j's
+    /// block of [`SUB`] rows: every exponent ≤ 0, and any later reference reached from
+    /// it by one factor per block and channel instead of one per element.
+    keys_to_block_end: Vec<T>,
+    /// One such factor per key channel.
+    block_factors: Vec<T>,
     /// `M`, then `A`: `rows × rows`.
     scores: Vec<T>,
     /// `e^{G_t}`, `rows × width`: what q (and for the delta rule k) rows are scaled by.
@@ -106,6 +256,8 @@ impl<T: Element> Scratch<T> {
             width,
             decayed: vec![T::zero(); rows * dim_k],
             decayed_keys: vec![T::zero(); rows * dim_k],
+            keys_to_block_end: vec![T::zero(); if width > 1 { rows * dim_k } else { 0 }],
+            block_factors: vec![T::zero(); dim_k],
             scores: vec![T::zero(); rows * rows],
             from_start: vec![T::zero(); rows * width],
             zero_row: vec![T::zero(); dim_k],
@@ -114,12 +266,12 @@ impl<T: Element> Scratch<T> {
     }
 
     /// Tokens `start..start + len` of unit (b, hv): their outputs into `rows`, the state
-    /// carried past them.
+    /// carried past them; whether the outputs are finite.
     #[allow(clippy::too_many_arguments)]
     fn chunk(
         &mut self,
         shape: &GatedShape,
-        [q, k, v]: [&Tensor<T>; 3],
+        group: &GroupRows<T>,
         gates: &Gates<'_, T>,
         b: usize,
         hv: usize,
@@ -128,19 +280,18 @@ impl<T: Element> Scratch<T> {
         state: &mut [T],
         scale: T,
         mut rows: MatMut<'_, T>,
-    ) {
+    ) -> bool {
         let (dim_k, dim_v, width) = (shape.dim_k, shape.dim_v, self.width);
         let h = shape.qk_head(hv);
-        let tokens = start..start + len;
-        q.copy_rows(b, tokens.clone(), h..h + 1, &mut self.q);
-        k.copy_rows(b, tokens.clone(), h..h + 1, &mut self.k);
+        group.queries(h, dim_k, len, &mut self.q);
+        group.keys(h, dim_k, len, &mut self.k);
         if gates.l2norm_qk {
             l2_normalise_rows(&mut self.q[..len * dim_k], dim_k);
             l2_normalise_rows(&mut self.k[..len * dim_k], dim_k);
         }
-        v.copy_rows(b, tokens, hv..hv + 1, &mut self.x);
+        group.values(hv, dim_v, len, &mut self.x);
         let log_decay = &mut self.log_decay[..len * width];
-        gates.log_decays(shape, b, hv, start, log_decay);
+        group.log_decays(shape, gates, b, hv, start, len, log_decay);
         for t in 1..len {
             let (before, row) = log_decay.split_at_mut(t * width);
             simd::add_scaled(&mut row[..width], &before[(t - 1) * width..], T::one());
@@ -148,6 +299,9 @@ impl<T: Element> Scratch<T> {
         let from_start = &mut self.from_start[..len * width];
         from_start.copy_from_slice(log_decay);
         simd::exp_in_place(from_start);
+        if width > 1 {
+            self.keys_to_block_ends(len, dim_k);
+        }
 
         if gates.beta.is_some() {
             // X = Diag(β) (V − (K ⊙ e^G) S), then (I + A) X = that.
@@ -185,13 +339,8 @@ impl<T: Element> Scratch<T> {
             scale,
         );
         self.scores_into(Operand::Queries, len, dim_k, false);
-        matmul(
-            rows.rb(),
-            MatRef::contiguous(&self.scores, len, len),
-            MatRef::contiguous(&self.x, len, dim_v),
-            true,
-            scale,
-        );
+        let x = MatRef::contiguous(&self.x, len, dim_v);
+        lower_triangular_product(rows.rb(), &self.scores[..len * len], x, scale);
 
         // S ← e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X.
         if width > 0 {
@@ -206,27 +355,27 @@ impl<T: Element> Scratch<T> {
             true,
             T::one(),
         );
+        (0..len).all(|i| simd::all_finite(rows.row_mut(i)))
     }
 
     /// `decayed` = the first `len` rows of q or k, row t scaled by `e^{G_t}`
     /// ([`Towards::Start`], computed once per chunk) or `e^{G_last − G_t}`
-    /// ([`Towards::Last`]), per channel for a channel gate; a copy without decay.
+    /// ([`Towards::Last`], keys only), per channel for a channel gate; a copy without
+    /// decay.
     fn decay_rows(&mut self, operand: Operand, len: usize, dim_k: usize, towards: Towards) {
         let source = match operand {
-            Operand::Queries => &self.q,
-            Operand::Keys => &self.k,
+            Operand::Queries => &self.q[..len * dim_k],
+            Operand::Keys => &self.k[..len * dim_k],
         };
         let decayed = &mut self.decayed[..len * dim_k];
-        decayed.copy_from_slice(&source[..len * dim_k]);
         let width = self.width;
-        if width == 0 {
-            return;
-        }
         let g = &self.log_decay[..len * width];
-        let last = &g[(len - 1) * width..];
-        let rows = decayed.chunks_exact_mut(dim_k);
-        match towards {
-            Towards::Start => {
+        let last = &g[len * width - width..];
+        match (towards, width) {
+            (_, 0) => decayed.copy_from_slice(source),
+            (Towards::Start, _) => {
+                decayed.copy_from_slice(source);
+                let rows = decayed.chunks_exact_mut(dim_k);
                 for (row, factors) in rows.zip(self.from_start.chunks_exact(width)) {
                     match factors {
                         [factor] => simd::scale(row, *factor),
@@ -234,13 +383,42 @@ impl<T: Element> Scratch<T> {
                     }
                 }
             }
-            Towards::Last => {
-                for (row, g_t) in rows.zip(g.chunks_exact(width)) {
-                    match (last, g_t) {
-                        ([last], [g_t]) => simd::scale(row, (*last - *g_t).exp()),
-                        _ => simd::scale_by_exp_difference(row, last, g_t),
+            (Towards::Last, 1) => {
+                decayed.copy_from_slice(source);
+                for (row, g_t) in decayed.chunks_exact_mut(dim_k).zip(g) {
+                    simd::scale(row, (last[0] - *g_t).exp());
+                }
+            }
+            (Towards::Last, _) => {
+                // k_j e^{G_last − G_j} = (k_j e^{E − G_j}) e^{G_last − E}, E its block's end.
+                let blocks = decayed.chunks_mut(SUB * dim_k);
+                let sources = self.keys_to_block_end.chunks(SUB * dim_k);
+                for (block, (rows, sources)) in blocks.zip(sources).enumerate() {
+                    let end = (block * SUB + rows.len() / dim_k) * width;
+                    exp_difference(&mut self.block_factors, last, &g[end - width..end]);
+                    let pairs = rows
+                        .chunks_exact_mut(dim_k)
+                        .zip(sources.chunks_exact(dim_k));
+                    for (row, source) in pairs {
+                        simd::mul_into(row, source, &self.block_factors);
                     }
                 }
+            }
+        }
+    }
+
+    /// `keys_to_block_end` for the chunk's first `len` keys under a channel gate.
+    fn keys_to_block_ends(&mut self, len: usize, dim_k: usize) {
+        let g = &self.log_decay[..len * dim_k];
+        let keys = self.keys_to_block_end[..len * dim_k].chunks_mut(SUB * dim_k);
+        for (block, rows) in keys.enumerate() {
+            let first = block * SUB;
+            let end = first + rows.len() / dim_k;
+            rows.copy_from_slice(&self.k[first * dim_k..end * dim_k]);
+            let block_end = &g[(end - 1) * dim_k..end * dim_k];
+            let decays = g[first * dim_k..].chunks_exact(dim_k);
+            for (row, g_j) in rows.chunks_exact_mut(dim_k).zip(decays) {
+                simd::scale_by_exp_difference(row, block_end, g_j);
             }
         }
     }
@@ -258,13 +436,18 @@ impl<T: Element> Scratch<T> {
         let visible = |i: usize, j: usize| if strict { j < i } else { j <= i };
         let g = &self.log_decay;
         if width <= 1 {
-            matmul(
-                MatMut::contiguous(scores, len, len),
-                MatRef::contiguous(a, len, dim_k),
-                MatRef::contiguous(keys, len, dim_k).t(),
-                false,
-                T::one(),
-            );
+            // Only the lower triangle is kept: the first half of the rows needs only the
+            // first half of the keys.
+            let half = lower_half(len);
+            for (first, rows, keys_seen) in [(0, half, half), (half, len - half, len)] {
+                matmul(
+                    MatMut::strided(&mut scores[first * len..], rows, keys_seen, len),
+                    MatRef::contiguous(&a[first * dim_k..], rows, dim_k),
+                    MatRef::contiguous(keys, keys_seen, dim_k).t(),
+                    false,
+                    T::one(),
+                );
+            }
             for (i, row) in scores.chunks_exact_mut(len).enumerate() {
                 let seen = if strict { i } else { i + 1 };
                 row[seen..].fill(T::zero());
@@ -301,10 +484,20 @@ impl<T: Element> Scratch<T> {
                 let g_t = &g[(block + i) * dim_k..][..dim_k];
                 simd::scale_by_exp_difference(row, g_t, reference);
             }
+            // k_j e^{R − G_j} = (k_j e^{E − G_j}) e^{R − E}, E the end of j's block.
             let earlier = &mut self.decayed_keys[..keys_to * dim_k];
-            earlier.copy_from_slice(&keys[..keys_to * dim_k]);
-            for (j, row) in earlier.chunks_exact_mut(dim_k).enumerate() {
-                simd::scale_by_exp_difference(row, reference, &g[j * dim_k..][..dim_k]);
+            let blocks = earlier.chunks_mut(SUB * dim_k);
+            let sources = self.keys_to_block_end.chunks(SUB * dim_k);
+            for (key_block, (rows, sources)) in blocks.zip(sources).enumerate() {
+                let key_end = key_block * SUB + rows.len() / dim_k;
+                let block_end = &g[(key_end - 1) * dim_k..key_end * dim_k];
+                exp_difference(&mut self.block_factors, reference, block_end);
+                let pairs = rows
+                    .chunks_exact_mut(dim_k)
+                    .zip(sources.chunks_exact(dim_k));
+                for (row, source) in pairs {
+                    simd::mul_into(row, source, &self.block_factors);
+                }
             }
             matmul(
                 MatMut::strided(&mut scores[block * len..], end - block, keys_to, len),
@@ -328,6 +521,39 @@ impl<T: Element> Scratch<T> {
             }
         }
     }
+}
+
+/// Where a chunk's rows are split so that products with a lower-triangular factor skip
+/// the upper-right quarter: half the rows, or none for chunks too short to gain.
+fn lower_half(len: usize) -> usize {
+    if len >= 2 * SUB { len / 2 } else { 0 }
+}
+
+/// `dst += scale · lower · rhs` for `lower` (`len × len`, zero above its diagonal): the
+/// first half of the rows reads only the first half of `rhs`.
+fn lower_triangular_product<T: Element>(
+    mut dst: MatMut<'_, T>,
+    lower: &[T],
+    rhs: MatRef<'_, T>,
+    scale: T,
+) {
+    let len = rhs.rows;
+    let half = lower_half(len);
+    for (first, rows, seen) in [(0, half, half), (half, len - half, len)] {
+        matmul(
+            dst.rows_mut(first, rows),
+            MatRef::strided(&lower[first * len..], rows, seen, len, 1),
+            rhs.rows_range(0, seen),
+            true,
+            scale,
+        );
+    }
+}
+
+/// `out ← e^{a − b}` elementwise.
+fn exp_difference<T: Element>(out: &mut [T], a: &[T], b: &[T]) {
+    out.fill(T::one());
+    simd::scale_by_exp_difference(out, a, b);
 }
 
 /// Where [`Scratch::decay_rows`] carries each row's decay: from the chunk's start to the

@@ -14,9 +14,10 @@ mod tests;
 use raw::{Computed, gate_backward, logits_backward};
 pub use raw::{RawGate, RawGateGradients};
 
-use crate::base::{Element, Error, Problem, Result, Tensor, per_thread};
+use crate::base::{Element, Error, Problem, Result, Tensor, per_thread, simd};
 use crate::engine::gated::backward::SEGMENT as BACKWARD_SEGMENT;
 use crate::engine::gated::{Decay, GatedShape, Gates, chunked::chunked, recurrent::recurrent};
+use rayon::prelude::*;
 
 /// The per-token inputs of a call of the gated family, and the states it starts from.
 ///
@@ -212,7 +213,9 @@ impl Rule {
     }
 
     /// Runs the call: checks `inputs` against the rule and the problem, then [`run`]s
-    /// the tokens from the initial states.
+    /// the tokens from the initial states. Returns the final states and whether the run
+    /// verified q, k, v and its results as it read them ([`run`]'s answer); a channel
+    /// gate's values are checked by the run too, or here after it if it did not.
     ///
     /// [`run`]: Self::run
     pub fn forward<T: Element>(
@@ -222,26 +225,27 @@ impl Rule {
         inputs: &GateInputs<'_, T>,
         parallel: bool,
         out: &mut Tensor<T>,
-    ) -> Result<Tensor<T>> {
+    ) -> Result<(Tensor<T>, bool)> {
         let shape = gated_shape(problem);
         let computed = Computed::of(inputs)?;
-        let checked = self.check_inputs(&shape, &computed.inputs(inputs))?;
+        let inputs = computed.inputs(inputs);
+        let checked = self.check_inputs_with(&shape, &inputs, ChannelGate::AsRead)?;
         let mut states = self.initial_states(&shape, &checked)?;
-        self.run(
-            &shape,
-            [q, k, v],
-            &checked,
-            parallel,
-            states.as_mut_slice(),
-            out,
-        );
-        Ok(states)
+        let slice = states.as_mut_slice();
+        let verified = self.run(&shape, [q, k, v], &checked, parallel, slice, out);
+        if !verified {
+            self.check_inputs(&shape, &checked)?;
+        }
+        Ok((states, verified))
     }
 
     /// Runs the tokens through `states` in place with inputs [`check_inputs`] passed: the
     /// recurrent form for one token (a decode step, whose chunk would be the recurrence
     /// with copies), else the chunked form, its chunk the whole sequence when
-    /// `parallel`.
+    /// `parallel`. Returns whether the run itself found every value of q, k, v and a
+    /// channel gate finite (the gate's ≤ 0), and every output and final state finite:
+    /// the chunked form checks each piece while it is in cache; the recurrent form checks
+    /// nothing and answers false.
     ///
     /// [`check_inputs`]: Self::check_inputs
     pub(crate) fn run<T: Element>(
@@ -252,15 +256,16 @@ impl Rule {
         parallel: bool,
         states: &mut [T],
         out: &mut Tensor<T>,
-    ) {
+    ) -> bool {
         let fixed = self.fixed_decays::<T>();
         let gates = self.gates(checked, &fixed);
         let scale = T::of_f64(self.scale(shape.dim_k));
         if shape.len == 1 {
             recurrent(shape, [q, k, v], &gates, scale, states, out);
+            false
         } else {
             let chunk = if parallel { shape.len } else { self.chunk };
-            chunked(shape, [q, k, v], &gates, scale, chunk, states, out);
+            chunked(shape, [q, k, v], &gates, scale, chunk, states, out)
         }
     }
 
@@ -375,6 +380,16 @@ impl Rule {
         shape: &GatedShape,
         inputs: &GateInputs<'a, T>,
     ) -> Result<GateInputs<'a, T>> {
+        self.check_inputs_with(shape, inputs, ChannelGate::Now)
+    }
+
+    /// [`check_inputs`](Self::check_inputs), a channel gate's values checked `when`.
+    fn check_inputs_with<'a, T: Element>(
+        &self,
+        shape: &GatedShape,
+        inputs: &GateInputs<'a, T>,
+        when: ChannelGate,
+    ) -> Result<GateInputs<'a, T>> {
         let reads_g = self.decay == RuleDecay::Input;
         let given =
             |name: &'static str, input: Option<&'a Tensor<T>>, reads: bool| match (input, reads) {
@@ -410,7 +425,16 @@ impl Rule {
         };
         if let Some(g) = g {
             expect("g", g, &[[b, t, hv, 1], [b, t, hv, shape.dim_k]])?;
-            check_values(g, "g", |x| x <= 0.0, "log decays must be ≤ 0")?;
+            // As `gates` reads it: a last axis of one is one gate per token.
+            let per_channel = g.head_dim() > 1;
+            if !(per_channel && when == ChannelGate::AsRead) {
+                check_values(
+                    g,
+                    "g",
+                    [T::min_value(), T::zero()],
+                    "log decays must be ≤ 0",
+                )?;
+            }
         }
         if let Some(beta) = beta {
             expect("beta", beta, &[[b, t, hv, 1]])?;
@@ -419,12 +443,8 @@ impl Rule {
             } else {
                 "β must lie in [0, 1]"
             };
-            check_values(
-                beta,
-                "beta",
-                |x| (0.0..=self.beta_max).contains(&x),
-                allowed,
-            )?;
+            let bounds = [T::zero(), T::of_f64(self.beta_max)];
+            check_values(beta, "beta", bounds, allowed)?;
         }
         if let Some(cu) = inputs.cu_seqlens {
             check_cu_seqlens(cu, shape)?;
@@ -441,6 +461,16 @@ impl Rule {
         }
         Ok(GateInputs { g, beta, ..*inputs })
     }
+}
+
+/// When [`Rule::check_inputs_with`] checks a channel gate's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChannelGate {
+    /// Before the run.
+    Now,
+    /// As the chunked form reads them: the gate is as large as q and k together, and a
+    /// pass of its own over memory costs more than the check.
+    AsRead,
 }
 
 /// The shape of a call's states: one per sequence and value head.
@@ -490,29 +520,47 @@ pub(crate) fn gated_shape(problem: &Problem) -> GatedShape {
     }
 }
 
-/// Fails on the first value of `tensor` that is non-finite or not `allowed`.
+/// Fails on the first value of `tensor` that is non-finite or outside `[low, high]`
+/// (finite bounds), naming it as one or the other.
 fn check_values<T: Element>(
     tensor: &Tensor<T>,
     name: &'static str,
-    allowed: impl Fn(f64) -> bool,
+    [low, high]: [T; 2],
     rule: &'static str,
 ) -> Result<()> {
-    if let Some((index, value)) = tensor.first_non_finite() {
-        return Err(Error::NonFinite {
+    // One pass over memory, by every thread for a whole sequence's gates (a decode
+    // step's few are checked on this one, where waking the others would cost more).
+    const PIECE: usize = 1 << 16;
+    let values = tensor.as_slice();
+    let inside = |piece: &[T]| simd::all_within(piece, low, high);
+    let all_inside = match values.len() <= PIECE {
+        true => inside(values),
+        false => values.par_chunks(PIECE).all(inside),
+    };
+    if all_inside {
+        return Ok(());
+    }
+    let position = values
+        .iter()
+        .position(|&x| !(x >= low && x <= high))
+        .expect("a value outside the bounds");
+    let (index, value) = (
+        crate::base::tensor::unravel(position, &tensor.shape()),
+        values[position].as_f64(),
+    );
+    Err(match value.is_finite() {
+        false => Error::NonFinite {
             tensor: name,
             index,
             value,
-        });
-    }
-    match tensor.as_slice().iter().position(|x| !allowed(x.as_f64())) {
-        None => Ok(()),
-        Some(position) => Err(Error::OutOfRange {
+        },
+        true => Error::OutOfRange {
             tensor: name,
-            index: crate::base::tensor::unravel(position, &tensor.shape()),
-            value: tensor.as_slice()[position].as_f64(),
+            index,
+            value,
             allowed: rule,
-        }),
-    }
+        },
+    })
 }
 
 /// The options every method of the family has, as the catalogue lists them.

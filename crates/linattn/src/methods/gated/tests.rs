@@ -153,15 +153,12 @@ impl Case {
         let states_slice = states.as_mut_slice();
         match form {
             None => recurrent(&shape, [&q, &k, &v], &gates, scale, states_slice, &mut out),
-            Some(chunk) => chunked(
-                &shape,
-                [&q, &k, &v],
-                &gates,
-                scale,
-                chunk,
-                states_slice,
-                &mut out,
-            ),
+            Some(chunk) => {
+                let inputs = [&q, &k, &v];
+                let verified =
+                    chunked(&shape, inputs, &gates, scale, chunk, states_slice, &mut out);
+                assert!(verified, "finite inputs and results, found otherwise");
+            }
         }
         let widen = |x: &[T]| x.iter().map(|a| a.as_f64()).collect::<Vec<_>>();
         (widen(out.as_slice()), widen(states.as_slice()))

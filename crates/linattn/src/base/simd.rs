@@ -136,6 +136,42 @@ pub(crate) fn add_rows_scaled<T: Element>(acc: &mut [T], rows: &[T], a: &[T]) {
     }
 }
 
+/// Solves `(I + L) Y = X` in place for the rows of `x` (each `dim` long), `L` strictly
+/// lower triangular with `L_ij` at `l[i · stride + j]`: row i becomes `x_i − Σ_{j<i} L_ij
+/// y_j`, one row after the other.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn solve_unit_lower<T: Element>(x: &mut [T], dim: usize, l: &[T], stride: usize) {
+    let rows = x.len() / dim;
+    let whole = dim - dim % STATE_BLOCK;
+    for i in 1..rows {
+        let (solved, rest) = x.split_at_mut(i * dim);
+        let row = &mut rest[..dim];
+        let coefficients = &l[i * stride..i * stride + i];
+        for j0 in (0..whole).step_by(STATE_BLOCK) {
+            // An array, not a slice, so that the row's block lives in registers.
+            let block: &mut [T; STATE_BLOCK] = (&mut row[j0..j0 + STATE_BLOCK])
+                .try_into()
+                .expect("a whole block");
+            let mut sum = *block;
+            for (j, &c) in coefficients.iter().enumerate() {
+                let y: &[T; STATE_BLOCK] = solved[j * dim + j0..][..STATE_BLOCK]
+                    .try_into()
+                    .expect("a whole block");
+                for (s, &y) in sum.iter_mut().zip(y) {
+                    *s -= c * y;
+                }
+            }
+            *block = sum;
+        }
+        for (j, &c) in coefficients.iter().enumerate() {
+            let y = &solved[j * dim + whole..(j + 1) * dim];
+            for (s, &y) in row[whole..].iter_mut().zip(y) {
+                *s -= c * y;
+            }
+        }
+    }
+}
+
 /// For each row c of `rows` (`f.len()` rows of `u.len()`): `row_c ← f_c·row_c + a_c·u`,
 /// and where `read` gives `(out, b)`, `out = Σ_c b_c · row_c` of the new rows: a
 /// recurrent step's decay, update and output in one pass over the state.

@@ -320,12 +320,28 @@ impl<T: Element> Scratch<T> {
                 simd::scale(row, beta);
             }
             self.scores_into(Operand::Keys, len, dim_k, true);
-            for (i, &beta) in self.betas[..len].iter().enumerate() {
-                let (solved, rest) = self.x.split_at_mut(i * dim_v);
-                let row = &mut rest[..dim_v];
-                for (j, x_j) in solved.chunks_exact(dim_v).enumerate() {
-                    simd::add_scaled(row, x_j, -beta * self.scores[i * len + j]);
-                }
+            for (i, (row, &beta)) in self
+                .scores
+                .chunks_exact_mut(len)
+                .zip(&self.betas[..len])
+                .enumerate()
+            {
+                simd::scale(&mut row[..i], beta);
+            }
+            // By blocks of SUB rows: what the solved rows take from a block in one
+            // product, then the block's own triangle.
+            for block in (0..len).step_by(SUB) {
+                let end = (block + SUB).min(len);
+                let (solved, rest) = self.x.split_at_mut(block * dim_v);
+                let rows = &mut rest[..(end - block) * dim_v];
+                matmul(
+                    MatMut::contiguous(rows, end - block, dim_v),
+                    MatRef::strided(&self.scores[block * len..], end - block, block, len, 1),
+                    MatRef::contiguous(solved, block, dim_v),
+                    true,
+                    -T::one(),
+                );
+                simd::solve_unit_lower(rows, dim_v, &self.scores[block * len + block..], len);
             }
         }
 

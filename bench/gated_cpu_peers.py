@@ -54,6 +54,8 @@ def peers(x, B, T, H):
          lambda: naive_chunk_simple_gla(x["q"], x["k"], x["v"], retention_g(B, T, H))[0]),
         ("gla", [], {"g": x["gk"]}, "naive_recurrent_gla",
          lambda: naive_recurrent_gla(x["q"], x["k"], x["v"], x["gk"])[0]),
+        ("gla", ["head"], {"g": x["g"]}, "naive_chunk_simple_gla",
+         lambda: naive_chunk_simple_gla(x["q"], x["k"], x["v"], x["g"])[0]),
         ("delta-rule", [], {"beta": x["beta"]}, "delta_rule_chunkwise",
          lambda: t(delta_rule_chunkwise(t(x["q"]), t(x["k"]), t(x["v"]), t(x["beta"]), chunk_size=32)[0])),
         ("gated-delta-rule", [], {"g": x["g"], "beta": x["beta"]}, "naive_chunk_gated_delta_rule",

@@ -11,10 +11,20 @@ python=$2
 out=${3:-$(dirname "$0")/results}
 stamp=cpu_2core_$(date +%F)_gated
 grep -m1 "model name" /proc/cpuinfo | tee "$out/$stamp.txt"
-"$linattn" bench --methods retention,gla,delta-rule,gated-delta-rule,linear --causal \
-    --seq 65536 --batch 1 --heads 8 --dim 64 --json > "$out/${stamp}_bench.records"
-"$linattn" bench --methods retention,gla,delta-rule,gated-delta-rule,linear --causal \
-    --seq 65536 --batch 1 --heads 8 --dim 64 2>&1 | tail -8 | tee -a "$out/$stamp.txt"
-"$linattn" decode --method retention,gla,delta-rule,gated-delta-rule,linear \
-    --prompt-len 1000 --tokens 256 --heads 8 --dim 64 2>/dev/null | tail -7 | tee -a "$out/$stamp.txt"
+# Each layer's own gate (gla per channel, gated-delta-rule per head), then the other:
+# simple GLA (gla, one gate per head) and KDA (gated-delta-rule per key channel).
+shape=(--causal --seq 65536 --batch 1 --heads 8 --dim 64)
+"$linattn" bench --methods retention,gla,delta-rule,gated-delta-rule,linear "${shape[@]}" \
+    --json > "$out/${stamp}_bench.records"
+"$linattn" bench --methods gla --gate head "${shape[@]}" --json >> "$out/${stamp}_bench.records"
+"$linattn" bench --methods gated-delta-rule --gate channel "${shape[@]}" \
+    --json >> "$out/${stamp}_bench.records"
+"$linattn" bench --methods retention,gla,delta-rule,gated-delta-rule,linear "${shape[@]}" \
+    2>&1 | tail -8 | tee -a "$out/$stamp.txt"
+decode=(--prompt-len 1000 --tokens 256 --heads 8 --dim 64)
+"$linattn" decode --method retention,gla,delta-rule,gated-delta-rule,linear "${decode[@]}" \
+    2>/dev/null | tail -7 | tee -a "$out/$stamp.txt"
+"$linattn" decode --method gla --gate head "${decode[@]}" 2>/dev/null | tail -1 | tee -a "$out/$stamp.txt"
+"$linattn" decode --method gated-delta-rule --gate channel "${decode[@]}" 2>/dev/null \
+    | tail -1 | tee -a "$out/$stamp.txt"
 "$python" "$(dirname "$0")/gated_cpu_peers.py" "$linattn" 2>/dev/null | tee -a "$out/$stamp.txt"

@@ -397,6 +397,14 @@ pub(crate) fn mul_into<T: Element>(xs: &mut [T], ys: &[T], zs: &[T]) {
     }
 }
 
+/// `x ← x · a / b` elementwise.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
+pub(crate) fn scale_by_ratio<T: Element>(xs: &mut [T], a: &[T], b: &[T]) {
+    for ((x, &a), &b) in xs.iter_mut().zip(a).zip(b) {
+        *x = *x * a / b;
+    }
+}
+
 /// `Σ x_c y_c e^{a_c − b_c}`: two rows' product under per-channel decay factors.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma", "x86_64+avx2+fma"))]
 pub(crate) fn decayed_dot<T: Element>(x: &[T], y: &[T], a: &[T], b: &[T]) -> T {

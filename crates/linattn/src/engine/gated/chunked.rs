@@ -235,6 +235,13 @@ struct Scratch<T> {
     keys_to_block_end: Vec<T>,
     /// One such factor per key channel.
     block_factors: Vec<T>,
+    /// With a channel gate, `e^{G_i − R}` for R the log decay just before i's block:
+    /// what the block's q (and k) rows are scaled by, and whence `e^{G_i}` and the keys'
+    /// factors follow without another exponential.
+    from_block_start: Vec<T>,
+    /// Per block of [`SUB`] rows: whether its decay is within [`FACTORED_SPAN`], so that
+    /// its diagonal is part of the products.
+    factored: Vec<bool>,
     /// `M`, then `A`: `rows × rows`.
     scores: Vec<T>,
     /// `e^{G_t}`, `rows × width`: what q (and for the delta rule k) rows are scaled by.
@@ -259,6 +266,8 @@ impl<T: Element> Scratch<T> {
             decayed_keys: vec![T::zero(); rows * dim_k],
             keys_to_block_end: vec![T::zero(); if width > 1 { rows * dim_k } else { 0 }],
             block_factors: vec![T::zero(); dim_k],
+            from_block_start: vec![T::zero(); if width > 1 { rows * dim_k } else { 0 }],
+            factored: Vec::with_capacity(rows.div_ceil(SUB)),
             scores: vec![T::zero(); rows * rows],
             from_start: vec![T::zero(); rows * width],
             zero_row: vec![T::zero(); dim_k],
@@ -297,11 +306,12 @@ impl<T: Element> Scratch<T> {
             let (before, row) = log_decay.split_at_mut(t * width);
             simd::add_scaled(&mut row[..width], &before[(t - 1) * width..], T::one());
         }
-        let from_start = &mut self.from_start[..len * width];
-        from_start.copy_from_slice(log_decay);
-        simd::exp_in_place(from_start);
         if width > 1 {
-            self.keys_to_block_ends(len, dim_k);
+            self.channel_factors(len, dim_k);
+        } else {
+            let from_start = &mut self.from_start[..len * width];
+            from_start.copy_from_slice(log_decay);
+            simd::exp_in_place(from_start);
         }
 
         if gates.beta.is_some() {
@@ -424,18 +434,62 @@ impl<T: Element> Scratch<T> {
         }
     }
 
-    /// `keys_to_block_end` for the chunk's first `len` keys under a channel gate.
-    fn keys_to_block_ends(&mut self, len: usize, dim_k: usize) {
+    /// Under a channel gate, for the chunk's first `len` tokens: `from_block_start` (one
+    /// exponential per element), `from_start` and `keys_to_block_end` from it by products,
+    /// and which blocks are [`factored`](Self::factored).
+    fn channel_factors(&mut self, len: usize, dim_k: usize) {
         let g = &self.log_decay[..len * dim_k];
-        let keys = self.keys_to_block_end[..len * dim_k].chunks_mut(SUB * dim_k);
-        for (block, rows) in keys.enumerate() {
-            let first = block * SUB;
-            let end = first + rows.len() / dim_k;
-            rows.copy_from_slice(&self.k[first * dim_k..end * dim_k]);
-            let block_end = &g[(end - 1) * dim_k..end * dim_k];
-            let decays = g[first * dim_k..].chunks_exact(dim_k);
-            for (row, g_j) in rows.chunks_exact_mut(dim_k).zip(decays) {
-                simd::scale_by_exp_difference(row, block_end, g_j);
+        self.factored.clear();
+        for first in (0..len).step_by(SUB) {
+            let end = (first + SUB).min(len);
+            let block = first * dim_k..end * dim_k;
+            let reference = match first {
+                0 => &self.zero_row[..],
+                _ => &g[(first - 1) * dim_k..first * dim_k],
+            };
+            let factors = &mut self.from_block_start[block.clone()];
+            let rows = factors
+                .chunks_exact_mut(dim_k)
+                .zip(g[block.clone()].chunks_exact(dim_k));
+            for (row, g_i) in rows {
+                exp_difference(row, g_i, reference);
+            }
+            // e^{G_i} = e^{G_i − R} e^{R}, e^{R} the previous block's last row.
+            let (before, from_start) = self.from_start.split_at_mut(first * dim_k);
+            let from_start = &mut from_start[..block.len()];
+            match first {
+                0 => from_start.copy_from_slice(factors),
+                _ => {
+                    let previous = &before[(first - 1) * dim_k..];
+                    for (row, f) in from_start
+                        .chunks_exact_mut(dim_k)
+                        .zip(factors.chunks_exact(dim_k))
+                    {
+                        simd::mul_into(row, f, previous);
+                    }
+                }
+            }
+            let last = &g[(end - 1) * dim_k..end * dim_k];
+            let span = reference
+                .iter()
+                .zip(last)
+                .fold(T::zero(), |m, (&r, &l)| m.max(r - l));
+            let factored = span <= T::of_f64(FACTORED_SPAN);
+            self.factored.push(factored);
+            // k_j e^{E − G_j} = k_j e^{E − R} / e^{G_j − R}, each divisor at least e^{−span}
+            // in a factored block; an exponential each where the decay is stronger.
+            let keys = &mut self.keys_to_block_end[block.clone()];
+            keys.copy_from_slice(&self.k[block.clone()]);
+            let last_factors = &factors[factors.len() - dim_k..];
+            let rows = keys.chunks_exact_mut(dim_k);
+            for ((row, f), g_j) in rows
+                .zip(factors.chunks_exact(dim_k))
+                .zip(g[block.clone()].chunks_exact(dim_k))
+            {
+                match factored {
+                    true => simd::scale_by_ratio(row, last_factors, f),
+                    false => simd::scale_by_exp_difference(row, last, g_j),
+                }
             }
         }
     }
@@ -486,20 +540,15 @@ impl<T: Element> Scratch<T> {
             } else {
                 &self.zero_row
             };
-            let last = &g[(end - 1) * dim_k..end * dim_k];
-            let span = reference
-                .iter()
-                .zip(last)
-                .fold(T::zero(), |m, (&r, &l)| m.max(r - l));
             // A block whose keys' factors stay small is one product, its diagonal included;
             // a strongly decaying one sums its diagonal pair by pair.
-            let factored = span <= T::of_f64(FACTORED_SPAN);
+            let factored = self.factored[block / SUB];
             let keys_to = if factored { end } else { block };
             let rows = &mut self.decayed[..(end - block) * dim_k];
-            rows.copy_from_slice(&a[block * dim_k..end * dim_k]);
-            for (i, row) in rows.chunks_exact_mut(dim_k).enumerate() {
-                let g_t = &g[(block + i) * dim_k..][..dim_k];
-                simd::scale_by_exp_difference(row, g_t, reference);
+            let sources = a[block * dim_k..end * dim_k].chunks_exact(dim_k);
+            let factors = self.from_block_start[block * dim_k..].chunks_exact(dim_k);
+            for ((row, a_i), f) in rows.chunks_exact_mut(dim_k).zip(sources).zip(factors) {
+                simd::mul_into(row, a_i, f);
             }
             // k_j e^{R − G_j} = (k_j e^{E − G_j}) e^{R − E}, E the end of j's block.
             let earlier = &mut self.decayed_keys[..keys_to * dim_k];

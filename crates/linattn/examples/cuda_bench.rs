@@ -3,15 +3,15 @@
 //! the peers' `do_bench` times them. The checks against the f64 reference are the
 //! named cases of tests/cuda.rs.
 //!
-//! `cuda_bench [--quick] [--profile] [--sync-each]`: `--quick` times the main causal
-//! shape only; `--sync-each` times as before 2026-11-24 (see `SYNC_EACH_RUN`);
+//! `cuda_bench [--quick] [--profile] [--sync-each] [--gated]`: `--quick` times the main
+//! causal shape only; `--gated` times the gated family's forward only (issue 16's shapes); `--sync-each` times as before 2026-11-24 (see `SYNC_EACH_RUN`);
 //! `--profile` runs the main causal kernel a few times, then one forward and backward
 //! and one performer forward, and nothing else (for `ncu`). Lines start with `ceiling`
 //! or `bench` so the script can pick them out.
 
 use half::bf16;
-use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuPlan, GpuTensor};
-use linattn::{Attention, Method, Performer, Tensor, Window};
+use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuGateInputs, GpuPlan, GpuTensor};
+use linattn::{Attention, GatedDeltaRule, Gla, Method, Performer, Tensor, Window};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Timed runs after the warm-up; the median is reported.
@@ -40,7 +40,69 @@ fn main() -> Result<()> {
         gpu.synchronize()?;
         return Ok(());
     }
+    if flag("--gated") {
+        return gated_benches(&gpu);
+    }
     benches(&gpu, flag("--quick"))
+}
+
+/// The gated family's forward, bf16 q, k, v and f32 gates, at issue 16's shapes.
+fn gated_benches(gpu: &Gpu) -> Result<()> {
+    let gdn = Method::GatedDeltaRule(GatedDeltaRule {
+        l2norm_qk: true,
+        ..GatedDeltaRule::default()
+    });
+    let cases = [
+        (
+            "gated-delta-rule",
+            gdn.clone(),
+            [4, 8192, 16, 16, 128],
+            false,
+        ),
+        (
+            "gated-delta-rule",
+            gdn.clone(),
+            [1, 32768, 16, 32, 128],
+            false,
+        ),
+        ("gated-delta-rule (KDA)", gdn, [4, 8192, 16, 16, 128], true),
+        (
+            "gla",
+            Method::Gla(Gla::default()),
+            [4, 8192, 16, 16, 128],
+            true,
+        ),
+    ];
+    for (label, method, [b, t, h, hv, d], channel) in cases {
+        let upload = |shape, seed| -> Result<GpuTensor<bf16>> {
+            Ok(GpuTensor::upload(gpu, &random(shape, seed)?)?)
+        };
+        let (q, k, v) = (
+            upload([b, t, h, d], 1)?,
+            upload([b, t, h, d], 2)?,
+            upload([b, t, hv, d], 3)?,
+        );
+        let width = if channel { d } else { 1 };
+        let g = Tensor::from_vec(vec![-0.05f32; b * t * hv * width], [b, t, hv, width])?;
+        let beta = Tensor::from_vec(vec![0.5f32; b * t * hv], [b, t, hv, 1])?;
+        let (g, beta) = (GpuTensor::upload(gpu, &g)?, GpuTensor::upload(gpu, &beta)?);
+        let reads = method.info().token_inputs;
+        let inputs = GpuGateInputs {
+            g: reads.contains(&linattn::TokenInput::LogDecay).then_some(&g),
+            beta: reads
+                .contains(&linattn::TokenInput::StepSize)
+                .then_some(&beta),
+            ..GpuGateInputs::default()
+        };
+        let attention = Attention::new(method).causal(true);
+        let ms = median_ms(gpu, || {
+            attention.forward_gated_gpu(&q, &k, &v, &inputs).map(drop)
+        })?;
+        println!(
+            "bench,{label} forward (CUDA cores),bf16,B={b} T={t} H={h} HV={hv} D={d},{ms:.4} ms"
+        );
+    }
+    Ok(())
 }
 
 fn random(shape: [usize; 4], seed: u64) -> Result<Tensor<f32>> {

@@ -49,6 +49,18 @@ const GPU_TESTS: &[(&str, fn())] = &[
         "backward_matches_the_cpu_backward_and_names_what_it_does_not_take",
         backward_matches_the_cpu_backward_and_names_what_it_does_not_take,
     ),
+    (
+        "gated_family_matches_the_reference",
+        gpu_checks::gated::matches_the_reference,
+    ),
+    (
+        "gated_family_packed_sequences_match_the_reference",
+        gpu_checks::gated::packed_sequences_match_the_reference,
+    ),
+    (
+        "gated_family_bad_gates_are_named",
+        gpu_checks::gated::bad_gates_are_named,
+    ),
 ];
 
 fn main() -> ExitCode {

@@ -7,6 +7,8 @@ pub(crate) mod attention;
 pub(crate) mod cost;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_gated;
 pub(crate) mod decode;
 pub(crate) mod device;
 pub(crate) mod plan;

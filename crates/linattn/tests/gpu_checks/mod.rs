@@ -11,6 +11,7 @@ use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
 use linattn::{Attention, Method, Performer, Tensor, Window, reference};
 use std::sync::Arc;
 
+pub mod gated;
 mod peers;
 use peers::{exact_peer_error, peer_error, peer_tolerance, performer_peer_error};
 

@@ -33,6 +33,7 @@ const PERFORMER_SOURCE: &str = concat!(
     include_str!("performer.cu")
 );
 const SOFTMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("softmax.cu"));
+const GATED_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gated.cu"));
 
 pub(super) fn cuda_error(what: &str, error: impl std::fmt::Display) -> Error {
     Error::Cuda(format!("{what}: {error}"))
@@ -330,6 +331,11 @@ impl Gpu {
         self.kernel_of(Source::Linear, name, shared_bytes)
     }
 
+    /// The most dynamic shared memory a block may use.
+    pub(super) fn shared_limit(&self) -> usize {
+        self.shared_limit
+    }
+
     /// Kernel `name` of `source`, checked to fit `shared_bytes` of dynamic shared memory.
     pub(super) fn kernel_of(
         &self,
@@ -372,15 +378,18 @@ pub(super) enum Source {
     /// FAVOR+ kernels, built on the linear kernels' helpers.
     Performer,
     Softmax,
+    /// The gated and delta-rule family.
+    Gated,
 }
 
 impl Source {
     /// Every module, in the order `compile_all_kernels` compiles them.
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Linear,
         Self::LinearBackward,
         Self::Performer,
         Self::Softmax,
+        Self::Gated,
     ];
 
     /// The module's source text, the tile constants first, and its file name.
@@ -390,6 +399,7 @@ impl Source {
             Source::LinearBackward => (LINEAR_BACKWARD_SOURCE, "linear_backward.cu"),
             Source::Performer => (PERFORMER_SOURCE, "performer.cu"),
             Source::Softmax => (SOFTMAX_SOURCE, "softmax.cu"),
+            Source::Gated => (GATED_SOURCE, "gated.cu"),
         };
         (tiles::prelude() + source, file)
     }

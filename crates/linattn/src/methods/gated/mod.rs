@@ -165,15 +165,28 @@ impl Rule {
     }
 
     /// Scratch bytes of a forward call beyond inputs and output: the states and each
-    /// thread's chunk buffers (`rows²` scores among them: the parallel form's chunk is
-    /// the whole sequence).
+    /// task's chunk buffers (`rows²` scores among them: the parallel form's chunk is the
+    /// whole sequence) and gathered rows (bounded by a group of every head; the log
+    /// decays counted per channel wherever the rule reads g).
     pub fn workspace_bytes(&self, problem: &Problem, element: usize, chunk: usize) -> u128 {
         let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
         let units = (problem.batch * problem.heads_v) as u128;
         let rows = chunk.min(problem.len_q) as u128;
-        let scratch = rows * (5 * dk + dv + 2 * dk + 1) + rows * rows + dk;
+        let width = match self.decay {
+            RuleDecay::None => 0,
+            RuleDecay::Fixed(_) => 1,
+            RuleDecay::Input => dk,
+        };
+        // q, k, x, the decayed rows and keys, the keys to their block's end and the
+        // factors from its start, the log decays and their exponentials, β.
+        let scratch = rows * (6 * dk + dv + 2 * width + 2) + rows * rows + 2 * dk;
+        let (heads, heads_v) = (problem.heads_q as u128, problem.heads_v as u128);
+        let group = rows * (2 * heads * dk + heads_v * (dv + width));
         units * dk * dv * element as u128
-            + per_thread(problem.batch * problem.heads_v, scratch * element as u128)
+            + per_thread(
+                problem.batch * problem.heads_v,
+                (scratch + group) * element as u128,
+            )
     }
 
     /// Scratch bytes of a backward call beyond inputs and gradients: each unit's
@@ -390,41 +403,16 @@ impl Rule {
         inputs: &GateInputs<'a, T>,
         when: ChannelGate,
     ) -> Result<GateInputs<'a, T>> {
-        let reads_g = self.decay == RuleDecay::Input;
-        let given =
-            |name: &'static str, input: Option<&'a Tensor<T>>, reads: bool| match (input, reads) {
-                (None, true) => Err(Error::MissingInput {
-                    method: self.method,
-                    input: name,
-                }),
-                (Some(_), false) => Err(Error::InvalidConfig(format!(
-                    "{} reads no {name}; leave it out",
-                    self.method
-                ))),
-                (input, _) => Ok(input),
-            };
-        let g = given("g (the log decays)", inputs.g, reads_g)?;
-        let beta = given("beta (the step sizes)", inputs.beta, self.delta)?;
-        let (b, t, hv) = (shape.batch, shape.len, shape.heads_v);
-        let expect = |name: &str, tensor: &Tensor<T>, shapes: &[[usize; 4]]| {
-            if shapes.contains(&tensor.shape()) {
-                Ok(())
-            } else {
-                Err(Error::ShapeMismatch {
-                    detail: format!(
-                        "{name} has shape {:?}; for v of {hv} heads over {t} tokens it must be {}",
-                        tensor.shape(),
-                        shapes
-                            .iter()
-                            .map(|s| format!("{s:?}"))
-                            .collect::<Vec<_>>()
-                            .join(" or ")
-                    ),
-                })
-            }
-        };
-        if let Some(g) = g {
-            expect("g", g, &[[b, t, hv, 1], [b, t, hv, shape.dim_k]])?;
+        self.check_shapes(
+            shape,
+            InputShapes {
+                g: inputs.g.map(Tensor::shape),
+                beta: inputs.beta.map(Tensor::shape),
+                initial_state: inputs.initial_state.map(Tensor::shape),
+            },
+            inputs.cu_seqlens,
+        )?;
+        if let Some(g) = inputs.g {
             // As `gates` reads it: a last axis of one is one gate per token.
             let per_channel = g.head_dim() > 1;
             if !(per_channel && when == ChannelGate::AsRead) {
@@ -436,31 +424,89 @@ impl Rule {
                 )?;
             }
         }
-        if let Some(beta) = beta {
-            expect("beta", beta, &[[b, t, hv, 1]])?;
-            let allowed = if self.beta_max > 1.0 {
-                "β must lie in [0, 2] (negative eigenvalues allowed)"
-            } else {
-                "β must lie in [0, 1]"
-            };
+        if let Some(beta) = inputs.beta {
             let bounds = [T::zero(), T::of_f64(self.beta_max)];
-            check_values(beta, "beta", bounds, allowed)?;
+            check_values(beta, "beta", bounds, self.beta_rule())?;
         }
-        if let Some(cu) = inputs.cu_seqlens {
+        if let Some(initial) = inputs.initial_state
+            && let Some((index, value)) = initial.first_non_finite()
+        {
+            return Err(Error::NonFinite {
+                tensor: "initial_state",
+                index,
+                value,
+            });
+        }
+        Ok(*inputs)
+    }
+
+    /// What β must satisfy, in words.
+    pub(crate) fn beta_rule(&self) -> &'static str {
+        if self.beta_max > 1.0 {
+            "β must lie in [0, 2] (negative eigenvalues allowed)"
+        } else {
+            "β must lie in [0, 1]"
+        }
+    }
+
+    /// Checks what a call gives against what the rule reads, on either device: g and β
+    /// present where it reads them and absent where not, of shapes that fit v's, packed
+    /// offsets that cover the length, an initial state per sequence and value head.
+    pub(crate) fn check_shapes(
+        &self,
+        shape: &GatedShape,
+        given: InputShapes,
+        cu_seqlens: Option<&[usize]>,
+    ) -> Result<()> {
+        let present =
+            |name: &'static str, input: Option<[usize; 4]>, reads: bool| match (input, reads) {
+                (None, true) => Err(Error::MissingInput {
+                    method: self.method,
+                    input: name,
+                }),
+                (Some(_), false) => Err(Error::InvalidConfig(format!(
+                    "{} reads no {name}; leave it out",
+                    self.method
+                ))),
+                _ => Ok(()),
+            };
+        present(
+            "g (the log decays)",
+            given.g,
+            self.decay == RuleDecay::Input,
+        )?;
+        present("beta (the step sizes)", given.beta, self.delta)?;
+        let (b, t, hv) = (shape.batch, shape.len, shape.heads_v);
+        let expect = |name: &str, actual: Option<[usize; 4]>, shapes: &[[usize; 4]]| match actual {
+            Some(actual) if !shapes.contains(&actual) => Err(Error::ShapeMismatch {
+                detail: format!(
+                    "{name} has shape {actual:?}; for v of {hv} heads over {t} tokens it must be {}",
+                    shapes
+                        .iter()
+                        .map(|s| format!("{s:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            }),
+            _ => Ok(()),
+        };
+        expect("g", given.g, &[[b, t, hv, 1], [b, t, hv, shape.dim_k]])?;
+        expect("beta", given.beta, &[[b, t, hv, 1]])?;
+        if let Some(cu) = cu_seqlens {
             check_cu_seqlens(cu, shape)?;
         }
-        if let Some(initial) = inputs.initial_state {
-            expect("initial_state", initial, &[state_shape(shape, inputs)])?;
-            if let Some((index, value)) = initial.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: "initial_state",
-                    index,
-                    value,
-                });
-            }
-        }
-        Ok(GateInputs { g, beta, ..*inputs })
+        let sequences = cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
+        let states = [sequences, shape.heads_v, shape.dim_k, shape.dim_v];
+        expect("initial_state", given.initial_state, &[states])
     }
+}
+
+/// The shapes of what a call gives beside q, k and v ([`Rule::check_shapes`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct InputShapes {
+    pub g: Option<[usize; 4]>,
+    pub beta: Option<[usize; 4]>,
+    pub initial_state: Option<[usize; 4]>,
 }
 
 /// When [`Rule::check_inputs_with`] checks a channel gate's values.

@@ -1,0 +1,254 @@
+// The gated and delta-rule family (retention, gla, delta-rule, gated-delta-rule) on NVIDIA
+// GPUs: the chunked forward on the CUDA cores in f32, for any head widths that fit shared
+// memory. Compiled at run time by NVRTC. The conventions are the CPU engine's
+// (engine/gated): q, k [B, T, H, D_k] and v, out [B, T, HV, D_v] of the kernel's element
+// type; g [B, T, HV] or [B, T, HV, D_k], beta [B, T, HV], states [N, HV, D_k, D_v] in f32;
+// o_t = scale · S_tᵀ q_t.
+//
+// One block takes one (sequence, value head) through its chunks of C tokens. With G the
+// log decays summed from the chunk's start and S the state before the chunk:
+//   X = V, or for the delta rule (I + A) X = Diag(β) (V − (K ⊙ e^G) S) with
+//       A_ij = β_i Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i), solved by forward substitution;
+//   O = scale ((Q ⊙ e^G) S + M X), M_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i);
+//   S ← e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X.
+// Every exponent is ≤ 0, each pair's taken on its own, so no decay overflows anything.
+
+namespace linattn {
+namespace gated {
+
+struct Shape {
+    int batch, len, heads, heads_v, dim_k, dim_v;
+};
+
+// What the kernel takes beside its Shape; GatedParams in gated.rs mirrors it (a test
+// checks the layout against this declaration).
+struct GatedParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    // Log decays: per token and value head, or per key channel (gate_width = D_k); null
+    // for a fixed decay per value head (`fixed`) or none.
+    const float* g;
+    // Fixed log decays, one per value head (retention's γ); null otherwise.
+    const float* fixed;
+    // Step sizes of the delta rule; null for the plain sum.
+    const float* beta;
+    // The states to start from (null: zeros) and to leave.
+    const float* state_in;
+    float* state_out;
+    // N + 1 token offsets of sequences packed along a batch of one; null: batch rows.
+    const long long* cu_seqlens;
+    // The smallest flat index of g or beta that is out of range (g > 0, β outside
+    // [0, beta_max] or not finite), for the host to name; left as it was where none is.
+    long long* bad_g;
+    long long* bad_beta;
+    float scale;
+    float beta_max;
+    // Log decays per token: 0 (none), 1 (per token or fixed) or D_k (per channel).
+    int gate_width;
+    // Rows per chunk.
+    int chunk;
+    int delta;
+    int l2norm;
+};
+
+__device__ __forceinline__ int qk_head(const Shape& s, int hv) {
+    return hv / (s.heads_v / s.heads);
+}
+
+template <typename T>
+__device__ void chunked(const Shape shape, const GatedParams p) {
+    extern __shared__ float smem[];
+    const int dk = shape.dim_k, dv = shape.dim_v, C = p.chunk, gw = p.gate_width;
+    const int hv = blockIdx.x, sequence = blockIdx.y;
+    const int h = qk_head(shape, hv);
+    const int tid = threadIdx.x, threads = blockDim.x;
+    // The sequence's first token (a flat row of [B·T]) and its length.
+    long long first;
+    int len;
+    if (p.cu_seqlens) {
+        first = p.cu_seqlens[sequence];
+        len = static_cast<int>(p.cu_seqlens[sequence + 1] - first);
+    } else {
+        first = static_cast<long long>(sequence) * shape.len;
+        len = shape.len;
+    }
+    float* S = smem;               // dk × dv
+    float* Q = S + dk * dv;        // C × dk
+    float* K = Q + C * dk;         // C × dk
+    float* D = K + C * dk;         // C × dk: q or k rows times decay factors
+    float* X = D + C * dk;         // C × dv
+    float* A = X + C * dv;         // C × C: A, then M
+    float* G = A + C * C;          // C × max(gw, 1)
+    float* B = G + C * (gw > 0 ? gw : 1);  // C: β
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    T* out = static_cast<T*>(p.out);
+    const long long unit = static_cast<long long>(sequence) * shape.heads_v + hv;
+    for (int i = tid; i < dk * dv; i += threads) {
+        S[i] = p.state_in ? p.state_in[unit * dk * dv + i] : 0.f;
+    }
+    for (int start = 0; start < len; start += C) {
+        const int rows = min(C, len - start);
+        const long long token0 = first + start;
+        __syncthreads();
+        for (int i = tid; i < rows * dk; i += threads) {
+            const int r = i / dk, c = i % dk;
+            const long long at = ((token0 + r) * shape.heads + h) * dk + c;
+            Q[i] = to_float(q[at]);
+            K[i] = to_float(k[at]);
+        }
+        for (int i = tid; i < rows * dv; i += threads) {
+            const int r = i / dv, c = i % dv;
+            X[i] = to_float(v[((token0 + r) * shape.heads_v + hv) * dv + c]);
+        }
+        if (gw > 0) {
+            for (int i = tid; i < rows * gw; i += threads) {
+                const int r = i / gw, c = i % gw;
+                float value;
+                if (p.g) {
+                    const long long at = ((token0 + r) * shape.heads_v + hv) * gw + c;
+                    value = p.g[at];
+                    if (!(value <= 0.f) || isinf(value)) atomicMin(p.bad_g, at);
+                } else {
+                    value = p.fixed[hv];
+                }
+                G[i] = value;
+            }
+        }
+        if (p.beta) {
+            for (int r = tid; r < rows; r += threads) {
+                const long long at = (token0 + r) * shape.heads_v + hv;
+                const float b = p.beta[at];
+                if (!(b >= 0.f && b <= p.beta_max)) atomicMin(p.bad_beta, at);
+                B[r] = b;
+            }
+        }
+        __syncthreads();
+        // L2-normalised q and k rows (flash-linear-attention's l2norm: 1e-6 under the root),
+        // a warp a row.
+        if (p.l2norm) {
+            const int warp = tid / 32, lane = tid % 32, warps = threads / 32;
+            for (int r = warp; r < 2 * rows; r += warps) {
+                float* row = r < rows ? Q + r * dk : K + (r - rows) * dk;
+                float sum = 0.f;
+                for (int c = lane; c < dk; c += 32) sum += row[c] * row[c];
+                for (int offset = 16; offset > 0; offset /= 2) {
+                    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+                }
+                const float inverse = rsqrtf(sum + 1e-6f);
+                for (int c = lane; c < dk; c += 32) row[c] *= inverse;
+            }
+        }
+        // G summed along the chunk, a thread per channel.
+        for (int c = tid; c < gw; c += threads) {
+            for (int r = 1; r < rows; ++r) G[r * gw + c] += G[(r - 1) * gw + c];
+        }
+        __syncthreads();
+        // The log decay of row r at channel c, summed from the chunk's start.
+        auto log_decay = [&](int r, int c) -> float {
+            return gw == 0 ? 0.f : G[r * gw + (gw == 1 ? 0 : c)];
+        };
+        if (p.delta) {
+            // D = K ⊙ e^G, then X = β (V − D S).
+            for (int i = tid; i < rows * dk; i += threads) {
+                D[i] = K[i] * __expf(log_decay(i / dk, i % dk));
+            }
+            __syncthreads();
+            for (int i = tid; i < rows * dv; i += threads) {
+                const int r = i / dv, col = i % dv;
+                float sum = 0.f;
+                for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * dv + col];
+                X[i] = B[r] * (X[i] - sum);
+            }
+            // A_ij = β_i Σ_c k_ic k_jc e^{G_ic − G_jc} for j < i.
+            for (int i = tid; i < rows * rows; i += threads) {
+                const int r = i / rows, j = i % rows;
+                float sum = 0.f;
+                if (j < r) {
+                    if (gw == dk && gw > 1) {
+                        for (int c = 0; c < dk; ++c) {
+                            sum += K[r * dk + c] * K[j * dk + c] *
+                                   __expf(G[r * gw + c] - G[j * gw + c]);
+                        }
+                    } else {
+                        for (int c = 0; c < dk; ++c) sum += K[r * dk + c] * K[j * dk + c];
+                        sum *= __expf(log_decay(r, 0) - log_decay(j, 0));
+                    }
+                    sum *= B[r];
+                }
+                A[r * C + j] = sum;
+            }
+            __syncthreads();
+            // (I + A) X = X, a thread per column: each column's substitution is its own.
+            for (int col = tid; col < dv; col += threads) {
+                for (int r = 1; r < rows; ++r) {
+                    float x = X[r * dv + col];
+                    for (int j = 0; j < r; ++j) x -= A[r * C + j] * X[j * dv + col];
+                    X[r * dv + col] = x;
+                }
+            }
+            __syncthreads();
+        }
+        // D = Q ⊙ e^G; M_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} for j ≤ i.
+        for (int i = tid; i < rows * dk; i += threads) {
+            D[i] = Q[i] * __expf(log_decay(i / dk, i % dk));
+        }
+        for (int i = tid; i < rows * rows; i += threads) {
+            const int r = i / rows, j = i % rows;
+            float sum = 0.f;
+            if (j <= r) {
+                if (gw == dk && gw > 1) {
+                    for (int c = 0; c < dk; ++c) {
+                        sum += Q[r * dk + c] * K[j * dk + c] * __expf(G[r * gw + c] - G[j * gw + c]);
+                    }
+                } else {
+                    for (int c = 0; c < dk; ++c) sum += Q[r * dk + c] * K[j * dk + c];
+                    sum *= __expf(log_decay(r, 0) - log_decay(j, 0));
+                }
+            }
+            A[r * C + j] = sum;
+        }
+        __syncthreads();
+        for (int i = tid; i < rows * dv; i += threads) {
+            const int r = i / dv, col = i % dv;
+            float sum = 0.f;
+            for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * dv + col];
+            for (int j = 0; j <= r; ++j) sum += A[r * C + j] * X[j * dv + col];
+            out[((token0 + r) * shape.heads_v + hv) * dv + col] = from_float<T>(p.scale * sum);
+        }
+        __syncthreads();
+        // S ← e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X.
+        for (int i = tid; i < rows * dk; i += threads) {
+            const int r = i / dk, c = i % dk;
+            D[i] = K[i] * __expf(log_decay(rows - 1, c) - log_decay(r, c));
+        }
+        __syncthreads();
+        for (int i = tid; i < dk * dv; i += threads) {
+            const int c = i / dv, col = i % dv;
+            float sum = S[i] * __expf(log_decay(rows - 1, c));
+            for (int r = 0; r < rows; ++r) sum += D[r * dk + c] * X[r * dv + col];
+            S[i] = sum;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < dk * dv; i += threads) p.state_out[unit * dk * dv + i] = S[i];
+}
+
+}  // namespace gated
+}  // namespace linattn
+
+extern "C" __global__ void gated_chunked_f32(linattn::gated::Shape shape,
+                                             linattn::gated::GatedParams params) {
+    linattn::gated::chunked<float>(shape, params);
+}
+extern "C" __global__ void gated_chunked_bf16(linattn::gated::Shape shape,
+                                              linattn::gated::GatedParams params) {
+    linattn::gated::chunked<__nv_bfloat16>(shape, params);
+}
+extern "C" __global__ void gated_chunked_f16(linattn::gated::Shape shape,
+                                             linattn::gated::GatedParams params) {
+    linattn::gated::chunked<__half>(shape, params);
+}

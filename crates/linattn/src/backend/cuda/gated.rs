@@ -1,0 +1,243 @@
+//! Launch of the gated family's chunked forward (gated.cu) on the CUDA cores: retention,
+//! gla, the delta rule and the gated delta rule, any head widths that fit shared memory.
+
+use super::device::{Buffers, Gpu, Source, cuda_error, grid};
+use super::tensor::{GpuElement, GpuTensor};
+use crate::base::{Error, Result};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// Threads per block of the gated kernel.
+const GATED_THREADS: u32 = 256;
+/// Rows per chunk, the largest of these whose tiles fit the GPU's shared memory.
+const GATED_CHUNKS: [usize; 4] = [64, 32, 16, 8];
+
+/// `linattn::gated::Shape` in gated.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GatedShape {
+    batch: i32,
+    len: i32,
+    heads: i32,
+    heads_v: i32,
+    dim_k: i32,
+    dim_v: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct.
+unsafe impl DeviceRepr for GatedShape {}
+
+/// `linattn::gated::GatedParams` in gated.cu, which says what each field is for: device
+/// addresses (0 for none), then the scalars.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GatedParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    v: CUdeviceptr,
+    out: CUdeviceptr,
+    g: CUdeviceptr,
+    fixed: CUdeviceptr,
+    beta: CUdeviceptr,
+    state_in: CUdeviceptr,
+    state_out: CUdeviceptr,
+    cu_seqlens: CUdeviceptr,
+    bad_g: CUdeviceptr,
+    bad_beta: CUdeviceptr,
+    scale: f32,
+    beta_max: f32,
+    gate_width: i32,
+    chunk: i32,
+    delta: i32,
+    l2norm: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct (checked by a test).
+unsafe impl DeviceRepr for GatedParams {}
+
+/// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
+/// dim_v]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GatedDims {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub heads_v: usize,
+    pub dim_k: usize,
+    pub dim_v: usize,
+}
+
+/// What a call's rule asks of the kernel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GatedRule<'a> {
+    /// Fixed log decays, one per value head (retention); `None` where g is given or
+    /// nothing decays.
+    pub fixed: Option<&'a [f32]>,
+    pub delta: bool,
+    pub beta_max: f32,
+    pub scale: f32,
+    pub l2norm: bool,
+}
+
+/// A call's per-token inputs and states, on the GPU in f32.
+#[derive(Clone, Copy)]
+pub(crate) struct GatedInputs<'a> {
+    pub g: Option<&'a GpuTensor<f32>>,
+    pub beta: Option<&'a GpuTensor<f32>>,
+    pub initial_state: Option<&'a GpuTensor<f32>>,
+    pub cu_seqlens: Option<&'a [usize]>,
+}
+
+/// Where the kernel found an input out of range: the flat index in g or β.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutOfRange {
+    G(usize),
+    Beta(usize),
+}
+
+/// The chunked forward: the output `[batch, len, heads_v, dim_v]`, the final states
+/// `[sequences, heads_v, dim_k, dim_v]` and, where the kernel met a g or β out of range,
+/// the first such element (the caller names it; the results are then meaningless).
+pub(crate) fn gated_forward<T: GpuElement>(
+    gpu: &Gpu,
+    dims: GatedDims,
+    rule: GatedRule<'_>,
+    [q, k, v]: [&GpuTensor<T>; 3],
+    inputs: GatedInputs<'_>,
+) -> Result<(GpuTensor<T>, GpuTensor<f32>, Option<OutOfRange>)> {
+    let sequences = inputs.cu_seqlens.map_or(dims.batch, |cu| cu.len() - 1);
+    let gate_width = match (inputs.g, rule.fixed) {
+        (Some(g), _) => g.shape()[3],
+        (None, Some(_)) => 1,
+        (None, None) => 0,
+    };
+    let (chunk, shared) = tiles(gpu, dims, gate_width)?;
+    let name = format!("gated_chunked_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Gated, &name, shared)?;
+    let int = |n: usize, what: &str| {
+        i32::try_from(n).map_err(|_| Error::Unsupported(format!("{what} {n} beyond 2^31")))
+    };
+    let shape = GatedShape {
+        batch: int(dims.batch, "batch")?,
+        len: int(dims.len, "length")?,
+        heads: int(dims.heads, "heads")?,
+        heads_v: int(dims.heads_v, "value heads")?,
+        dim_k: int(dims.dim_k, "key width")?,
+        dim_v: int(dims.dim_v, "value width")?,
+    };
+    let upload = |what: &str, values: &[i64]| {
+        gpu.stream
+            .clone_htod(values)
+            .map_err(|e| cuda_error(&format!("copying {what} to the GPU"), e))
+    };
+    let fixed = rule
+        .fixed
+        .map(|decays| {
+            gpu.stream
+                .clone_htod(decays)
+                .map_err(|e| cuda_error("copying the decays to the GPU", e))
+        })
+        .transpose()?;
+    let offsets: Option<Vec<i64>> = inputs
+        .cu_seqlens
+        .map(|cu| cu.iter().map(|&x| x as i64).collect());
+    let cu_seqlens = offsets.map(|o| upload("cu_seqlens", &o)).transpose()?;
+    let none = [i64::MAX];
+    let mut bad_g = upload("a flag", &none)?;
+    let mut bad_beta = upload("a flag", &none)?;
+    let mut out = GpuTensor::for_output(gpu, [dims.batch, dims.len, dims.heads_v, dims.dim_v])?;
+    let state_shape = [sequences, dims.heads_v, dims.dim_k, dims.dim_v];
+    let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
+    let config = LaunchConfig {
+        grid_dim: grid(dims.heads_v, sequences, 1)?,
+        block_dim: (GATED_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let mut buffers = Buffers::on(&gpu.stream);
+    let params = GatedParams {
+        q: buffers.read(&q.data),
+        k: buffers.read(&k.data),
+        v: buffers.read(&v.data),
+        out: buffers.write(&mut out.data),
+        g: inputs.g.map_or(0, |t| buffers.read(&t.data)),
+        fixed: fixed.as_ref().map_or(0, |f| buffers.read(f)),
+        beta: inputs.beta.map_or(0, |t| buffers.read(&t.data)),
+        state_in: inputs.initial_state.map_or(0, |t| buffers.read(&t.data)),
+        state_out: buffers.write(&mut states.data),
+        cu_seqlens: cu_seqlens.as_ref().map_or(0, |c| buffers.read(c)),
+        bad_g: buffers.write(&mut bad_g),
+        bad_beta: buffers.write(&mut bad_beta),
+        scale: rule.scale,
+        beta_max: rule.beta_max,
+        gate_width: int(gate_width, "gate width")?,
+        chunk: chunk as i32,
+        delta: rule.delta.into(),
+        l2norm: rule.l2norm.into(),
+    };
+    // SAFETY: the parameters match the kernel's; every buffer is sized for the shapes the
+    // caller checked, the output and states written whole by the grid.
+    unsafe { buffers.launch(&function, config, &(shape, params), &name) }?;
+    let flag = |flag: &cudarc::driver::CudaSlice<i64>| {
+        gpu.stream
+            .clone_dtoh(flag)
+            .map_err(|e| cuda_error("reading the range check", e))
+            .map(|v| usize::try_from(v[0]).ok().filter(|_| v[0] != i64::MAX))
+    };
+    let bad = match (flag(&bad_g)?, flag(&bad_beta)?) {
+        (Some(at), _) => Some(OutOfRange::G(at)),
+        (None, Some(at)) => Some(OutOfRange::Beta(at)),
+        (None, None) => None,
+    };
+    Ok((out, states, bad))
+}
+
+/// The chunk (rows) and dynamic shared memory of a launch: the state, q, k, decayed rows
+/// and values of a chunk, its C × C scores, its log decays and β, all f32.
+fn tiles(gpu: &Gpu, dims: GatedDims, gate_width: usize) -> Result<(usize, u32)> {
+    let (dk, dv) = (dims.dim_k, dims.dim_v);
+    let bytes = |c: usize| 4 * (dk * dv + c * (3 * dk + dv + c + gate_width.max(1) + 1));
+    GATED_CHUNKS
+        .into_iter()
+        .find(|&c| bytes(c) <= gpu.shared_limit())
+        .map(|c| (c, bytes(c) as u32))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "the gated family on the GPU keeps a {dk} × {dv} state in shared memory; \
+                 it needs {} and the GPU allows {}",
+                crate::ByteSize(bytes(8) as u128),
+                crate::ByteSize(gpu.shared_limit() as u128)
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::struct_layout::{layout, rust_fields};
+
+    #[test]
+    fn kernel_params_lay_out_as_their_c_declaration() {
+        // linattn::gated::GatedParams: twelve pointers (96 bytes) and six 4-byte scalars.
+        let params = rust_fields!(GatedParams {
+            q,
+            k,
+            v,
+            out,
+            g,
+            fixed,
+            beta,
+            state_in,
+            state_out,
+            cu_seqlens,
+            bad_g,
+            bad_beta,
+            scale,
+            beta_max,
+            gate_width,
+            chunk,
+            delta,
+            l2norm,
+        });
+        layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 120, &params);
+    }
+}

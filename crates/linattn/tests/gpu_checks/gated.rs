@@ -1,0 +1,223 @@
+//! The gated family's chunked forward on the GPU against the f64 recurrence: every
+//! method and gate shape, grouped value heads, initial and final states, packed
+//! sequences, a chunk shorter than the default where the state is wide, and the typed
+//! errors of bad gates.
+
+use half::bf16;
+use linattn::cuda::{Gpu, GpuElement, GpuGateInputs, GpuTensor};
+use linattn::{
+    Attention, DeltaRule, Error, GateInputs, GatedDeltaRule, Gla, Method, Retention, Tensor,
+    reference,
+};
+
+/// One case: q, k, v and the gates a method reads, in f64 (rounded to f32 before the GPU
+/// and the reference see them, so that both start from the same values).
+struct Case {
+    q: Tensor<f64>,
+    k: Tensor<f64>,
+    v: Tensor<f64>,
+    g: Option<Tensor<f64>>,
+    beta: Option<Tensor<f64>>,
+    initial: Tensor<f64>,
+}
+
+/// Values rounded through f32.
+fn f32_rounded(x: Tensor<f64>) -> Tensor<f64> {
+    x.cast::<f32>().cast()
+}
+
+fn logistic(shape: [usize; 4], seed: u64, map: fn(f64) -> f64) -> Tensor<f64> {
+    let x = Tensor::<f64>::randn(shape, seed).unwrap();
+    let values = x.as_slice().iter().map(|&x| map(1.0 / (1.0 + (-x).exp())));
+    f32_rounded(Tensor::from_vec(values.collect(), shape).unwrap())
+}
+
+impl Case {
+    /// `[b, t, h, hv, dk, dv]`, g per channel when `channel`; `sequences` states.
+    fn new(sizes: [usize; 6], reads: (bool, bool), channel: bool, sequences: usize) -> Self {
+        let [b, t, h, hv, dk, dv] = sizes;
+        let randn = |shape, seed| f32_rounded(Tensor::<f64>::randn(shape, seed).unwrap());
+        let (reads_g, reads_beta) = reads;
+        Self {
+            q: randn([b, t, h, dk], 1),
+            k: randn([b, t, h, dk], 2),
+            v: randn([b, t, hv, dv], 3),
+            g: reads_g.then(|| match channel {
+                true => logistic([b, t, hv, dk], 4, |s| s.ln() / 16.0),
+                false => logistic([b, t, hv, 1], 4, f64::ln),
+            }),
+            beta: reads_beta.then(|| logistic([b, t, hv, 1], 5, |s| s)),
+            initial: randn([sequences, hv, dk, dv], 6),
+        }
+    }
+
+    fn reference(&self, attention: &Attention, cu_seqlens: Option<&[usize]>) -> [Tensor<f64>; 2] {
+        let inputs = GateInputs {
+            g: self.g.as_ref(),
+            beta: self.beta.as_ref(),
+            initial_state: Some(&self.initial),
+            cu_seqlens,
+            ..GateInputs::default()
+        };
+        let result =
+            reference::forward_gated(attention, &self.q, &self.k, &self.v, &inputs).unwrap();
+        [result.out, result.final_state]
+    }
+
+    fn on_gpu<T: GpuElement>(
+        &self,
+        gpu: &Gpu,
+        attention: &Attention,
+        cu_seqlens: Option<&[usize]>,
+    ) -> linattn::Result<[Tensor<f32>; 2]> {
+        let upload = |x: &Tensor<f64>| GpuTensor::<T>::upload(gpu, &x.cast()).unwrap();
+        let gates = |x: &Tensor<f64>| GpuTensor::<f32>::upload(gpu, &x.cast()).unwrap();
+        let (g, beta, initial) = (
+            self.g.as_ref().map(gates),
+            self.beta.as_ref().map(gates),
+            gates(&self.initial),
+        );
+        let inputs = GpuGateInputs {
+            g: g.as_ref(),
+            beta: beta.as_ref(),
+            initial_state: Some(&initial),
+            cu_seqlens,
+        };
+        let result = attention.forward_gated_gpu(
+            &upload(&self.q),
+            &upload(&self.k),
+            &upload(&self.v),
+            &inputs,
+        )?;
+        Ok([result.out.download()?, result.final_state.download()?])
+    }
+}
+
+/// A method of the family: its name, whether it reads g and β, and whether to give its
+/// gate per head, per channel or both.
+type Member = (&'static str, Method, (bool, bool), Vec<bool>);
+
+/// Every method of the family.
+fn family() -> Vec<Member> {
+    let l2 = true;
+    vec![
+        (
+            "retention",
+            Method::Retention(Retention::default()),
+            (false, false),
+            vec![false],
+        ),
+        (
+            "gla",
+            Method::Gla(Gla::default()),
+            (true, false),
+            vec![false, true],
+        ),
+        (
+            "delta-rule",
+            Method::DeltaRule(DeltaRule {
+                l2norm_qk: l2,
+                ..DeltaRule::default()
+            }),
+            (false, true),
+            vec![false],
+        ),
+        (
+            "gated-delta-rule",
+            Method::GatedDeltaRule(GatedDeltaRule {
+                l2norm_qk: l2,
+                ..GatedDeltaRule::default()
+            }),
+            (true, true),
+            vec![false, true],
+        ),
+    ]
+}
+
+fn max_relative(got: &Tensor<f32>, want: &Tensor<f64>) -> f64 {
+    got.relative_error(want).expect("the shapes agree")
+}
+
+/// Outputs and final states in f32 within 1e-4 of the f64 recurrence, and in bf16
+/// within a few of its roundings (the inputs rounded to bf16 move the result by about
+/// that much), on awkward shapes: one token, a length off the chunk, d_k ≠ d_v, HV = 2H,
+/// batch > 1, and widths of 128 whose per-channel gate takes a 32-row chunk.
+pub fn matches_the_reference() {
+    let gpu = crate::gpu();
+    let sizes = [
+        [1, 1, 1, 2, 8, 8],
+        [2, 77, 2, 4, 16, 24],
+        [1, 130, 1, 1, 64, 64],
+        [1, 100, 2, 2, 128, 128],
+    ];
+    for (name, method, reads, gates) in family() {
+        let attention = Attention::new(method).causal(true);
+        for sizes in sizes {
+            for &channel in &gates {
+                let case = Case::new(sizes, reads, channel, sizes[0]);
+                let [out, state] = case.reference(&attention, None);
+                let what = format!("{name} {sizes:?} channel gate {channel}");
+                let [got, got_state] = case.on_gpu::<f32>(&gpu, &attention, None).unwrap();
+                for (label, got, want) in [("output", &got, &out), ("state", &got_state, &state)] {
+                    let error = max_relative(got, want);
+                    assert!(error < 1e-4, "{what} f32 {label}: {error:.2e}");
+                }
+                let [got, _] = case.on_gpu::<bf16>(&gpu, &attention, None).unwrap();
+                let error = max_relative(&got, &out);
+                // bf16 keeps 8 bits: its inputs and output alone are off by 2^-9 each.
+                assert!(error < 3e-2, "{what} bf16 output: {error:.2e}");
+            }
+        }
+    }
+}
+
+/// Sequences packed along a batch of one, each from its own state, equal the recurrence
+/// over each; lengths of one token and past several chunks.
+pub fn packed_sequences_match_the_reference() {
+    let gpu = crate::gpu();
+    let cu = [0, 1, 70, 77, 200];
+    for (name, method, reads, gates) in family() {
+        let attention = Attention::new(method).causal(true);
+        for &channel in &gates {
+            let case = Case::new([1, 200, 2, 4, 16, 8], reads, channel, cu.len() - 1);
+            let [out, state] = case.reference(&attention, Some(&cu));
+            let [got, got_state] = case.on_gpu::<f32>(&gpu, &attention, Some(&cu)).unwrap();
+            for (label, got, want) in [("output", &got, &out), ("state", &got_state, &state)] {
+                let error = max_relative(got, want);
+                assert!(
+                    error < 1e-4,
+                    "{name} channel {channel} packed {label}: {error:.2e}"
+                );
+            }
+        }
+    }
+}
+
+/// A positive log decay, a β past its bound and wrong shapes are the typed errors the
+/// CPU gives, naming the first bad position.
+pub fn bad_gates_are_named() {
+    let gpu = crate::gpu();
+    let method = Method::GatedDeltaRule(GatedDeltaRule::default());
+    let attention = Attention::new(method).causal(true);
+    let mut case = Case::new([1, 40, 2, 2, 16, 16], (true, true), true, 1);
+    case.g.as_mut().unwrap().as_mut_slice()[(33 * 2 + 1) * 16 + 5] = 0.5;
+    case.g.as_mut().unwrap().as_mut_slice()[(35 * 2) * 16] = 0.25;
+    let error = case.on_gpu::<f32>(&gpu, &attention, None).unwrap_err();
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "g", index, .. } if index == &[0, 33, 1, 5]),
+        "{error}"
+    );
+    let mut case = Case::new([1, 40, 2, 2, 16, 16], (true, true), false, 1);
+    case.beta.as_mut().unwrap().as_mut_slice()[7] = 1.5;
+    let error = case.on_gpu::<f32>(&gpu, &attention, None).unwrap_err();
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "beta", index, .. } if index == &[0, 3, 1, 0]),
+        "{error}"
+    );
+    let case = Case::new([1, 40, 2, 2, 16, 16], (true, true), false, 2);
+    let error = case.on_gpu::<f32>(&gpu, &attention, None).unwrap_err();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+    let case = Case::new([1, 40, 2, 2, 16, 16], (false, true), false, 1);
+    let error = case.on_gpu::<f32>(&gpu, &attention, None).unwrap_err();
+    assert!(matches!(error, Error::MissingInput { .. }), "{error}");
+}

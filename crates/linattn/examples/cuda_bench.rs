@@ -4,10 +4,11 @@
 //! named cases of tests/cuda.rs.
 //!
 //! `cuda_bench [--quick] [--profile] [--sync-each] [--gated]`: `--quick` times the main
-//! causal shape only; `--gated` times the gated family's forward only (issue 16's shapes); `--sync-each` times as before 2026-11-24 (see `SYNC_EACH_RUN`);
-//! `--profile` runs the main causal kernel a few times, then one forward and backward
-//! and one performer forward, and nothing else (for `ncu`). Lines start with `ceiling`
-//! or `bench` so the script can pick them out.
+//! causal shape only; `--gated` the gated family's forward only, at issue 16's shapes;
+//! `--sync-each` times as before 2026-11-24 (see `SYNC_EACH_RUN`); `--profile` runs the
+//! main causal kernel a few times, then one forward and backward and one performer
+//! forward, and nothing else (for `ncu`). Lines start with `ceiling` or `bench` so the
+//! script can pick them out.
 
 use half::bf16;
 use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuGateInputs, GpuPlan, GpuTensor};

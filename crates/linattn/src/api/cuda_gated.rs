@@ -1,14 +1,15 @@
 //! The gated and delta-rule family on GPU tensors: [`Attention::forward_gated_gpu`] checks
-//! a call as the CPU's `forward_gated` does (shapes, and g's and β's ranges as the kernel
-//! reads them) and runs the CUDA backend's chunked forward.
+//! a call's shapes as the CPU's `forward_gated` does and g's and β's ranges as the kernel
+//! reads them, and runs the CUDA backend's chunked forward.
 
 use crate::api::attention::Attention;
 use crate::backend::cuda::{
-    GatedDims, GatedInputs, GatedRule, GpuElement, GpuTensor, OutOfRange, gated_forward,
+    GatedDims, GatedInputs, GatedRule, Gpu, GpuElement, GpuTensor, OutOfRange, gated_forward,
 };
 use crate::base::tensor::unravel;
 use crate::base::{Error, Result};
-use crate::methods::gated::{InputShapes, RuleDecay, gated_shape};
+use crate::methods::gated::{G_RULE, InputShapes, RuleDecay, gated_shape};
+use std::sync::Arc;
 
 /// The per-token inputs of a call of the gated family on the GPU, and the states it starts
 /// from: f32, as flash-linear-attention keeps gates, β and states whatever q, k and v are.
@@ -53,7 +54,12 @@ pub struct GpuGatedOutput<T> {
 
 impl Attention {
     /// [`forward_gated`](Self::forward_gated) on GPU tensors: q, k, v of one element type
-    /// (f32, bf16 or f16), gates, β and states in f32.
+    /// (f32, bf16 or f16), gates, β and states in f32, all on one GPU. Shapes are checked
+    /// before the launch and g's and β's ranges as the kernel reads them; q, k, v and the
+    /// states are not looked at for NaN or infinity (their uploads were). The chunk is
+    /// the kernel's own (the largest of 64, 32, 16, 8 rows whose tiles fit the GPU's
+    /// shared memory), not the method's `chunk` option. See [`GpuGateInputs`] for an
+    /// example.
     pub fn forward_gated_gpu<T: GpuElement>(
         &self,
         q: &GpuTensor<T>,
@@ -68,7 +74,16 @@ impl Attention {
                 self.method().name()
             ))
         })?;
-        rule.validate(&problem)?;
+        let gpu = q.gpu();
+        let others = [inputs.g, inputs.beta, inputs.initial_state];
+        let on = |x: &Arc<Gpu>| x.ordinal() == gpu.ordinal();
+        if ![k.gpu(), v.gpu()].into_iter().all(on) || !others.iter().flatten().all(|x| on(x.gpu()))
+        {
+            return Err(Error::Unsupported(
+                "q, k, v, g, beta and the initial state are on different GPUs; copy them to one"
+                    .into(),
+            ));
+        }
         let shape = gated_shape(&problem);
         let given = InputShapes {
             g: inputs.g.map(GpuTensor::shape),
@@ -101,7 +116,6 @@ impl Attention {
             initial_state: inputs.initial_state,
             cu_seqlens: inputs.cu_seqlens,
         };
-        let gpu = q.gpu();
         let (out, final_state, bad) =
             gated_forward(gpu, dims, kernel_rule, [q, k, v], kernel_inputs)?;
         match bad {
@@ -110,7 +124,7 @@ impl Attention {
                 "g",
                 inputs.g.expect("g was read"),
                 at,
-                "log decays must be ≤ 0",
+                G_RULE,
             )?),
             Some(OutOfRange::Beta(at)) => Err(out_of_range(
                 "beta",

@@ -39,10 +39,10 @@ struct GatedParams {
     float* state_out;
     // N + 1 token offsets of sequences packed along a batch of one; null: batch rows.
     const long long* cu_seqlens;
-    // The smallest flat index of g or beta that is out of range (g > 0, β outside
-    // [0, beta_max] or not finite), for the host to name; left as it was where none is.
-    long long* bad_g;
-    long long* bad_beta;
+    // Two values: the smallest flat index of g, then of beta, that is out of range
+    // (g > 0, β outside [0, beta_max], or not finite), for the host to name; each left
+    // as it was where none is.
+    long long* bad;
     float scale;
     float beta_max;
     // Log decays per token: 0 (none), 1 (per token or fixed) or D_k (per channel).
@@ -52,6 +52,9 @@ struct GatedParams {
     int delta;
     int l2norm;
 };
+
+// The largest finite float: a log decay below it is −∞.
+constexpr float FLOAT_MAX = 3.402823466e+38f;
 
 __device__ __forceinline__ int qk_head(const Shape& s, int hv) {
     return hv / (s.heads_v / s.heads);
@@ -111,7 +114,7 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
                 if (p.g) {
                     const long long at = ((token0 + r) * shape.heads_v + hv) * gw + c;
                     value = p.g[at];
-                    if (!(value <= 0.f) || isinf(value)) atomicMin(p.bad_g, at);
+                    if (!(value <= 0.f && value >= -FLOAT_MAX)) atomicMin(p.bad, at);
                 } else {
                     value = p.fixed[hv];
                 }
@@ -122,7 +125,7 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             for (int r = tid; r < rows; r += threads) {
                 const long long at = (token0 + r) * shape.heads_v + hv;
                 const float b = p.beta[at];
-                if (!(b >= 0.f && b <= p.beta_max)) atomicMin(p.bad_beta, at);
+                if (!(b >= 0.f && b <= p.beta_max)) atomicMin(p.bad + 1, at);
                 B[r] = b;
             }
         }
@@ -202,7 +205,8 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             if (j <= r) {
                 if (gw == dk && gw > 1) {
                     for (int c = 0; c < dk; ++c) {
-                        sum += Q[r * dk + c] * K[j * dk + c] * __expf(G[r * gw + c] - G[j * gw + c]);
+                        const float decay = __expf(G[r * gw + c] - G[j * gw + c]);
+                        sum += Q[r * dk + c] * K[j * dk + c] * decay;
                     }
                 } else {
                     for (int c = 0; c < dk; ++c) sum += Q[r * dk + c] * K[j * dk + c];

@@ -42,8 +42,7 @@ struct GatedParams {
     state_in: CUdeviceptr,
     state_out: CUdeviceptr,
     cu_seqlens: CUdeviceptr,
-    bad_g: CUdeviceptr,
-    bad_beta: CUdeviceptr,
+    bad: CUdeviceptr,
     scale: f32,
     beta_max: f32,
     gate_width: i32,
@@ -142,9 +141,8 @@ pub(crate) fn gated_forward<T: GpuElement>(
         .cu_seqlens
         .map(|cu| cu.iter().map(|&x| x as i64).collect());
     let cu_seqlens = offsets.map(|o| upload("cu_seqlens", &o)).transpose()?;
-    let none = [i64::MAX];
-    let mut bad_g = upload("a flag", &none)?;
-    let mut bad_beta = upload("a flag", &none)?;
+    // The first bad index of g, then of β; i64::MAX where none is.
+    let mut bad = upload("the range check", &[i64::MAX; 2])?;
     let mut out = GpuTensor::for_output(gpu, [dims.batch, dims.len, dims.heads_v, dims.dim_v])?;
     let state_shape = [sequences, dims.heads_v, dims.dim_k, dims.dim_v];
     let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
@@ -165,8 +163,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
         state_in: inputs.initial_state.map_or(0, |t| buffers.read(&t.data)),
         state_out: buffers.write(&mut states.data),
         cu_seqlens: cu_seqlens.as_ref().map_or(0, |c| buffers.read(c)),
-        bad_g: buffers.write(&mut bad_g),
-        bad_beta: buffers.write(&mut bad_beta),
+        bad: buffers.write(&mut bad),
         scale: rule.scale,
         beta_max: rule.beta_max,
         gate_width: int(gate_width, "gate width")?,
@@ -177,13 +174,16 @@ pub(crate) fn gated_forward<T: GpuElement>(
     // SAFETY: the parameters match the kernel's; every buffer is sized for the shapes the
     // caller checked, the output and states written whole by the grid.
     unsafe { buffers.launch(&function, config, &(shape, params), &name) }?;
-    let flag = |flag: &cudarc::driver::CudaSlice<i64>| {
-        gpu.stream
-            .clone_dtoh(flag)
-            .map_err(|e| cuda_error("reading the range check", e))
-            .map(|v| usize::try_from(v[0]).ok().filter(|_| v[0] != i64::MAX))
+    let found = gpu
+        .stream
+        .clone_dtoh(&bad)
+        .map_err(|e| cuda_error("reading the range check", e))?;
+    let at = |i: usize| {
+        usize::try_from(found[i])
+            .ok()
+            .filter(|_| found[i] != i64::MAX)
     };
-    let bad = match (flag(&bad_g)?, flag(&bad_beta)?) {
+    let bad = match (at(0), at(1)) {
         (Some(at), _) => Some(OutOfRange::G(at)),
         (None, Some(at)) => Some(OutOfRange::Beta(at)),
         (None, None) => None,
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn kernel_params_lay_out_as_their_c_declaration() {
-        // linattn::gated::GatedParams: twelve pointers (96 bytes) and six 4-byte scalars.
+        // linattn::gated::GatedParams: eleven pointers (88 bytes) and six 4-byte scalars.
         let params = rust_fields!(GatedParams {
             q,
             k,
@@ -229,8 +229,7 @@ mod tests {
             state_in,
             state_out,
             cu_seqlens,
-            bad_g,
-            bad_beta,
+            bad,
             scale,
             beta_max,
             gate_width,
@@ -238,6 +237,6 @@ mod tests {
             delta,
             l2norm,
         });
-        layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 120, &params);
+        layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 112, &params);
     }
 }

@@ -17,14 +17,14 @@
 
 // The files: `device` (the GPU, its memory pool, launches, NVRTC and the compiled
 // modules), `ptx_cache` (compiled modules on disk), `kv_cache` (exact attention's keys
-// and values while decoding), `tiles` (the tile constants host and
-// kernels share), `tensor` (device tensors and states), and one file of launches beside
-// each kernel family: `linear` (linear.cu: helpers and CUDA-core kernels; linear_mma.cu:
-// the tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
-// (linear_backward.cu), `performer` (performer.cu), `softmax` (softmax.cu), `gated` (gated.cu: the gated and
-// delta-rule family); common.cuh
-// holds what every source shares. They take shapes, scales, masks and constants, never a
-// method: api/cuda.rs reads the method when `Attention` is called with GPU tensors.
+// and values while decoding), `tiles` (the tile constants host and kernels share),
+// `tensor` (device tensors and states), and one file of launches beside each kernel
+// family: `linear` (linear.cu: helpers and CUDA-core kernels; linear_mma.cu: the
+// tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
+// (linear_backward.cu), `performer` (performer.cu), `softmax` (softmax.cu), `gated`
+// (gated.cu: the gated and delta-rule family); common.cuh holds what every source
+// shares. They take shapes, scales, masks and constants, never a method: api/cuda.rs and
+// api/cuda_gated.rs read the method when `Attention` is called with GPU tensors.
 
 mod device;
 mod gated;

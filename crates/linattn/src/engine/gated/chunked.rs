@@ -100,15 +100,25 @@ fn heads_per_group<T: Element>(
         .div_ceil(sequences.max(1))
         .max(1);
     let by_threads = shape.heads_v.div_ceil(wanted.min(shape.heads_v));
+    let channel = matches!(gates.decay, Decay::Channel(_));
+    let per_head = head_rows_bytes(shape, chunk, channel, size_of::<T>());
+    by_threads.min((GROUP_BYTES / per_head.max(1)).max(1))
+}
+
+/// Bytes of one value head's rows in a chunk of `rows`: its share of the q and k heads,
+/// its values and, with a channel gate, its log decays.
+fn head_rows_bytes(shape: &GatedShape, rows: usize, channel: bool, element: usize) -> usize {
     let grouped = shape.heads_v / shape.heads;
-    let channels = match gates.decay {
-        Decay::Channel(_) => shape.dim_k,
-        _ => 0,
-    };
-    // q and k rows shared by `grouped` value heads, v's and the gates' of each.
-    let per_head = chunk * (2 * shape.dim_k / grouped + shape.dim_v + channels);
-    let by_size = (GROUP_BYTES / (per_head * std::mem::size_of::<T>()).max(1)).max(1);
-    by_threads.min(by_size)
+    let channels = if channel { shape.dim_k } else { 0 };
+    rows * (2 * shape.dim_k / grouped + shape.dim_v + channels) * element
+}
+
+/// At most what one task's [`GroupRows`] hold for chunks of `rows`: a group stays within
+/// [`GROUP_BYTES`] unless one head alone exceeds it; its q and k heads rounded up, one
+/// more of each.
+pub(crate) fn group_bytes(shape: &GatedShape, rows: usize, channel: bool, element: usize) -> usize {
+    let one_head = head_rows_bytes(shape, rows, channel, element);
+    GROUP_BYTES.max(one_head) + 2 * rows * shape.dim_k * element
 }
 
 /// One chunk's rows of a group of value heads and the q and k heads they read, gathered
@@ -327,7 +337,7 @@ impl<T: Element> Scratch<T> {
             for (t, beta) in self.betas[..len].iter_mut().enumerate() {
                 *beta = gates.beta(shape, b, hv, start + t).unwrap_or(T::one());
             }
-            for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&self.betas) {
+            for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&self.betas[..len]) {
                 simd::scale(row, beta);
             }
             self.scores_into(Operand::Keys, len, dim_k, true);

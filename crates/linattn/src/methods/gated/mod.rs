@@ -16,7 +16,8 @@ pub use raw::{RawGate, RawGateGradients};
 
 use crate::base::{Element, Error, Problem, Result, Tensor, per_thread, simd};
 use crate::engine::gated::backward::SEGMENT as BACKWARD_SEGMENT;
-use crate::engine::gated::{Decay, GatedShape, Gates, chunked::chunked, recurrent::recurrent};
+use crate::engine::gated::chunked::{chunked, group_bytes};
+use crate::engine::gated::{Decay, GatedShape, Gates, recurrent::recurrent};
 use rayon::prelude::*;
 
 /// The per-token inputs of a call of the gated family, and the states it starts from.
@@ -164,14 +165,15 @@ impl Rule {
         Ok(())
     }
 
-    /// Scratch bytes of a forward call beyond inputs and output: the states and each
-    /// task's chunk buffers (`rows²` scores among them: the parallel form's chunk is the
-    /// whole sequence) and gathered rows (bounded by a group of every head; the log
-    /// decays counted per channel wherever the rule reads g).
+    /// Scratch bytes of a forward call beyond inputs and output: the states and, for each
+    /// thread's task, its chunk buffers (`rows²` scores among them: the parallel form's
+    /// chunk is the whole sequence) and its group's gathered rows (the log decays counted
+    /// per channel wherever the rule reads g; packed sequences may give every thread a
+    /// task).
     pub fn workspace_bytes(&self, problem: &Problem, element: usize, chunk: usize) -> u128 {
         let (dk, dv) = (problem.dim_qk as u128, problem.dim_v as u128);
         let units = (problem.batch * problem.heads_v) as u128;
-        let rows = chunk.min(problem.len_q) as u128;
+        let rows = chunk.min(problem.len_q);
         let width = match self.decay {
             RuleDecay::None => 0,
             RuleDecay::Fixed(_) => 1,
@@ -179,14 +181,12 @@ impl Rule {
         };
         // q, k, x, the decayed rows and keys, the keys to their block's end and the
         // factors from its start, the log decays and their exponentials, β.
-        let scratch = rows * (6 * dk + dv + 2 * width + 2) + rows * rows + 2 * dk;
-        let (heads, heads_v) = (problem.heads_q as u128, problem.heads_v as u128);
-        let group = rows * (2 * heads * dk + heads_v * (dv + width));
-        units * dk * dv * element as u128
-            + per_thread(
-                problem.batch * problem.heads_v,
-                (scratch + group) * element as u128,
-            )
+        let r = rows as u128;
+        let scratch = (r * (6 * dk + dv + 2 * width + 2) + r * r + 2 * dk) * element as u128;
+        let shape = gated_shape(problem);
+        let reads_g = self.decay == RuleDecay::Input;
+        let group = group_bytes(&shape, rows, reads_g, element) as u128;
+        units * dk * dv * element as u128 + per_thread(usize::MAX, scratch + group)
     }
 
     /// Scratch bytes of a backward call beyond inputs and gradients: each unit's
@@ -246,8 +246,9 @@ impl Rule {
         let mut states = self.initial_states(&shape, &checked)?;
         let slice = states.as_mut_slice();
         let verified = self.run(&shape, [q, k, v], &checked, parallel, slice, out);
-        if !verified {
-            self.check_inputs(&shape, &checked)?;
+        // The one check left to the run: a channel gate's values.
+        if let (false, Some(g)) = (verified, checked.g.filter(|g| g.head_dim() > 1)) {
+            check_values(g, "g", [T::min_value(), T::zero()], G_RULE)?;
         }
         Ok((states, verified))
     }
@@ -296,7 +297,7 @@ impl Rule {
         let shape = gated_shape(problem);
         let computed = Computed::of(inputs)?;
         let checked = self.check_inputs(&shape, &computed.inputs(inputs))?;
-        let state_shape = state_shape(&shape, &checked);
+        let state_shape = state_shape(&shape, checked.cu_seqlens);
         if let Some(d_final) = d_final
             && d_final.shape() != state_shape
         {
@@ -382,7 +383,7 @@ impl Rule {
     ) -> Result<Tensor<T>> {
         match checked.initial_state {
             Some(initial) => Ok(initial.clone()),
-            None => Tensor::zeros(state_shape(shape, checked)),
+            None => Tensor::zeros(state_shape(shape, checked.cu_seqlens)),
         }
     }
 
@@ -416,12 +417,7 @@ impl Rule {
             // As `gates` reads it: a last axis of one is one gate per token.
             let per_channel = g.head_dim() > 1;
             if !(per_channel && when == ChannelGate::AsRead) {
-                check_values(
-                    g,
-                    "g",
-                    [T::min_value(), T::zero()],
-                    "log decays must be ≤ 0",
-                )?;
+                check_values(g, "g", [T::min_value(), T::zero()], G_RULE)?;
             }
         }
         if let Some(beta) = inputs.beta {
@@ -495,11 +491,13 @@ impl Rule {
         if let Some(cu) = cu_seqlens {
             check_cu_seqlens(cu, shape)?;
         }
-        let sequences = cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
-        let states = [sequences, shape.heads_v, shape.dim_k, shape.dim_v];
+        let states = state_shape(shape, cu_seqlens);
         expect("initial_state", given.initial_state, &[states])
     }
 }
+
+/// What g must satisfy, in words.
+pub(crate) const G_RULE: &str = "log decays must be ≤ 0";
 
 /// The shapes of what a call gives beside q, k and v ([`Rule::check_shapes`]).
 #[derive(Clone, Copy, Debug, Default)]
@@ -520,8 +518,8 @@ enum ChannelGate {
 }
 
 /// The shape of a call's states: one per sequence and value head.
-fn state_shape<T>(shape: &GatedShape, inputs: &GateInputs<'_, T>) -> [usize; 4] {
-    let sequences = inputs.cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
+fn state_shape(shape: &GatedShape, cu_seqlens: Option<&[usize]>) -> [usize; 4] {
+    let sequences = cu_seqlens.map_or(shape.batch, |cu| cu.len() - 1);
     [sequences, shape.heads_v, shape.dim_k, shape.dim_v]
 }
 

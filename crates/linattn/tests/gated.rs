@@ -7,7 +7,7 @@
 
 use linattn::{
     Attention, CausalForm, Error, GateInputs, GatedDeltaRule, Gla, HeadLayout, Method,
-    MethodOptions, Tensor, TokenInput,
+    MethodOptions, Tensor, TokenInput, reference,
 };
 
 /// q, k `[B, T, H, d_k]`, v `[B, T, HV, d_v]`, and the per-token inputs `method` reads:
@@ -560,6 +560,15 @@ fn packed_sequences_run_as_separate_calls_each_from_its_own_state() {
             .backward_gated(&x.q, &x.k, &x.v, &packed_inputs, &d_out, None)
             .unwrap();
         assert_eq!(packed.final_state.shape(), initial.shape(), "{name}");
+        // The f64 reference takes packed sequences too, each from its own state.
+        let exact = reference::forward_gated(&attention, &x.q, &x.k, &x.v, &packed_inputs).unwrap();
+        let error = max_relative(exact.out.as_slice(), packed.out.as_slice());
+        assert!(
+            error < 1e-12,
+            "{name}: packed reference outputs {error:.2e}"
+        );
+        let error = max_relative(exact.final_state.as_slice(), packed.final_state.as_slice());
+        assert!(error < 1e-12, "{name}: packed reference states {error:.2e}");
         let state = |t: &Tensor<f64>, n: usize| {
             let size = 4 * 8 * 6;
             Tensor::from_vec(

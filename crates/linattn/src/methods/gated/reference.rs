@@ -22,9 +22,17 @@ pub(crate) fn recurrence(
     let group = shape.heads_v / shape.heads;
     let scale = rule.scale(dk);
     let mut out = Tensor::zeros([shape.batch, shape.len, shape.heads_v, dv])?;
+    // Each sequence as (batch row, tokens, its state): the batch's rows, or the packed
+    // sequences of a batch of one.
+    let sequences: Vec<(usize, std::ops::Range<usize>, usize)> = match inputs.cu_seqlens {
+        Some(cu) => (0..cu.len() - 1)
+            .map(|n| (0, cu[n]..cu[n + 1], n))
+            .collect(),
+        None => (0..shape.batch).map(|b| (b, 0..shape.len, b)).collect(),
+    };
     let mut final_state = match inputs.initial_state {
         Some(initial) => initial.clone(),
-        None => Tensor::zeros([shape.batch, shape.heads_v, dk, dv])?,
+        None => Tensor::zeros([sequences.len(), shape.heads_v, dk, dv])?,
     };
     let normalised = |x: &[f64]| -> Vec<f64> {
         if !rule.l2norm_qk {
@@ -33,12 +41,12 @@ pub(crate) fn recurrence(
         let norm = (x.iter().map(|a| a * a).sum::<f64>() + 1e-6).sqrt();
         x.iter().map(|a| a / norm).collect()
     };
-    for b in 0..shape.batch {
+    for (b, tokens, sequence) in sequences {
         for hv in 0..shape.heads_v {
             let h = hv / group;
-            let unit = (b * shape.heads_v + hv) * dk * dv;
+            let unit = (sequence * shape.heads_v + hv) * dk * dv;
             let state = &mut final_state.as_mut_slice()[unit..unit + dk * dv];
-            for t in 0..shape.len {
+            for t in tokens.clone() {
                 let token = (b * shape.len + t) * shape.heads_v + hv;
                 for i in 0..dk {
                     let g = match (&rule.decay, inputs.g) {

@@ -5,7 +5,8 @@
 // type; g [B, T, HV] or [B, T, HV, D_k], beta [B, T, HV], states [N, HV, D_k, D_v] in f32;
 // o_t = scale · S_tᵀ q_t.
 //
-// One block takes one (sequence, value head) through its chunks of C tokens. With G the
+// One block takes one (sequence, value head) and a block of its value columns through
+// its chunks of C tokens. With G the
 // log decays summed from the chunk's start and S the state before the chunk:
 //   X = V, or for the delta rule (I + A) X = Diag(β) (V − (K ⊙ e^G) S) with
 //       A_ij = β_i Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i), solved by forward substitution;
@@ -47,8 +48,9 @@ struct GatedParams {
     float beta_max;
     // Log decays per token: 0 (none), 1 (per token or fixed) or D_k (per channel).
     int gate_width;
-    // Rows per chunk.
+    // Rows per chunk, and value columns per block.
     int chunk;
+    int value_block;
     int delta;
     int l2norm;
 };
@@ -64,6 +66,9 @@ template <typename T>
 __device__ void chunked(const Shape shape, const GatedParams p) {
     extern __shared__ float smem[];
     const int dk = shape.dim_k, dv = shape.dim_v, C = p.chunk, gw = p.gate_width;
+    // This block's value columns: every column of S, X and the output is computed apart
+    // from the others, so blocks split them (A and M are recomputed by each).
+    const int col0 = blockIdx.z * p.value_block, vb = min(p.value_block, dv - col0);
     const int hv = blockIdx.x, sequence = blockIdx.y;
     const int h = qk_head(shape, hv);
     const int tid = threadIdx.x, threads = blockDim.x;
@@ -77,12 +82,12 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
         first = static_cast<long long>(sequence) * shape.len;
         len = shape.len;
     }
-    float* S = smem;               // dk × dv
-    float* Q = S + dk * dv;        // C × dk
+    float* S = smem;               // dk × vb
+    float* Q = S + dk * vb;        // C × dk
     float* K = Q + C * dk;         // C × dk
     float* D = K + C * dk;         // C × dk: q or k rows times decay factors
-    float* X = D + C * dk;         // C × dv
-    float* A = X + C * dv;         // C × C: A, then M
+    float* X = D + C * dk;         // C × vb
+    float* A = X + C * vb;         // C × C: A, then M
     float* G = A + C * C;          // C × max(gw, 1)
     float* B = G + C * (gw > 0 ? gw : 1);  // C: β
     const T* q = static_cast<const T*>(p.q);
@@ -90,8 +95,9 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
     const T* v = static_cast<const T*>(p.v);
     T* out = static_cast<T*>(p.out);
     const long long unit = static_cast<long long>(sequence) * shape.heads_v + hv;
-    for (int i = tid; i < dk * dv; i += threads) {
-        S[i] = p.state_in ? p.state_in[unit * dk * dv + i] : 0.f;
+    for (int i = tid; i < dk * vb; i += threads) {
+        const long long at = (unit * dk + i / vb) * dv + col0 + i % vb;
+        S[i] = p.state_in ? p.state_in[at] : 0.f;
     }
     for (int start = 0; start < len; start += C) {
         const int rows = min(C, len - start);
@@ -103,9 +109,9 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             Q[i] = to_float(q[at]);
             K[i] = to_float(k[at]);
         }
-        for (int i = tid; i < rows * dv; i += threads) {
-            const int r = i / dv, c = i % dv;
-            X[i] = to_float(v[((token0 + r) * shape.heads_v + hv) * dv + c]);
+        for (int i = tid; i < rows * vb; i += threads) {
+            const int r = i / vb, c = i % vb;
+            X[i] = to_float(v[((token0 + r) * shape.heads_v + hv) * dv + col0 + c]);
         }
         if (gw > 0) {
             for (int i = tid; i < rows * gw; i += threads) {
@@ -160,10 +166,10 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
                 D[i] = K[i] * __expf(log_decay(i / dk, i % dk));
             }
             __syncthreads();
-            for (int i = tid; i < rows * dv; i += threads) {
-                const int r = i / dv, col = i % dv;
+            for (int i = tid; i < rows * vb; i += threads) {
+                const int r = i / vb, col = i % vb;
                 float sum = 0.f;
-                for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * dv + col];
+                for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * vb + col];
                 X[i] = B[r] * (X[i] - sum);
             }
             // A_ij = β_i Σ_c k_ic k_jc e^{G_ic − G_jc} for j < i.
@@ -186,11 +192,11 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             }
             __syncthreads();
             // (I + A) X = X, a thread per column: each column's substitution is its own.
-            for (int col = tid; col < dv; col += threads) {
+            for (int col = tid; col < vb; col += threads) {
                 for (int r = 1; r < rows; ++r) {
-                    float x = X[r * dv + col];
-                    for (int j = 0; j < r; ++j) x -= A[r * C + j] * X[j * dv + col];
-                    X[r * dv + col] = x;
+                    float x = X[r * vb + col];
+                    for (int j = 0; j < r; ++j) x -= A[r * C + j] * X[j * vb + col];
+                    X[r * vb + col] = x;
                 }
             }
             __syncthreads();
@@ -216,12 +222,13 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             A[r * C + j] = sum;
         }
         __syncthreads();
-        for (int i = tid; i < rows * dv; i += threads) {
-            const int r = i / dv, col = i % dv;
+        for (int i = tid; i < rows * vb; i += threads) {
+            const int r = i / vb, col = i % vb;
             float sum = 0.f;
-            for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * dv + col];
-            for (int j = 0; j <= r; ++j) sum += A[r * C + j] * X[j * dv + col];
-            out[((token0 + r) * shape.heads_v + hv) * dv + col] = from_float<T>(p.scale * sum);
+            for (int c = 0; c < dk; ++c) sum += D[r * dk + c] * S[c * vb + col];
+            for (int j = 0; j <= r; ++j) sum += A[r * C + j] * X[j * vb + col];
+            const long long at = ((token0 + r) * shape.heads_v + hv) * dv + col0 + col;
+            out[at] = from_float<T>(p.scale * sum);
         }
         __syncthreads();
         // S ← e^{G_last} ⊙ S + (K ⊙ e^{G_last − G})ᵀ X.
@@ -230,15 +237,17 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
             D[i] = K[i] * __expf(log_decay(rows - 1, c) - log_decay(r, c));
         }
         __syncthreads();
-        for (int i = tid; i < dk * dv; i += threads) {
-            const int c = i / dv, col = i % dv;
+        for (int i = tid; i < dk * vb; i += threads) {
+            const int c = i / vb, col = i % vb;
             float sum = S[i] * __expf(log_decay(rows - 1, c));
-            for (int r = 0; r < rows; ++r) sum += D[r * dk + c] * X[r * dv + col];
+            for (int r = 0; r < rows; ++r) sum += D[r * dk + c] * X[r * vb + col];
             S[i] = sum;
         }
     }
     __syncthreads();
-    for (int i = tid; i < dk * dv; i += threads) p.state_out[unit * dk * dv + i] = S[i];
+    for (int i = tid; i < dk * vb; i += threads) {
+        p.state_out[(unit * dk + i / vb) * dv + col0 + i % vb] = S[i];
+    }
 }
 
 }  // namespace gated

@@ -11,6 +11,10 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 const GATED_THREADS: u32 = 256;
 /// Rows per chunk, the largest of these whose tiles fit the GPU's shared memory.
 const GATED_CHUNKS: [usize; 4] = [64, 32, 16, 8];
+/// Value columns per block: blocks split a head's columns (each column's state, values
+/// and outputs are computed apart from the others), four times the blocks of whole heads
+/// at width 128.
+const GATED_VALUE_BLOCK: usize = 32;
 
 /// `linattn::gated::Shape` in gated.cu.
 #[repr(C)]
@@ -47,6 +51,7 @@ struct GatedParams {
     beta_max: f32,
     gate_width: i32,
     chunk: i32,
+    value_block: i32,
     delta: i32,
     l2norm: i32,
 }
@@ -110,7 +115,8 @@ pub(crate) fn gated_forward<T: GpuElement>(
         (None, Some(_)) => 1,
         (None, None) => 0,
     };
-    let (chunk, shared) = tiles(gpu, dims, gate_width)?;
+    let value_block = GATED_VALUE_BLOCK.min(dims.dim_v);
+    let (chunk, shared) = tiles(gpu, dims, gate_width, value_block)?;
     let name = format!("gated_chunked_{}", T::NAME);
     let function = gpu.kernel_of(Source::Gated, &name, shared)?;
     let int = |n: usize, what: &str| {
@@ -147,7 +153,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
     let state_shape = [sequences, dims.heads_v, dims.dim_k, dims.dim_v];
     let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
     let config = LaunchConfig {
-        grid_dim: grid(dims.heads_v, sequences, 1)?,
+        grid_dim: grid(dims.heads_v, sequences, dims.dim_v.div_ceil(value_block))?,
         block_dim: (GATED_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
@@ -168,6 +174,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
         beta_max: rule.beta_max,
         gate_width: int(gate_width, "gate width")?,
         chunk: chunk as i32,
+        value_block: value_block as i32,
         delta: rule.delta.into(),
         l2norm: rule.l2norm.into(),
     };
@@ -191,19 +198,20 @@ pub(crate) fn gated_forward<T: GpuElement>(
     Ok((out, states, bad))
 }
 
-/// The chunk (rows) and dynamic shared memory of a launch: the state, q, k, decayed rows
-/// and values of a chunk, its C × C scores, its log decays and β, all f32.
-fn tiles(gpu: &Gpu, dims: GatedDims, gate_width: usize) -> Result<(usize, u32)> {
-    let (dk, dv) = (dims.dim_k, dims.dim_v);
-    let bytes = |c: usize| 4 * (dk * dv + c * (3 * dk + dv + c + gate_width.max(1) + 1));
+/// The chunk (rows) and dynamic shared memory of a launch: the block's columns of the
+/// state and values, q, k and decayed rows of a chunk, its C × C scores, its log decays
+/// and β, all f32.
+fn tiles(gpu: &Gpu, dims: GatedDims, gate_width: usize, columns: usize) -> Result<(usize, u32)> {
+    let dk = dims.dim_k;
+    let bytes = |c: usize| 4 * (dk * columns + c * (3 * dk + columns + c + gate_width.max(1) + 1));
     GATED_CHUNKS
         .into_iter()
         .find(|&c| bytes(c) <= gpu.shared_limit())
         .map(|c| (c, bytes(c) as u32))
         .ok_or_else(|| {
             Error::Unsupported(format!(
-                "the gated family on the GPU keeps a {dk} × {dv} state in shared memory; \
-                 it needs {} and the GPU allows {}",
+                "the gated family on the GPU keeps {dk} × {columns} of a state in shared \
+                 memory; it needs {} and the GPU allows {}",
                 crate::ByteSize(bytes(8) as u128),
                 crate::ByteSize(gpu.shared_limit() as u128)
             ))
@@ -217,7 +225,8 @@ mod tests {
 
     #[test]
     fn kernel_params_lay_out_as_their_c_declaration() {
-        // linattn::gated::GatedParams: eleven pointers (88 bytes) and six 4-byte scalars.
+        // linattn::gated::GatedParams: eleven pointers (88 bytes) and seven 4-byte scalars,
+        // padded to the pointers' alignment.
         let params = rust_fields!(GatedParams {
             q,
             k,
@@ -234,9 +243,10 @@ mod tests {
             beta_max,
             gate_width,
             chunk,
+            value_block,
             delta,
             l2norm,
         });
-        layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 112, &params);
+        layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 120, &params);
     }
 }

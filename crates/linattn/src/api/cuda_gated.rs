@@ -4,7 +4,7 @@
 
 use crate::api::attention::Attention;
 use crate::backend::cuda::{
-    GatedDims, GatedInputs, GatedRule, Gpu, GpuElement, GpuTensor, OutOfRange, gated_forward,
+    GatedInputs, GatedRule, Gpu, GpuElement, GpuTensor, OutOfRange, gated_forward,
 };
 use crate::base::tensor::unravel;
 use crate::base::{Error, Result};
@@ -95,14 +95,6 @@ impl Attention {
             RuleDecay::Fixed(per_head) => Some(per_head.iter().map(|&g| g as f32).collect()),
             _ => None,
         };
-        let dims = GatedDims {
-            batch: shape.batch,
-            len: shape.len,
-            heads: shape.heads,
-            heads_v: shape.heads_v,
-            dim_k: shape.dim_k,
-            dim_v: shape.dim_v,
-        };
         let kernel_rule = GatedRule {
             fixed: fixed.as_deref(),
             delta: rule.delta,
@@ -117,7 +109,7 @@ impl Attention {
             cu_seqlens: inputs.cu_seqlens,
         };
         let (out, final_state, bad) =
-            gated_forward(gpu, dims, kernel_rule, [q, k, v], kernel_inputs)?;
+            gated_forward(gpu, shape, kernel_rule, [q, k, v], kernel_inputs)?;
         match bad {
             None => Ok(GpuGatedOutput { out, final_state }),
             Some(OutOfRange::G(at)) => Err(out_of_range(

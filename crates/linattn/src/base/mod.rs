@@ -13,6 +13,6 @@ pub(crate) mod view;
 pub use element::Element;
 pub use error::{ByteSize, Error, Result};
 pub use problem::{CausalForm, DEFAULT_CHUNK};
-pub(crate) use problem::{Problem, per_thread, task_list_bytes};
+pub(crate) use problem::{GatedShape, Problem, per_thread, task_list_bytes};
 pub use tensor::Tensor;
 pub(crate) use view::{MatMut, MatRef};

@@ -168,6 +168,30 @@ pub enum CausalForm {
     Parallel,
 }
 
+/// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
+/// dim_v]`, each state `dim_k × dim_v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GatedShape {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub heads_v: usize,
+    pub dim_k: usize,
+    pub dim_v: usize,
+}
+
+impl GatedShape {
+    /// The query and key head value head `hv` reads.
+    pub fn qk_head(&self, hv: usize) -> usize {
+        hv / (self.heads_v / self.heads)
+    }
+
+    /// Elements of one state.
+    pub fn state_len(&self) -> usize {
+        self.dim_k * self.dim_v
+    }
+}
+
 /// Scratch that every one of `tasks` parallel tasks holds at once, bounded by the
 /// number of threads.
 pub(crate) fn per_thread(tasks: usize, bytes_each: u128) -> u128 {

@@ -3,7 +3,7 @@
 
 use super::device::{Buffers, Gpu, Source, cuda_error, grid};
 use super::tensor::{GpuElement, GpuTensor};
-use crate::base::{Error, Result};
+use crate::base::{Error, GatedShape, Result};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
@@ -19,7 +19,7 @@ const GATED_VALUE_BLOCK: usize = 32;
 /// `linattn::gated::Shape` in gated.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct GatedShape {
+struct KernelShape {
     batch: i32,
     len: i32,
     heads: i32,
@@ -29,7 +29,7 @@ struct GatedShape {
 }
 
 // SAFETY: plain old data with the layout of the kernel's struct.
-unsafe impl DeviceRepr for GatedShape {}
+unsafe impl DeviceRepr for KernelShape {}
 
 /// `linattn::gated::GatedParams` in gated.cu, which says what each field is for: device
 /// addresses (0 for none), then the scalars.
@@ -58,18 +58,6 @@ struct GatedParams {
 
 // SAFETY: plain old data with the layout of the kernel's struct (checked by a test).
 unsafe impl DeviceRepr for GatedParams {}
-
-/// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
-/// dim_v]`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GatedDims {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub heads_v: usize,
-    pub dim_k: usize,
-    pub dim_v: usize,
-}
 
 /// What a call's rule asks of the kernel.
 #[derive(Clone, Copy, Debug)]
@@ -104,31 +92,31 @@ pub(crate) enum OutOfRange {
 /// the first such element (the caller names it; the results are then meaningless).
 pub(crate) fn gated_forward<T: GpuElement>(
     gpu: &Gpu,
-    dims: GatedDims,
+    call: GatedShape,
     rule: GatedRule<'_>,
     [q, k, v]: [&GpuTensor<T>; 3],
     inputs: GatedInputs<'_>,
 ) -> Result<(GpuTensor<T>, GpuTensor<f32>, Option<OutOfRange>)> {
-    let sequences = inputs.cu_seqlens.map_or(dims.batch, |cu| cu.len() - 1);
+    let sequences = inputs.cu_seqlens.map_or(call.batch, |cu| cu.len() - 1);
     let gate_width = match (inputs.g, rule.fixed) {
         (Some(g), _) => g.shape()[3],
         (None, Some(_)) => 1,
         (None, None) => 0,
     };
-    let value_block = GATED_VALUE_BLOCK.min(dims.dim_v);
-    let (chunk, shared) = tiles(gpu, dims, gate_width, value_block)?;
+    let value_block = GATED_VALUE_BLOCK.min(call.dim_v);
+    let (chunk, shared) = tiles(gpu, call, gate_width, value_block)?;
     let name = format!("gated_chunked_{}", T::NAME);
     let function = gpu.kernel_of(Source::Gated, &name, shared)?;
     let int = |n: usize, what: &str| {
         i32::try_from(n).map_err(|_| Error::Unsupported(format!("{what} {n} beyond 2^31")))
     };
-    let shape = GatedShape {
-        batch: int(dims.batch, "batch")?,
-        len: int(dims.len, "length")?,
-        heads: int(dims.heads, "heads")?,
-        heads_v: int(dims.heads_v, "value heads")?,
-        dim_k: int(dims.dim_k, "key width")?,
-        dim_v: int(dims.dim_v, "value width")?,
+    let shape = KernelShape {
+        batch: int(call.batch, "batch")?,
+        len: int(call.len, "length")?,
+        heads: int(call.heads, "heads")?,
+        heads_v: int(call.heads_v, "value heads")?,
+        dim_k: int(call.dim_k, "key width")?,
+        dim_v: int(call.dim_v, "value width")?,
     };
     let upload = |what: &str, values: &[i64]| {
         gpu.stream
@@ -149,11 +137,11 @@ pub(crate) fn gated_forward<T: GpuElement>(
     let cu_seqlens = offsets.map(|o| upload("cu_seqlens", &o)).transpose()?;
     // The first bad index of g, then of β; i64::MAX where none is.
     let mut bad = upload("the range check", &[i64::MAX; 2])?;
-    let mut out = GpuTensor::for_output(gpu, [dims.batch, dims.len, dims.heads_v, dims.dim_v])?;
-    let state_shape = [sequences, dims.heads_v, dims.dim_k, dims.dim_v];
+    let mut out = GpuTensor::for_output(gpu, [call.batch, call.len, call.heads_v, call.dim_v])?;
+    let state_shape = [sequences, call.heads_v, call.dim_k, call.dim_v];
     let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
     let config = LaunchConfig {
-        grid_dim: grid(dims.heads_v, sequences, dims.dim_v.div_ceil(value_block))?,
+        grid_dim: grid(call.heads_v, sequences, call.dim_v.div_ceil(value_block))?,
         block_dim: (GATED_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
@@ -201,8 +189,8 @@ pub(crate) fn gated_forward<T: GpuElement>(
 /// The chunk (rows) and dynamic shared memory of a launch: the block's columns of the
 /// state and values, q, k and decayed rows of a chunk, its C × C scores, its log decays
 /// and β, all f32.
-fn tiles(gpu: &Gpu, dims: GatedDims, gate_width: usize, columns: usize) -> Result<(usize, u32)> {
-    let dk = dims.dim_k;
+fn tiles(gpu: &Gpu, call: GatedShape, gate_width: usize, columns: usize) -> Result<(usize, u32)> {
+    let dk = call.dim_k;
     let bytes = |c: usize| 4 * (dk * columns + c * (3 * dk + columns + c + gate_width.max(1) + 1));
     GATED_CHUNKS
         .into_iter()

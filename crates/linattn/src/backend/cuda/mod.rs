@@ -44,7 +44,7 @@ pub use device::Gpu;
 pub use device::compile_all_kernels;
 pub use tensor::{GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor};
 
-pub(crate) use gated::{GatedDims, GatedInputs, GatedRule, OutOfRange, gated_forward};
+pub(crate) use gated::{GatedInputs, GatedRule, OutOfRange, gated_forward};
 pub(crate) use kv_cache::GpuKvCache;
 pub(crate) use linear::{linear_causal, linear_decode, linear_full, linear_prefill};
 pub(crate) use linear_backward::{linear_backward, linear_forward_training};

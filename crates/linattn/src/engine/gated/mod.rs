@@ -18,30 +18,7 @@ pub(crate) mod chunked;
 pub(crate) mod recurrent;
 
 use crate::base::Element;
-
-/// The shapes of one call: q, k `[batch, len, heads, dim_k]`, v `[batch, len, heads_v,
-/// dim_v]`, each state `dim_k × dim_v`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct GatedShape {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub heads_v: usize,
-    pub dim_k: usize,
-    pub dim_v: usize,
-}
-
-impl GatedShape {
-    /// The query and key head value head `hv` reads.
-    pub fn qk_head(&self, hv: usize) -> usize {
-        hv / (self.heads_v / self.heads)
-    }
-
-    /// Elements of one state.
-    pub fn state_len(&self) -> usize {
-        self.dim_k * self.dim_v
-    }
-}
+pub(crate) use crate::base::GatedShape;
 
 /// How each state decays before a token is absorbed, in log space (every value ≤ 0).
 #[derive(Clone, Copy, Debug)]

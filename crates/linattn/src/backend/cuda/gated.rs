@@ -11,10 +11,11 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 const GATED_THREADS: u32 = 256;
 /// Rows per chunk, the largest of these whose tiles fit the GPU's shared memory.
 const GATED_CHUNKS: [usize; 4] = [64, 32, 16, 8];
-/// Value columns per block: blocks split a head's columns (each column's state, values
-/// and outputs are computed apart from the others), four times the blocks of whole heads
-/// at width 128.
-const GATED_VALUE_BLOCK: usize = 32;
+/// Value columns per block where a whole head's state does not fit shared memory, the
+/// widest first: each column's state, values and outputs are its own, but every block
+/// recomputes the chunk's C × C scores, so whole heads go first (columns of 32 at width
+/// 128 made the B4 H16 cases 1.4–2.4x slower on the H100; journal 2026-12-06 15:20).
+const GATED_VALUE_BLOCKS: [usize; 4] = [128, 64, 32, 16];
 
 /// `linattn::gated::Shape` in gated.cu.
 #[repr(C)]
@@ -103,8 +104,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
         (None, Some(_)) => 1,
         (None, None) => 0,
     };
-    let value_block = GATED_VALUE_BLOCK.min(call.dim_v);
-    let (chunk, shared) = tiles(gpu, call, gate_width, value_block)?;
+    let (chunk, value_block, shared) = tiles(gpu, call, gate_width)?;
     let name = format!("gated_chunked_{}", T::NAME);
     let function = gpu.kernel_of(Source::Gated, &name, shared)?;
     let int = |n: usize, what: &str| {
@@ -186,21 +186,26 @@ pub(crate) fn gated_forward<T: GpuElement>(
     Ok((out, states, bad))
 }
 
-/// The chunk (rows) and dynamic shared memory of a launch: the block's columns of the
-/// state and values, q, k and decayed rows of a chunk, its C × C scores, its log decays
-/// and β, all f32.
-fn tiles(gpu: &Gpu, call: GatedShape, gate_width: usize, columns: usize) -> Result<(usize, u32)> {
+/// The chunk (rows), value columns per block and dynamic shared memory of a launch: the
+/// block's columns of the state and values, q, k and decayed rows of a chunk, its C × C
+/// scores, its log decays and β, all f32. Whole heads with the longest chunk that fits,
+/// else the widest column block that does.
+fn tiles(gpu: &Gpu, call: GatedShape, gate_width: usize) -> Result<(usize, usize, u32)> {
     let dk = call.dim_k;
-    let bytes = |c: usize| 4 * (dk * columns + c * (3 * dk + columns + c + gate_width.max(1) + 1));
-    GATED_CHUNKS
-        .into_iter()
-        .find(|&c| bytes(c) <= gpu.shared_limit())
-        .map(|c| (c, bytes(c) as u32))
+    let bytes = |c: usize, columns: usize| {
+        4 * (dk * columns + c * (3 * dk + columns + c + gate_width.max(1) + 1))
+    };
+    let narrower = GATED_VALUE_BLOCKS.into_iter().filter(|&w| w < call.dim_v);
+    std::iter::once(call.dim_v)
+        .chain(narrower)
+        .flat_map(|columns| GATED_CHUNKS.map(|c| (c, columns)))
+        .find(|&(c, columns)| bytes(c, columns) <= gpu.shared_limit())
+        .map(|(c, columns)| (c, columns, bytes(c, columns) as u32))
         .ok_or_else(|| {
             Error::Unsupported(format!(
-                "the gated family on the GPU keeps {dk} × {columns} of a state in shared \
-                 memory; it needs {} and the GPU allows {}",
-                crate::ByteSize(bytes(8) as u128),
+                "the gated family on the GPU keeps columns of a {dk}-row state in shared \
+                 memory; the narrowest block needs {} and the GPU allows {}",
+                crate::ByteSize(bytes(8, 16) as u128),
                 crate::ByteSize(gpu.shared_limit() as u128)
             ))
         })

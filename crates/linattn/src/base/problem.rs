@@ -186,6 +186,12 @@ impl GatedShape {
         hv / (self.heads_v / self.heads)
     }
 
+    /// Token `t` of batch row `b` at value head `hv`, as a flat index of
+    /// `[batch, len, heads_v]` (a row of v, g or β).
+    pub fn token(&self, b: usize, t: usize, hv: usize) -> usize {
+        (b * self.len + t) * self.heads_v + hv
+    }
+
     /// Elements of one state.
     pub fn state_len(&self) -> usize {
         self.dim_k * self.dim_v

@@ -498,6 +498,12 @@ fn cuda_include_dir() -> String {
         )
 }
 
+/// `x` as a kernel's `int`, or an error naming `what` where it does not fit.
+pub(super) fn kernel_int(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x)
+        .map_err(|_| Error::Unsupported(format!("{what} {x} is too large for the GPU kernels")))
+}
+
 pub(super) fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32)> {
     let fits = |n: usize, limit: u32| u32::try_from(n).ok().filter(|&n| n <= limit);
     match (fits(x, i32::MAX as u32), fits(y, 65535), fits(z, 65535)) {

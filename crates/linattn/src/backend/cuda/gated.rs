@@ -1,7 +1,7 @@
 //! Launch of the gated family's chunked forward (gated.cu) on the CUDA cores: retention,
 //! gla, the delta rule and the gated delta rule, any head widths that fit shared memory.
 
-use super::device::{Buffers, Gpu, Source, cuda_error, grid};
+use super::device::{Buffers, Gpu, Source, cuda_error, grid, kernel_int};
 use super::tensor::{GpuElement, GpuTensor};
 use crate::base::{Error, GatedShape, Result};
 use cudarc::driver::sys::CUdeviceptr;
@@ -107,9 +107,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
     let (chunk, value_block, shared) = tiles(gpu, call, gate_width)?;
     let name = format!("gated_chunked_{}", T::NAME);
     let function = gpu.kernel_of(Source::Gated, &name, shared)?;
-    let int = |n: usize, what: &str| {
-        i32::try_from(n).map_err(|_| Error::Unsupported(format!("{what} {n} beyond 2^31")))
-    };
+    let int = kernel_int;
     let shape = KernelShape {
         batch: int(call.batch, "batch")?,
         len: int(call.len, "length")?,

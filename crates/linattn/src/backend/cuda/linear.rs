@@ -3,7 +3,7 @@
 //! runs, the causal form's segments, the shared memory the kernels carve, and the causal,
 //! non-causal, prefill and decode passes.
 
-use super::device::{Buffers, Gpu, Source, allocation_error, cuda_error, grid};
+use super::device::{Buffers, Gpu, Source, allocation_error, cuda_error, grid, kernel_int};
 use super::tensor::{GpuElement, GpuLinearState, GpuTensor};
 use super::tiles::{CAUSAL_PRODUCER_WARPS, CHUNK, DECODE_HEADS, PAD};
 use crate::base::{Error, Problem, Result};
@@ -37,11 +37,7 @@ unsafe impl DeviceRepr for KernelShape {}
 
 impl KernelShape {
     pub(super) fn of(problem: &Problem, value_block: usize) -> Result<Self> {
-        let int = |x: usize, what: &str| {
-            i32::try_from(x).map_err(|_| {
-                Error::Unsupported(format!("{what} {x} is too large for the GPU kernels"))
-            })
-        };
+        let int = kernel_int;
         Ok(Self {
             batch: int(problem.batch, "batch")?,
             len: int(problem.len_q, "sequence length")?,

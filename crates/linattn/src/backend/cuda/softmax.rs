@@ -1,6 +1,6 @@
 //! Launches of exact softmax attention (softmax.cu): full, causal or windowed.
 
-use super::device::{Buffers, Gpu, Source, grid};
+use super::device::{Buffers, Gpu, Source, grid, kernel_int};
 use super::tensor::{GpuElement, GpuTensor};
 use super::tiles::{
     FLASH_ROWS, FLASH_THREADS, GENERAL_EXACT_KEYS, GENERAL_EXACT_MAX_DIM, GENERAL_EXACT_ROWS,
@@ -68,11 +68,7 @@ impl FlashProblem {
             )));
         }
         let scale = mask.scale;
-        let int = |x: usize, what: &str| {
-            i32::try_from(x).map_err(|_| {
-                Error::Unsupported(format!("{what} {x} is too large for the GPU kernels"))
-            })
-        };
+        let int = kernel_int;
         let (len_q, len_k) = (
             int(problem.len_q, "query length")?,
             int(problem.len_k, "key length")?,

@@ -199,7 +199,7 @@ fn unit_backward<T: Element>(
             read(token, t);
             decay(&mut state, dim_v, &token.decays);
             decayed[(t - segment_start) * state_len..][..state_len].copy_from_slice(&state);
-            token.absorb(&mut state, dim_v);
+            token.absorb(&mut state);
         }
         for t in (segment_start..end).rev() {
             let token = &tokens[t - segment_start];

@@ -167,8 +167,7 @@ impl<T: Element> GroupRows<T> {
             let width = self.heads_v.len() * shape.dim_k;
             let len = tokens.len();
             for (t, row) in tokens.zip(self.g.chunks_exact_mut(width)) {
-                let first =
-                    ((b * shape.len + t) * shape.heads_v + self.heads_v.start) * shape.dim_k;
+                let first = shape.token(b, t, self.heads_v.start) * shape.dim_k;
                 simd::copy(row, &g[first..first + width]);
             }
             clean &= simd::all_within(&self.g[..len * width], T::min_value(), T::zero());
@@ -324,7 +323,7 @@ impl<T: Element> Scratch<T> {
             simd::exp_in_place(from_start);
         }
 
-        if gates.beta.is_some() {
+        if gates.step_sizes(shape, b, hv, start, &mut self.betas[..len]) {
             // X = Diag(β) (V − (K ⊙ e^G) S), then (I + A) X = that.
             self.decay_rows(Operand::Keys, len, dim_k, Towards::Start);
             matmul(
@@ -334,9 +333,6 @@ impl<T: Element> Scratch<T> {
                 true,
                 -T::one(),
             );
-            for (t, beta) in self.betas[..len].iter_mut().enumerate() {
-                *beta = gates.beta(shape, b, hv, start + t).unwrap_or(T::one());
-            }
             for (row, &beta) in self.x.chunks_exact_mut(dim_v).zip(&self.betas[..len]) {
                 simd::scale(row, beta);
             }

@@ -89,7 +89,7 @@ impl<T: Element> Gates<'_, T> {
     /// `out` (`len × width`, [`Self::width`]); nothing for [`Decay::None`].
     fn log_decays(&self, shape: &GatedShape, b: usize, hv: usize, start: usize, out: &mut [T]) {
         let len = out.len() / self.width(shape).max(1);
-        let token = |t: usize| (b * shape.len + start + t) * shape.heads_v + hv;
+        let token = |t: usize| shape.token(b, start + t, hv);
         match self.decay {
             Decay::None => {}
             Decay::Fixed(per_head) => out.fill(per_head[hv]),
@@ -112,10 +112,28 @@ impl<T: Element> Gates<'_, T> {
         }
     }
 
+    /// β of the `out.len()` tokens from `start` of sequence `b`, value head `hv`, into
+    /// `out`; false, with `out` untouched, for the plain sum.
+    fn step_sizes(
+        &self,
+        shape: &GatedShape,
+        b: usize,
+        hv: usize,
+        start: usize,
+        out: &mut [T],
+    ) -> bool {
+        let Some(beta) = self.beta else {
+            return false;
+        };
+        for (t, out) in out.iter_mut().enumerate() {
+            *out = beta[shape.token(b, start + t, hv)];
+        }
+        true
+    }
+
     /// β of token `t` of sequence `b`, value head `hv`.
     fn beta(&self, shape: &GatedShape, b: usize, hv: usize, t: usize) -> Option<T> {
-        self.beta
-            .map(|beta| beta[(b * shape.len + t) * shape.heads_v + hv])
+        self.beta.map(|beta| beta[shape.token(b, t, hv)])
     }
 }
 

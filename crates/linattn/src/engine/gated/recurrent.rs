@@ -108,7 +108,7 @@ impl<T: Element> Token<T> {
     ) {
         let (dim_k, dim_v) = (shape.dim_k, shape.dim_v);
         let qk = ((b * shape.len + t) * shape.heads + h) * dim_k;
-        let token = (b * shape.len + t) * shape.heads_v + hv;
+        let token = shape.token(b, t, hv);
         self.q.copy_from_slice(&q.as_slice()[qk..qk + dim_k]);
         self.k.copy_from_slice(&k.as_slice()[qk..qk + dim_k]);
         if gates.l2norm_qk {
@@ -121,24 +121,13 @@ impl<T: Element> Token<T> {
         self.beta = gates.beta(shape, b, hv, t);
     }
 
-    /// `S ← S + k uᵀ` for the decayed state `S`, keeping `u` (`β (v − Sᵀ k)` for the
+    /// `S ← S + k uᵀ` on a state already decayed, keeping `u` (`β (v − Sᵀ k)` for the
     /// delta rule, with the residual `v − Sᵀ k`; `v` for the plain sum).
-    pub(super) fn absorb(&mut self, state: &mut [T], dim_v: usize) {
-        match self.beta {
-            Some(beta) => {
-                self.residual.copy_from_slice(&self.v);
-                for (row, &k_c) in state.chunks_exact(dim_v).zip(&self.k) {
-                    simd::add_scaled(&mut self.residual, row, -k_c);
-                }
-                for (u, &r) in self.u.iter_mut().zip(&self.residual) {
-                    *u = beta * r;
-                }
-            }
-            None => self.u.copy_from_slice(&self.v),
-        }
-        for (row, &k_c) in state.chunks_exact_mut(dim_v).zip(&self.k) {
-            simd::add_scaled(row, &self.u, k_c);
-        }
+    pub(super) fn absorb(&mut self, state: &mut [T]) {
+        let dim_k = self.k.len();
+        self.factors.clear();
+        self.factors.resize(dim_k, T::one());
+        self.update(state, None);
     }
 
     /// One whole step, decay then absorb, in two passes over the state: `S'ᵀ k` read
@@ -156,9 +145,14 @@ impl<T: Element> Token<T> {
                 simd::exp_in_place(&mut self.factors);
             }
         }
-        let u = match self.beta {
+        self.update(state, out);
+    }
+
+    /// `S ← Diag(factors) S + k uᵀ`, `u` kept, and the output read where asked.
+    fn update(&mut self, state: &mut [T], out: Option<(&mut [T], T)>) {
+        match self.beta {
             Some(beta) => {
-                // The decayed keys, k ⊙ e^g, reuse u's neighbour `scaled` until u is known.
+                // The decayed keys, k ⊙ e^g, negated: what `Sᵀ` is read with.
                 for ((s, &k), &f) in self.scaled.iter_mut().zip(&self.k).zip(&self.factors) {
                     *s = -(f * k);
                 }
@@ -167,16 +161,15 @@ impl<T: Element> Token<T> {
                 for (u, &r) in self.u.iter_mut().zip(&self.residual) {
                     *u = beta * r;
                 }
-                &self.u
             }
-            None => &self.v,
-        };
+            None => self.u.copy_from_slice(&self.v),
+        }
         let read = out.map(|(o, scale)| {
             for (s, &q) in self.scaled.iter_mut().zip(&self.q) {
                 *s = scale * q;
             }
             (o, &self.scaled[..])
         });
-        simd::decay_update_rows(state, &self.factors, u, &self.k, read);
+        simd::decay_update_rows(state, &self.factors, &self.u, &self.k, read);
     }
 }

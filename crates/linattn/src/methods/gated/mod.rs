@@ -249,8 +249,8 @@ impl Rule {
         let slice = states.as_mut_slice();
         let verified = self.run(&shape, [q, k, v], &checked, parallel, slice, out);
         // The one check left to the run: a channel gate's values.
-        if let (false, Some(g)) = (verified, checked.g.filter(|g| g.head_dim() > 1)) {
-            check_values(g, "g", [T::min_value(), T::zero()], G_RULE)?;
+        if let (false, Some(g)) = (verified, checked.g.filter(|g| per_channel(g))) {
+            check_log_decays(g)?;
         }
         Ok((states, verified))
     }
@@ -365,7 +365,7 @@ impl Rule {
         let decay = match (&self.decay, checked.g) {
             (RuleDecay::None, _) => Decay::None,
             (RuleDecay::Fixed(_), _) => Decay::Fixed(fixed),
-            (RuleDecay::Input, Some(g)) if g.head_dim() == 1 => Decay::Token(g.as_slice()),
+            (RuleDecay::Input, Some(g)) if !per_channel(g) => Decay::Token(g.as_slice()),
             (RuleDecay::Input, Some(g)) => Decay::Channel(g.as_slice()),
             (RuleDecay::Input, None) => unreachable!("check_inputs requires g"),
         };
@@ -415,12 +415,10 @@ impl Rule {
             },
             inputs.cu_seqlens,
         )?;
-        if let Some(g) = inputs.g {
-            // As `gates` reads it: a last axis of one is one gate per token.
-            let per_channel = g.head_dim() > 1;
-            if !(per_channel && when == ChannelGate::AsRead) {
-                check_values(g, "g", [T::min_value(), T::zero()], G_RULE)?;
-            }
+        if let Some(g) = inputs.g
+            && !(per_channel(g) && when == ChannelGate::AsRead)
+        {
+            check_log_decays(g)?;
         }
         if let Some(beta) = inputs.beta {
             let bounds = [T::zero(), T::of_f64(self.beta_max)];
@@ -500,6 +498,17 @@ impl Rule {
 
 /// What g must satisfy, in words.
 pub(crate) const G_RULE: &str = "log decays must be ≤ 0";
+
+/// Whether `g` is a gate per key channel, as `gates` reads it: a last axis of one is one
+/// gate per token.
+fn per_channel<T: Element>(g: &Tensor<T>) -> bool {
+    g.head_dim() > 1
+}
+
+/// Fails on the first log decay that is not finite or not ≤ 0.
+fn check_log_decays<T: Element>(g: &Tensor<T>) -> Result<()> {
+    check_values(g, "g", [T::min_value(), T::zero()], G_RULE)
+}
 
 /// The shapes of what a call gives beside q, k and v ([`Rule::check_shapes`]).
 #[derive(Clone, Copy, Debug, Default)]

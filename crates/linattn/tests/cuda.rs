@@ -54,6 +54,10 @@ const GPU_TESTS: &[(&str, fn())] = &[
         gpu_checks::gated::matches_the_reference,
     ),
     (
+        "gated_family_on_tensor_cores_matches_the_reference",
+        gpu_checks::gated::tensor_cores_match_the_reference,
+    ),
+    (
         "gated_family_packed_sequences_match_the_reference",
         gpu_checks::gated::packed_sequences_match_the_reference,
     ),

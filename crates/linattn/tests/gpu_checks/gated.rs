@@ -3,7 +3,7 @@
 //! sequences, a chunk shorter than the default where the state is wide, and the typed
 //! errors of bad gates.
 
-use half::bf16;
+use half::{bf16, f16};
 use linattn::cuda::{Gpu, GpuElement, GpuGateInputs, GpuTensor};
 use linattn::{
     Attention, DeltaRule, Error, GateInputs, GatedDeltaRule, Gla, Method, Retention, Tensor,
@@ -173,6 +173,52 @@ pub fn matches_the_reference() {
     }
 }
 
+/// The tensor-core path (16-bit q, k, v, d_k and d_v of 64 or 128, a gate per head or
+/// none) against the f64 recurrence, outputs and final states: HV = 2H with d_k ≠ d_v,
+/// a 128-wide value head split over two blocks, a length off the chunk, exact chunks,
+/// one token, batch > 1; bf16 and f16. Its intermediate products (P, W, U, the state as
+/// an operand) are rounded to the input type, as flash-linear-attention's are, so the
+/// bound is a few of that type's roundings.
+pub fn tensor_cores_match_the_reference() {
+    let gpu = crate::gpu();
+    let sizes = [
+        [2, 200, 2, 4, 128, 64],
+        [1, 333, 1, 2, 64, 128],
+        [1, 128, 2, 2, 128, 128],
+        [3, 1, 1, 1, 64, 64],
+    ];
+    for (name, method, reads, _) in family() {
+        let attention = Attention::new(method).causal(true);
+        for sizes in sizes {
+            let case = Case::new(sizes, reads, false, sizes[0]);
+            let [out, state] = case.reference(&attention, None);
+            let what = format!("{name} {sizes:?}");
+            let [got, got_state] = case.on_gpu::<bf16>(&gpu, &attention, None).unwrap();
+            for (label, got, want) in [("output", &got, &out), ("state", &got_state, &state)] {
+                let error = max_relative(got, want);
+                assert!(error < 2e-2, "{what} bf16 {label}: {error:.2e}");
+            }
+            let [got, got_state] = case.on_gpu::<f16>(&gpu, &attention, None).unwrap();
+            for (label, got, want) in [("output", &got, &out), ("state", &got_state, &state)] {
+                let error = max_relative(got, want);
+                assert!(error < 4e-3, "{what} f16 {label}: {error:.2e}");
+            }
+        }
+    }
+    // Packed sequences on the tensor cores: W's chunks are numbered across sequences.
+    let cu = [0, 1, 70, 77, 200, 333];
+    for (name, method, reads, _) in family() {
+        let attention = Attention::new(method).causal(true);
+        let case = Case::new([1, 333, 2, 2, 64, 64], reads, false, cu.len() - 1);
+        let [out, state] = case.reference(&attention, Some(&cu));
+        let [got, got_state] = case.on_gpu::<bf16>(&gpu, &attention, Some(&cu)).unwrap();
+        for (label, got, want) in [("output", &got, &out), ("state", &got_state, &state)] {
+            let error = max_relative(got, want);
+            assert!(error < 2e-2, "{name} packed bf16 {label}: {error:.2e}");
+        }
+    }
+}
+
 /// Sequences packed along a batch of one, each from its own state, equal the recurrence
 /// over each; lengths of one token and past several chunks.
 pub fn packed_sequences_match_the_reference() {
@@ -214,6 +260,21 @@ pub fn bad_gates_are_named() {
     let error = case.on_gpu::<f32>(&gpu, &attention, None).unwrap_err();
     assert!(
         matches!(&error, Error::OutOfRange { tensor: "beta", index, .. } if index == &[0, 3, 1, 0]),
+        "{error}"
+    );
+    // The same on the tensor-core path, whose inverse pass reads β and scan reads g.
+    let mut case = Case::new([1, 100, 1, 2, 64, 64], (true, true), false, 1);
+    case.g.as_mut().unwrap().as_mut_slice()[2 * 90 + 1] = 0.5;
+    case.beta.as_mut().unwrap().as_mut_slice()[2 * 95] = -0.5;
+    let error = case.on_gpu::<bf16>(&gpu, &attention, None).unwrap_err();
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "g", index, .. } if index == &[0, 90, 1, 0]),
+        "{error}"
+    );
+    case.g = Case::new([1, 100, 1, 2, 64, 64], (true, true), false, 1).g;
+    let error = case.on_gpu::<bf16>(&gpu, &attention, None).unwrap_err();
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "beta", index, .. } if index == &[0, 95, 0, 0]),
         "{error}"
     );
     let case = Case::new([1, 40, 2, 2, 16, 16], (true, true), false, 2);

@@ -147,6 +147,11 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// A state kept as mma accumulators of Sᵀ, 16 value columns a warp: accumulator (j, e)
+// of warp `warp` holds (value column, key feature).
+__device__ __forceinline__ int state_column(int e, int warp) { return 16 * warp + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (threadIdx.x % 4) * 2 + e % 2; }
+
 // Shared rows of a D-wide tile are D + PAD elements apart: ldmatrix's eight row
 // addresses then fall in different banks.
 template <int D> __host__ __device__ constexpr int row_stride() { return D + PAD; }

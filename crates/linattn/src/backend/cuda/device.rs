@@ -33,7 +33,11 @@ const PERFORMER_SOURCE: &str = concat!(
     include_str!("performer.cu")
 );
 const SOFTMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("softmax.cu"));
-const GATED_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gated.cu"));
+const GATED_SOURCE: &str = concat!(
+    include_str!("common.cuh"),
+    include_str!("gated.cu"),
+    include_str!("gated_mma.cu")
+);
 
 pub(super) fn cuda_error(what: &str, error: impl std::fmt::Display) -> Error {
     Error::Cuda(format!("{what}: {error}"))

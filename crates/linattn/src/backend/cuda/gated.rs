@@ -3,9 +3,10 @@
 
 use super::device::{Buffers, Gpu, Source, cuda_error, grid, kernel_int};
 use super::tensor::{GpuElement, GpuTensor};
+use super::tiles::{CHUNK, GATED_COLUMNS, GATED_MMA_THREADS, PAD};
 use crate::base::{Error, GatedShape, Result};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// Threads per block of the gated kernel.
 const GATED_THREADS: u32 = 256;
@@ -91,6 +92,8 @@ pub(crate) enum OutOfRange {
 /// The chunked forward: the output `[batch, len, heads_v, dim_v]`, the final states
 /// `[sequences, heads_v, dim_k, dim_v]` and, where the kernel met a g or β out of range,
 /// the first such element (the caller names it; the results are then meaningless).
+/// 16-bit inputs with d_k, d_v in {64, 128} and at most one log decay per token run on
+/// the tensor cores (gated_mma.cu), the rest on the CUDA cores (gated.cu).
 pub(crate) fn gated_forward<T: GpuElement>(
     gpu: &Gpu,
     call: GatedShape,
@@ -104,9 +107,6 @@ pub(crate) fn gated_forward<T: GpuElement>(
         (None, Some(_)) => 1,
         (None, None) => 0,
     };
-    let (chunk, value_block, shared) = tiles(gpu, call, gate_width)?;
-    let name = format!("gated_chunked_{}", T::NAME);
-    let function = gpu.kernel_of(Source::Gated, &name, shared)?;
     let int = kernel_int;
     let shape = KernelShape {
         batch: int(call.batch, "batch")?,
@@ -138,35 +138,64 @@ pub(crate) fn gated_forward<T: GpuElement>(
     let mut out = GpuTensor::for_output(gpu, [call.batch, call.len, call.heads_v, call.dim_v])?;
     let state_shape = [sequences, call.heads_v, call.dim_k, call.dim_v];
     let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
-    let config = LaunchConfig {
-        grid_dim: grid(call.heads_v, sequences, call.dim_v.div_ceil(value_block))?,
-        block_dim: (GATED_THREADS, 1, 1),
-        shared_mem_bytes: shared,
+    let buffers = GatedBuffers {
+        q: &q.data,
+        k: &k.data,
+        v: &v.data,
+        g: inputs.g.map(|t| &t.data),
+        fixed: fixed.as_ref(),
+        beta: inputs.beta.map(|t| &t.data),
+        state_in: inputs.initial_state.map(|t| &t.data),
+        cu_seqlens: cu_seqlens.as_ref(),
     };
-    let mut buffers = Buffers::on(&gpu.stream);
-    let params = GatedParams {
-        q: buffers.read(&q.data),
-        k: buffers.read(&k.data),
-        v: buffers.read(&v.data),
-        out: buffers.write(&mut out.data),
-        g: inputs.g.map_or(0, |t| buffers.read(&t.data)),
-        fixed: fixed.as_ref().map_or(0, |f| buffers.read(f)),
-        beta: inputs.beta.map_or(0, |t| buffers.read(&t.data)),
-        state_in: inputs.initial_state.map_or(0, |t| buffers.read(&t.data)),
-        state_out: buffers.write(&mut states.data),
-        cu_seqlens: cu_seqlens.as_ref().map_or(0, |c| buffers.read(c)),
-        bad: buffers.write(&mut bad),
-        scale: rule.scale,
-        beta_max: rule.beta_max,
-        gate_width: int(gate_width, "gate width")?,
-        chunk: chunk as i32,
-        value_block: value_block as i32,
-        delta: rule.delta.into(),
-        l2norm: rule.l2norm.into(),
-    };
-    // SAFETY: the parameters match the kernel's; every buffer is sized for the shapes the
-    // caller checked, the output and states written whole by the grid.
-    unsafe { buffers.launch(&function, config, &(shape, params), &name) }?;
+    match tensor_core_tiles::<T>(gpu, call, gate_width, rule.delta) {
+        Some(shared) => {
+            let launch = ChunkLaunch {
+                gpu,
+                call,
+                shape,
+                rule,
+                sequences,
+                cu_seqlens: inputs.cu_seqlens,
+                shared,
+            };
+            launch.run::<T>(buffers, &mut out, &mut states, &mut bad)?;
+        }
+        None => {
+            let (chunk, value_block, shared) = tiles(gpu, call, gate_width)?;
+            let name = format!("gated_chunked_{}", T::NAME);
+            let function = gpu.kernel_of(Source::Gated, &name, shared)?;
+            let config = LaunchConfig {
+                grid_dim: grid(call.heads_v, sequences, call.dim_v.div_ceil(value_block))?,
+                block_dim: (GATED_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            let mut launch = Buffers::on(&gpu.stream);
+            let params = GatedParams {
+                q: launch.read(buffers.q),
+                k: launch.read(buffers.k),
+                v: launch.read(buffers.v),
+                out: launch.write(&mut out.data),
+                g: launch.read_optional(buffers.g),
+                fixed: launch.read_optional(buffers.fixed),
+                beta: launch.read_optional(buffers.beta),
+                state_in: launch.read_optional(buffers.state_in),
+                state_out: launch.write(&mut states.data),
+                cu_seqlens: launch.read_optional(buffers.cu_seqlens),
+                bad: launch.write(&mut bad),
+                scale: rule.scale,
+                beta_max: rule.beta_max,
+                gate_width: int(gate_width, "gate width")?,
+                chunk: chunk as i32,
+                value_block: value_block as i32,
+                delta: rule.delta.into(),
+                l2norm: rule.l2norm.into(),
+            };
+            // SAFETY: the parameters match the kernel's; every buffer is sized for the
+            // shapes the caller checked, the output and states written whole by the grid.
+            unsafe { launch.launch(&function, config, &(shape, params), &name) }?;
+        }
+    }
     let found = gpu
         .stream
         .clone_dtoh(&bad)
@@ -182,6 +211,193 @@ pub(crate) fn gated_forward<T: GpuElement>(
         (None, None) => None,
     };
     Ok((out, states, bad))
+}
+
+/// The inputs of a call on the GPU, as either path reads them.
+struct GatedBuffers<'a, T> {
+    q: &'a CudaSlice<T>,
+    k: &'a CudaSlice<T>,
+    v: &'a CudaSlice<T>,
+    g: Option<&'a CudaSlice<f32>>,
+    fixed: Option<&'a CudaSlice<f32>>,
+    beta: Option<&'a CudaSlice<f32>>,
+    state_in: Option<&'a CudaSlice<f32>>,
+    cu_seqlens: Option<&'a CudaSlice<i64>>,
+}
+
+/// The scan kernel's dynamic shared memory where the tensor-core path takes a call (16-bit
+/// inputs, d_k and d_v of 64 or 128, at most one log decay per token, and the GPU's shared
+/// memory holds the tiles); `None` sends it to the general kernel. The sizes are
+/// gated_mma.cu's `ScanTiles`: two stages of q, k, v (and W), then P, U and the decayed U,
+/// 16-bit rows padded by PAD, and G in f32.
+fn tensor_core_tiles<T: GpuElement>(
+    gpu: &Gpu,
+    call: GatedShape,
+    gate_width: usize,
+    delta: bool,
+) -> Option<u32> {
+    let widths = [64, 128];
+    if T::NAME == "f32" || !widths.contains(&call.dim_k) || !widths.contains(&call.dim_v) {
+        return None;
+    }
+    if gate_width > 1 {
+        return None;
+    }
+    let (ldk, ldc, ldv) = (call.dim_k + PAD, CHUNK + PAD, GATED_COLUMNS + PAD);
+    let w = if delta { 2 * CHUNK * ldc } else { 0 };
+    let elements = 4 * CHUNK * ldk + 2 * CHUNK * ldv + w + CHUNK * ldc + 2 * CHUNK * ldv;
+    let bytes = 2 * elements + 4 * CHUNK;
+    (bytes <= gpu.shared_limit()).then_some(bytes as u32)
+}
+
+/// The dynamic shared memory of gated_mma.cu's `inverse`: a chunk of k in 16-bit rows
+/// padded by PAD, A, W and a block row's sums in f32 rows of C + 1, then G and β.
+fn inverse_shared_bytes(dim_k: usize) -> u32 {
+    let lda = CHUNK + 1;
+    (2 * CHUNK * (dim_k + PAD) + 4 * ((2 * CHUNK + 16) * lda + 2 * CHUNK)) as u32
+}
+
+/// `linattn::gated_mma::ChunkParams` in gated_mma.cu, which says what each field is for.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ChunkParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    v: CUdeviceptr,
+    out: CUdeviceptr,
+    g: CUdeviceptr,
+    fixed: CUdeviceptr,
+    beta: CUdeviceptr,
+    state_in: CUdeviceptr,
+    state_out: CUdeviceptr,
+    cu_seqlens: CUdeviceptr,
+    chunk_offsets: CUdeviceptr,
+    w: CUdeviceptr,
+    bad: CUdeviceptr,
+    scale: f32,
+    beta_max: f32,
+    sequences: i32,
+    l2norm: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct (checked by a test).
+unsafe impl DeviceRepr for ChunkParams {}
+
+/// One call on the tensor-core path: for the delta rule, `inverse` over every (chunk,
+/// value head), then `scan` over (value head, sequence, COLUMNS value columns).
+struct ChunkLaunch<'a> {
+    gpu: &'a Gpu,
+    call: GatedShape,
+    shape: KernelShape,
+    rule: GatedRule<'a>,
+    sequences: usize,
+    cu_seqlens: Option<&'a [usize]>,
+    shared: u32,
+}
+
+impl ChunkLaunch<'_> {
+    fn run<T: GpuElement>(
+        &self,
+        buffers: GatedBuffers<'_, T>,
+        out: &mut GpuTensor<T>,
+        states: &mut GpuTensor<f32>,
+        bad: &mut CudaSlice<i64>,
+    ) -> Result<()> {
+        let (gpu, call) = (self.gpu, self.call);
+        // Each sequence's first chunk; a packed batch's go to the kernels, batch rows'
+        // they compute.
+        let lengths: Vec<usize> = match self.cu_seqlens {
+            Some(cu) => cu.windows(2).map(|w| w[1] - w[0]).collect(),
+            None => vec![call.len; call.batch],
+        };
+        let mut offsets = vec![0usize];
+        for len in &lengths {
+            offsets.push(offsets.last().expect("one offset") + len.div_ceil(CHUNK));
+        }
+        let chunks = *offsets.last().expect("one offset");
+        let chunk_offsets = match self.cu_seqlens {
+            Some(_) => {
+                let offsets = offsets
+                    .iter()
+                    .map(|&x| kernel_int(x, "chunks"))
+                    .collect::<Result<Vec<_>>>()?;
+                let copy = gpu.stream.clone_htod(&offsets);
+                Some(copy.map_err(|e| cuda_error("copying the chunk offsets to the GPU", e))?)
+            }
+            None => None,
+        };
+        let mut w = match self.rule.delta {
+            true => Some(GpuTensor::<T>::for_output(
+                gpu,
+                [chunks.max(1), call.heads_v, CHUNK, CHUNK],
+            )?),
+            false => None,
+        };
+        let dk = call.dim_k;
+        if let Some(w) = w.as_mut().filter(|_| chunks > 0) {
+            let name = format!("gated_inverse_{}_{dk}", T::NAME);
+            let shared = inverse_shared_bytes(dk);
+            let function = gpu.kernel_of(Source::Gated, &name, shared)?;
+            let config = LaunchConfig {
+                grid_dim: grid(chunks, call.heads_v, 1)?,
+                block_dim: (GATED_MMA_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            let mut launch = Buffers::on(&gpu.stream);
+            let params = ChunkParams {
+                w: launch.write(&mut w.data),
+                bad: launch.write(bad),
+                ..self.inputs(&mut launch, &buffers, chunk_offsets.as_ref())
+            };
+            // SAFETY: the parameters match the kernel's; W is sized for every chunk's
+            // C × C tile of every value head, which the grid writes whole.
+            unsafe { launch.launch(&function, config, &(self.shape, params), &name) }?;
+        }
+        let kind = if self.rule.delta { "delta" } else { "plain" };
+        let name = format!("gated_scan_{}_{dk}_{kind}", T::NAME);
+        let function = gpu.kernel_of(Source::Gated, &name, self.shared)?;
+        let config = LaunchConfig {
+            grid_dim: grid(call.heads_v, self.sequences, call.dim_v / GATED_COLUMNS)?,
+            block_dim: (GATED_MMA_THREADS, 1, 1),
+            shared_mem_bytes: self.shared,
+        };
+        let mut launch = Buffers::on(&gpu.stream);
+        let params = ChunkParams {
+            out: launch.write(&mut out.data),
+            state_out: launch.write(&mut states.data),
+            w: launch.read_optional(w.as_ref().map(|w| &w.data)),
+            bad: launch.write(bad),
+            ..self.inputs(&mut launch, &buffers, chunk_offsets.as_ref())
+        };
+        // SAFETY: the parameters match the kernel's; every buffer is sized for the shapes
+        // the caller checked, the output and states written whole by the grid.
+        unsafe { launch.launch(&function, config, &(self.shape, params), &name) }
+    }
+
+    /// The parameters both kernels read: the inputs and the call's scalars.
+    fn inputs<'b, T>(
+        &self,
+        launch: &mut Buffers<'b>,
+        buffers: &GatedBuffers<'b, T>,
+        chunk_offsets: Option<&'b CudaSlice<i32>>,
+    ) -> ChunkParams {
+        ChunkParams {
+            q: launch.read(buffers.q),
+            k: launch.read(buffers.k),
+            v: launch.read(buffers.v),
+            g: launch.read_optional(buffers.g),
+            fixed: launch.read_optional(buffers.fixed),
+            beta: launch.read_optional(buffers.beta),
+            state_in: launch.read_optional(buffers.state_in),
+            cu_seqlens: launch.read_optional(buffers.cu_seqlens),
+            chunk_offsets: launch.read_optional(chunk_offsets),
+            scale: self.rule.scale,
+            beta_max: self.rule.beta_max,
+            sequences: self.sequences as i32,
+            l2norm: self.rule.l2norm.into(),
+            ..ChunkParams::default()
+        }
+    }
 }
 
 /// The chunk (rows), value columns per block and dynamic shared memory of a launch: the
@@ -239,5 +455,31 @@ mod tests {
             l2norm,
         });
         layout::assert_mirrors::<GatedParams>(Source::Gated, "GatedParams", 120, &params);
+    }
+
+    #[test]
+    fn chunk_params_lay_out_as_their_c_declaration() {
+        // linattn::gated_mma::ChunkParams: thirteen pointers (104 bytes) and four 4-byte
+        // scalars.
+        let params = rust_fields!(ChunkParams {
+            q,
+            k,
+            v,
+            out,
+            g,
+            fixed,
+            beta,
+            state_in,
+            state_out,
+            cu_seqlens,
+            chunk_offsets,
+            w,
+            bad,
+            scale,
+            beta_max,
+            sequences,
+            l2norm,
+        });
+        layout::assert_mirrors::<ChunkParams>(Source::Gated, "ChunkParams", 120, &params);
     }
 }

@@ -270,10 +270,6 @@ __device__ void absorb_chunk(float (&st)[D / 8][4], const T* ks, const T* vs, in
     }
 }
 
-// The S^T element accumulator (j, e) of value warp `warp` holds: (value column, key feature).
-__device__ __forceinline__ int state_column(int e, int warp) { return 16 * warp + (threadIdx.x % 32) / 4 + 8 * (e / 2); }
-__device__ __forceinline__ int state_feature(int j, int e) { return 8 * j + (threadIdx.x % 4) * 2 + e % 2; }
-
 // The causal kernel's roles and buffers: a warpgroup of PRODUCER_WARPS producers (from
 // tiles.rs), a ring of shared stages for q, k, v, and its named barriers (the producers
 // among themselves, then per buffer parity: chunk ready (producers arrive, consumers

@@ -25,6 +25,12 @@ pub(super) const GENERAL_EXACT_ROWS: usize = 32;
 pub(super) const GENERAL_EXACT_KEYS: usize = 32;
 pub(super) const GENERAL_EXACT_THREADS: u32 = 128;
 pub(super) const GENERAL_EXACT_MAX_DIM: usize = 256;
+/// The gated family's tensor-core kernels: value columns per scan block (a warp's 16 each)
+/// and threads of either kernel (`gated_mma::COLUMNS`, `gated_mma::THREADS`). Four warps
+/// of 16 columns cover a d_v = 64 head in one block and split a 128-wide one in two, which
+/// doubles the blocks of a long sequence for the cost of its scores computed twice.
+pub(super) const GATED_COLUMNS: usize = 64;
+pub(super) const GATED_MMA_THREADS: u32 = 128;
 /// The most random features the FAVOR+ kernels hold, 8 a lane (`MAX_FEATURES`).
 pub(super) const PERFORMER_MAX_FEATURES: usize = 256;
 
@@ -39,6 +45,9 @@ pub(super) fn prelude() -> String {
          constexpr int DECODE_HEADS = {DECODE_HEADS};\n\
          namespace mma {{\n\
          constexpr int PRODUCER_WARPS = {CAUSAL_PRODUCER_WARPS};\n\
+         }}\n\
+         namespace gated_mma {{\n\
+         constexpr int COLUMNS = {GATED_COLUMNS}, THREADS = {GATED_MMA_THREADS};\n\
          }}\n\
          namespace performer {{\n\
          constexpr int MAX_FEATURES = {PERFORMER_MAX_FEATURES};\n\

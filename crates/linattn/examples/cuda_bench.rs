@@ -4,7 +4,8 @@
 //! named cases of tests/cuda.rs.
 //!
 //! `cuda_bench [--quick] [--profile] [--sync-each] [--gated]`: `--quick` times the main
-//! causal shape only; `--gated` the gated family's forward only, at issue 16's shapes;
+//! causal shape only; `--gated` the gated family's forward only, at issue 16's shapes
+//! (`--only TEXT`: the cases whose line contains TEXT);
 //! `--sync-each` times as before 2026-11-24 (see `SYNC_EACH_RUN`); `--profile` runs the
 //! main causal kernel a few times, then one forward and backward and one performer
 //! forward, and nothing else (for `ncu`). Lines start with `ceiling` or `bench` so the
@@ -44,14 +45,19 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if flag("--gated") {
-        return gated_benches(&gpu);
+        let only = arguments.iter().position(|a| a == "--only");
+        let only = only
+            .and_then(|i| arguments.get(i + 1))
+            .map_or("", String::as_str);
+        gated_benches(&gpu, only)?;
+        return gated_decode_benches(&gpu, only);
     }
     benches(&gpu, flag("--quick"))
 }
 
 /// The gated family's forward, bf16 q, k, v and f32 gates, at issue 16's shapes: q and k
 /// L2-normalised before the call, as the peers' benchmarks give them.
-fn gated_benches(gpu: &Gpu) -> Result<()> {
+fn gated_benches(gpu: &Gpu, only: &str) -> Result<()> {
     let gdn = Method::GatedDeltaRule(GatedDeltaRule::default());
     let b4 = [4, 8192, 16, 16, 128];
     let cases = [
@@ -103,6 +109,10 @@ fn gated_benches(gpu: &Gpu) -> Result<()> {
         ),
     ];
     for (label, method, [b, t, h, hv, d], channel) in cases {
+        let case = format!("{label} forward,bf16,B={b} T={t} H={h} HV={hv} D={d}");
+        if !case.contains(only) {
+            continue;
+        }
         let upload =
             |x: Tensor<f32>| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &x)?) };
         let (q, k, v) = (
@@ -126,7 +136,45 @@ fn gated_benches(gpu: &Gpu) -> Result<()> {
         let ms = median_ms(gpu, || {
             attention.forward_gated_gpu(&q, &k, &v, &inputs).map(drop)
         })?;
-        println!("bench,{label} forward,bf16,B={b} T={t} H={h} HV={hv} D={d},{ms:.4} ms");
+        println!("bench,{case},{ms:.4} ms");
+    }
+    Ok(())
+}
+
+/// The gated delta rule's decode step, f32 states, at issue 16's batches, against reading
+/// and writing the states at the copy rate measured in the same run.
+fn gated_decode_benches(gpu: &Gpu, only: &str) -> Result<()> {
+    let bandwidth = gpu.copy_bandwidth()?;
+    println!(
+        "ceiling,d2d copy,{:.1} GB/s (read + written)",
+        bandwidth / 1e9
+    );
+    let method = Method::GatedDeltaRule(GatedDeltaRule::default());
+    let attention = Attention::new(method);
+    for [b, h, hv, d] in [[32, 16, 32, 128], [256, 16, 32, 128], [32, 16, 16, 128]] {
+        let case = format!("gated-delta-rule decode step,bf16 f32 state,B={b} H={h} HV={hv} D={d}");
+        if !case.contains(only) {
+            continue;
+        }
+        let mut decoder = attention.gpu_gated_decoder::<bf16>(gpu, b, [h, hv], [d, d])?;
+        let upload =
+            |x: Tensor<f32>| -> Result<GpuTensor<bf16>> { Ok(GpuTensor::upload(gpu, &x)?) };
+        let (q, k, v) = (
+            upload(unit_rows(random([b, 1, h, d], 1)?))?,
+            upload(unit_rows(random([b, 1, h, d], 2)?))?,
+            upload(random([b, 1, hv, d], 3)?)?,
+        );
+        let g = Tensor::from_vec(vec![-0.05f32; b * hv], [b, 1, hv, 1])?;
+        let beta = Tensor::from_vec(vec![0.5f32; b * hv], [b, 1, hv, 1])?;
+        let (g, beta) = (GpuTensor::upload(gpu, &g)?, GpuTensor::upload(gpu, &beta)?);
+        let ms = median_ms(gpu, || {
+            decoder.step(&q, &k, &v, Some(&g), Some(&beta)).map(drop)
+        })?;
+        let floor = 2.0 * (b * hv * d * d * 4) as f64 / bandwidth * 1e3;
+        println!(
+            "bench,{case},{ms:.4} ms,floor {floor:.4} ms,{:.2}x the floor",
+            ms / floor
+        );
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ mod methods;
 #[cfg(feature = "cuda")]
 pub mod cuda {
     pub use crate::api::cuda::{GpuDecoder, GpuPlan};
-    pub use crate::api::cuda_gated::{GpuGateInputs, GpuGatedOutput};
+    pub use crate::api::cuda_gated::{GpuGateInputs, GpuGatedDecoder, GpuGatedOutput};
     pub use crate::backend::cuda::*;
 }
 

@@ -62,6 +62,10 @@ const GPU_TESTS: &[(&str, fn())] = &[
         gpu_checks::gated::packed_sequences_match_the_reference,
     ),
     (
+        "gated_family_decode_steps_match_the_cpu_decoder",
+        gpu_checks::gated::decode_steps_match_the_cpu_decoder,
+    ),
+    (
         "gated_family_bad_gates_are_named",
         gpu_checks::gated::bad_gates_are_named,
     ),

@@ -1,14 +1,16 @@
 //! The gated and delta-rule family on GPU tensors: [`Attention::forward_gated_gpu`] checks
 //! a call's shapes as the CPU's `forward_gated` does and g's and β's ranges as the kernel
-//! reads them, and runs the CUDA backend's chunked forward.
+//! reads them, and runs the CUDA backend's chunked forward; [`GpuGatedDecoder`] steps a
+//! batch of sequences one token at a time.
 
 use crate::api::attention::Attention;
 use crate::backend::cuda::{
-    GatedInputs, GatedRule, Gpu, GpuElement, GpuTensor, OutOfRange, gated_forward,
+    GatedInputs, GatedRule, Gpu, GpuElement, GpuTensor, OutOfRange, gated_decode, gated_forward,
 };
 use crate::base::tensor::unravel;
-use crate::base::{Error, Result};
-use crate::methods::gated::{G_RULE, InputShapes, RuleDecay, gated_shape};
+use crate::base::{Error, GatedShape, Result, Tensor};
+use crate::methods::gated::{G_RULE, InputShapes, Rule, RuleDecay, gated_shape};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// The per-token inputs of a call of the gated family on the GPU, and the states it starts
@@ -91,17 +93,8 @@ impl Attention {
             initial_state: inputs.initial_state.map(GpuTensor::shape),
         };
         rule.check_shapes(&shape, given, inputs.cu_seqlens)?;
-        let fixed: Option<Vec<f32>> = match &rule.decay {
-            RuleDecay::Fixed(per_head) => Some(per_head.iter().map(|&g| g as f32).collect()),
-            _ => None,
-        };
-        let kernel_rule = GatedRule {
-            fixed: fixed.as_deref(),
-            delta: rule.delta,
-            beta_max: rule.beta_max as f32,
-            scale: rule.scale(shape.dim_k) as f32,
-            l2norm: rule.l2norm_qk,
-        };
+        let fixed = fixed_decays(&rule);
+        let kernel_rule = kernel_rule(&rule, &shape, fixed.as_deref());
         let kernel_inputs = GatedInputs {
             g: inputs.g,
             beta: inputs.beta,
@@ -110,21 +103,189 @@ impl Attention {
         };
         let (out, final_state, bad) =
             gated_forward(gpu, shape, kernel_rule, [q, k, v], kernel_inputs)?;
-        match bad {
-            None => Ok(GpuGatedOutput { out, final_state }),
-            Some(OutOfRange::G(at)) => Err(out_of_range(
-                "g",
-                inputs.g.expect("g was read"),
-                at,
-                G_RULE,
-            )?),
-            Some(OutOfRange::Beta(at)) => Err(out_of_range(
-                "beta",
-                inputs.beta.expect("beta was read"),
-                at,
-                rule.beta_rule(),
-            )?),
+        named_range_error(bad, &rule, inputs.g, inputs.beta)?;
+        Ok(GpuGatedOutput { out, final_state })
+    }
+
+    /// A decoder of the gated family on `gpu` for `batch` sequences from zero states: q
+    /// and k of `heads` heads of `dim_k`, v of `heads_v` heads of `dim_v`. See
+    /// [`GpuGatedDecoder`].
+    pub fn gpu_gated_decoder<T: GpuElement>(
+        &self,
+        gpu: &Gpu,
+        batch: usize,
+        [heads, heads_v]: [usize; 2],
+        [dim_k, dim_v]: [usize; 2],
+    ) -> Result<GpuGatedDecoder<T>> {
+        let attention = self.clone().causal(true);
+        let qk = [batch, 1, heads, dim_k];
+        let token = attention.problem(qk, qk, [batch, 1, heads_v, dim_v])?;
+        let rule = attention.method().gated_rule(&token).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{} is not of the gated family; GpuDecoder decodes it",
+                attention.method().name()
+            ))
+        })?;
+        Ok(GpuGatedDecoder {
+            gpu: gpu.handle(),
+            shape: gated_shape(&token),
+            fixed: fixed_decays(&rule),
+            rule,
+            states: GpuTensor::upload(gpu, &Tensor::zeros([batch, heads_v, dim_k, dim_v])?)?,
+            position: 0,
+            element: PhantomData,
+        })
+    }
+
+    /// [`forward_gated_gpu`](Self::forward_gated_gpu) over a prompt (batch rows, not
+    /// packed), and the decoder that continues each sequence from its final state.
+    pub fn prefill_gated_gpu<T: GpuElement>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        inputs: &GpuGateInputs<'_>,
+    ) -> Result<(GpuTensor<T>, GpuGatedDecoder<T>)> {
+        if inputs.cu_seqlens.is_some() {
+            return Err(Error::InvalidConfig(
+                "a decoder continues a batch of sequences; give them as batch rows, not packed \
+                 by cu_seqlens"
+                    .into(),
+            ));
         }
+        let [batch, len, heads, dim_k] = q.shape();
+        let [_, _, heads_v, dim_v] = v.shape();
+        let mut decoder =
+            self.gpu_gated_decoder(q.gpu(), batch, [heads, heads_v], [dim_k, dim_v])?;
+        let result = self.forward_gated_gpu(q, k, v, inputs)?;
+        decoder.states = result.final_state;
+        decoder.position = len;
+        Ok((result.out, decoder))
+    }
+}
+
+/// Decoding the gated family on the GPU for a batch of sequences, one token each per
+/// [`step`](Self::step): the f32 states `[B, HV, d_k, d_v]` stay on the GPU and are
+/// updated in place; a step reads and writes each once and allocates only its output.
+///
+/// ```no_run
+/// use linattn::cuda::{Gpu, GpuTensor};
+/// use linattn::{Attention, GatedDeltaRule, Method, Tensor};
+/// let gpu = Gpu::open(0)?;
+/// let method = Method::GatedDeltaRule(GatedDeltaRule { l2norm_qk: true, ..GatedDeltaRule::default() });
+/// let attention = Attention::new(method);
+/// let mut decoder = attention.gpu_gated_decoder::<half::bf16>(&gpu, 32, [16, 32], [128, 128])?;
+/// let qk = GpuTensor::upload(&gpu, &Tensor::randn([32, 1, 16, 128], 0)?)?;
+/// let v = GpuTensor::upload(&gpu, &Tensor::randn([32, 1, 32, 128], 1)?)?;
+/// let g = GpuTensor::<f32>::upload(&gpu, &Tensor::from_vec(vec![-0.1; 32 * 32], [32, 1, 32, 1])?)?;
+/// let beta = GpuTensor::<f32>::upload(&gpu, &Tensor::from_vec(vec![0.5; 32 * 32], [32, 1, 32, 1])?)?;
+/// let out = decoder.step(&qk, &qk, &v, Some(&g), Some(&beta))?;
+/// assert_eq!((out.shape(), decoder.position()), ([32, 1, 32, 128], 1));
+/// # Ok::<(), linattn::Error>(())
+/// ```
+pub struct GpuGatedDecoder<T> {
+    gpu: Arc<Gpu>,
+    rule: Rule,
+    /// One token of every sequence, validated once.
+    shape: GatedShape,
+    fixed: Option<Vec<f32>>,
+    states: GpuTensor<f32>,
+    position: usize,
+    element: PhantomData<T>,
+}
+
+impl<T: GpuElement> GpuGatedDecoder<T> {
+    /// Feeds one token per sequence (`[B, 1, ·, ·]`; g `[B, 1, HV, 1 or d_k]` and β `[B,
+    /// 1, HV, 1]` where the method reads them) through the recurrence and returns its
+    /// output `[B, 1, HV, d_v]`. A g or β out of range is an error naming it, after which
+    /// the states are undefined.
+    pub fn step(
+        &mut self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        g: Option<&GpuTensor<f32>>,
+        beta: Option<&GpuTensor<f32>>,
+    ) -> Result<GpuTensor<T>> {
+        let s = self.shape;
+        let qk = [s.batch, 1, s.heads, s.dim_k];
+        let expected = [qk, qk, [s.batch, 1, s.heads_v, s.dim_v]];
+        for ((name, tensor), shape) in ["q", "k", "v"].into_iter().zip([q, k, v]).zip(expected) {
+            if tensor.shape() != shape {
+                return Err(Error::ShapeMismatch {
+                    detail: format!(
+                        "{name} is {:?}; the decoder takes one token per sequence, {shape:?}",
+                        tensor.shape()
+                    ),
+                });
+            }
+        }
+        let on = |x: &Arc<Gpu>| x.ordinal() == self.gpu.ordinal();
+        let gates = [g, beta].into_iter().flatten();
+        if ![q.gpu(), k.gpu(), v.gpu()].into_iter().all(on) || !gates.clone().all(|x| on(x.gpu())) {
+            return Err(Error::Unsupported(
+                "the token and its gates are on another GPU than the decoder's states".into(),
+            ));
+        }
+        let given = InputShapes {
+            g: g.map(GpuTensor::shape),
+            beta: beta.map(GpuTensor::shape),
+            initial_state: None,
+        };
+        self.rule.check_shapes(&s, given, None)?;
+        let rule = kernel_rule(&self.rule, &s, self.fixed.as_deref());
+        let (out, bad) = gated_decode(&self.gpu, s, rule, [q, k, v], (g, beta), &mut self.states)?;
+        named_range_error(bad, &self.rule, g, beta)?;
+        self.position += 1;
+        Ok(out)
+    }
+
+    /// The states `[B, HV, d_k, d_v]` after the tokens so far.
+    pub fn states(&self) -> &GpuTensor<f32> {
+        &self.states
+    }
+
+    /// Tokens seen by every sequence.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}
+
+/// The fixed log decays of a rule that has them (retention's, one per value head).
+fn fixed_decays(rule: &Rule) -> Option<Vec<f32>> {
+    match &rule.decay {
+        RuleDecay::Fixed(per_head) => Some(per_head.iter().map(|&g| g as f32).collect()),
+        _ => None,
+    }
+}
+
+/// What the kernels take of a rule.
+fn kernel_rule<'a>(rule: &Rule, shape: &GatedShape, fixed: Option<&'a [f32]>) -> GatedRule<'a> {
+    GatedRule {
+        fixed,
+        delta: rule.delta,
+        beta_max: rule.beta_max as f32,
+        scale: rule.scale(shape.dim_k) as f32,
+        l2norm: rule.l2norm_qk,
+    }
+}
+
+/// The error naming what the kernel found out of range, if it found anything.
+fn named_range_error(
+    bad: Option<OutOfRange>,
+    rule: &Rule,
+    g: Option<&GpuTensor<f32>>,
+    beta: Option<&GpuTensor<f32>>,
+) -> Result<()> {
+    match bad {
+        None => Ok(()),
+        Some(OutOfRange::G(at)) => Err(out_of_range("g", g.expect("g was read"), at, G_RULE)?),
+        Some(OutOfRange::Beta(at)) => Err(out_of_range(
+            "beta",
+            beta.expect("beta was read"),
+            at,
+            rule.beta_rule(),
+        )?),
     }
 }
 

@@ -134,6 +134,18 @@ fn family() -> Vec<Member> {
     ]
 }
 
+/// Tokens `from..from + len` of every sequence of `x` ([B, T, ·, ·]).
+fn tokens(x: &Tensor<f64>, from: usize, len: usize) -> Tensor<f64> {
+    let [b, t, h, d] = x.shape();
+    let row = h * d;
+    let mut values = Vec::with_capacity(b * len * row);
+    for sequence in 0..b {
+        let start = (sequence * t + from) * row;
+        values.extend_from_slice(&x.as_slice()[start..start + len * row]);
+    }
+    Tensor::from_vec(values, [b, len, h, d]).unwrap()
+}
+
 fn max_relative(got: &Tensor<f32>, want: &Tensor<f64>) -> f64 {
     got.relative_error(want).expect("the shapes agree")
 }
@@ -219,6 +231,124 @@ pub fn tensor_cores_match_the_reference() {
     }
 }
 
+/// The GPU decode step against the CPU's f64 decoder, token by token, outputs and states:
+/// every method and gate shape, HV = 2H, value columns split over blocks with a partial
+/// last one (d_v 40), widths of 128; then a prompt prefilled on the GPU and continued by a
+/// step equals the recurrence over prompt and token, and a bad g is named.
+pub fn decode_steps_match_the_cpu_decoder() {
+    let gpu = crate::gpu();
+    for (name, method, reads, gates) in family() {
+        let attention = Attention::new(method).causal(true);
+        for [b, h, hv, dk, dv] in [[3, 2, 4, 48, 40], [2, 1, 1, 128, 128]] {
+            for &channel in &gates {
+                let mut cpu = attention.gated_decoder::<f64>(b, h, hv, dk, dv).unwrap();
+                let mut on_gpu = attention
+                    .gpu_gated_decoder::<f32>(&gpu, b, [h, hv], [dk, dv])
+                    .unwrap();
+                for step in 0..5 {
+                    let case = Case::new([b, 1, h, hv, dk, dv], reads, channel, b);
+                    let q = case.q.as_slice().iter().map(|x| x * (1.0 + step as f64));
+                    let q = Tensor::from_vec(q.collect(), case.q.shape()).unwrap();
+                    let case = Case { q, ..case };
+                    let want = cpu
+                        .step(
+                            &case.q,
+                            &case.k,
+                            &case.v,
+                            case.g.as_ref(),
+                            case.beta.as_ref(),
+                        )
+                        .unwrap();
+                    let up = |x: &Tensor<f64>| GpuTensor::<f32>::upload(&gpu, &x.cast()).unwrap();
+                    let (g, beta) = (case.g.as_ref().map(up), case.beta.as_ref().map(up));
+                    let got = on_gpu
+                        .step(
+                            &up(&case.q),
+                            &up(&case.k),
+                            &up(&case.v),
+                            g.as_ref(),
+                            beta.as_ref(),
+                        )
+                        .unwrap()
+                        .download()
+                        .unwrap();
+                    let what = format!(
+                        "{name} [{b}, {h}, {hv}, {dk}, {dv}] channel {channel} step {step}"
+                    );
+                    let error = max_relative(&got, &want);
+                    assert!(error < 1e-4, "{what} output: {error:.2e}");
+                    let states = on_gpu.states().download().unwrap();
+                    let error = max_relative(&states, cpu.state());
+                    assert!(error < 1e-4, "{what} state: {error:.2e}");
+                }
+            }
+        }
+    }
+    // A prompt prefilled on the GPU, then one step: the recurrence over all 101 tokens.
+    let method = Method::GatedDeltaRule(GatedDeltaRule {
+        l2norm_qk: true,
+        ..GatedDeltaRule::default()
+    });
+    let attention = Attention::new(method).causal(true);
+    let case = Case::new([2, 101, 2, 2, 64, 64], (true, true), false, 2);
+    let case = Case {
+        initial: Tensor::zeros([2, 2, 64, 64]).unwrap(),
+        ..case
+    };
+    let [want, _] = case.reference(&attention, None);
+    let up = |x: Tensor<f64>| GpuTensor::<f32>::upload(&gpu, &x.cast()).unwrap();
+    let prompt = |x: &Tensor<f64>| up(tokens(x, 0, 100));
+    let token = |x: &Tensor<f64>| up(tokens(x, 100, 1));
+    let gates =
+        |x: &Option<Tensor<f64>>, f: &dyn Fn(&Tensor<f64>) -> GpuTensor<f32>| x.as_ref().map(f);
+    let (g, beta) = (gates(&case.g, &prompt), gates(&case.beta, &prompt));
+    let inputs = GpuGateInputs {
+        g: g.as_ref(),
+        beta: beta.as_ref(),
+        ..GpuGateInputs::default()
+    };
+    let (_, mut decoder) = attention
+        .prefill_gated_gpu(
+            &prompt(&case.q),
+            &prompt(&case.k),
+            &prompt(&case.v),
+            &inputs,
+        )
+        .unwrap();
+    let (g, beta) = (gates(&case.g, &token), gates(&case.beta, &token));
+    let got = decoder
+        .step(
+            &token(&case.q),
+            &token(&case.k),
+            &token(&case.v),
+            g.as_ref(),
+            beta.as_ref(),
+        )
+        .unwrap()
+        .download()
+        .unwrap();
+    let error = max_relative(&got, &tokens(&want, 100, 1));
+    assert!(error < 1e-4, "prefill then step: {error:.2e}");
+    assert_eq!(decoder.position(), 101);
+    // A positive log decay is named at its place, as the forward names it.
+    let mut g = tokens(case.g.as_ref().unwrap(), 100, 1);
+    g.as_mut_slice()[3] = 0.5;
+    let error = decoder
+        .step(
+            &token(&case.q),
+            &token(&case.k),
+            &token(&case.v),
+            Some(&up(g)),
+            beta.as_ref(),
+        )
+        .err()
+        .expect("a positive log decay is refused");
+    assert!(
+        matches!(&error, Error::OutOfRange { tensor: "g", index, .. } if index == &[1, 0, 1, 0]),
+        "{error}"
+    );
+}
+
 /// Sequences packed along a batch of one, each from its own state, equal the recurrence
 /// over each; lengths of one token and past several chunks.
 pub fn packed_sequences_match_the_reference() {
@@ -262,7 +392,7 @@ pub fn bad_gates_are_named() {
         matches!(&error, Error::OutOfRange { tensor: "beta", index, .. } if index == &[0, 3, 1, 0]),
         "{error}"
     );
-    // The same on the tensor-core path, whose inverse pass reads β and scan reads g.
+    // The same on the tensor-core path, whose prepare pass reads β and scan reads g.
     let mut case = Case::new([1, 100, 1, 2, 64, 64], (true, true), false, 1);
     case.g.as_mut().unwrap().as_mut_slice()[2 * 90 + 1] = 0.5;
     case.beta.as_mut().unwrap().as_mut_slice()[2 * 95] = -0.5;

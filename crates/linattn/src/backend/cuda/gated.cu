@@ -250,6 +250,120 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
     }
 }
 
+// One recurrent step for a batch of sequences (one token each), the f32 states updated in
+// place: S ← Diag(e^g) S (or e^g S), then u = β (v − Sᵀ k) for the delta rule (else v),
+// S ← S + k uᵀ, o = scale Sᵀ q. A block takes one (sequence, value head) and
+// DECODE_COLUMNS value columns; lane l of warp w holds column l and rows w, w + WARPS,
+// ... of the state in registers, so each warp reads and writes whole 128-byte rows and the
+// state moves once each way. Every row's sum crosses the warps through shared memory.
+constexpr int DECODE_COLUMNS = 32, DECODE_THREADS = 256, DECODE_WARPS = DECODE_THREADS / 32;
+constexpr int DECODE_MAX_DIM = 256, DECODE_ROWS = DECODE_MAX_DIM / DECODE_WARPS;
+
+// What the step kernel takes beside its Shape (len 1); DecodeParams in gated.rs mirrors
+// it. Shapes and the meaning of each field as in GatedParams.
+struct DecodeParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    const float* g;
+    const float* fixed;
+    const float* beta;
+    float* state;
+    long long* bad;
+    float scale;
+    float beta_max;
+    int gate_width;
+    int delta;
+    int l2norm;
+};
+
+// The sum over the block's warps of each lane's `x`, for every thread: `sums` holds
+// DECODE_WARPS × 32 floats and is free again when this returns.
+__device__ __forceinline__ float sum_over_warps(float x, float* sums) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    sums[warp * 32 + lane] = x;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < DECODE_WARPS; ++w) total += sums[w * 32 + lane];
+    __syncthreads();
+    return total;
+}
+
+template <typename T> __device__ void decode_step(const Shape shape, const DecodeParams p) {
+    __shared__ float qs[DECODE_MAX_DIM], ks[DECODE_MAX_DIM], decays[DECODE_MAX_DIM];
+    __shared__ float sums[DECODE_THREADS];
+    const int hv = blockIdx.x, b = blockIdx.y, col = blockIdx.z * DECODE_COLUMNS + threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, tid = threadIdx.x;
+    const int dk = shape.dim_k, dv = shape.dim_v, gw = p.gate_width, h = qk_head(shape, hv);
+    const long long unit = static_cast<long long>(b) * shape.heads_v + hv;
+    const bool checks = blockIdx.z == 0;
+    float q_norm = 0.f, k_norm = 0.f;
+    for (int c = tid; c < dk; c += DECODE_THREADS) {
+        const long long at = (static_cast<long long>(b) * shape.heads + h) * dk + c;
+        const float x = to_float(static_cast<const T*>(p.q)[at]), y = to_float(static_cast<const T*>(p.k)[at]);
+        qs[c] = x;
+        ks[c] = y;
+        q_norm += x * x;
+        k_norm += y * y;
+        float g = 0.f;
+        if (p.g) {
+            const long long gat = unit * gw + (gw == 1 ? 0 : c);
+            g = p.g[gat];
+            if (checks && (gw > 1 || c == 0) && !(g <= 0.f && g >= -FLOAT_MAX)) atomicMin(p.bad, gat);
+        } else if (p.fixed) {
+            g = p.fixed[hv];
+        }
+        decays[c] = __expf(g);
+    }
+    float beta = 1.f;
+    if (p.beta) {
+        beta = p.beta[unit];
+        if (checks && tid == 0 && !(beta >= 0.f && beta <= p.beta_max)) atomicMin(p.bad + 1, unit);
+    }
+    float q_scale = 1.f, k_scale = 1.f;
+    if (p.l2norm) {
+        // Every thread's partial sums, then the block's: lanes first, then the warps.
+        for (int offset = 16; offset > 0; offset /= 2) {
+            q_norm += __shfl_xor_sync(0xffffffffu, q_norm, offset);
+            k_norm += __shfl_xor_sync(0xffffffffu, k_norm, offset);
+        }
+        q_scale = rsqrtf(sum_over_warps(q_norm, sums) + 1e-6f);
+        k_scale = rsqrtf(sum_over_warps(k_norm, sums) + 1e-6f);
+    } else {
+        __syncthreads();
+    }
+    const bool live = col < dv;
+    float* state = p.state + unit * dk * dv + col;
+    float s[DECODE_ROWS];
+    float predicted = 0.f;
+#pragma unroll
+    for (int i = 0; i < DECODE_ROWS; ++i) {
+        const int r = warp + i * DECODE_WARPS;
+        s[i] = 0.f;
+        if (r < dk && live) {
+            s[i] = state[static_cast<long long>(r) * dv] * decays[r];
+            predicted = fmaf(ks[r] * k_scale, s[i], predicted);
+        }
+    }
+    const float v = live ? to_float(static_cast<const T*>(p.v)[unit * dv + col]) : 0.f;
+    float u = v;
+    if (p.delta) u = beta * (v - sum_over_warps(predicted, sums));
+    float out = 0.f;
+#pragma unroll
+    for (int i = 0; i < DECODE_ROWS; ++i) {
+        const int r = warp + i * DECODE_WARPS;
+        if (r < dk && live) {
+            s[i] = fmaf(ks[r] * k_scale, u, s[i]);
+            state[static_cast<long long>(r) * dv] = s[i];
+            out = fmaf(qs[r] * q_scale, s[i], out);
+        }
+    }
+    out = sum_over_warps(out, sums);
+    if (warp == 0 && live) static_cast<T*>(p.out)[unit * dv + col] = from_float<T>(p.scale * out);
+}
+
 }  // namespace gated
 }  // namespace linattn
 
@@ -264,4 +378,17 @@ extern "C" __global__ void gated_chunked_bf16(linattn::gated::Shape shape,
 extern "C" __global__ void gated_chunked_f16(linattn::gated::Shape shape,
                                              linattn::gated::GatedParams params) {
     linattn::gated::chunked<__half>(shape, params);
+}
+
+extern "C" __global__ void __launch_bounds__(linattn::gated::DECODE_THREADS)
+    gated_decode_f32(linattn::gated::Shape shape, linattn::gated::DecodeParams params) {
+    linattn::gated::decode_step<float>(shape, params);
+}
+extern "C" __global__ void __launch_bounds__(linattn::gated::DECODE_THREADS)
+    gated_decode_bf16(linattn::gated::Shape shape, linattn::gated::DecodeParams params) {
+    linattn::gated::decode_step<__nv_bfloat16>(shape, params);
+}
+extern "C" __global__ void __launch_bounds__(linattn::gated::DECODE_THREADS)
+    gated_decode_f16(linattn::gated::Shape shape, linattn::gated::DecodeParams params) {
+    linattn::gated::decode_step<__half>(shape, params);
 }

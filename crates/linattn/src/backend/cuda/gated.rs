@@ -1,5 +1,6 @@
-//! Launch of the gated family's chunked forward (gated.cu) on the CUDA cores: retention,
-//! gla, the delta rule and the gated delta rule, any head widths that fit shared memory.
+//! Launches of the gated family (retention, gla, the delta rule and the gated delta rule):
+//! the chunked forward on the tensor cores (gated_mma.cu) or, for any head widths that fit
+//! shared memory, on the CUDA cores (gated.cu), and the one-token decode step (gated.cu).
 
 use super::device::{Buffers, Gpu, Source, cuda_error, grid, kernel_int};
 use super::tensor::{GpuElement, GpuTensor};
@@ -196,21 +197,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
             unsafe { launch.launch(&function, config, &(shape, params), &name) }?;
         }
     }
-    let found = gpu
-        .stream
-        .clone_dtoh(&bad)
-        .map_err(|e| cuda_error("reading the range check", e))?;
-    let at = |i: usize| {
-        usize::try_from(found[i])
-            .ok()
-            .filter(|_| found[i] != i64::MAX)
-    };
-    let bad = match (at(0), at(1)) {
-        (Some(at), _) => Some(OutOfRange::G(at)),
-        (None, Some(at)) => Some(OutOfRange::Beta(at)),
-        (None, None) => None,
-    };
-    Ok((out, states, bad))
+    Ok((out, states, first_out_of_range(gpu, &bad)?))
 }
 
 /// The inputs of a call on the GPU, as either path reads them.
@@ -228,8 +215,8 @@ struct GatedBuffers<'a, T> {
 /// The scan kernel's dynamic shared memory where the tensor-core path takes a call (16-bit
 /// inputs, d_k and d_v of 64 or 128, at most one log decay per token, and the GPU's shared
 /// memory holds the tiles); `None` sends it to the general kernel. The sizes are
-/// gated_mma.cu's `ScanTiles`: two stages of q, k, v (and W), then P, U and the decayed U,
-/// 16-bit rows padded by PAD, and G in f32.
+/// gated_mma.cu's `ScanTiles`: two stages of q, k, v, P (and W), then U and the decayed
+/// U, 16-bit rows padded by PAD, and G in f32.
 fn tensor_core_tiles<T: GpuElement>(
     gpu: &Gpu,
     call: GatedShape,
@@ -245,16 +232,17 @@ fn tensor_core_tiles<T: GpuElement>(
     }
     let (ldk, ldc, ldv) = (call.dim_k + PAD, CHUNK + PAD, GATED_COLUMNS + PAD);
     let w = if delta { 2 * CHUNK * ldc } else { 0 };
-    let elements = 4 * CHUNK * ldk + 2 * CHUNK * ldv + w + CHUNK * ldc + 2 * CHUNK * ldv;
+    let elements = 4 * CHUNK * ldk + 2 * CHUNK * ldv + 2 * CHUNK * ldc + w + 2 * CHUNK * ldv;
     let bytes = 2 * elements + 4 * CHUNK;
     (bytes <= gpu.shared_limit()).then_some(bytes as u32)
 }
 
-/// The dynamic shared memory of gated_mma.cu's `inverse`: a chunk of k in 16-bit rows
-/// padded by PAD, A, W and a block row's sums in f32 rows of C + 1, then G and β.
-fn inverse_shared_bytes(dim_k: usize) -> u32 {
+/// The dynamic shared memory of gated_mma.cu's `prepare`: a chunk of q and of k in
+/// 16-bit rows padded by PAD, P, A, W and a block row's sums in f32 rows of C + 1, then
+/// G and β.
+fn prepare_shared_bytes(dim_k: usize) -> u32 {
     let lda = CHUNK + 1;
-    (2 * CHUNK * (dim_k + PAD) + 4 * ((2 * CHUNK + 16) * lda + 2 * CHUNK)) as u32
+    (4 * CHUNK * (dim_k + PAD) + 4 * ((3 * CHUNK + 16) * lda + 2 * CHUNK)) as u32
 }
 
 /// `linattn::gated_mma::ChunkParams` in gated_mma.cu, which says what each field is for.
@@ -272,6 +260,7 @@ struct ChunkParams {
     state_out: CUdeviceptr,
     cu_seqlens: CUdeviceptr,
     chunk_offsets: CUdeviceptr,
+    scores: CUdeviceptr,
     w: CUdeviceptr,
     bad: CUdeviceptr,
     scale: f32,
@@ -283,8 +272,8 @@ struct ChunkParams {
 // SAFETY: plain old data with the layout of the kernel's struct (checked by a test).
 unsafe impl DeviceRepr for ChunkParams {}
 
-/// One call on the tensor-core path: for the delta rule, `inverse` over every (chunk,
-/// value head), then `scan` over (value head, sequence, COLUMNS value columns).
+/// One call on the tensor-core path: `prepare` over every (chunk, value head), then `scan`
+/// over (value head, sequence, COLUMNS value columns).
 struct ChunkLaunch<'a> {
     gpu: &'a Gpu,
     call: GatedShape,
@@ -326,17 +315,17 @@ impl ChunkLaunch<'_> {
             }
             None => None,
         };
+        let tiles = [chunks.max(1), call.heads_v, CHUNK, CHUNK];
+        let mut scores = GpuTensor::<T>::for_output(gpu, tiles)?;
         let mut w = match self.rule.delta {
-            true => Some(GpuTensor::<T>::for_output(
-                gpu,
-                [chunks.max(1), call.heads_v, CHUNK, CHUNK],
-            )?),
+            true => Some(GpuTensor::<T>::for_output(gpu, tiles)?),
             false => None,
         };
         let dk = call.dim_k;
-        if let Some(w) = w.as_mut().filter(|_| chunks > 0) {
-            let name = format!("gated_inverse_{}_{dk}", T::NAME);
-            let shared = inverse_shared_bytes(dk);
+        let kind = if self.rule.delta { "delta" } else { "plain" };
+        if chunks > 0 {
+            let name = format!("gated_prepare_{}_{dk}_{kind}", T::NAME);
+            let shared = prepare_shared_bytes(dk);
             let function = gpu.kernel_of(Source::Gated, &name, shared)?;
             let config = LaunchConfig {
                 grid_dim: grid(chunks, call.heads_v, 1)?,
@@ -345,15 +334,15 @@ impl ChunkLaunch<'_> {
             };
             let mut launch = Buffers::on(&gpu.stream);
             let params = ChunkParams {
-                w: launch.write(&mut w.data),
+                scores: launch.write(&mut scores.data),
+                w: launch.write_optional(w.as_mut().map(|w| &mut w.data)),
                 bad: launch.write(bad),
                 ..self.inputs(&mut launch, &buffers, chunk_offsets.as_ref())
             };
-            // SAFETY: the parameters match the kernel's; W is sized for every chunk's
-            // C × C tile of every value head, which the grid writes whole.
+            // SAFETY: the parameters match the kernel's; P and W are sized for every
+            // chunk's C × C tile of every value head, which the grid writes whole.
             unsafe { launch.launch(&function, config, &(self.shape, params), &name) }?;
         }
-        let kind = if self.rule.delta { "delta" } else { "plain" };
         let name = format!("gated_scan_{}_{dk}_{kind}", T::NAME);
         let function = gpu.kernel_of(Source::Gated, &name, self.shared)?;
         let config = LaunchConfig {
@@ -365,6 +354,7 @@ impl ChunkLaunch<'_> {
         let params = ChunkParams {
             out: launch.write(&mut out.data),
             state_out: launch.write(&mut states.data),
+            scores: launch.read(&scores.data),
             w: launch.read_optional(w.as_ref().map(|w| &w.data)),
             bad: launch.write(bad),
             ..self.inputs(&mut launch, &buffers, chunk_offsets.as_ref())
@@ -398,6 +388,128 @@ impl ChunkLaunch<'_> {
             ..ChunkParams::default()
         }
     }
+}
+
+/// Threads of the decode step's blocks, the value columns each takes, and the widest key
+/// head it holds (gated.cu's `DECODE_THREADS`, `DECODE_COLUMNS`, `DECODE_MAX_DIM`).
+const DECODE_THREADS: u32 = 256;
+const DECODE_COLUMNS: usize = 32;
+const DECODE_MAX_DIM: usize = 256;
+
+/// `linattn::gated::DecodeParams` in gated.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DecodeParams {
+    q: CUdeviceptr,
+    k: CUdeviceptr,
+    v: CUdeviceptr,
+    out: CUdeviceptr,
+    g: CUdeviceptr,
+    fixed: CUdeviceptr,
+    beta: CUdeviceptr,
+    state: CUdeviceptr,
+    bad: CUdeviceptr,
+    scale: f32,
+    beta_max: f32,
+    gate_width: i32,
+    delta: i32,
+    l2norm: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct (checked by a test).
+unsafe impl DeviceRepr for DecodeParams {}
+
+/// One recurrent step of one token per sequence (`call.len` = 1): the output `[batch, 1,
+/// heads_v, dim_v]`, `states` (`[batch, heads_v, dim_k, dim_v]`) updated in place, and the
+/// first g or β out of range, if any (the states are then meaningless).
+pub(crate) fn gated_decode<T: GpuElement>(
+    gpu: &Gpu,
+    call: GatedShape,
+    rule: GatedRule<'_>,
+    [q, k, v]: [&GpuTensor<T>; 3],
+    (g, beta): (Option<&GpuTensor<f32>>, Option<&GpuTensor<f32>>),
+    states: &mut GpuTensor<f32>,
+) -> Result<(GpuTensor<T>, Option<OutOfRange>)> {
+    if call.dim_k > DECODE_MAX_DIM {
+        return Err(Error::Unsupported(format!(
+            "the gated family's decode step on the GPU holds key heads up to \
+             {DECODE_MAX_DIM} wide, not {}",
+            call.dim_k
+        )));
+    }
+    let shape = KernelShape {
+        batch: kernel_int(call.batch, "batch")?,
+        len: 1,
+        heads: kernel_int(call.heads, "heads")?,
+        heads_v: kernel_int(call.heads_v, "value heads")?,
+        dim_k: kernel_int(call.dim_k, "key width")?,
+        dim_v: kernel_int(call.dim_v, "value width")?,
+    };
+    let gate_width = match (g, rule.fixed) {
+        (Some(g), _) => g.shape()[3],
+        (None, Some(_)) => 1,
+        (None, None) => 0,
+    };
+    let fixed = rule
+        .fixed
+        .map(|decays| gpu.stream.clone_htod(decays))
+        .transpose()
+        .map_err(|e| cuda_error("copying the decays to the GPU", e))?;
+    let mut bad = gpu
+        .stream
+        .clone_htod(&[i64::MAX; 2])
+        .map_err(|e| cuda_error("copying the range check to the GPU", e))?;
+    let mut out = GpuTensor::for_output(gpu, [call.batch, 1, call.heads_v, call.dim_v])?;
+    let name = format!("gated_decode_{}", T::NAME);
+    let function = gpu.kernel_of(Source::Gated, &name, 0)?;
+    let config = LaunchConfig {
+        grid_dim: grid(
+            call.heads_v,
+            call.batch,
+            call.dim_v.div_ceil(DECODE_COLUMNS),
+        )?,
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = Buffers::on(&gpu.stream);
+    let params = DecodeParams {
+        q: launch.read(&q.data),
+        k: launch.read(&k.data),
+        v: launch.read(&v.data),
+        out: launch.write(&mut out.data),
+        g: launch.read_optional(g.map(|g| &g.data)),
+        fixed: launch.read_optional(fixed.as_ref()),
+        beta: launch.read_optional(beta.map(|b| &b.data)),
+        state: launch.write(&mut states.data),
+        bad: launch.write(&mut bad),
+        scale: rule.scale,
+        beta_max: rule.beta_max,
+        gate_width: kernel_int(gate_width, "gate width")?,
+        delta: rule.delta.into(),
+        l2norm: rule.l2norm.into(),
+    };
+    // SAFETY: the parameters match the kernel's; the caller checked every shape, and the
+    // grid writes the whole output and every state it reads.
+    unsafe { launch.launch(&function, config, &(shape, params), &name) }?;
+    Ok((out, first_out_of_range(gpu, &bad)?))
+}
+
+/// The first bad g (then β) the kernel reported in `bad`, which the host set to i64::MAX.
+fn first_out_of_range(gpu: &Gpu, bad: &CudaSlice<i64>) -> Result<Option<OutOfRange>> {
+    let found = gpu
+        .stream
+        .clone_dtoh(bad)
+        .map_err(|e| cuda_error("reading the range check", e))?;
+    let at = |i: usize| {
+        usize::try_from(found[i])
+            .ok()
+            .filter(|_| found[i] != i64::MAX)
+    };
+    Ok(match (at(0), at(1)) {
+        (Some(at), _) => Some(OutOfRange::G(at)),
+        (None, Some(at)) => Some(OutOfRange::Beta(at)),
+        (None, None) => None,
+    })
 }
 
 /// The chunk (rows), value columns per block and dynamic shared memory of a launch: the
@@ -458,8 +570,31 @@ mod tests {
     }
 
     #[test]
+    fn decode_params_lay_out_as_their_c_declaration() {
+        // linattn::gated::DecodeParams: nine pointers (72 bytes) and five 4-byte scalars,
+        // padded to the pointers' alignment.
+        let params = rust_fields!(DecodeParams {
+            q,
+            k,
+            v,
+            out,
+            g,
+            fixed,
+            beta,
+            state,
+            bad,
+            scale,
+            beta_max,
+            gate_width,
+            delta,
+            l2norm,
+        });
+        layout::assert_mirrors::<DecodeParams>(Source::Gated, "DecodeParams", 96, &params);
+    }
+
+    #[test]
     fn chunk_params_lay_out_as_their_c_declaration() {
-        // linattn::gated_mma::ChunkParams: thirteen pointers (104 bytes) and four 4-byte
+        // linattn::gated_mma::ChunkParams: fourteen pointers (112 bytes) and four 4-byte
         // scalars.
         let params = rust_fields!(ChunkParams {
             q,
@@ -473,6 +608,7 @@ mod tests {
             state_out,
             cu_seqlens,
             chunk_offsets,
+            scores,
             w,
             bad,
             scale,
@@ -480,6 +616,6 @@ mod tests {
             sequences,
             l2norm,
         });
-        layout::assert_mirrors::<ChunkParams>(Source::Gated, "ChunkParams", 120, &params);
+        layout::assert_mirrors::<ChunkParams>(Source::Gated, "ChunkParams", 128, &params);
     }
 }

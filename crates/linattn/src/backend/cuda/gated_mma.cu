@@ -9,12 +9,12 @@
 //       A_ij = β_i e^{G_i − G_j} k_i·k_j (j < i);
 //   O = scale (e^G ⊙ Q S) + P U, P_ij = scale e^{G_i − G_j} q_i·k_j (j ≤ i);
 //   S ← e^{G_last} S + (e^{G_last − G} ⊙ K)ᵀ U.
-// W depends on k, β and g only: `inverse` computes it for every (chunk, value head) at
-// once, a parallel pass, and leaves it in global memory (C × C per chunk, an eighth of
-// what q, k, v and o move at d = 128), so that the sequential walk, `scan`, is products
-// only. A scan block takes one (sequence, value head) and COLUMNS value columns: every
-// column of S, U and O is computed apart from the others, so the columns of a head split
-// over blocks at the cost of recomputing P. Each of its four warps keeps the state of its
+// P and W do not depend on the state: `prepare` computes them for every (chunk, value
+// head) at once, a parallel pass, and leaves them in global memory (C × C each per chunk,
+// an eighth of what q, k, v and o move at d = 128), so that the sequential walk, `scan`,
+// has only the products that need the state. A scan block takes one (sequence, value
+// head) and COLUMNS value columns: every column of S, U and O is computed apart from the
+// others, so the columns of a head split over blocks. Each of its four warps keeps the state of its
 // 16 columns, Sᵀ (16 × d_k), in registers as mma accumulators for the whole sequence;
 // their layout is the B operand of Q S and K S, so the state never passes through shared
 // memory. Every exponent is ≤ 0.
@@ -53,8 +53,9 @@ struct ChunkParams {
     // first chunk of `w`); both null for batch rows.
     const long long* cu_seqlens;
     const int* chunk_offsets;
-    // W of every chunk, [chunks, HV, C, C] of the element type: `inverse` writes it, `scan`
-    // reads it (the delta rule only).
+    // P and (the delta rule) W of every chunk, [chunks, HV, C, C] of the element type:
+    // `prepare` writes them, `scan` reads them.
+    void* scores;
     void* w;
     // The first bad flat index of g, then of β (as in gated.cu).
     long long* bad;
@@ -143,10 +144,9 @@ template <int D, typename T> __device__ void normalise_rows(T* tile, int warp) {
 }
 
 // Warp 0's share of a chunk's log decays: lane l holds rows 2l and 2l + 1 (0 past the
-// chunk's valid rows, so that G stays at G_last there). With `check`, an element out of
-// range (g > 0 or not finite) is reported through bad[0].
-__device__ __forceinline__ float2 chunk_gates(const Shape& s, const ChunkParams& p, long long t0, int valid, int hv,
-                                              bool check) {
+// chunk's valid rows, so that G stays at G_last there). Nothing waits for the loads
+// here: the scan reads the next chunk's while it computes this one.
+__device__ __forceinline__ float2 chunk_gates(const Shape& s, const ChunkParams& p, long long t0, int valid, int hv) {
     const int lane = threadIdx.x % 32;
     float x[2] = {0.f, 0.f};
 #pragma unroll
@@ -154,14 +154,25 @@ __device__ __forceinline__ float2 chunk_gates(const Shape& s, const ChunkParams&
         const int r = 2 * lane + e;
         if (r >= valid) continue;
         if (p.g) {
-            const long long at = (t0 + r) * s.heads_v + hv;
-            x[e] = p.g[at];
-            if (check && !(x[e] <= 0.f && x[e] >= -FLOAT_MAX)) atomicMin(p.bad, at);
+            x[e] = p.g[(t0 + r) * s.heads_v + hv];
         } else if (p.fixed) {
             x[e] = p.fixed[hv];
         }
     }
     return make_float2(x[0], x[1]);
+}
+
+// Reports through bad[0] an element of chunk_gates' pair that is out of range (g > 0 or
+// not finite).
+__device__ __forceinline__ void check_gates(const Shape& s, const ChunkParams& p, long long t0, int valid, int hv,
+                                            float2 g) {
+    const int lane = threadIdx.x % 32;
+    const float x[2] = {g.x, g.y};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int r = 2 * lane + e;
+        if (p.g && r < valid && !(x[e] <= 0.f && x[e] >= -FLOAT_MAX)) atomicMin(p.bad, (t0 + r) * s.heads_v + hv);
+    }
 }
 
 // G, the log decays summed from the chunk's start, into gs from warp 0's pairs.
@@ -209,15 +220,38 @@ __device__ __forceinline__ void lower_block(int n, int& i, int& j) {
 }
 constexpr int LOWER_BLOCKS = (C / 16) * (C / 16 + 1) / 2;
 
-// W = (I + A)^{-1} Diag(β) of one (chunk, value head), in f32 and stored rounded to T:
-// A from the tensor cores, the four 16 × 16 diagonal blocks of the inverse by forward
+// A C × C tile in f32 (rows LDA apart, f32 entries above the diagonal ignored), each
+// column scaled by `column_scale` (null: 1), rounded to T into dst, zero above the
+// diagonal: 16-byte stores, a row's 128 bytes from eight consecutive threads.
+template <typename T, int LDA>
+__device__ void store_lower(T* dst, const float* tile, const float* column_scale) {
+    for (int e = 8 * threadIdx.x; e < C * C; e += 8 * THREADS) {
+        const int r = e / C, col = e % C;
+        uint4 packed;
+        unsigned* words = reinterpret_cast<unsigned*>(&packed);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+            const int c0 = col + 2 * x, c1 = c0 + 1;
+            const float s0 = column_scale ? column_scale[c0] : 1.f, s1 = column_scale ? column_scale[c1] : 1.f;
+            words[x] = pack_value<T>(c0 <= r ? tile[r * LDA + c0] * s0 : 0.f, c1 <= r ? tile[r * LDA + c1] * s1 : 0.f);
+        }
+        *reinterpret_cast<uint4*>(dst + e) = packed;
+    }
+}
+
+// What the scan needs of one (chunk, value head) that does not depend on the state,
+// computed for every chunk at once: P (the masked, decayed, scaled scores) and, for the
+// delta rule, W = (I + A)^{-1} Diag(β), each in f32 and stored rounded to T. A and P
+// come from the tensor cores; the four 16 × 16 diagonal blocks of the inverse by forward
 // substitution (a warp each, a lane a column), then each block row below from those
 // above it: W_ij = −W_ii Σ_{m=j}^{i−1} A_im W_mj.
-template <typename T, int DK> __device__ void inverse(const Shape s, const ChunkParams p) {
+template <typename T, int DK, bool DELTA> __device__ void prepare(const Shape s, const ChunkParams p) {
     extern __shared__ __align__(16) unsigned char shared[];
     constexpr int LDK = row_stride<DK>(), LDA = C + 1;
-    T* ks = reinterpret_cast<T*>(shared);
-    float* as = reinterpret_cast<float*>(ks + C * LDK);  // A (C × C, on and below the diagonal)
+    T* qs = reinterpret_cast<T*>(shared);
+    T* ks = qs + C * LDK;
+    float* ps = reinterpret_cast<float*>(ks + C * LDK);  // P (C × C, on and below the diagonal)
+    float* as = ps + C * LDA;                            // A, likewise
     float* ws = as + C * LDA;                            // the inverse (C × C)
     float* rs = ws + C * LDA;                            // a block row's sums (16 × C)
     float* gs = rs + 16 * LDA;                           // G
@@ -228,10 +262,11 @@ template <typename T, int DK> __device__ void inverse(const Shape s, const Chunk
     const Span span = sequence_span(s, p, n);
     const int c = chunk - first_chunk(s, p, n), valid = min(C, span.len - c * C);
     const long long t0 = span.first + static_cast<long long>(c) * C;
-    load_rows<DK, LDK>(ks, static_cast<const T*>(p.k) + (t0 * s.heads + h) * DK, static_cast<long long>(s.heads) * DK,
-                       valid);
+    const long long row = t0 * s.heads + h, stride = static_cast<long long>(s.heads) * DK;
+    load_rows<DK, LDK>(qs, static_cast<const T*>(p.q) + row * DK, stride, valid);
+    load_rows<DK, LDK>(ks, static_cast<const T*>(p.k) + row * DK, stride, valid);
     commit_copies();
-    if (tid < C) {
+    if (DELTA && tid < C) {
         float b = 0.f;
         if (tid < valid) {
             const long long at = (t0 + tid) * s.heads_v + hv;
@@ -240,26 +275,38 @@ template <typename T, int DK> __device__ void inverse(const Shape s, const Chunk
         }
         bs[tid] = b;
     }
-    if (warp == 0) sum_gates(gs, chunk_gates(s, p, t0, valid, hv, false));
+    if (warp == 0) sum_gates(gs, chunk_gates(s, p, t0, valid, hv));
     wait_copies();
     __syncthreads();
     if (p.l2norm) {
+        normalise_rows<DK>(qs, warp);
         normalise_rows<DK>(ks, warp);
         __syncthreads();
     }
-    for (int b = warp; b < LOWER_BLOCKS; b += WARPS) {
+    // The blocks on and below the diagonal of P, then of A, dealt round the warps.
+    for (int b = warp; b < (DELTA ? 2 : 1) * LOWER_BLOCKS; b += WARPS) {
+        const bool scores = b < LOWER_BLOCKS;
         int i, j;
-        lower_block(b, i, j);
+        lower_block(scores ? b : b - LOWER_BLOCKS, i, j);
         float acc[2][4];
-        block_product<DK>(acc, ks, ks, i, j);
+        block_product<DK>(acc, scores ? qs : ks, ks, i, j);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = 16 * i + lane / 4 + 8 * (e / 2), col = 16 * j + 8 * t + 2 * (lane % 4) + e % 2;
-                as[r * LDA + col] = col < r ? bs[r] * __expf(gs[r] - gs[col]) * acc[t][e] : 0.f;
+                const float decay = __expf(gs[r] - gs[col]);
+                if (scores) {
+                    ps[r * LDA + col] = col <= r ? p.scale * decay * acc[t][e] : 0.f;
+                } else {
+                    as[r * LDA + col] = col < r ? bs[r] * decay * acc[t][e] : 0.f;
+                }
             }
     }
+    __syncthreads();
+    const long long tile = (static_cast<long long>(chunk) * s.heads_v + hv) * C * C;
+    store_lower<T, LDA>(static_cast<T*>(p.scores) + tile, ps, nullptr);
+    if constexpr (!DELTA) return;
     __syncthreads();
     {
         // Diagonal block `warp`: lane l (and l + 16, which computes the same) solves for
@@ -279,43 +326,46 @@ template <typename T, int DK> __device__ void inverse(const Shape s, const Chunk
         }
     }
     __syncthreads();
+    // Block row i below the diagonal, columns [0, 16i): a thread takes one column and
+    // eight rows, so each value it loads of that column feeds eight sums.
     for (int i = 1; i < C / 16; ++i) {
-        for (int e = tid; e < i * 256; e += THREADS) {
-            const int j = e / 256, r = (e % 256) / 16, col = 16 * j + e % 16;
-            float sum = 0.f;
-            for (int m = 16 * j; m < 16 * i; ++m) sum = fmaf(as[(16 * i + r) * LDA + m], ws[m * LDA + col], sum);
-            rs[r * LDA + col] = sum;
-        }
-        __syncthreads();
-        for (int e = tid; e < i * 256; e += THREADS) {
-            const int r = (e % 256) / 16, col = 16 * (e / 256) + e % 16;
-            float sum = 0.f;
-            for (int t = 0; t <= r; ++t) sum = fmaf(ws[(16 * i + r) * LDA + 16 * i + t], rs[t * LDA + col], sum);
-            ws[(16 * i + r) * LDA + col] = -sum;
-        }
-        __syncthreads();
-    }
-    T* w = static_cast<T*>(p.w) + (static_cast<long long>(chunk) * s.heads_v + hv) * C * C;
-    for (int e = 8 * tid; e < C * C; e += 8 * THREADS) {
-        const int r = e / C, col = e % C;
-        uint4 packed;
-        unsigned* words = reinterpret_cast<unsigned*>(&packed);
+        const int width = 16 * i, col = tid % width, r0 = 8 * (tid / width);
+        const bool active = tid < 2 * width;
+        if (active) {
+            // R = Σ_m A_im W_mj; W's column is zero above its diagonal.
+            float sum[8] = {};
+            for (int m = col; m < width; ++m) {
+                const float x = ws[m * LDA + col];
 #pragma unroll
-        for (int x = 0; x < 4; ++x) {
-            const int c0 = col + 2 * x, c1 = c0 + 1;
-            words[x] = pack_value<T>(c0 <= r ? ws[r * LDA + c0] * bs[c0] : 0.f, c1 <= r ? ws[r * LDA + c1] * bs[c1] : 0.f);
+                for (int r = 0; r < 8; ++r) sum[r] = fmaf(as[(width + r0 + r) * LDA + m], x, sum[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < 8; ++r) rs[(r0 + r) * LDA + col] = sum[r];
         }
-        *reinterpret_cast<uint4*>(w + e) = packed;
+        __syncthreads();
+        if (active) {
+            // −W_ii R; W_ii is zero above its diagonal.
+            float sum[8] = {};
+            for (int t = 0; t < r0 + 8; ++t) {
+                const float x = rs[t * LDA + col];
+#pragma unroll
+                for (int r = 0; r < 8; ++r) sum[r] = fmaf(ws[(width + r0 + r) * LDA + width + t], x, sum[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < 8; ++r) ws[(width + r0 + r) * LDA + col] = -sum[r];
+        }
+        __syncthreads();
     }
+    store_lower<T, LDA>(static_cast<T*>(p.w) + tile, ws, bs);
 }
 
 // The shared memory of a scan block, in elements of T: two stages of q, k (C × d_k), v
-// (C × COLUMNS) and, for the delta rule, W (C × C); then P, U and the decayed U (what
+// (C × COLUMNS), P and, for the delta rule, W (C × C); then U and the decayed U (what
 // the state absorbs), and G in f32. gated.rs computes the same size.
 template <int DK, bool DELTA> struct ScanTiles {
     static constexpr int LDK = row_stride<DK>();
-    static constexpr int Q = 0, K = Q + 2 * C * LDK, V = K + 2 * C * LDK, W = V + 2 * C * LDV,
-                         P = W + (DELTA ? 2 * C * LDC : 0), U = P + C * LDC, DECAYED = U + C * LDV,
+    static constexpr int Q = 0, K = Q + 2 * C * LDK, V = K + 2 * C * LDK, P = V + 2 * C * LDV,
+                         W = P + 2 * C * LDC, U = W + (DELTA ? 2 * C * LDC : 0), DECAYED = U + C * LDV,
                          END = DECAYED + C * LDV;
 };
 
@@ -356,15 +406,14 @@ template <typename T, int DK, bool DELTA> __device__ void scan(const Shape s, co
                            static_cast<long long>(s.heads) * DK, valid);
         load_rows<COLUMNS, LDV>(tiles + L::V + stage * C * LDV, v + (t0 * s.heads_v + hv) * dv + col0,
                                 static_cast<long long>(s.heads_v) * dv, valid);
-        if constexpr (DELTA) {
-            const T* w = static_cast<const T*>(p.w) + (static_cast<long long>(chunk0 + c) * s.heads_v + hv) * C * C;
-            load_rows<C, LDC>(tiles + L::W + stage * C * LDC, w, C, C);
-        }
+        const long long tile = (static_cast<long long>(chunk0 + c) * s.heads_v + hv) * C * C;
+        load_rows<C, LDC>(tiles + L::P + stage * C * LDC, static_cast<const T*>(p.scores) + tile, C, C);
+        if constexpr (DELTA) load_rows<C, LDC>(tiles + L::W + stage * C * LDC, static_cast<const T*>(p.w) + tile, C, C);
         commit_copies();
     };
     auto gates_of = [&](int c) {
         const long long t0 = span.first + static_cast<long long>(c) * C;
-        return chunk_gates(s, p, t0, min(C, span.len - c * C), hv, blockIdx.z == 0);
+        return chunk_gates(s, p, t0, min(C, span.len - c * C), hv);
     };
     float2 next_gates = make_float2(0.f, 0.f);
     if (chunks > 0) {
@@ -379,7 +428,12 @@ template <typename T, int DK, bool DELTA> __device__ void scan(const Shape s, co
             issue(c + 1);
             if (warp == 0) next_gates = gates_of(c + 1);
         }
-        if (warp == 0) sum_gates(gs, gates);
+        if (warp == 0) {
+            sum_gates(gs, gates);
+            if (blockIdx.z == 0) {
+                check_gates(s, p, span.first + static_cast<long long>(c) * C, min(C, span.len - c * C), hv, gates);
+            }
+        }
         if (c + 1 < chunks) wait_copies_but_newest(); else wait_copies();
         __syncthreads();
         const int stage = c & 1, valid = min(C, span.len - c * C);
@@ -387,30 +441,13 @@ template <typename T, int DK, bool DELTA> __device__ void scan(const Shape s, co
         T* qs = tiles + L::Q + stage * C * LDK;
         T* ks = tiles + L::K + stage * C * LDK;
         const T* vs = tiles + L::V + stage * C * LDV;
-        T* ps = tiles + L::P;
+        const T* ps = tiles + L::P + stage * C * LDC;
         T* us = tiles + L::U;
         T* decayed = tiles + L::DECAYED;
         if (p.l2norm) {
             normalise_rows<DK>(qs, warp);
             normalise_rows<DK>(ks, warp);
             __syncthreads();
-        }
-        // P, rounded to T, for the blocks on and below the diagonal (those above are
-        // never read).
-        for (int b = warp; b < LOWER_BLOCKS; b += WARPS) {
-            int i, j;
-            lower_block(b, i, j);
-            float acc[2][4];
-            block_product<DK>(acc, qs, ks, i, j);
-#pragma unroll
-            for (int t = 0; t < 2; ++t)
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int r = 16 * i + lane / 4 + 8 * half, col = 16 * j + 8 * t + 2 * (lane % 4);
-                    const float x0 = col <= r ? p.scale * __expf(gs[r] - gs[col]) * acc[t][2 * half] : 0.f;
-                    const float x1 = col + 1 <= r ? p.scale * __expf(gs[r] - gs[col + 1]) * acc[t][2 * half + 1] : 0.f;
-                    *reinterpret_cast<unsigned*>(ps + r * LDC + col) = pack_value<T>(x0, x1);
-                }
         }
         // Q S (and K S) for the warp's columns: m-tile i, n-tile t; the B operand is the
         // state rounded to T.
@@ -515,8 +552,6 @@ template <typename T, int DK, bool DELTA> __device__ void scan(const Shape s, co
                     }
             u_tile = vs;
         }
-        // P is whole.
-        __syncthreads();
         // O = scale e^G ⊙ Q S + P U.
         {
             const unsigned p_rows = element_address<LDC>(ps, lane % 16, (lane / 16) * 8);
@@ -588,8 +623,12 @@ template <typename T, int DK, bool DELTA> __device__ void scan(const Shape s, co
 
 #define LINATTN_GATED_MMA(NAME, T, DK)                                                                          \
     extern "C" __global__ void __launch_bounds__(linattn::gated_mma::THREADS)                                  \
-        gated_inverse_##NAME##_##DK(linattn::gated::Shape s, linattn::gated_mma::ChunkParams p) {              \
-        linattn::gated_mma::inverse<T, DK>(s, p);                                                             \
+        gated_prepare_##NAME##_##DK##_delta(linattn::gated::Shape s, linattn::gated_mma::ChunkParams p) {      \
+        linattn::gated_mma::prepare<T, DK, true>(s, p);                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(linattn::gated_mma::THREADS)                                  \
+        gated_prepare_##NAME##_##DK##_plain(linattn::gated::Shape s, linattn::gated_mma::ChunkParams p) {      \
+        linattn::gated_mma::prepare<T, DK, false>(s, p);                                                      \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(linattn::gated_mma::THREADS)                                  \
         gated_scan_##NAME##_##DK##_delta(linattn::gated::Shape s, linattn::gated_mma::ChunkParams p) {         \

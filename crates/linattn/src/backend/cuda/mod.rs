@@ -22,7 +22,8 @@
 // family: `linear` (linear.cu: helpers and CUDA-core kernels; linear_mma.cu: the
 // tensor-core kernels; linear_entry.cu: their entry points), `linear_backward`
 // (linear_backward.cu), `performer` (performer.cu), `softmax` (softmax.cu), `gated`
-// (gated.cu: the gated and delta-rule family); common.cuh holds what every source
+// (the gated and delta-rule family: gated.cu on the CUDA cores and its decode step,
+// gated_mma.cu on the tensor cores); common.cuh holds what every source
 // shares. They take shapes, scales, masks and constants, never a method: api/cuda.rs and
 // api/cuda_gated.rs read the method when `Attention` is called with GPU tensors.
 
@@ -44,7 +45,7 @@ pub use device::Gpu;
 pub use device::compile_all_kernels;
 pub use tensor::{GpuElement, GpuForward, GpuGradients, GpuLinearState, GpuTensor};
 
-pub(crate) use gated::{GatedInputs, GatedRule, OutOfRange, gated_forward};
+pub(crate) use gated::{GatedInputs, GatedRule, OutOfRange, gated_decode, gated_forward};
 pub(crate) use kv_cache::GpuKvCache;
 pub(crate) use linear::{linear_causal, linear_decode, linear_full, linear_prefill};
 pub(crate) use linear_backward::{linear_backward, linear_forward_training};

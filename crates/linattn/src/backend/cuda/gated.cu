@@ -258,6 +258,7 @@ __device__ void chunked(const Shape shape, const GatedParams p) {
 // state moves once each way. Every row's sum crosses the warps through shared memory.
 constexpr int DECODE_COLUMNS = 32, DECODE_THREADS = 256, DECODE_WARPS = DECODE_THREADS / 32;
 constexpr int DECODE_MAX_DIM = 256, DECODE_ROWS = DECODE_MAX_DIM / DECODE_WARPS;
+constexpr int DECODE_SHARED = 3 * DECODE_MAX_DIM + DECODE_THREADS;
 
 // What the step kernel takes beside its Shape (len 1); DecodeParams in gated.rs mirrors
 // it. Shapes and the meaning of each field as in GatedParams.
@@ -292,8 +293,13 @@ __device__ __forceinline__ float sum_over_warps(float x, float* sums) {
 }
 
 template <typename T> __device__ void decode_step(const Shape shape, const DecodeParams p) {
-    __shared__ float qs[DECODE_MAX_DIM], ks[DECODE_MAX_DIM], decays[DECODE_MAX_DIM];
-    __shared__ float sums[DECODE_THREADS];
+    // Dynamic, as every kernel's shared memory is (the launch raises its limit to the
+    // GPU's): DECODE_SHARED floats.
+    extern __shared__ float decode_shared[];
+    float* qs = decode_shared;
+    float* ks = qs + DECODE_MAX_DIM;
+    float* decays = ks + DECODE_MAX_DIM;
+    float* sums = decays + DECODE_MAX_DIM;
     const int hv = blockIdx.x, b = blockIdx.y, col = blockIdx.z * DECODE_COLUMNS + threadIdx.x % 32;
     const int warp = threadIdx.x / 32, tid = threadIdx.x;
     const int dk = shape.dim_k, dv = shape.dim_v, gw = p.gate_width, h = qk_head(shape, hv);

@@ -237,12 +237,13 @@ fn tensor_core_tiles<T: GpuElement>(
     (bytes <= gpu.shared_limit()).then_some(bytes as u32)
 }
 
-/// The dynamic shared memory of gated_mma.cu's `prepare`: a chunk of q and of k in
-/// 16-bit rows padded by PAD, P, A, W and a block row's sums in f32 rows of C + 1, then
-/// G and β.
+/// The dynamic shared memory of gated_mma.cu's `prepare` (its `PrepareTiles`): a chunk
+/// of q and of k in 16-bit rows padded by PAD, or W and a block row's sums in f32 rows of
+/// C + 1 once those are spent, whichever is larger; then A, G and β.
 fn prepare_shared_bytes(dim_k: usize) -> u32 {
     let lda = CHUNK + 1;
-    (4 * CHUNK * (dim_k + PAD) + 4 * ((3 * CHUNK + 16) * lda + 2 * CHUNK)) as u32
+    let rows_or_inverse = (4 * CHUNK * (dim_k + PAD)).max(4 * (CHUNK + 16) * lda);
+    (rows_or_inverse + 4 * (CHUNK * lda + 2 * CHUNK)) as u32
 }
 
 /// `linattn::gated_mma::ChunkParams` in gated_mma.cu, which says what each field is for.
@@ -461,7 +462,10 @@ pub(crate) fn gated_decode<T: GpuElement>(
         .map_err(|e| cuda_error("copying the range check to the GPU", e))?;
     let mut out = GpuTensor::for_output(gpu, [call.batch, 1, call.heads_v, call.dim_v])?;
     let name = format!("gated_decode_{}", T::NAME);
-    let function = gpu.kernel_of(Source::Gated, &name, 0)?;
+    // q, k and the decays of one token, and the warps' partial sums (gated.cu's
+    // `DECODE_SHARED` floats).
+    let shared = (4 * (3 * DECODE_MAX_DIM + DECODE_THREADS as usize)) as u32;
+    let function = gpu.kernel_of(Source::Gated, &name, shared)?;
     let config = LaunchConfig {
         grid_dim: grid(
             call.heads_v,
@@ -469,7 +473,7 @@ pub(crate) fn gated_decode<T: GpuElement>(
             call.dim_v.div_ceil(DECODE_COLUMNS),
         )?,
         block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared,
     };
     let mut launch = Buffers::on(&gpu.stream);
     let params = DecodeParams {

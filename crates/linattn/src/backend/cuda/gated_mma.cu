@@ -220,11 +220,10 @@ __device__ __forceinline__ void lower_block(int n, int& i, int& j) {
 }
 constexpr int LOWER_BLOCKS = (C / 16) * (C / 16 + 1) / 2;
 
-// A C × C tile in f32 (rows LDA apart, f32 entries above the diagonal ignored), each
-// column scaled by `column_scale` (null: 1), rounded to T into dst, zero above the
-// diagonal: 16-byte stores, a row's 128 bytes from eight consecutive threads.
-template <typename T, int LDA>
-__device__ void store_lower(T* dst, const float* tile, const float* column_scale) {
+// A C × C tile in f32 (rows LDA apart, entries above the diagonal ignored), each column
+// scaled by `column_scale`, rounded to T into dst, zero above the diagonal: 16-byte
+// stores, a row's 128 bytes from eight consecutive threads.
+template <typename T, int LDA> __device__ void store_lower(T* dst, const float* tile, const float* column_scale) {
     for (int e = 8 * threadIdx.x; e < C * C; e += 8 * THREADS) {
         const int r = e / C, col = e % C;
         uint4 packed;
@@ -232,30 +231,71 @@ __device__ void store_lower(T* dst, const float* tile, const float* column_scale
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
             const int c0 = col + 2 * x, c1 = c0 + 1;
-            const float s0 = column_scale ? column_scale[c0] : 1.f, s1 = column_scale ? column_scale[c1] : 1.f;
-            words[x] = pack_value<T>(c0 <= r ? tile[r * LDA + c0] * s0 : 0.f, c1 <= r ? tile[r * LDA + c1] * s1 : 0.f);
+            words[x] = pack_value<T>(c0 <= r ? tile[r * LDA + c0] * column_scale[c0] : 0.f,
+                                     c1 <= r ? tile[r * LDA + c1] * column_scale[c1] : 0.f);
         }
         *reinterpret_cast<uint4*>(dst + e) = packed;
     }
 }
 
+// c[n] += X Y over one 16 × 16 × 16 block in TF32 (10-bit mantissas, f32 sums), X and Y
+// f32 in shared memory, rows LD apart: X's block at (x_row, x_col), Y's at (y_row,
+// y_col); c[n] holds columns 8n.. of the result in the mma accumulator layout. The
+// blocks of W below its diagonal: their error stays under the bf16 rounding W is stored
+// with, and the tensor cores take them out of the inverse's critical path.
+template <int LD>
+__device__ __forceinline__ void block_product_tf32(float (&c)[2][4], const float* x, int x_row, int x_col,
+                                                   const float* y, int y_row, int y_col) {
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    auto tf32 = [](float v) {
+        unsigned r;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+        return r;
+    };
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+        const float* xr = x + (x_row + g) * LD + x_col + 8 * kk + t;
+        const unsigned a0 = tf32(xr[0]), a1 = tf32(xr[8 * LD]), a2 = tf32(xr[4]), a3 = tf32(xr[8 * LD + 4]);
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const float* yr = y + (y_row + 8 * kk + t) * LD + y_col + 8 * n + g;
+            const unsigned b0 = tf32(yr[0]), b1 = tf32(yr[4 * LD]);
+            asm volatile(
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                "{%0, %1, %2, %3};\n"
+                : "+f"(c[n][0]), "+f"(c[n][1]), "+f"(c[n][2]), "+f"(c[n][3])
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        }
+    }
+}
+
+// The shared memory of a prepare block: q and k rows (16-bit, padded), whose space W and
+// a block row's sums (f32 rows of C + 1) take over once the scores are made; then A, G
+// and β. gated.rs computes the same size.
+template <int DK> struct PrepareTiles {
+    static constexpr int LDK = row_stride<DK>(), LDA = C + 1;
+    static constexpr int ROWS_BYTES = 2 * C * LDK * 2, INVERSE_BYTES = (C + 16) * LDA * 4;
+    static constexpr int A = ROWS_BYTES > INVERSE_BYTES ? ROWS_BYTES : INVERSE_BYTES;  // byte offset of A
+};
+
 // What the scan needs of one (chunk, value head) that does not depend on the state,
-// computed for every chunk at once: P (the masked, decayed, scaled scores) and, for the
-// delta rule, W = (I + A)^{-1} Diag(β), each in f32 and stored rounded to T. A and P
-// come from the tensor cores; the four 16 × 16 diagonal blocks of the inverse by forward
-// substitution (a warp each, a lane a column), then each block row below from those
-// above it: W_ij = −W_ii Σ_{m=j}^{i−1} A_im W_mj.
+// computed for every chunk at once: P (the masked, decayed, scaled scores, rounded to T)
+// and, for the delta rule, W = (I + A)^{-1} Diag(β), in f32 and stored rounded to T.
+// P and A come from the tensor cores. W: the four 16 × 16 diagonal blocks of the
+// inverse by forward substitution (a warp each, a lane a column), then each block row
+// below from those above it, W_ij = −W_ii Σ_{m=j}^{i−1} A_im W_mj, a warp a block. Only
+// the blocks on and below the diagonal of P are written: the scan reads no others.
 template <typename T, int DK, bool DELTA> __device__ void prepare(const Shape s, const ChunkParams p) {
     extern __shared__ __align__(16) unsigned char shared[];
-    constexpr int LDK = row_stride<DK>(), LDA = C + 1;
+    using L = PrepareTiles<DK>;
+    constexpr int LDK = L::LDK, LDA = L::LDA;
     T* qs = reinterpret_cast<T*>(shared);
     T* ks = qs + C * LDK;
-    float* ps = reinterpret_cast<float*>(ks + C * LDK);  // P (C × C, on and below the diagonal)
-    float* as = ps + C * LDA;                            // A, likewise
-    float* ws = as + C * LDA;                            // the inverse (C × C)
-    float* rs = ws + C * LDA;                            // a block row's sums (16 × C)
-    float* gs = rs + 16 * LDA;                           // G
-    float* bs = gs + C;                                  // β
+    float* ws = reinterpret_cast<float*>(shared);  // W (C × C), once q and k are spent
+    float* rs = ws + C * LDA;                      // a block row's sums (16 × C)
+    float* as = reinterpret_cast<float*>(shared + L::A);
+    float* gs = as + C * LDA;
+    float* bs = gs + C;
     const int chunk = blockIdx.x, hv = blockIdx.y, h = hv / (s.heads_v / s.heads);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n = sequence_of(s, p, chunk);
@@ -283,29 +323,35 @@ template <typename T, int DK, bool DELTA> __device__ void prepare(const Shape s,
         normalise_rows<DK>(ks, warp);
         __syncthreads();
     }
-    // The blocks on and below the diagonal of P, then of A, dealt round the warps.
+    const long long tile = (static_cast<long long>(chunk) * s.heads_v + hv) * C * C;
+    T* scores = static_cast<T*>(p.scores) + tile;
+    // The blocks on and below the diagonal of P (to global memory), then of A.
     for (int b = warp; b < (DELTA ? 2 : 1) * LOWER_BLOCKS; b += WARPS) {
-        const bool scores = b < LOWER_BLOCKS;
+        const bool of_p = b < LOWER_BLOCKS;
         int i, j;
-        lower_block(scores ? b : b - LOWER_BLOCKS, i, j);
+        lower_block(of_p ? b : b - LOWER_BLOCKS, i, j);
         float acc[2][4];
-        block_product<DK>(acc, scores ? qs : ks, ks, i, j);
+        block_product<DK>(acc, of_p ? qs : ks, ks, i, j);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = 16 * i + lane / 4 + 8 * (e / 2), col = 16 * j + 8 * t + 2 * (lane % 4) + e % 2;
-                const float decay = __expf(gs[r] - gs[col]);
-                if (scores) {
-                    ps[r * LDA + col] = col <= r ? p.scale * decay * acc[t][e] : 0.f;
+            for (int half = 0; half < 2; ++half) {
+                const int r = 16 * i + lane / 4 + 8 * half, col = 16 * j + 8 * t + 2 * (lane % 4);
+                float x[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float decay = __expf(gs[r] - gs[col + e]), product = acc[t][2 * half + e];
+                    x[e] = of_p ? (col + e <= r ? p.scale * decay * product : 0.f)
+                                : (col + e < r ? bs[r] * decay * product : 0.f);
+                }
+                if (of_p) {
+                    *reinterpret_cast<unsigned*>(scores + r * C + col) = pack_value<T>(x[0], x[1]);
                 } else {
-                    as[r * LDA + col] = col < r ? bs[r] * decay * acc[t][e] : 0.f;
+                    as[r * LDA + col] = x[0];
+                    as[r * LDA + col + 1] = x[1];
                 }
             }
     }
-    __syncthreads();
-    const long long tile = (static_cast<long long>(chunk) * s.heads_v + hv) * C * C;
-    store_lower<T, LDA>(static_cast<T*>(p.scores) + tile, ps, nullptr);
     if constexpr (!DELTA) return;
     __syncthreads();
     {
@@ -326,33 +372,25 @@ template <typename T, int DK, bool DELTA> __device__ void prepare(const Shape s,
         }
     }
     __syncthreads();
-    // Block row i below the diagonal, columns [0, 16i): a thread takes one column and
-    // eight rows, so each value it loads of that column feeds eight sums.
+    const int g = lane / 4, t = lane % 4;
     for (int i = 1; i < C / 16; ++i) {
-        const int width = 16 * i, col = tid % width, r0 = 8 * (tid / width);
-        const bool active = tid < 2 * width;
-        if (active) {
-            // R = Σ_m A_im W_mj; W's column is zero above its diagonal.
-            float sum[8] = {};
-            for (int m = col; m < width; ++m) {
-                const float x = ws[m * LDA + col];
+        if (warp < i) {
+            // R = Σ_{m=j}^{i−1} A_im W_mj for j = warp, into rs's columns 16j.., then
+            // W_ij = −W_ii R.
+            float sums[2][4] = {};
+            for (int m = warp; m < i; ++m) block_product_tf32<LDA>(sums, as, 16 * i, 16 * m, ws, 16 * m, 16 * warp);
 #pragma unroll
-                for (int r = 0; r < 8; ++r) sum[r] = fmaf(as[(width + r0 + r) * LDA + m], x, sum[r]);
-            }
+            for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-            for (int r = 0; r < 8; ++r) rs[(r0 + r) * LDA + col] = sum[r];
-        }
-        __syncthreads();
-        if (active) {
-            // −W_ii R; W_ii is zero above its diagonal.
-            float sum[8] = {};
-            for (int t = 0; t < r0 + 8; ++t) {
-                const float x = rs[t * LDA + col];
+                for (int e = 0; e < 4; ++e) rs[(g + 8 * (e / 2)) * LDA + 16 * warp + 8 * nt + 2 * t + e % 2] = sums[nt][e];
+            __syncwarp();
+            float block[2][4] = {};
+            block_product_tf32<LDA>(block, ws, 16 * i, 16 * i, rs, 0, 16 * warp);
 #pragma unroll
-                for (int r = 0; r < 8; ++r) sum[r] = fmaf(ws[(width + r0 + r) * LDA + width + t], x, sum[r]);
-            }
+            for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-            for (int r = 0; r < 8; ++r) ws[(width + r0 + r) * LDA + col] = -sum[r];
+                for (int e = 0; e < 4; ++e)
+                    ws[(16 * i + g + 8 * (e / 2)) * LDA + 16 * warp + 8 * nt + 2 * t + e % 2] = -block[nt][e];
         }
         __syncthreads();
     }

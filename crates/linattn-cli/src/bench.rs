@@ -395,7 +395,10 @@ fn gpu_sweep(args: &BenchArgs) -> Result<(Vec<Record>, String), CliError> {
             let measured = attention
                 .supports(shape, shape, shape, linattn::Device::Cuda)
                 .map_err(CliError::from)
-                .and_then(|()| gpu.measure(case(method), &attention, [&q, &k, &v], args.gpu_dtype));
+                .and_then(|()| {
+                    let call = (args.gpu_dtype, args.gate);
+                    gpu.measure(case(method), &attention, [&q, &k, &v], call)
+                });
             match measured {
                 Ok((mut record, output)) => {
                     eprintln!("{:.3} ms", record.median_ms.unwrap_or(f64::NAN));

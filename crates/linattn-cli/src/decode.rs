@@ -244,7 +244,7 @@ fn compare_on_gpu(
             &attention,
             [&prompt[0], &prompt[1], &prompt[2]],
             tokens,
-            args.gpu_dtype,
+            (args.gpu_dtype, args.gate),
         )?;
         traces.push(MethodTrace::measured(
             name,

@@ -7,7 +7,7 @@
 use crate::error::CliError;
 use crate::method_options::MethodName;
 use clap::ValueEnum;
-use linattn::{Element, GateInputs, Method, MethodInfo, Tensor, TokenInput};
+use linattn::{Element, GateInputs, HeadLayout, Method, MethodInfo, Tensor, TokenInput};
 use serde::{Deserialize, Serialize};
 
 /// How many log decays g holds per token and value head.
@@ -40,6 +40,12 @@ impl Gate {
             Gate::Channel => "channel",
         }
     }
+}
+
+/// Whether `method` is of the gated family (its value heads grouped under query and key
+/// heads, as flash-linear-attention has them): called with per-token inputs and states.
+pub fn of_the_family(method: &Method) -> bool {
+    method.info().layout == HeadLayout::GroupedValues
 }
 
 /// `method` labelled with its gate where it reads one: `gla (channel gate)`.

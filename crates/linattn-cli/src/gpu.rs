@@ -10,8 +10,8 @@ use clap::ValueEnum;
 pub enum Device {
     /// The CPU, every method.
     Cpu,
-    /// The first NVIDIA GPU, through CUDA (linear, performer, softmax and window so far;
-    /// `Attention::supports` says which shapes and forms).
+    /// The first NVIDIA GPU, through CUDA (linear, performer, softmax, window and the
+    /// gated family so far; `Attention::supports` says which shapes and forms).
     Cuda,
 }
 
@@ -42,9 +42,10 @@ impl GpuDtype {
 mod enabled {
     use super::GpuDtype;
     use crate::error::CliError;
+    use crate::gates::{self, Gate, RandomGates};
     use crate::report::{Case, Record};
     use half::{bf16, f16};
-    use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuTensor};
+    use linattn::cuda::{Gpu, GpuDecoder, GpuElement, GpuGateInputs, GpuTensor};
     use linattn::{Attention, Tensor};
     use std::time::Duration;
 
@@ -80,18 +81,78 @@ mod enabled {
     /// Prefills `prompt` on the GPU, then feeds `tokens` one step at a time through the
     /// recurrent state, timing each step on the device (the token's upload is not timed).
     /// Returns the prefill's time, the steps and the bytes each token adds to the state.
+    /// The gated family reads the random g and β `bench` draws ([`RandomGates`], g for
+    /// `gate`), the same for every step.
     pub fn decode_steps(
         attention: &Attention,
         prompt: [&Tensor<f32>; 3],
         tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
-        dtype: GpuDtype,
+        (dtype, gate): (GpuDtype, Option<Gate>),
     ) -> Result<(Duration, Vec<crate::decode_report::Step>, usize), CliError> {
         let gpu = Gpu::open(0)?;
-        match dtype {
-            GpuDtype::F32 => decode_as::<f32>(&gpu, attention, prompt, tokens),
-            GpuDtype::Bf16 => decode_as::<bf16>(&gpu, attention, prompt, tokens),
-            GpuDtype::F16 => decode_as::<f16>(&gpu, attention, prompt, tokens),
+        match (dtype, gates::of_the_family(attention.method())) {
+            (GpuDtype::F32, false) => decode_as::<f32>(&gpu, attention, prompt, tokens),
+            (GpuDtype::Bf16, false) => decode_as::<bf16>(&gpu, attention, prompt, tokens),
+            (GpuDtype::F16, false) => decode_as::<f16>(&gpu, attention, prompt, tokens),
+            (GpuDtype::F32, true) => decode_gated_as::<f32>(&gpu, attention, prompt, tokens, gate),
+            (GpuDtype::Bf16, true) => {
+                decode_gated_as::<bf16>(&gpu, attention, prompt, tokens, gate)
+            }
+            (GpuDtype::F16, true) => decode_gated_as::<f16>(&gpu, attention, prompt, tokens, gate),
         }
+    }
+
+    /// [`decode_as`] for the gated family, through `GpuGatedDecoder`.
+    fn decode_gated_as<T: GpuElement>(
+        gpu: &Gpu,
+        attention: &Attention,
+        [q, k, v]: [&Tensor<f32>; 3],
+        tokens: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
+        gate: Option<Gate>,
+    ) -> Result<(Duration, Vec<crate::decode_report::Step>, usize), CliError> {
+        let method = attention.method();
+        let [batch, prompt_len, _, dim_k] = q.shape();
+        let [_, _, heads_v, dim_v] = v.shape();
+        let on_gpu = |x: Option<&Tensor<f32>>| x.map(|x| GpuTensor::upload(gpu, x)).transpose();
+        let gates = RandomGates::<f32>::for_call(method, gate, v.shape(), dim_k)?;
+        let (g, beta) = (on_gpu(gates.inputs().g)?, on_gpu(gates.inputs().beta)?);
+        let inputs = GpuGateInputs {
+            g: g.as_ref(),
+            beta: beta.as_ref(),
+            ..GpuGateInputs::default()
+        };
+        let upload = |x: &Tensor<f32>| GpuTensor::<T>::upload(gpu, x);
+        let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
+        let milliseconds = |ms: f64| Duration::from_secs_f64(ms * 1e-3);
+        let mut decoder = None;
+        let prefill = gpu.elapsed_ms(|| {
+            decoder = Some(attention.prefill_gated_gpu(&q, &k, &v, &inputs)?.1);
+            Ok(())
+        })?;
+        let mut decoder = decoder.expect("the prefill ran");
+        let token_gates =
+            RandomGates::<f32>::for_call(method, gate, [batch, 1, heads_v, dim_v], dim_k)?;
+        let (g, beta) = (
+            on_gpu(token_gates.inputs().g)?,
+            on_gpu(token_gates.inputs().beta)?,
+        );
+        let state_bytes = batch * heads_v * dim_k * dim_v * size_of::<f32>();
+        let mut steps = Vec::new();
+        for (index, token) in tokens.enumerate() {
+            let [q, k, v] = token?;
+            let (q, k, v) = (upload(&q)?, upload(&k)?, upload(&v)?);
+            let latency = gpu.elapsed_ms(|| {
+                decoder
+                    .step(&q, &k, &v, g.as_ref(), beta.as_ref())
+                    .map(drop)
+            })?;
+            steps.push(crate::decode_report::Step {
+                context: prompt_len + index + 1,
+                latency: milliseconds(latency),
+                state_bytes,
+            });
+        }
+        Ok((milliseconds(prefill), steps, 0))
     }
 
     fn decode_as<T: GpuElement>(
@@ -152,17 +213,21 @@ mod enabled {
         /// three warm-up calls), as a record whose floor is the inputs and output moved
         /// once at the copy bandwidth. The first warm-up's output is returned for the
         /// error against exact softmax.
+        /// The gated family's methods get the random g and β `bench` draws on the CPU
+        /// ([`RandomGates`], g for `gate`), uploaded in f32 as flash-linear-attention keeps
+        /// them; the others are called on q, k and v alone.
         pub fn measure(
             &self,
             case: Case,
             attention: &Attention,
             [q, k, v]: [&Tensor<f32>; 3],
-            dtype: GpuDtype,
+            (dtype, gate): (GpuDtype, Option<Gate>),
         ) -> Result<(Record, Tensor<f32>), CliError> {
+            let inputs = [q, k, v];
             match dtype {
-                GpuDtype::F32 => self.measure_as::<f32>(case, attention, [q, k, v]),
-                GpuDtype::Bf16 => self.measure_as::<bf16>(case, attention, [q, k, v]),
-                GpuDtype::F16 => self.measure_as::<f16>(case, attention, [q, k, v]),
+                GpuDtype::F32 => self.measure_as::<f32>(case, attention, inputs, gate),
+                GpuDtype::Bf16 => self.measure_as::<bf16>(case, attention, inputs, gate),
+                GpuDtype::F16 => self.measure_as::<f16>(case, attention, inputs, gate),
             }
         }
 
@@ -171,16 +236,31 @@ mod enabled {
             case: Case,
             attention: &Attention,
             [q, k, v]: [&Tensor<f32>; 3],
+            gate: Option<Gate>,
         ) -> Result<(Record, Tensor<f32>), CliError> {
             let gpu = &self.gpu;
+            let gates =
+                RandomGates::<f32>::for_call(attention.method(), gate, v.shape(), q.head_dim())?;
+            let on_gpu = |x: Option<&Tensor<f32>>| x.map(|x| GpuTensor::upload(gpu, x)).transpose();
+            let (g, beta) = (on_gpu(gates.inputs().g)?, on_gpu(gates.inputs().beta)?);
+            let gate_inputs = GpuGateInputs {
+                g: g.as_ref(),
+                beta: beta.as_ref(),
+                ..GpuGateInputs::default()
+            };
             let upload = |x| GpuTensor::<T>::upload(gpu, x);
             let (q, k, v) = (upload(q)?, upload(k)?, upload(v)?);
-            let output = attention.forward(&q, &k, &v)?.download()?;
+            let run = || match gates::of_the_family(attention.method()) {
+                true => attention
+                    .forward_gated_gpu(&q, &k, &v, &gate_inputs)
+                    .map(|r| r.out),
+                false => attention.forward(&q, &k, &v),
+            };
+            let output = run()?.download()?;
             for _ in 0..2 {
-                attention.forward(&q, &k, &v)?;
+                run()?;
             }
-            let mut times =
-                gpu.elapsed_runs_ms(RUNS, || attention.forward(&q, &k, &v).map(drop))?;
+            let mut times = gpu.elapsed_runs_ms(RUNS, || run().map(drop))?;
             times.sort_by(f64::total_cmp);
             let median = Duration::from_secs_f64(times[RUNS / 2] * 1e-3);
             let elements: usize = [q.shape(), k.shape(), v.shape(), q.shape()]
@@ -231,7 +311,7 @@ mod disabled {
         _: &Attention,
         _: [&Tensor<f32>; 3],
         _: impl Iterator<Item = linattn::Result<[Tensor<f32>; 3]>>,
-        _: GpuDtype,
+        _: (GpuDtype, Option<crate::gates::Gate>),
     ) -> Result<(std::time::Duration, Vec<crate::decode_report::Step>, usize), CliError> {
         Err(unavailable())
     }
@@ -254,7 +334,7 @@ mod disabled {
             _: Case,
             _: &Attention,
             _: [&Tensor<f32>; 3],
-            _: GpuDtype,
+            _: (GpuDtype, Option<crate::gates::Gate>),
         ) -> Result<(Record, Tensor<f32>), CliError> {
             Err(unavailable())
         }

@@ -406,7 +406,10 @@ impl Jobs {
             let measured = attention
                 .supports(shape, shape, shape, linattn::Device::Cuda)
                 .map_err(crate::error::CliError::from)
-                .and_then(|()| gpu.measure(length.case(method), &attention, [q, k, v], GPU_DTYPE));
+                .and_then(|()| {
+                    let call = (GPU_DTYPE, request.gate);
+                    gpu.measure(length.case(method), &attention, [q, k, v], call)
+                });
             let record = match measured {
                 Ok((mut record, output)) => {
                     if let Some(ms) = record.median_ms {

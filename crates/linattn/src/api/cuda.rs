@@ -4,6 +4,7 @@
 //! state.
 
 use crate::api::attention::Attention;
+use crate::api::cuda_gated::GpuGateInputs;
 use crate::api::decode::{BlockSizes, DecoderMemory};
 use crate::api::device::DeviceTensor;
 use crate::backend::cuda::{
@@ -34,10 +35,17 @@ impl<T: GpuElement> DeviceTensor for GpuTensor<T> {
     /// Runs `linear` attention (full, and causal in the chunked form), non-causal
     /// `performer` (head dims multiples of 16 up to 128, up to 256 features) and exact
     /// attention (`softmax`, `window`: full, causal or windowed, head dims up to 256)
-    /// through a [`GpuPlan`]; other methods and forms are [`Error::Unsupported`] on the
-    /// GPU for now.
+    /// through a [`GpuPlan`], and the gated family's causal form through
+    /// [`Attention::forward_gated_gpu`] without per-token inputs (as the CPU's `forward`
+    /// runs it: retention needs none, the others say which they miss); other methods and
+    /// forms are [`Error::Unsupported`] on the GPU for now.
     fn forward(attention: &Attention, q: &Self, k: &Self, v: &Self) -> Result<Self> {
         let gpu = same_gpu([q, k, v])?;
+        let problem = attention.problem(q.shape(), k.shape(), v.shape())?;
+        if attention.method.gated_rule(&problem).is_some() {
+            let inputs = GpuGateInputs::default();
+            return Ok(attention.forward_gated_gpu(q, k, v, &inputs)?.out);
+        }
         GpuPlan::new(gpu, attention, q.shape(), k.shape(), v.shape())?.forward(q, k, v)
     }
 
@@ -97,6 +105,13 @@ enum Route<'a> {
 /// The kernels that compute `attention` on `problem` (validated as on the CPU), or why
 /// the GPU does not take it: rules of shapes alone, known before any launch.
 fn route(attention: &Attention, problem: Problem) -> Result<Route<'_>> {
+    if attention.method.gated_rule(&problem).is_some() {
+        return Err(Error::Unsupported(format!(
+            "{} reads per-token inputs: on the GPU, Attention::forward_gated_gpu runs it and \
+             Attention::gpu_gated_decoder decodes it",
+            attention.method.name()
+        )));
+    }
     if let Method::Performer(performer) = &attention.method {
         performer_supported(&problem, performer.num_features())?;
         return Ok(Route::Performer(performer, problem));
@@ -228,7 +243,11 @@ pub(crate) fn gpu_supports(
     k: [usize; 4],
     v: [usize; 4],
 ) -> Result<()> {
-    route(attention, attention.problem(q, k, v)?).map(drop)
+    let problem = attention.problem(q, k, v)?;
+    if attention.method.gated_rule(&problem).is_some() {
+        return Ok(());
+    }
+    route(attention, problem).map(drop)
 }
 
 /// The GPU the tensors are all on, or an error if they are not on one.

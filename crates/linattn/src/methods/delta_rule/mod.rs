@@ -22,7 +22,11 @@ pub(crate) const INFO: MethodInfo = MethodInfo {
         causal: true,
         recurrent: true,
     },
-    cuda: Forms::NONE,
+    cuda: Forms {
+        full: false,
+        causal: true,
+        recurrent: true,
+    },
     layout: HeadLayout::GroupedValues,
     token_inputs: &[TokenInput::StepSize],
     weights: false,

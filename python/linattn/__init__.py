@@ -1,0 +1,126 @@
+"""linattn for Python: the gated and delta-rule family with flash-linear-attention's
+names, arguments, defaults and return values, so that changing the import is the port.
+
+    from linattn import chunk_gated_delta_rule        # was: from fla.ops.gated_delta_rule import ...
+    o, final_state = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+
+These take NumPy arrays of float32 or float64 on the CPU: q, k ``[B, T, H, K]``, v
+``[B, T, HV, V]`` (HV a multiple of H), g and beta ``[B, T, HV]`` (g per key channel
+``[B, T, HV, K]``), states ``[N, HV, K, V]``. Each returns ``(o, final_state)``, the final
+state ``None`` unless ``output_final_state``. What linattn refuses (shapes, a positive log
+decay, a beta out of range, values that are not finite) raises :class:`LinattnError` with
+the library's message; arrays of another type raise ``TypeError``.
+"""
+
+import numpy as np
+
+from ._linattn import LinattnError
+from ._linattn import gated_forward as _gated_forward
+
+__all__ = [
+    "LinattnError",
+    "chunk_retention",
+    "chunk_simple_gla",
+    "chunk_gla",
+    "chunk_delta_rule",
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+]
+
+
+def _offsets(cu_seqlens):
+    if cu_seqlens is None:
+        return None
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or not np.issubdtype(cu.dtype, np.integer):
+        raise LinattnError(f"cu_seqlens must be a 1-D array of integers, not {cu.dtype} of shape {cu.shape}")
+    if (cu < 0).any():
+        raise LinattnError("cu_seqlens holds a negative offset")
+    return [int(x) for x in cu]
+
+
+def _per_token(x, name, like, channels=False):
+    """g or beta in linattn's layout and q's type: ``[B, T, HV]`` gains a unit last axis;
+    ``[B, T, HV, K]`` passes where a gate per key channel is allowed."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    elif not (channels and x.ndim == 4):
+        shapes = "[B, T, HV] or [B, T, HV, K]" if channels else "[B, T, HV]"
+        raise LinattnError(f"{name} must be {shapes}, not {list(x.shape)}")
+    return x.astype(like.dtype, copy=False)
+
+
+def _state(x, like):
+    return None if x is None else np.asarray(x).astype(like.dtype, copy=False)
+
+
+def _call(method, q, k, v, *, g=None, beta=None, scale=None, initial_state=None,
+          output_final_state=False, cu_seqlens=None, l2norm=False, channels=False):
+    o, final_state = _gated_forward(
+        method,
+        q,
+        k,
+        v,
+        g=_per_token(g, "g", q, channels),
+        beta=_per_token(beta, "beta", q),
+        initial_state=_state(initial_state, q),
+        cu_seqlens=_offsets(cu_seqlens),
+        scale=None if scale is None else float(scale),
+        l2norm_qk=bool(l2norm),
+    )
+    return o, (final_state if output_final_state else None)
+
+
+def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """RetNet's retention: the state decays by a fixed ``1 - 2^(-5-h)`` per head h."""
+    return _call("retention", q, k, v, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def chunk_simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None):
+    """Gated linear attention with one log decay per token and head, g ``[B, T, H]``
+    (none: the plain causal sum)."""
+    if g is None:
+        g = np.zeros(v.shape[:3], dtype=q.dtype)
+    return _call("gla", q, k, v, g=g, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated linear attention with a log decay per token, head and key channel, g
+    ``[B, T, H, K]``."""
+    return _call("gla", q, k, v, g=g, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, channels=True)
+
+
+def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     use_qk_l2norm_in_kernel=False):
+    """DeltaNet: the state moves towards each value by the step beta ``[B, T, H]``."""
+    return _call("delta-rule", q, k, v, beta=beta, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, l2norm=use_qk_l2norm_in_kernel)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, use_qk_l2norm_in_kernel=False):
+    """Gated DeltaNet: decay by ``exp(g)``, then the delta rule with step beta; g
+    ``[B, T, HV]`` (or per key channel, ``[B, T, HV, K]``: Kimi Delta Attention)."""
+    return _call("gated-delta-rule", q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, l2norm=use_qk_l2norm_in_kernel,
+                 channels=True)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+    """:func:`chunk_gated_delta_rule` as flash-linear-attention's recurrent kernel takes
+    it: no g is no decay, no beta a step of 1. The result is the chunked form's."""
+    if g is None:
+        g = np.zeros(v.shape[:3], dtype=q.dtype)
+    if beta is None:
+        beta = np.ones(v.shape[:3], dtype=q.dtype)
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)

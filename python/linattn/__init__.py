@@ -4,7 +4,8 @@ names, arguments, defaults and return values, so that changing the import is the
     from linattn import chunk_gated_delta_rule        # was: from fla.ops.gated_delta_rule import ...
     o, final_state = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
 
-These take NumPy arrays of float32 or float64 on the CPU: q, k ``[B, T, H, K]``, v
+These take NumPy arrays, or torch tensors (with autograd), of float32 or float64 on the
+CPU: q, k ``[B, T, H, K]``, v
 ``[B, T, HV, V]`` (HV a multiple of H), g and beta ``[B, T, HV]`` (g per key channel
 ``[B, T, HV, K]``), states ``[N, HV, K, V]``. Each returns ``(o, final_state)``, the final
 state ``None`` unless ``output_final_state``. What linattn refuses (shapes, a positive log
@@ -39,38 +40,52 @@ def _offsets(cu_seqlens):
     return [int(x) for x in cu]
 
 
+def _is_torch(x):
+    return type(x).__module__.startswith("torch")
+
+
+def _like(x, like):
+    """x in the array library and element type of ``like`` (torch tensors stay tensors)."""
+    if _is_torch(like):
+        import torch
+
+        return torch.as_tensor(x).to(like.dtype)
+    return np.asarray(x).astype(like.dtype, copy=False)
+
+
 def _per_token(x, name, like, channels=False):
     """g or beta in linattn's layout and q's type: ``[B, T, HV]`` gains a unit last axis;
     ``[B, T, HV, K]`` passes where a gate per key channel is allowed."""
     if x is None:
         return None
-    x = np.asarray(x)
+    x = _like(x, like)
     if x.ndim == 3:
         x = x[..., None]
     elif not (channels and x.ndim == 4):
         shapes = "[B, T, HV] or [B, T, HV, K]" if channels else "[B, T, HV]"
         raise LinattnError(f"{name} must be {shapes}, not {list(x.shape)}")
-    return x.astype(like.dtype, copy=False)
-
-
-def _state(x, like):
-    return None if x is None else np.asarray(x).astype(like.dtype, copy=False)
+    return x
 
 
 def _call(method, q, k, v, *, g=None, beta=None, scale=None, initial_state=None,
           output_final_state=False, cu_seqlens=None, l2norm=False, channels=False):
-    o, final_state = _gated_forward(
-        method,
-        q,
-        k,
-        v,
-        g=_per_token(g, "g", q, channels),
-        beta=_per_token(beta, "beta", q),
-        initial_state=_state(initial_state, q),
-        cu_seqlens=_offsets(cu_seqlens),
-        scale=None if scale is None else float(scale),
-        l2norm_qk=bool(l2norm),
-    )
+    call = {
+        "method": method,
+        "cu_seqlens": _offsets(cu_seqlens),
+        "scale": None if scale is None else float(scale),
+        "l2norm_qk": bool(l2norm),
+    }
+    g = _per_token(g, "g", q, channels)
+    beta = _per_token(beta, "beta", q)
+    initial_state = None if initial_state is None else _like(initial_state, q)
+    if _is_torch(q):
+        from . import _torch
+
+        o, final_state = _torch.gated(call, q, k, v, g, beta, initial_state)
+    else:
+        o, final_state = _gated_forward(method, q, k, v, g=g, beta=beta, initial_state=initial_state,
+                                        cu_seqlens=call["cu_seqlens"], scale=call["scale"],
+                                        l2norm_qk=call["l2norm_qk"])
     return o, (final_state if output_final_state else None)
 
 
@@ -85,7 +100,7 @@ def chunk_simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_fin
     """Gated linear attention with one log decay per token and head, g ``[B, T, H]``
     (none: the plain causal sum)."""
     if g is None:
-        g = np.zeros(v.shape[:3], dtype=q.dtype)
+        g = _like(np.zeros(tuple(v.shape[:3])), q)
     return _call("gla", q, k, v, g=g, scale=scale, initial_state=initial_state,
                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
@@ -118,9 +133,9 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, scale=None, ini
     """:func:`chunk_gated_delta_rule` as flash-linear-attention's recurrent kernel takes
     it: no g is no decay, no beta a step of 1. The result is the chunked form's."""
     if g is None:
-        g = np.zeros(v.shape[:3], dtype=q.dtype)
+        g = _like(np.zeros(tuple(v.shape[:3])), q)
     if beta is None:
-        beta = np.ones(v.shape[:3], dtype=q.dtype)
+        beta = _like(np.ones(tuple(v.shape[:3])), q)
     return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)

@@ -76,47 +76,153 @@ fn array<'py, T: Element + numpy::Element>(
     PyArray::from_vec(py, tensor.into_vec()).reshape(shape.to_vec())
 }
 
-/// What one call of the gated family takes besides q, k and v.
+/// What one call of the gated family takes besides its tensors.
 struct GatedCall {
-    method: Method,
+    attention: Attention,
     cu_seqlens: Option<Vec<usize>>,
 }
 
-/// The output and the final states of `call` on arrays of one element type `T`.
-fn gated_as<'py, T: Element + numpy::Element>(
-    py: Python<'py>,
-    call: GatedCall,
-    [q, k, v]: [&Bound<'py, PyAny>; 3],
-    [g, beta, initial_state]: [Option<&Bound<'py, PyAny>>; 3],
-) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
-    let read = |name: &str, x: &Bound<'py, PyAny>| -> PyResult<Tensor<T>> {
-        let array = x.extract::<PyReadonlyArrayDyn<'py, T>>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "{name} must be a NumPy array of {} like q",
-                std::any::type_name::<T>()
-            ))
-        })?;
-        tensor(name, &array)
-    };
-    let optional = |name: &str, x: Option<&Bound<'py, PyAny>>| x.map(|x| read(name, x)).transpose();
-    let (q, k, v) = (read("q", q)?, read("k", k)?, read("v", v)?);
-    let g = optional("g", g)?;
-    let beta = optional("beta", beta)?;
-    let initial_state = optional("initial_state", initial_state)?;
-    let attention = Attention::new(call.method).causal(true);
-    let result = py.detach(|| {
-        let inputs = GateInputs {
-            g: g.as_ref(),
-            beta: beta.as_ref(),
-            initial_state: initial_state.as_ref(),
+impl GatedCall {
+    fn new(
+        method: &str,
+        scale: Option<f64>,
+        l2norm_qk: bool,
+        cu_seqlens: Option<Vec<usize>>,
+    ) -> PyResult<Self> {
+        let method = gated_method(method, scale, l2norm_qk)?;
+        Ok(Self {
+            attention: Attention::new(method).causal(true),
+            cu_seqlens,
+        })
+    }
+}
+
+/// A call's arrays as tensors of q's element type: q, k, v, then the optional g, β and
+/// initial state.
+struct Tensors<T> {
+    qkv: [Tensor<T>; 3],
+    g: Option<Tensor<T>>,
+    beta: Option<Tensor<T>>,
+    initial_state: Option<Tensor<T>>,
+}
+
+type Arrays<'a, 'py> = [Option<&'a Bound<'py, PyAny>>; 3];
+
+impl<T: Element + numpy::Element> Tensors<T> {
+    fn read<'py>(
+        [q, k, v]: [&Bound<'py, PyAny>; 3],
+        [g, beta, initial_state]: Arrays<'_, 'py>,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            qkv: [read("q", q)?, read("k", k)?, read("v", v)?],
+            g: optional("g", g)?,
+            beta: optional("beta", beta)?,
+            initial_state: optional("initial_state", initial_state)?,
+        })
+    }
+
+    fn inputs<'a>(&'a self, call: &'a GatedCall) -> GateInputs<'a, T> {
+        GateInputs {
+            g: self.g.as_ref(),
+            beta: self.beta.as_ref(),
+            initial_state: self.initial_state.as_ref(),
             cu_seqlens: call.cu_seqlens.as_deref(),
             ..GateInputs::default()
-        };
-        attention.forward_gated(&q, &k, &v, &inputs)
-    });
+        }
+    }
+}
+
+/// Array `name` as a tensor of `T`, or a TypeError naming what it should have been.
+fn read<'py, T: Element + numpy::Element>(
+    name: &str,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Tensor<T>> {
+    let array = x.extract::<PyReadonlyArrayDyn<'py, T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a NumPy array of {} like q",
+            std::any::type_name::<T>()
+        ))
+    })?;
+    tensor(name, &array)
+}
+
+fn optional<T: Element + numpy::Element>(
+    name: &str,
+    x: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<Tensor<T>>> {
+    x.map(|x| read(name, x)).transpose()
+}
+
+fn object<T: Element + numpy::Element>(py: Python<'_>, tensor: Tensor<T>) -> PyResult<Py<PyAny>> {
+    Ok(array(py, tensor)?.into_any().unbind())
+}
+
+/// The output and the final states of `call` on arrays of one element type `T`.
+fn forward_as<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    call: GatedCall,
+    tensors: [&Bound<'py, PyAny>; 3],
+    gates: Arrays<'_, 'py>,
+) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
+    let x = Tensors::<T>::read(tensors, gates)?;
+    let [q, k, v] = &x.qkv;
+    let result = py.detach(|| call.attention.forward_gated(q, k, v, &x.inputs(&call)));
     let result = result.map_err(refused)?;
-    let out = array(py, result.out)?.into_any().unbind();
-    Ok((out, array(py, result.final_state)?.into_any().unbind()))
+    Ok((object(py, result.out)?, object(py, result.final_state)?))
+}
+
+/// The gradients of `call` for the output's gradient `d_out` (and the final state's):
+/// dq, dk, dv, dg (None where g was not given), dβ (likewise), d(initial state).
+type Gradients = (
+    Py<PyAny>,
+    Py<PyAny>,
+    Py<PyAny>,
+    Option<Py<PyAny>>,
+    Option<Py<PyAny>>,
+    Py<PyAny>,
+);
+
+fn backward_as<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    call: GatedCall,
+    tensors: [&Bound<'py, PyAny>; 3],
+    gates: Arrays<'_, 'py>,
+    (d_out, d_final_state): (&Bound<'py, PyAny>, Option<&Bound<'py, PyAny>>),
+) -> PyResult<Gradients> {
+    let x = Tensors::<T>::read(tensors, gates)?;
+    let d_out: Tensor<T> = read("d_out", d_out)?;
+    let d_final_state = optional("d_final_state", d_final_state)?;
+    let [q, k, v] = &x.qkv;
+    let grads = py.detach(|| {
+        let inputs = x.inputs(&call);
+        call.attention
+            .backward_gated(q, k, v, &inputs, &d_out, d_final_state.as_ref())
+    });
+    let grads = grads.map_err(refused)?;
+    let maybe = |x: Option<Tensor<T>>| x.map(|x| object(py, x)).transpose();
+    Ok((
+        object(py, grads.dq)?,
+        object(py, grads.dk)?,
+        object(py, grads.dv)?,
+        maybe(grads.dg)?,
+        maybe(grads.dbeta)?,
+        object(py, grads.d_initial_state)?,
+    ))
+}
+
+/// Calls `$run::<T>(py, call, …)` for q's element type, float32 or float64.
+macro_rules! by_element {
+    ($q:expr, $run:ident ( $($argument:expr),* )) => {
+        if $q.cast::<PyArrayDyn<f32>>().is_ok() {
+            $run::<f32>($($argument),*)
+        } else if $q.cast::<PyArrayDyn<f64>>().is_ok() {
+            $run::<f64>($($argument),*)
+        } else {
+            Err(PyTypeError::new_err(
+                "q must be a NumPy array of float32 or float64 (on the CPU)",
+            ))
+        }
+    };
 }
 
 /// `method` (`retention`, `gla`, `delta-rule`, `gated-delta-rule`) on float32 or float64
@@ -137,26 +243,43 @@ fn gated_forward<'py>(
     scale: Option<f64>,
     l2norm_qk: bool,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
-    let call = GatedCall {
-        method: gated_method(method, scale, l2norm_qk)?,
-        cu_seqlens,
-    };
-    let tensors = [q, k, v];
+    let call = GatedCall::new(method, scale, l2norm_qk, cu_seqlens)?;
+    by_element!(q, forward_as(py, call, [q, k, v], [g, beta, initial_state]))
+}
+
+/// The gradients of [`gated_forward`]'s call for the gradient `d_out` of its output and
+/// `d_final_state` of its final states: (dq, dk, dv, dg, dbeta, d_initial_state), dg and
+/// dbeta None where g and beta were not given.
+#[pyfunction]
+#[pyo3(signature = (method, q, k, v, d_out, g=None, beta=None, initial_state=None, d_final_state=None, cu_seqlens=None, scale=None, l2norm_qk=false))]
+#[allow(clippy::too_many_arguments)] // the Python signature: keyword arguments, each optional
+fn gated_backward<'py>(
+    py: Python<'py>,
+    method: &str,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    d_out: &Bound<'py, PyAny>,
+    g: Option<&Bound<'py, PyAny>>,
+    beta: Option<&Bound<'py, PyAny>>,
+    initial_state: Option<&Bound<'py, PyAny>>,
+    d_final_state: Option<&Bound<'py, PyAny>>,
+    cu_seqlens: Option<Vec<usize>>,
+    scale: Option<f64>,
+    l2norm_qk: bool,
+) -> PyResult<Gradients> {
+    let call = GatedCall::new(method, scale, l2norm_qk, cu_seqlens)?;
     let gates = [g, beta, initial_state];
-    if q.cast::<PyArrayDyn<f32>>().is_ok() {
-        gated_as::<f32>(py, call, tensors, gates)
-    } else if q.cast::<PyArrayDyn<f64>>().is_ok() {
-        gated_as::<f64>(py, call, tensors, gates)
-    } else {
-        Err(PyTypeError::new_err(
-            "q must be a NumPy array of float32 or float64 (on the CPU)",
-        ))
-    }
+    by_element!(
+        q,
+        backward_as(py, call, [q, k, v], gates, (d_out, d_final_state))
+    )
 }
 
 #[pymodule]
 fn _linattn(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(gated_forward, module)?)?;
+    module.add_function(wrap_pyfunction!(gated_backward, module)?)?;
     module.add("LinattnError", module.py().get_type::<LinattnError>())?;
     Ok(())
 }

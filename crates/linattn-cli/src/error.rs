@@ -43,15 +43,6 @@ pub enum CliError {
         /// The dtype as the header spells it.
         descr: String,
     },
-    /// The array is stored column-major.
-    #[error(
-        "{} is stored in Fortran order; save it in C order (numpy.ascontiguousarray) first",
-        path.display()
-    )]
-    FortranOrder {
-        /// The file.
-        path: PathBuf,
-    },
     /// The array has the wrong number of dimensions for its role.
     #[error(
         "{} holds a {}-D array of shape {shape:?}, but {role} must be {expected}",

@@ -159,7 +159,8 @@ fn malformed(path: &Path, problem: String) -> CliError {
     }
 }
 
-/// Reads a float32 or float64 array in C order from `path`.
+/// Reads a float32 or float64 array from `path`, in C order whatever order it was saved
+/// in.
 pub fn read(path: &Path) -> Result<Array, CliError> {
     let read_error = |source| CliError::Read {
         path: path.to_owned(),
@@ -186,8 +187,11 @@ fn read_from(mut reader: impl Read, file_len: u64, path: &Path) -> Result<Array,
     let stored = stored_type(&header, path)?;
     let shape = checked_shape(&header, stored, data_len, path)?;
     let count = shape.iter().product();
+    // NumPy stores a Fortran-ordered array (`a.T` of a C-ordered one, say) with its first
+    // axis varying fastest; the values are put in C order as they are read.
+    let fortran = header.fortran_order.then_some(shape.as_slice());
     let elements = match stored {
-        Stored::F32 { big_endian } => Elements::F32(
+        Stored::F32 { big_endian } => Elements::F32(into_c_order(
             decode(
                 &mut reader,
                 count,
@@ -198,8 +202,9 @@ fn read_from(mut reader: impl Read, file_len: u64, path: &Path) -> Result<Array,
                 },
             )
             .map_err(read_error)?,
-        ),
-        Stored::F64 { big_endian } => Elements::F64(
+            fortran,
+        )),
+        Stored::F64 { big_endian } => Elements::F64(into_c_order(
             decode(
                 &mut reader,
                 count,
@@ -210,13 +215,43 @@ fn read_from(mut reader: impl Read, file_len: u64, path: &Path) -> Result<Array,
                 },
             )
             .map_err(read_error)?,
-        ),
+            fortran,
+        )),
     };
     Ok(Array {
         path: path.to_owned(),
         shape,
         elements,
     })
+}
+
+/// Values in C order (the last axis varying fastest): as they are, or, where they were
+/// stored in Fortran order (the first axis fastest) with `fortran`'s shape, rearranged by
+/// walking the C-order index and stepping the Fortran offset with it.
+fn into_c_order<T: Copy>(values: Vec<T>, fortran: Option<&[usize]>) -> Vec<T> {
+    let Some(shape) = fortran.filter(|shape| shape.len() > 1) else {
+        return values;
+    };
+    let mut strides = vec![1usize; shape.len()];
+    for axis in 1..shape.len() {
+        strides[axis] = strides[axis - 1] * shape[axis - 1];
+    }
+    let mut index = vec![0usize; shape.len()];
+    let mut offset = 0;
+    let mut ordered = Vec::with_capacity(values.len());
+    for _ in 0..values.len() {
+        ordered.push(values[offset]);
+        for axis in (0..shape.len()).rev() {
+            index[axis] += 1;
+            offset += strides[axis];
+            if index[axis] < shape[axis] {
+                break;
+            }
+            offset -= strides[axis] * shape[axis];
+            index[axis] = 0;
+        }
+    }
+    ordered
 }
 
 /// The preamble and header, leaving `reader` at the data; returns the header and the
@@ -277,7 +312,7 @@ fn read_header(
     Ok((header, file_len - data_start))
 }
 
-/// The stored element type, if linattn reads it and the layout is C order.
+/// The stored element type, if linattn reads it.
 fn stored_type(header: &Header, path: &Path) -> Result<Stored, CliError> {
     let unsupported = |descr: String| CliError::UnsupportedDtype {
         path: path.to_owned(),
@@ -290,11 +325,6 @@ fn stored_type(header: &Header, path: &Path) -> Result<Stored, CliError> {
         })?,
         Descr::Structured => return Err(unsupported("of a structured array".into())),
     };
-    if header.fortran_order {
-        return Err(CliError::FortranOrder {
-            path: path.to_owned(),
-        });
-    }
     Ok(stored)
 }
 
@@ -496,4 +526,61 @@ fn identity(path: &Path) -> Option<PathBuf> {
         _ => Path::new("."),
     };
     Some(directory.canonicalize().ok()?.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-1 .npy file of little-endian float32 `values` of `shape`.
+    fn file(fortran_order: bool, shape: &[usize], values: &[f32]) -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let order = if fortran_order { "True" } else { "False" };
+        let mut text = format!(
+            "{{'descr': '<f4', 'fortran_order': {order}, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        while !(10 + text.len() + 1).is_multiple_of(64) {
+            text.push(' ');
+        }
+        text.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend((text.len() as u16).to_le_bytes());
+        bytes.extend(text.as_bytes());
+        bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        bytes
+    }
+
+    fn values(array: Array) -> Vec<f32> {
+        match array.elements {
+            Elements::F32(values) => values,
+            Elements::F64(_) => panic!("float32 was written"),
+        }
+    }
+
+    #[test]
+    fn fortran_order_is_read_into_c_order() {
+        let shape = [2, 3, 4];
+        let c_order: Vec<f32> = (0..24u8).map(f32::from).collect();
+        // The same array with its first axis varying fastest, as NumPy saves
+        // `np.asfortranarray(a)`.
+        let mut fortran = Vec::new();
+        for k in 0..4 {
+            for j in 0..3 {
+                for i in 0..2 {
+                    fortran.push(c_order[(i * 3 + j) * 4 + k]);
+                }
+            }
+        }
+        let read = parse(&file(true, &shape, &fortran), "fortran.npy").unwrap();
+        assert_eq!(read.shape, shape);
+        assert_eq!(values(read), c_order);
+        let read = parse(&file(false, &shape, &c_order), "c.npy").unwrap();
+        assert_eq!(values(read), c_order);
+        // One axis, or none, is the same in either order.
+        let line = parse(&file(true, &[5], &c_order[..5]), "line.npy").unwrap();
+        assert_eq!(values(line), &c_order[..5]);
+        let empty = parse(&file(true, &[0, 3], &[]), "empty.npy").unwrap();
+        assert!(values(empty).is_empty());
+    }
 }

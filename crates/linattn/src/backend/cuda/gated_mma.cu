@@ -14,10 +14,10 @@
 // an eighth of what q, k, v and o move at d = 128), so that the sequential walk, `scan`,
 // has only the products that need the state. A scan block takes one (sequence, value
 // head) and COLUMNS value columns: every column of S, U and O is computed apart from the
-// others, so the columns of a head split over blocks. Each of its four warps keeps the state of its
-// 16 columns, Sᵀ (16 × d_k), in registers as mma accumulators for the whole sequence;
-// their layout is the B operand of Q S and K S, so the state never passes through shared
-// memory. Every exponent is ≤ 0.
+// others, so the columns of a head split over blocks. Each of its four warps keeps the
+// state of its 16 columns, Sᵀ (16 × d_k), in registers as mma accumulators for the whole
+// sequence; their layout is the B operand of Q S and K S, so the state never passes
+// through shared memory. Every exponent is ≤ 0.
 
 namespace linattn {
 namespace gated_mma {
@@ -50,7 +50,7 @@ struct ChunkParams {
     const float* state_in;
     float* state_out;
     // N + 1 token offsets of packed sequences, and N + 1 chunk offsets (each sequence's
-    // first chunk of `w`); both null for batch rows.
+    // first chunk of `scores` and `w`); both null for batch rows.
     const long long* cu_seqlens;
     const int* chunk_offsets;
     // P and (the delta rule) W of every chunk, [chunks, HV, C, C] of the element type:
@@ -240,9 +240,10 @@ template <typename T, int LDA> __device__ void store_lower(T* dst, const float* 
 
 // c[n] += X Y over one 16 × 16 × 16 block in TF32 (10-bit mantissas, f32 sums), X and Y
 // f32 in shared memory, rows LD apart: X's block at (x_row, x_col), Y's at (y_row,
-// y_col); c[n] holds columns 8n.. of the result in the mma accumulator layout. The
-// blocks of W below its diagonal: their error stays under the bf16 rounding W is stored
-// with, and the tensor cores take them out of the inverse's critical path.
+// y_col); c[n] holds columns 8n.. of the result in the mma accumulator layout. For the
+// blocks of W below its diagonal: their error (2^-11 relative) is no larger than the
+// 16-bit rounding W is stored with, and the tensor cores take them out of the inverse's
+// critical path.
 template <int LD>
 __device__ __forceinline__ void block_product_tf32(float (&c)[2][4], const float* x, int x_row, int x_col,
                                                    const float* y, int y_row, int y_col) {

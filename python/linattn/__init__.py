@@ -1,5 +1,6 @@
-"""linattn for Python: the gated and delta-rule family with flash-linear-attention's
-names, arguments, defaults and return values, so that changing the import is the port.
+"""linattn for Python: linear attention and the gated and delta-rule family with
+flash-linear-attention's names, arguments, defaults and return values, so that changing
+the import is the port.
 
     from linattn import chunk_gated_delta_rule        # was: from fla.ops.gated_delta_rule import ...
     o, final_state = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
@@ -20,6 +21,8 @@ from ._linattn import gated_forward as _gated_forward
 
 __all__ = [
     "LinattnError",
+    "chunk_linear_attn",
+    "fused_recurrent_linear_attn",
     "chunk_retention",
     "chunk_simple_gla",
     "chunk_gla",
@@ -87,6 +90,64 @@ def _call(method, q, k, v, *, g=None, beta=None, scale=None, initial_state=None,
                                         cu_seqlens=call["cu_seqlens"], scale=call["scale"],
                                         l2norm_qk=call["l2norm_qk"])
     return o, (final_state if output_final_state else None)
+
+
+def _flip(x, axis):
+    return x.flip(axis) if _is_torch(x) else np.flip(x, axis)
+
+
+def _reversed_offsets(cu):
+    return None if cu is None else [cu[-1] - x for x in reversed(cu)]
+
+
+def _linear(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, reverse):
+    """Causal linear attention as flash-linear-attention defines it: no feature map,
+    ``o_t = scale q_tᵀ S_t`` with ``S_t = Σ_{j≤t} k_j v_jᵀ``, and with ``normalize`` divided
+    by ``scale q_t · z_t + 1e-10``, ``z_t = Σ_{j≤t} k_j``; states ``S`` or ``(S, z)``. It is
+    gated linear attention with no decay; z is the same sum over a value of ones."""
+    cu = _offsets(cu_seqlens)
+    if normalize and isinstance(initial_state, tuple):
+        kv_init, z_init = initial_state
+    else:
+        kv_init, z_init = initial_state, None
+    if reverse:
+        # The sequence read backwards; packed sequences (and their states) come in reverse.
+        q, k, v = (_flip(x, 1) for x in (q, k, v))
+        cu = _reversed_offsets(cu)
+        if cu is not None:
+            kv_init, z_init = (None if x is None else _flip(x, 0) for x in (kv_init, z_init))
+    no_decay = _like(np.zeros(tuple(v.shape[:3])), q)
+    o, state = _call("gla", q, k, v, g=no_decay, scale=scale, initial_state=kv_init,
+                     output_final_state=True, cu_seqlens=cu)
+    if normalize:
+        ones = _like(np.ones(tuple(v.shape[:3]) + (1,)), q)
+        # z as a state of one value column: [N, 1, H, K] <-> [N, H, K, 1].
+        to_state = (lambda z: z.permute(0, 2, 3, 1)) if _is_torch(q) else (lambda z: np.transpose(z, (0, 2, 3, 1)))
+        from_state = (lambda z: z.permute(0, 3, 1, 2)) if _is_torch(q) else (lambda z: np.transpose(z, (0, 3, 1, 2)))
+        z0 = None if z_init is None else to_state(_like(z_init, q))
+        denominator, z = _call("gla", q, k, ones, g=no_decay, scale=scale, initial_state=z0,
+                               output_final_state=True, cu_seqlens=cu)
+        o = o / (denominator + 1e-10)
+        state = (state, from_state(z))
+    if reverse:
+        o = _flip(o, 1)
+        if cu is not None:
+            state = tuple(_flip(x, 0) for x in state) if normalize else _flip(state, 0)
+    return o, (state if output_final_state else None)
+
+
+def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                      cu_seqlens=None):
+    """Causal linear attention on q and k as given (no feature map), normalised by default;
+    the state is ``(S, z)`` when normalised (see :func:`fused_recurrent_linear_attn`)."""
+    return _linear(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, reverse=False)
+
+
+def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,
+                                normalize=False, cu_seqlens=None):
+    """:func:`chunk_linear_attn` as flash-linear-attention's recurrent kernel takes it:
+    unnormalised by default, and with ``reverse`` each sequence read from its end."""
+    return _linear(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, reverse)
 
 
 def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):

@@ -150,3 +150,53 @@ def test_refusals_raise_with_the_library_message():
         linattn.chunk_retention(q.astype(np.float32), k, v)
     with pytest.raises(TypeError):
         linattn.chunk_retention(q, k, v, head_first=True)
+
+
+def linear_recurrence(q, k, v, *, scale=None, h0=None, z0=None, normalize=False):
+    """o_t = scale q_tᵀ S_t, S_t = S_0 + Σ_{j≤t} k_j v_jᵀ, divided by
+    scale q_t·z_t + 1e-10 (z_t = z_0 + Σ_{j≤t} k_j) when normalised."""
+    b, t, h, dk = q.shape
+    scale = dk ** -0.5 if scale is None else scale
+    o = np.zeros(v.shape)
+    states = np.zeros((b, h, dk, v.shape[3])) if h0 is None else h0.copy()
+    sums = np.zeros((b, h, dk)) if z0 is None else z0[:, 0].copy()
+    for step in range(t):
+        for n in range(b):
+            for i in range(h):
+                states[n, i] += np.outer(k[n, step, i], v[n, step, i])
+                sums[n, i] += k[n, step, i]
+                o[n, step, i] = scale * states[n, i].T @ q[n, step, i]
+                if normalize:
+                    o[n, step, i] /= scale * q[n, step, i] @ sums[n, i] + 1e-10
+    return o, states, sums[:, None]
+
+
+def test_linear_attention_as_flash_linear_attention_defines_it():
+    rng = np.random.default_rng(10)
+    q, k, v = (np.abs(rng.standard_normal((2, 33, 2, 8))) for _ in range(3))
+    h0, z0 = np.abs(rng.standard_normal((2, 2, 8, 8))), np.abs(rng.standard_normal((2, 1, 2, 8)))
+    o, (state, z) = linattn.chunk_linear_attn(q, k, v, initial_state=(h0, z0), output_final_state=True)
+    want_o, want_state, want_z = linear_recurrence(q, k, v, h0=h0, z0=z0, normalize=True)
+    assert relative(o, want_o) < 1e-10 and relative(state, want_state) < 1e-10 and relative(z, want_z) < 1e-10
+    o, state = linattn.fused_recurrent_linear_attn(q, k, v, scale=0.3, initial_state=h0, output_final_state=True)
+    want_o, want_state, _ = linear_recurrence(q, k, v, scale=0.3, h0=h0)
+    assert relative(o, want_o) < 1e-10 and relative(state, want_state) < 1e-10
+    # Read from the end: the recurrence over the reversed sequence, reversed back.
+    o, _ = linattn.fused_recurrent_linear_attn(q, k, v, reverse=True)
+    want_o, _, _ = linear_recurrence(q[:, ::-1], k[:, ::-1], v[:, ::-1])
+    assert relative(o, want_o[:, ::-1]) < 1e-10
+
+
+def test_reversed_packed_sequences_keep_their_states():
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 30, 1, 4)) for _ in range(3))
+    cu = [0, 7, 30]
+    h0 = rng.standard_normal((2, 1, 4, 4))
+    o, state = linattn.fused_recurrent_linear_attn(q, k, v, initial_state=h0, output_final_state=True,
+                                                   reverse=True, cu_seqlens=cu)
+    for n in range(2):
+        part = slice(cu[n], cu[n + 1])
+        flipped = [x[:, part][:, ::-1] for x in (q, k, v)]
+        want_o, want_state, _ = linear_recurrence(*flipped, h0=h0[n:n + 1])
+        assert relative(o[:, part], want_o[:, ::-1]) < 1e-10
+        assert relative(state[n:n + 1], want_state) < 1e-10

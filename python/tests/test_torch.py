@@ -68,3 +68,18 @@ def test_tensors_off_the_cpu_or_of_other_types_are_refused():
         linattn.chunk_gated_delta_rule(q.to("meta"), k, v, g, beta)
     with pytest.raises(TypeError, match="bfloat16"):
         linattn.chunk_retention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+
+
+def test_normalised_linear_attention_has_gradients():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.rand(1, 8, 1, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    h0 = torch.rand(1, 1, 4, 3, generator=gen, dtype=torch.float64)
+    v = v[..., :3].detach().requires_grad_()
+    z0 = torch.rand(1, 1, 1, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    h0.requires_grad_()
+
+    def call(q, k, v, h0, z0):
+        o, (state, z) = linattn.chunk_linear_attn(q, k, v, initial_state=(h0, z0), output_final_state=True)
+        return o, state, z
+
+    assert torch.autograd.gradcheck(call, (q, k, v, h0, z0), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -17,6 +17,7 @@ the library's message; arrays of another type raise ``TypeError``.
 import numpy as np
 
 from ._linattn import LinattnError
+from ._linattn import attention_forward as _attention_forward
 from ._linattn import gated_forward as _gated_forward
 
 __all__ = [
@@ -29,6 +30,13 @@ __all__ = [
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "softmax_attn",
+    "window_attn",
+    "performer_attn",
+    "cosformer_attn",
+    "linformer_attn",
+    "fnet",
+    "hybrid_attn",
 ]
 
 
@@ -200,3 +208,70 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, scale=None, ini
     return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+
+# The methods flash-linear-attention lacks, by linattn's names. Each returns the output
+# alone, of v's shape (``[B, T, H, V]``; k and v may have fewer heads than q).
+
+
+def _attend(method, q, k, v, causal, options):
+    call = {
+        "method": method,
+        "causal": bool(causal),
+        "options": [(name, str(value)) for name, value in options.items() if value is not None],
+    }
+    if _is_torch(q):
+        from . import _torch
+
+        return _torch.attend(call, q, k, v)
+    return _attention_forward(method, q, k, v, causal=call["causal"], options=call["options"])
+
+
+def _window(window_size):
+    left, right = window_size
+    return f"{int(left)},{int(right)}"
+
+
+def softmax_attn(q, k, v, causal=False, scale=None):
+    """Exact softmax attention (tiled, O(n) memory), ``scale`` 1/√d by default."""
+    return _attend("softmax", q, k, v, causal, {"scale": scale})
+
+
+def window_attn(q, k, v, window_size=(256, 256), causal=False, scale=None):
+    """Exact softmax attention over keys ``i - left <= j <= i + right`` (FlashAttention's
+    ``window_size``; -1 is unbounded; causal sets right to 0)."""
+    return _attend("window", q, k, v, causal, {"window": _window(window_size), "scale": scale})
+
+
+def performer_attn(q, k, v, causal=False, nb_features=256, seed=0):
+    """FAVOR+ (Performer): positive orthogonal random features, ``nb_features`` of them
+    drawn from ``seed``."""
+    return _attend("performer", q, k, v, causal, {"features": nb_features, "seed": seed})
+
+
+def cosformer_attn(q, k, v, causal=False, max_len=None):
+    """cosFormer: ReLU features reweighted by cos(π/2 · (i - j) / M), M = ``max_len`` (by
+    default each call's longest sequence)."""
+    return _attend("cosformer", q, k, v, causal, {"max-len": max_len})
+
+
+def linformer_attn(q, k, v, k_proj=256, max_len=None, seed=0):
+    """Linformer: softmax attention over keys and values projected along the sequence to
+    ``k_proj`` rows by E and F drawn from ``seed`` (``max_len`` rows; non-causal)."""
+    return _attend("linformer", q, k, v, False, {"k-proj": k_proj, "max-len": max_len, "seed": seed})
+
+
+def fnet(q, k, v):
+    """FNet: the real part of the 2-D Fourier transform of v over (sequence, hidden); q and
+    k are checked as attention's, not used."""
+    return _attend("fnet", q, k, v, False, {})
+
+
+def hybrid_attn(q, k, v, causal=False, local_heads=None, window_size=(256, 256), global_method="linear",
+                nb_features=256, seed=0):
+    """The first ``local_heads`` query heads (half by default) exact within a sliding
+    window, the others ``global_method`` (``"linear"`` or ``"performer"``)."""
+    options = {"local-heads": local_heads, "window": _window(window_size), "global": global_method}
+    if global_method == "performer":
+        options.update({"features": nb_features, "seed": seed})
+    return _attend("hybrid", q, k, v, causal, options)

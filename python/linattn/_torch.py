@@ -55,3 +55,30 @@ class GatedAttention(torch.autograd.Function):
 def gated(call, q, k, v, g, beta, initial_state):
     """The output and final states of ``call``, differentiable in every tensor given."""
     return GatedAttention.apply(call, q, k, v, g, beta, initial_state)
+
+
+class AnyAttention(torch.autograd.Function):
+    """One call of a method of the catalogue by name (``call``: its name, causality and
+    options, as ``_linattn.attention_forward`` takes them) on q, k and v."""
+
+    @staticmethod
+    def forward(ctx, call, q, k, v):
+        arrays = [_host_array(n, x) for n, x in zip(("q", "k", "v"), (q, k, v))]
+        o = _linattn.attention_forward(call["method"], *arrays, causal=call["causal"], options=call["options"])
+        ctx.call = call
+        ctx.save_for_backward(q, k, v)
+        return torch.from_numpy(o)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v = ctx.saved_tensors
+        call = ctx.call
+        array = lambda x: x.detach().contiguous().numpy()  # noqa: E731
+        dq, dk, dv = _linattn.attention_backward(call["method"], array(q), array(k), array(v), array(d_out),
+                                                 causal=call["causal"], options=call["options"])
+        return None, torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(dv)
+
+
+def attend(call, q, k, v):
+    """The output of ``call``, differentiable in q, k and v."""
+    return AnyAttention.apply(call, q, k, v)

@@ -1,11 +1,14 @@
 //! `linattn._linattn`, the extension module under the Python package in `linattn/`: the
-//! library's calls on NumPy arrays. The package's functions carry flash-linear-attention's
-//! names and arguments and reshape its layouts into the library's; this module takes the
-//! library's layouts (`[B, T, H, D]`, g `[B, T, HV, 1 or d_k]`, β `[B, T, HV, 1]`) and
-//! raises [`LinattnError`] with the library's message for whatever it refuses.
+//! library's calls on NumPy arrays, forward and backward, for the gated family and for
+//! any method of the catalogue by name. The package's functions carry
+//! flash-linear-attention's names and arguments and reshape its layouts into the
+//! library's; this module takes the library's layouts (`[B, T, H, D]`, g `[B, T, HV, 1 or
+//! d_k]`, β `[B, T, HV, 1]`) and raises [`LinattnError`] with the library's message for
+//! whatever it refuses.
 
 use linattn::{
-    Attention, DeltaRule, Element, GateInputs, GatedDeltaRule, Gla, Method, Retention, Tensor,
+    Attention, DeltaRule, Element, GateInputs, GatedDeltaRule, Gla, Method, MethodOptions,
+    Retention, Tensor,
 };
 use numpy::{PyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -276,10 +279,96 @@ fn gated_backward<'py>(
     )
 }
 
+/// `method` of the catalogue with `options` (by the names `linattn --method` takes),
+/// causal or not, for q of `head_dim` and keys of `key_len`.
+fn attention(
+    method: &str,
+    causal: bool,
+    options: &[(String, String)],
+    [head_dim, key_len]: [usize; 2],
+) -> PyResult<Attention> {
+    let mut given = MethodOptions::new(head_dim, key_len);
+    for (name, value) in options {
+        given.set(name, value);
+    }
+    let method = Method::from_options(method, &given).map_err(refused)?;
+    Ok(Attention::new(method).causal(causal))
+}
+
+fn forward_any<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    (method, causal, options): (&str, bool, &[(String, String)]),
+    [q, k, v]: [&Bound<'py, PyAny>; 3],
+) -> PyResult<Py<PyAny>> {
+    let [q, k, v] = [read::<T>("q", q)?, read("k", k)?, read("v", v)?];
+    let attention = attention(method, causal, options, [q.head_dim(), k.seq_len()])?;
+    let out = py
+        .detach(|| attention.forward(&q, &k, &v))
+        .map_err(refused)?;
+    object(py, out)
+}
+
+fn backward_any<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    (method, causal, options): (&str, bool, &[(String, String)]),
+    [q, k, v, d_out]: [&Bound<'py, PyAny>; 4],
+) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
+    let [q, k, v] = [read::<T>("q", q)?, read("k", k)?, read("v", v)?];
+    let d_out = read::<T>("d_out", d_out)?;
+    let attention = attention(method, causal, options, [q.head_dim(), k.seq_len()])?;
+    let grads = py
+        .detach(|| attention.backward(&q, &k, &v, &d_out))
+        .map_err(refused)?;
+    Ok((
+        object(py, grads.dq)?,
+        object(py, grads.dk)?,
+        object(py, grads.dv)?,
+    ))
+}
+
+/// Any method of the catalogue on float32 or float64 arrays `[B, T, H, D]`: `options` are
+/// (name, value) pairs as `linattn --method NAME --OPTION VALUE` takes them.
+#[pyfunction]
+#[pyo3(signature = (method, q, k, v, causal=false, options=Vec::new()))]
+fn attention_forward<'py>(
+    py: Python<'py>,
+    method: &str,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    causal: bool,
+    options: Vec<(String, String)>,
+) -> PyResult<Py<PyAny>> {
+    by_element!(q, forward_any(py, (method, causal, &options), [q, k, v]))
+}
+
+/// The gradients (dq, dk, dv) of [`attention_forward`]'s call for the output's gradient
+/// `d_out`.
+#[pyfunction]
+#[pyo3(signature = (method, q, k, v, d_out, causal=false, options=Vec::new()))]
+#[allow(clippy::too_many_arguments)] // the Python signature: keyword arguments, each optional
+fn attention_backward<'py>(
+    py: Python<'py>,
+    method: &str,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    d_out: &Bound<'py, PyAny>,
+    causal: bool,
+    options: Vec<(String, String)>,
+) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
+    by_element!(
+        q,
+        backward_any(py, (method, causal, &options), [q, k, v, d_out])
+    )
+}
+
 #[pymodule]
 fn _linattn(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(gated_forward, module)?)?;
     module.add_function(wrap_pyfunction!(gated_backward, module)?)?;
+    module.add_function(wrap_pyfunction!(attention_forward, module)?)?;
+    module.add_function(wrap_pyfunction!(attention_backward, module)?)?;
     module.add("LinattnError", module.py().get_type::<LinattnError>())?;
     Ok(())
 }

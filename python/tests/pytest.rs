@@ -9,12 +9,13 @@ use std::process::Command;
 #[test]
 fn the_python_package_passes_its_tests() {
     let executable = std::env::current_exe().expect("the test knows its path");
-    // target/<profile>/deps/<this test>: the extension is in target/<profile>.
-    let profile = executable
+    // target/<profile>/deps/<this test>: cargo built the extension beside it, as a
+    // dependency of this test (the rlib crate type is what makes it one).
+    let deps = executable
         .parent()
-        .and_then(Path::parent)
         .expect("tests run from target/<profile>/deps");
-    let extension = profile.join("lib_linattn.so");
+    let profile = deps.parent().expect("deps is in target/<profile>");
+    let extension = deps.join("lib_linattn.so");
     assert!(
         extension.exists(),
         "cargo builds the extension before this test: {} is missing",

@@ -83,3 +83,16 @@ def test_normalised_linear_attention_has_gradients():
         return o, state, z
 
     assert torch.autograd.gradcheck(call, (q, k, v, h0, z0), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,call", [
+    ("softmax", lambda q, k, v: linattn.softmax_attn(q, k, v, causal=True)),
+    ("window", lambda q, k, v: linattn.window_attn(q, k, v, window_size=(3, 2))),
+    ("performer", lambda q, k, v: linattn.performer_attn(q, k, v, causal=True, nb_features=8)),
+    ("cosformer", lambda q, k, v: linattn.cosformer_attn(q, k, v, causal=True)),
+    ("fnet", lambda q, k, v: linattn.fnet(q, k, v)),
+])
+def test_the_catalogue_s_methods_have_gradients(name, call):
+    gen = torch.Generator().manual_seed(13)
+    tensors = [torch.randn(1, 7, 2, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    assert torch.autograd.gradcheck(call, tensors, eps=1e-6, atol=1e-7, rtol=1e-5), name

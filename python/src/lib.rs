@@ -143,7 +143,7 @@ fn read<'py, T: Element + numpy::Element>(
     let array = x.extract::<PyReadonlyArrayDyn<'py, T>>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name} must be a NumPy array of {} like q",
-            std::any::type_name::<T>()
+            T::NAME
         ))
     })?;
     tensor(name, &array)

@@ -532,22 +532,24 @@ fn identity(path: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    /// A version-1 .npy file of little-endian float32 `values` of `shape`.
+    /// A .npy file of float32 `values`, given in the file's order, of `shape`, in Fortran
+    /// or C order, as npyz writes it.
     fn file(fortran_order: bool, shape: &[usize], values: &[f32]) -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-        let order = if fortran_order { "True" } else { "False" };
-        let mut text = format!(
-            "{{'descr': '<f4', 'fortran_order': {order}, 'shape': ({},), }}",
-            dims.join(", ")
-        );
-        while !(10 + text.len() + 1).is_multiple_of(64) {
-            text.push(' ');
-        }
-        text.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend((text.len() as u16).to_le_bytes());
-        bytes.extend(text.as_bytes());
-        bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        let shape: Vec<u64> = shape.iter().map(|&dim| dim as u64).collect();
+        let order = match fortran_order {
+            true => npyz::Order::Fortran,
+            false => npyz::Order::C,
+        };
+        let mut bytes = Vec::new();
+        let mut writer = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape)
+            .order(order)
+            .writer(&mut bytes)
+            .begin_nd()
+            .unwrap();
+        writer.extend(values.iter().copied()).unwrap();
+        writer.finish().unwrap();
         bytes
     }
 

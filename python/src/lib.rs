@@ -295,13 +295,24 @@ fn attention(
     Ok(Attention::new(method).causal(causal))
 }
 
-fn forward_any<'py, T: Element + numpy::Element>(
-    py: Python<'py>,
-    (method, causal, options): (&str, bool, &[(String, String)]),
+/// The method of a call by name, and its q, k and v as tensors of `T`.
+type NamedCall<'a> = (&'a str, bool, &'a [(String, String)]);
+
+fn named_call<'py, T: Element + numpy::Element>(
+    (method, causal, options): NamedCall<'_>,
     [q, k, v]: [&Bound<'py, PyAny>; 3],
-) -> PyResult<Py<PyAny>> {
+) -> PyResult<(Attention, [Tensor<T>; 3])> {
     let [q, k, v] = [read::<T>("q", q)?, read("k", k)?, read("v", v)?];
     let attention = attention(method, causal, options, [q.head_dim(), k.seq_len()])?;
+    Ok((attention, [q, k, v]))
+}
+
+fn forward_any<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    call: NamedCall<'_>,
+    tensors: [&Bound<'py, PyAny>; 3],
+) -> PyResult<Py<PyAny>> {
+    let (attention, [q, k, v]) = named_call::<T>(call, tensors)?;
     let out = py
         .detach(|| attention.forward(&q, &k, &v))
         .map_err(refused)?;
@@ -310,12 +321,11 @@ fn forward_any<'py, T: Element + numpy::Element>(
 
 fn backward_any<'py, T: Element + numpy::Element>(
     py: Python<'py>,
-    (method, causal, options): (&str, bool, &[(String, String)]),
+    call: NamedCall<'_>,
     [q, k, v, d_out]: [&Bound<'py, PyAny>; 4],
 ) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
-    let [q, k, v] = [read::<T>("q", q)?, read("k", k)?, read("v", v)?];
+    let (attention, [q, k, v]) = named_call::<T>(call, [q, k, v])?;
     let d_out = read::<T>("d_out", d_out)?;
-    let attention = attention(method, causal, options, [q.head_dim(), k.seq_len()])?;
     let grads = py
         .detach(|| attention.backward(&q, &k, &v, &d_out))
         .map_err(refused)?;

@@ -34,6 +34,46 @@ struct KernelShape {
 // SAFETY: plain old data with the layout of the kernel's struct.
 unsafe impl DeviceRepr for KernelShape {}
 
+impl KernelShape {
+    /// `call`'s sizes as the kernels' `int`s, or an error naming the one too large.
+    fn of(call: GatedShape) -> Result<Self> {
+        let int = kernel_int;
+        Ok(Self {
+            batch: int(call.batch, "batch")?,
+            len: int(call.len, "length")?,
+            heads: int(call.heads, "heads")?,
+            heads_v: int(call.heads_v, "value heads")?,
+            dim_k: int(call.dim_k, "key width")?,
+            dim_v: int(call.dim_v, "value width")?,
+        })
+    }
+}
+
+/// Log decays per token the kernels read: g's last axis, 1 for a fixed decay, 0 for none.
+fn gate_width(g: Option<&GpuTensor<f32>>, rule: GatedRule<'_>) -> usize {
+    match (g, rule.fixed) {
+        (Some(g), _) => g.shape()[3],
+        (None, Some(_)) => 1,
+        (None, None) => 0,
+    }
+}
+
+/// The rule's fixed decays on the GPU, where it has them.
+fn fixed_decays(gpu: &Gpu, rule: GatedRule<'_>) -> Result<Option<CudaSlice<f32>>> {
+    rule.fixed
+        .map(|decays| gpu.stream.clone_htod(decays))
+        .transpose()
+        .map_err(|e| cuda_error("copying the decays to the GPU", e))
+}
+
+/// The kernels' range check: the first bad index of g, then of β; i64::MAX where none is
+/// (read back by `first_out_of_range`).
+fn range_check(gpu: &Gpu) -> Result<CudaSlice<i64>> {
+    gpu.stream
+        .clone_htod(&[i64::MAX; 2])
+        .map_err(|e| cuda_error("copying the range check to the GPU", e))
+}
+
 /// `linattn::gated::GatedParams` in gated.cu, which says what each field is for: device
 /// addresses (0 for none), then the scalars.
 #[repr(C)]
@@ -103,39 +143,17 @@ pub(crate) fn gated_forward<T: GpuElement>(
     inputs: GatedInputs<'_>,
 ) -> Result<(GpuTensor<T>, GpuTensor<f32>, Option<OutOfRange>)> {
     let sequences = inputs.cu_seqlens.map_or(call.batch, |cu| cu.len() - 1);
-    let gate_width = match (inputs.g, rule.fixed) {
-        (Some(g), _) => g.shape()[3],
-        (None, Some(_)) => 1,
-        (None, None) => 0,
-    };
-    let int = kernel_int;
-    let shape = KernelShape {
-        batch: int(call.batch, "batch")?,
-        len: int(call.len, "length")?,
-        heads: int(call.heads, "heads")?,
-        heads_v: int(call.heads_v, "value heads")?,
-        dim_k: int(call.dim_k, "key width")?,
-        dim_v: int(call.dim_v, "value width")?,
-    };
-    let upload = |what: &str, values: &[i64]| {
-        gpu.stream
-            .clone_htod(values)
-            .map_err(|e| cuda_error(&format!("copying {what} to the GPU"), e))
-    };
-    let fixed = rule
-        .fixed
-        .map(|decays| {
-            gpu.stream
-                .clone_htod(decays)
-                .map_err(|e| cuda_error("copying the decays to the GPU", e))
-        })
-        .transpose()?;
+    let gate_width = gate_width(inputs.g, rule);
+    let shape = KernelShape::of(call)?;
+    let fixed = fixed_decays(gpu, rule)?;
     let offsets: Option<Vec<i64>> = inputs
         .cu_seqlens
         .map(|cu| cu.iter().map(|&x| x as i64).collect());
-    let cu_seqlens = offsets.map(|o| upload("cu_seqlens", &o)).transpose()?;
-    // The first bad index of g, then of β; i64::MAX where none is.
-    let mut bad = upload("the range check", &[i64::MAX; 2])?;
+    let cu_seqlens = offsets
+        .map(|o| gpu.stream.clone_htod(&o))
+        .transpose()
+        .map_err(|e| cuda_error("copying cu_seqlens to the GPU", e))?;
+    let mut bad = range_check(gpu)?;
     let mut out = GpuTensor::for_output(gpu, [call.batch, call.len, call.heads_v, call.dim_v])?;
     let state_shape = [sequences, call.heads_v, call.dim_k, call.dim_v];
     let mut states = GpuTensor::<f32>::for_output(gpu, state_shape)?;
@@ -186,7 +204,7 @@ pub(crate) fn gated_forward<T: GpuElement>(
                 bad: launch.write(&mut bad),
                 scale: rule.scale,
                 beta_max: rule.beta_max,
-                gate_width: int(gate_width, "gate width")?,
+                gate_width: kernel_int(gate_width, "gate width")?,
                 chunk: chunk as i32,
                 value_block: value_block as i32,
                 delta: rule.delta.into(),
@@ -438,28 +456,10 @@ pub(crate) fn gated_decode<T: GpuElement>(
             call.dim_k
         )));
     }
-    let shape = KernelShape {
-        batch: kernel_int(call.batch, "batch")?,
-        len: 1,
-        heads: kernel_int(call.heads, "heads")?,
-        heads_v: kernel_int(call.heads_v, "value heads")?,
-        dim_k: kernel_int(call.dim_k, "key width")?,
-        dim_v: kernel_int(call.dim_v, "value width")?,
-    };
-    let gate_width = match (g, rule.fixed) {
-        (Some(g), _) => g.shape()[3],
-        (None, Some(_)) => 1,
-        (None, None) => 0,
-    };
-    let fixed = rule
-        .fixed
-        .map(|decays| gpu.stream.clone_htod(decays))
-        .transpose()
-        .map_err(|e| cuda_error("copying the decays to the GPU", e))?;
-    let mut bad = gpu
-        .stream
-        .clone_htod(&[i64::MAX; 2])
-        .map_err(|e| cuda_error("copying the range check to the GPU", e))?;
+    let shape = KernelShape::of(call)?;
+    let gate_width = gate_width(g, rule);
+    let fixed = fixed_decays(gpu, rule)?;
+    let mut bad = range_check(gpu)?;
     let mut out = GpuTensor::for_output(gpu, [call.batch, 1, call.heads_v, call.dim_v])?;
     let name = format!("gated_decode_{}", T::NAME);
     // q, k and the decays of one token, and the warps' partial sums (gated.cu's
@@ -498,7 +498,7 @@ pub(crate) fn gated_decode<T: GpuElement>(
     Ok((out, first_out_of_range(gpu, &bad)?))
 }
 
-/// The first bad g (then β) the kernel reported in `bad`, which the host set to i64::MAX.
+/// The first bad g (then β) the kernel reported in `bad` (from `range_check`).
 fn first_out_of_range(gpu: &Gpu, bad: &CudaSlice<i64>) -> Result<Option<OutOfRange>> {
     let found = gpu
         .stream
